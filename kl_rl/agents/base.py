@@ -1,0 +1,27 @@
+"""The shape every agent takes: a factory returning pure functions, like optax's transformations."""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+
+from kl_rl.buffer import Transition
+
+
+class Agent(NamedTuple):
+    """Pure functions over an immutable agent state.
+
+    Attributes:
+      init: init(key) -> state.
+      act: act(key, state, obs) -> (action, value, log_prob, dist): the behaviour policy,
+        batched over a leading env axis; `dist` is the action distribution it sampled from.
+      policy: policy(state, obs) -> dist: the current policy's action distribution.
+      update: update(key, state, trajectory, progress) -> (state, metrics). `trajectory` is a
+        `Transition` with leaves [T, N, ...]; `progress` is the fraction of training done before
+        this update (for annealing); metrics is a dict of scalars.
+    """
+
+    init: Callable[[jax.Array], Any]
+    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, jax.Array, Any]]
+    policy: Callable[[Any, jax.Array], Any]
+    update: Callable[[jax.Array, Any, Transition, jax.Array], tuple[Any, dict[str, jax.Array]]]

@@ -1,0 +1,160 @@
+"""The `kl-rl` command line.
+
+    kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
+                [--config FILE] [--<hyperparameter> VALUE ...]
+    kl-rl list
+
+Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
+run has succeeded.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import sys
+from typing import NoReturn
+
+from kl_rl.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 without the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see kl-rl {self.prog.split()[-1]} --help)")
+
+
+def _overrides(extra: list[str]) -> dict[str, str]:
+    """Turns ['--lr', '3e-4', '--clip-eps=0.1'] into {'lr': '3e-4', 'clip_eps': '0.1'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}; hyperparameters are given as --name VALUE")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value")
+            value = extra[i + 1]
+            i += 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def _train_help(algo: str) -> str:
+    from kl_rl import config as config_lib
+    from kl_rl.agents import algo_spec
+
+    cls = algo_spec(algo).config
+    docs = config_lib.field_docs(cls)
+    lines = [f"hyperparameters of --algo {algo} (static ones change the compiled program's shapes):"]
+    for f in dataclasses.fields(cls):
+        kind = "static" if config_lib.is_static(cls, f.name) else "traced"
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {kind:<6} default {f.default!r}: {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _print_table(result) -> None:
+    import numpy as np
+
+    final = result.final_returns
+    last_train = result.metrics["episode_return"][:, -1]
+    print(f"\n{result.algo} on {result.env_id}: {len(result.seeds)} seed(s) x {result.total_env_steps:,} env steps")
+    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {'kl':>10} {'entropy':>9}")
+    for i, seed in enumerate(result.seeds):
+        print(
+            f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f} "
+            f"{result.metrics['kl'][i, -1]:>10.5f} {result.metrics['entropy'][i, -1]:>9.4f}"
+        )
+    summary = result.summary()
+    print(
+        f"{'median':>6} {np.median(final):>13.2f}   IQM {summary['final_return_iqm']:.2f}   "
+        f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s   "
+        f"{result.env_steps_per_s:,.0f} env steps/s"
+    )
+
+
+def _train(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from kl_rl import config as config_lib
+    from kl_rl import runner
+
+    parser = _Parser(prog="kl-rl train", add_help=False, description="Train an agent on seeds 0..N-1.")
+    parser.add_argument("--algo", default="ppo")
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--total-steps", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    if args.help:
+        print(
+            "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
+            "[--config FILE.yaml|.toml] [--no-progress] [--<hyperparameter> VALUE ...]\n"
+        )
+        print(_train_help(args.algo))
+        return 0
+    seeds = config_lib.parse_value("seeds", args.seeds, int)
+    if seeds <= 0:
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+    overrides = _overrides(extra)
+    if args.total_steps is not None:
+        overrides["total_steps"] = args.total_steps
+    config = runner.resolve_config(args.algo, args.env, args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"{args.algo}-{args.env}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    print(f"compiling {args.algo} on {args.env} for {seeds} seed(s)...", flush=True)
+    result = runner.run(args.algo, args.env, seeds=seeds, config=config, progress=not args.no_progress)
+    _print_table(result)
+    result.save(out)
+    print(f"run folder: {out}")
+    return 0
+
+
+def _list(argv: list[str]) -> int:
+    from kl_rl import envs
+    from kl_rl.agents import ALGOS
+    from kl_rl.presets import PRESETS
+
+    if argv:
+        raise ConfigError(f"kl-rl list takes no arguments, got {' '.join(argv)!r}")
+    print("algos:   " + ", ".join(sorted(ALGOS)))
+    print("envs:    " + ", ".join(envs.ENV_IDS))
+    print("presets: " + ", ".join(f"{a}/{e}" for a, e in sorted(PRESETS)))
+    return 0
+
+
+COMMANDS = {"train": _train, "list": _list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kl-rl` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        return COMMANDS[command](rest)
+    except ConfigError as err:
+        print(f"kl-rl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kl-rl: interrupted; no run folder was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

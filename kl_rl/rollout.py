@@ -1,0 +1,150 @@
+"""The one collector: `lax.scan` of a policy over a vectorized env.
+
+Every algorithm collects experience through `collect`. It records, for each step, the
+observation the policy acted on, the behaviour policy's distribution and log-prob, and the true
+next observation (before autoreset), so returns can bootstrap on truncation and updates can
+measure KL to the policy that collected the data.
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kl_rl import normalize
+from kl_rl.buffer import Transition
+from kl_rl.envs.vector import VecEnv, VecEnvState
+
+# act(key, obs) -> (action, value, log_prob, dist), batched over the env axis.
+ActFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, Any]]
+
+
+class EpisodeStats(NamedTuple):
+    """Sums over the episodes that ended during one rollout."""
+
+    return_sum: jax.Array
+    length_sum: jax.Array
+    count: jax.Array
+
+
+class CollectorState(NamedTuple):
+    """What the collector carries from one rollout to the next."""
+
+    env: VecEnvState
+    obs_norm: normalize.RunningMeanStd
+
+
+def env_action(action_space: gym.Space, action: jax.Array) -> jax.Array:
+    """The action the env receives: Gaussian samples are clipped to a Box's bounds.
+
+    The unclipped sample is what the buffer stores, so log-probs and KL stay those of the policy.
+    """
+    if isinstance(action_space, gym.spaces.Box):
+        return jnp.clip(action, jnp.asarray(action_space.low), jnp.asarray(action_space.high))
+    return action
+
+
+def observe(obs_norm: normalize.RunningMeanStd, obs: jax.Array, enabled: bool) -> jax.Array:
+    """The observation the policy sees: normalized with the running moments when enabled."""
+    return normalize.normalize(obs_norm, obs) if enabled else obs
+
+
+def collect(
+    key: jax.Array,
+    act: ActFn,
+    vec_env: VecEnv,
+    state: CollectorState,
+    num_steps: int,
+    normalize_obs: bool,
+) -> tuple[CollectorState, Transition, EpisodeStats]:
+    """Runs `act` for `num_steps` steps of every env in `vec_env`.
+
+    Args:
+      key: PRNG key.
+      act: the behaviour policy, batched over envs.
+      vec_env: the vectorized env.
+      state: env state and observation-normalizer state.
+      num_steps: T, the rollout length (static).
+      normalize_obs: whether to normalize observations with running moments (static). The
+        moments are updated with each step's raw observations before the policy sees them.
+
+    Returns:
+      The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
+      sums over episodes that ended during the rollout.
+    """
+
+    def step(carry: CollectorState, step_key: jax.Array):
+        env_state, obs_norm = carry
+        if normalize_obs:
+            obs_norm = normalize.update(obs_norm, env_state.obs)
+        obs = observe(obs_norm, env_state.obs, normalize_obs)
+        act_key, env_key = jax.random.split(step_key)
+        action, value, log_prob, dist = act(act_key, obs)
+        env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
+        done = out.terminated | out.truncated
+        transition = Transition(
+            obs=obs,
+            action=action,
+            reward=out.reward,
+            terminated=out.terminated,
+            truncated=out.truncated,
+            next_obs=observe(obs_norm, out.final_obs, normalize_obs),
+            value=value,
+            log_prob=log_prob,
+            dist=dist,
+        )
+        stats = EpisodeStats(
+            return_sum=jnp.sum(jnp.where(done, out.episode_return, 0.0)),
+            length_sum=jnp.sum(jnp.where(done, out.episode_length, 0)).astype(jnp.float32),
+            count=jnp.sum(done).astype(jnp.float32),
+        )
+        return CollectorState(env_state, obs_norm), (transition, stats)
+
+    state, (trajectory, stats) = jax.lax.scan(step, state, jax.random.split(key, num_steps))
+    return state, trajectory, jax.tree.map(lambda x: jnp.sum(x, axis=0), stats)
+
+
+def evaluate(
+    key: jax.Array,
+    policy: Callable[[jax.Array, jax.Array], jax.Array],
+    vec_env: VecEnv,
+    obs_norm: normalize.RunningMeanStd,
+    normalize_obs: bool,
+    max_steps: int,
+) -> jax.Array:
+    """Undiscounted return of one episode in each of `vec_env`'s envs.
+
+    Args:
+      key: PRNG key.
+      policy: policy(key, obs) -> action, batched over envs (e.g. the distribution's mode).
+      vec_env: one env per evaluation episode.
+      obs_norm: frozen observation-normalizer moments.
+      normalize_obs: whether the policy expects normalized observations (static).
+      max_steps: steps to run; at least the env's time limit, so every episode ends (static).
+
+    Returns:
+      [N] returns, each of the first episode of its env.
+    """
+    reset_key, run_key = jax.random.split(key)
+    env_state = vec_env.reset(reset_key)
+
+    def step(carry, step_key):
+        env_state, total, running = carry
+        act_key, env_key = jax.random.split(step_key)
+        action = policy(act_key, observe(obs_norm, env_state.obs, normalize_obs))
+        env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
+        total = total + jnp.where(running, out.reward, 0.0)
+        running = running & ~(out.terminated | out.truncated)
+        return (env_state, total, running), None
+
+    init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool))
+    (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
+    return total
+
+
+def flat_obs_shape(space: gym.Space) -> tuple[int, ...]:
+    """The observation shape the networks see."""
+    return tuple(int(d) for d in np.asarray(space.shape))

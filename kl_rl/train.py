@@ -1,0 +1,188 @@
+"""The one training loop: `make_train(algo, config, env) -> train(key, config)`.
+
+A whole run -- rollouts over the vectorized env, the replay buffer, agent updates and the final
+evaluation -- is one pure function of a PRNG key and a config, so it can be jitted into one XLA
+program and `vmap`ped over seeds and over configs that differ only in traced hyperparameters
+(PureJaxRL's `make_train`, with a typed config instead of a mutable dict).
+
+Every algorithm runs through this loop; an algorithm differs only in its `Agent` (its act and
+update functions).
+"""
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from kl_rl import buffer, normalize, rollout
+from kl_rl.agents import ALGOS
+from kl_rl.envs.vector import VecEnv
+
+
+@flax.struct.dataclass
+class TrainState:
+    """The full state of a run between two updates; a checkpoint of it resumes exactly."""
+
+    agent: Any
+    collector: rollout.CollectorState
+    buffer: buffer.BufferState
+    key: jax.Array
+    update_count: jax.Array
+    last_return: jax.Array
+    last_length: jax.Array
+
+
+class TrainOutput(NamedTuple):
+    """What `train` returns: the final state, per-update metrics and the final evaluation."""
+
+    state: TrainState
+    metrics: dict[str, jax.Array]
+    eval_returns: jax.Array
+
+
+class Trainer(NamedTuple):
+    """The pieces of a run, for callers that need more than `train` (checkpointing, eval)."""
+
+    init: Callable[..., TrainState]
+    run: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    evaluate: Callable[..., jax.Array]
+    train: Callable[..., TrainOutput]
+
+
+def make_trainer(
+    algo: str,
+    config: Any,
+    env: Any,
+    progress: Callable[[Any], None] | None = None,
+    progress_every: int = 1,
+) -> Trainer:
+    """Builds the pure functions of a training run.
+
+    Args:
+      algo: a key of `kl_rl.agents.ALGOS`.
+      config: the algorithm's config; its static fields fix the program's shapes. The functions
+        take a config argument too, which must share these static fields, so traced fields can
+        be swept with `vmap`.
+      env: a FuncEnv (e.g. from `kl_rl.envs.make`).
+      progress: optional host callback, called with the number of updates done every
+        `progress_every` updates (through `jax.debug.callback`, outside any vmap over seeds).
+      progress_every: updates between progress callbacks.
+    """
+    make_agent = ALGOS[algo].make
+    vec_env = VecEnv(env, config.num_envs)
+    eval_env = VecEnv(env, config.eval_episodes)
+    obs_space, action_space = vec_env.observation_space, vec_env.action_space
+    num_updates = config.num_updates
+    eval_steps = eval_env.max_episode_steps or 1000
+
+    def example_transition(agent, agent_state):
+        obs = jnp.zeros((config.num_envs, *obs_space.shape), jnp.float32)
+        action, value, log_prob, dist = agent.act(jax.random.key(0), agent_state, obs)
+        step = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
+        shaped = buffer.Transition(
+            obs=obs,
+            action=action,
+            reward=value,
+            terminated=jnp.zeros(config.num_envs, bool),
+            truncated=jnp.zeros(config.num_envs, bool),
+            next_obs=obs,
+            value=value,
+            log_prob=log_prob,
+            dist=dist,
+        )
+        return jax.tree.map(step, shaped)
+
+    def init(key: jax.Array, config: Any = config) -> TrainState:
+        agent = make_agent(config, obs_space, action_space)
+        agent_key, env_key, key = jax.random.split(key, 3)
+        agent_state = agent.init(agent_key)
+        example = jax.eval_shape(lambda s: example_transition(agent, s), agent_state)
+        return TrainState(
+            agent=agent_state,
+            collector=rollout.CollectorState(vec_env.reset(env_key), normalize.init(obs_space.shape)),
+            buffer=buffer.init(config.num_steps, example),
+            key=key,
+            update_count=jnp.zeros((), jnp.int32),
+            last_return=jnp.full((), jnp.nan, jnp.float32),
+            last_length=jnp.full((), jnp.nan, jnp.float32),
+        )
+
+    def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        agent = make_agent(config, obs_space, action_space)
+        key, collect_key, update_key = jax.random.split(state.key, 3)
+        act = lambda k, obs: agent.act(k, state.agent, obs)  # noqa: E731
+        collector, trajectory, episodes = rollout.collect(
+            collect_key, act, vec_env, state.collector, config.num_steps, config.normalize_obs
+        )
+        buf = buffer.add_batch(state.buffer, trajectory)
+        progress_frac = state.update_count.astype(jnp.float32) / num_updates
+        agent_state, metrics = agent.update(update_key, state.agent, buffer.ordered(buf), progress_frac)
+        ended = episodes.count > 0
+        last_return = jnp.where(ended, episodes.return_sum / jnp.maximum(episodes.count, 1), state.last_return)
+        last_length = jnp.where(ended, episodes.length_sum / jnp.maximum(episodes.count, 1), state.last_length)
+        update_count = state.update_count + 1
+        metrics = {
+            "env_steps": update_count * config.batch_size,
+            "episode_return": last_return,
+            "episode_length": last_length,
+            "episodes": episodes.count,
+            **metrics,
+        }
+        new_state = TrainState(
+            agent=agent_state,
+            collector=collector,
+            buffer=buf,
+            key=key,
+            update_count=update_count,
+            last_return=last_return,
+            last_length=last_length,
+        )
+        return new_state, metrics
+
+    def run(state: TrainState, config: Any = config, num_updates: int = num_updates):
+        """Runs `num_updates` updates (static) and stacks their metrics."""
+
+        def body(state, i):
+            state, metrics = update_step(state, config)
+            if progress is not None:
+                done = i + 1
+                jax.lax.cond(
+                    (done % progress_every == 0) | (done == num_updates),
+                    lambda: jax.debug.callback(progress, done),
+                    lambda: None,
+                )
+            return state, metrics
+
+        return jax.lax.scan(body, state, jnp.arange(num_updates))
+
+    def evaluate(key: jax.Array, state: TrainState, config: Any = config) -> jax.Array:
+        """Returns of `eval_episodes` episodes of the current policy, one per env."""
+        agent = make_agent(config, obs_space, action_space)
+
+        def policy(k, obs):
+            dist = agent.policy(state.agent, obs)
+            return dist.mode() if config.eval_deterministic else dist.sample(k)
+
+        return rollout.evaluate(
+            key, policy, eval_env, state.collector.obs_norm, config.normalize_obs, eval_steps
+        )
+
+    def train(key: jax.Array, config: Any = config) -> TrainOutput:
+        init_key, eval_key = jax.random.split(key)
+        state = init(init_key, config)
+        state, metrics = run(state, config)
+        return TrainOutput(state, metrics, evaluate(eval_key, state, config))
+
+    return Trainer(init=init, run=run, evaluate=evaluate, train=train)
+
+
+def make_train(algo: str, config: Any, env: Any, **kwargs) -> Callable[..., TrainOutput]:
+    """`train(key, config=config) -> TrainOutput`, a pure function to jit and vmap.
+
+    Example:
+      >>> train = make_train("ppo", PPOConfig(), kl_rl.envs.make("CartPole-v1"))
+      >>> out = jax.jit(jax.vmap(train))(jax.random.split(jax.random.key(0), 8))
+    """
+    return make_trainer(algo, config, env, **kwargs).train

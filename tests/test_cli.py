@@ -1,0 +1,103 @@
+"""The CLI: a run folder's contents, and one-line errors with exit 2 that leave files alone."""
+
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+
+from kl_rl.cli import main
+
+FAST = ["--total-steps", "2048", "--num-envs", "4", "--num-steps", "64", "--update-epochs", "1", "--no-progress"]
+
+
+@pytest.fixture
+def existing_run(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.json").write_text('{"keep": true}')
+    return out
+
+
+def _assert_one_line_error(capsys, code, *needles):
+    captured = capsys.readouterr()
+    assert code == 2
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith("kl-rl: error: ")
+    assert "Traceback" not in captured.err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--algo", "dqn"], ["unknown algo 'dqn'", "ppo"]),
+        (["--env", "Pong-v9"], ["unknown env 'Pong-v9'", "CartPole-v1"]),
+        (["--lerning-rate", "1e-3"], ["unknown hyperparameter"]),
+        (["--total-steps", "0"], ["--total-steps", "positive"]),
+        (["--total-steps", "-5"], ["--total-steps"]),
+        (["--total-steps", "many"], ["--total-steps expects int", "'many'"]),
+        (["--lr", "0"], ["--lr must be a positive number"]),
+        (["--lr", "fast"], ["--lr expects float"]),
+        (["--seeds", "0"], ["--seeds"]),
+        (["--num-minibatches", "3"], ["does not divide", "512"]),
+        (["--env", "Pendulum-v1", "--distribution", "categorical"], ["categorical", "discrete", "gaussian"]),
+        (["--config", "/nonexistent/cfg.yaml"], ["cannot read config file"]),
+        (["--clip-eps"], ["--clip-eps needs a value"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_leaves_the_folder(capsys, existing_run, args, needles):
+    code = main(["train", "--out", str(existing_run), *args])
+    _assert_one_line_error(capsys, code, *needles)
+    assert [p.name for p in existing_run.iterdir()] == ["summary.json"]
+    assert json.loads((existing_run / "summary.json").read_text()) == {"keep": True}
+
+
+def test_malformed_config_file(capsys, tmp_path, existing_run):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: [1, 2\n")
+    _assert_one_line_error(capsys, main(["train", "--out", str(existing_run), "--config", str(bad)]), "not valid")
+    wrong = tmp_path / "wrong.toml"
+    wrong.write_text("learning_rat = 3\n")
+    _assert_one_line_error(capsys, main(["train", "--config", str(wrong)]), "unknown hyperparameter")
+
+
+def test_config_file_and_flags_set_fields(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text('lr = 0.0005\nhidden_sizes = [32, 32]\nactivation = "relu"\n')
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--out", str(out), "--clip-eps=0.1", *FAST]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["lr"] == 0.0005 and config["hidden_sizes"] == [32, 32] and config["activation"] == "relu"
+    assert config["clip_eps"] == 0.1 and config["total_steps"] == 2048
+
+
+def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
+    assert main(["train", "--seeds", "2", "--out", str(existing_run), *FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "final_return" in printed and "median" in printed
+    assert sorted(p.name for p in existing_run.iterdir()) == ["config.json", "metrics.csv", "summary.json"]
+    summary = json.loads((existing_run / "summary.json").read_text())
+    for key in ("algo", "env", "seeds", "total_env_steps", "final_return", "wall_time_s", "compile_time_s", "env_steps_per_s"):
+        assert key in summary
+    assert summary["seeds"] == [0, 1] and len(summary["final_return"]) == 2
+    assert summary["total_env_steps"] == 2048
+    rows = list(csv.DictReader(open(existing_run / "metrics.csv")))
+    assert len(rows) == 2 * 8
+    for col in ("seed", "env_steps", "episode_return", "kl", "entropy", "pg_loss", "vf_loss", "eval_return"):
+        assert col in rows[0]
+    last = [r for r in rows if r["update"] == "8"]
+    assert [float(r["eval_return"]) for r in last] == pytest.approx(summary["final_return"])
+
+
+def test_console_script_help_lists_hyperparameters():
+    proc = subprocess.run(
+        [sys.executable, "-m", "kl_rl.cli", "train", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0
+    assert "--clip-eps" in proc.stdout and "traced" in proc.stdout and "static" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "kl_rl.cli", "train", "--algo", "nope"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

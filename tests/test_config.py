@@ -1,0 +1,59 @@
+"""Config machinery: static vs traced fields, docstrings, parsing, presets."""
+
+import dataclasses
+
+import jax
+import pytest
+
+from kl_rl import config as config_lib
+from kl_rl.agents import ALGOS, PPOConfig
+from kl_rl.errors import ConfigError
+from kl_rl.presets import PRESETS
+
+
+def test_traced_fields_are_leaves_and_static_fields_are_structure():
+    config = PPOConfig()
+    leaves = jax.tree.leaves(config)
+    traced = [f.name for f in dataclasses.fields(PPOConfig) if not config_lib.is_static(PPOConfig, f.name)]
+    assert len(leaves) == len(traced)
+    for name in ("lr", "clip_eps", "gamma", "gae_lambda", "ent_coef", "vf_coef", "target_kl", "kl_coef"):
+        assert name in traced
+    for name in ("num_envs", "num_steps", "hidden_sizes", "update_epochs", "num_minibatches", "total_steps"):
+        assert config_lib.is_static(PPOConfig, name)
+    # Changing a traced value keeps the treedef, so a jitted train does not recompile.
+    assert jax.tree.structure(config) == jax.tree.structure(config.replace(lr=1.0))
+    assert jax.tree.structure(config) != jax.tree.structure(config.replace(num_envs=8))
+
+
+@pytest.mark.parametrize("algo", sorted(ALGOS))
+def test_every_field_has_a_docstring(algo):
+    cls = ALGOS[algo].config
+    docs = config_lib.field_docs(cls)
+    missing = [f.name for f in dataclasses.fields(cls) if not docs.get(f.name)]
+    assert missing == []
+
+
+def test_parse_values_by_type():
+    assert config_lib.parse_value("n", "1e5", int) == 100_000
+    assert config_lib.parse_value("lr", "3e-4", float) == pytest.approx(3e-4)
+    assert config_lib.parse_value("b", "false", bool) is False
+    assert config_lib.parse_value("h", "64,32", tuple[int, ...]) == (64, 32)
+    assert config_lib.parse_value("h", [16], tuple[int, ...]) == (16,)
+    for text, typ in (("1.5", int), ("abc", float), ("nan", float), ("maybe", bool), (True, int)):
+        with pytest.raises(ConfigError):
+            config_lib.parse_value("x", text, typ)
+
+
+def test_build_rejects_unknown_names_with_a_hint():
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'clip'"):
+        config_lib.build(PPOConfig, {"clip": "0.1"})
+    assert config_lib.build(PPOConfig, {"clip-eps": "0.1"}).clip_eps == pytest.approx(0.1)
+
+
+@pytest.mark.parametrize("key", sorted(PRESETS))
+def test_presets_name_real_fields_and_validate(key):
+    from kl_rl import envs
+
+    algo, env_id = key
+    config = config_lib.build(ALGOS[algo].config, PRESETS[key])
+    config.validate(envs.make(env_id).action_space)

@@ -1,0 +1,116 @@
+"""PPO: loss pieces against hand values, KL mechanisms, determinism and a small learning check."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kl_rl import envs
+from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss, normalize_advantages, value_loss
+from kl_rl.train import make_train
+
+SMALL = dict(total_steps=4096, num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2)
+
+
+def test_clipped_surrogate_hand_values():
+    # ratios 1.5, 0.5, 1.1 with advantages +1, -1, +2 and eps 0.2:
+    # min(1.5, 1.2) = 1.2; min(-0.5, -0.8) = -0.8; min(2.2, 2.2) = 2.2 -> loss = -(1.2 - 0.8 + 2.2) / 3
+    log_ratio = jnp.log(jnp.array([1.5, 0.5, 1.1]))
+    adv = jnp.array([1.0, -1.0, 2.0])
+    np.testing.assert_allclose(clipped_surrogate_loss(log_ratio, adv, 0.2), -(1.2 - 0.8 + 2.2) / 3, rtol=1e-6)
+
+
+def test_clipped_surrogate_has_no_gradient_outside_the_clip():
+    grad = jax.grad(lambda lr: clipped_surrogate_loss(lr, jnp.array([1.0, -1.0]), 0.2))
+    g = grad(jnp.log(jnp.array([1.5, 0.5])))  # both beyond the clip on the side that helps
+    np.testing.assert_array_equal(g, 0.0)
+    g = grad(jnp.log(jnp.array([0.5, 1.5])))  # both on the side that hurts: unclipped gradient
+    np.testing.assert_allclose(g, jnp.array([-0.5, 1.5]) / 2, rtol=1e-6)
+
+
+def test_value_loss_hand_values():
+    value, old, ret = jnp.array([2.0]), jnp.array([1.0]), jnp.array([3.0])
+    np.testing.assert_allclose(value_loss(value, old, ret, 0.5, clip=False), 0.5 * 1.0)
+    # clipped value 1.5 is further from the return: max(1, 2.25) / 2
+    np.testing.assert_allclose(value_loss(value, old, ret, 0.5, clip=True), 0.5 * 2.25)
+
+
+def test_advantage_normalization_is_finite_on_a_constant_batch():
+    np.testing.assert_array_equal(normalize_advantages(jnp.full(8, 3.0)), 0.0)
+    x = normalize_advantages(jnp.arange(8.0))
+    np.testing.assert_allclose([x.mean(), x.std()], [0.0, 1.0], atol=1e-6)
+
+
+def _train(env_id="CartPole-v1", seeds=1, **overrides):
+    config = PPOConfig(**{**SMALL, **overrides})
+    train = make_train("ppo", config, envs.make(env_id))
+    keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
+    return jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, config)
+
+
+def test_same_key_gives_identical_bits():
+    a, b = _train(seeds=2), _train(seeds=2)
+    for x, y in zip(jax.tree.leaves((a.metrics, a.eval_returns, a.state.agent)), jax.tree.leaves((b.metrics, b.eval_returns, b.state.agent))):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_seeds_differ_and_vmap_matches_a_single_run():
+    many = _train(seeds=2)
+    assert not np.array_equal(many.metrics["pg_loss"][0], many.metrics["pg_loss"][1])
+    config = PPOConfig(**SMALL)
+    single = jax.jit(make_train("ppo", config, envs.make("CartPole-v1")))(jax.random.key(1))
+    np.testing.assert_allclose(single.metrics["kl"], many.metrics["kl"][1], rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_are_finite_and_shaped():
+    out = _train(seeds=1)
+    num_updates = SMALL["total_steps"] // (SMALL["num_envs"] * SMALL["num_steps"])
+    for name in ("kl", "entropy", "pg_loss", "vf_loss", "approx_kl_k3", "clip_frac"):
+        assert out.metrics[name].shape == (1, num_updates)
+        assert np.all(np.isfinite(out.metrics[name])), name
+    assert np.all(out.metrics["kl"] >= 0)
+    np.testing.assert_array_equal(out.metrics["env_steps"][0], 256 * np.arange(1, num_updates + 1))
+    assert out.eval_returns.shape == (1, 16)
+
+
+def test_target_kl_early_stop_skips_steps_and_bounds_kl():
+    free = _train(lr=1e-2)
+    stopped = _train(lr=1e-2, target_kl=1e-4)
+    total_steps = SMALL["update_epochs"] * SMALL["num_minibatches"]
+    np.testing.assert_array_equal(free.metrics["grad_steps"], total_steps)
+    assert np.all(stopped.metrics["grad_steps"] < total_steps)
+    assert np.all(stopped.metrics["grad_steps"] >= 1)  # the first step is taken from KL = 0
+    assert np.median(stopped.metrics["kl"]) < np.median(free.metrics["kl"])
+
+
+def test_adaptive_penalty_moves_beta_by_the_papers_rule():
+    out = _train(kl_penalty="adaptive", kl_coef=1.0, kl_penalty_target=1e-6, lr=1e-2)
+    beta, kl = out.metrics["beta"][0], out.metrics["kl"][0]
+    # beta recorded at update u is the one used in it; the next doubles when KL > 1.5 x target.
+    for u in range(len(beta) - 1):
+        if kl[u] > 1.5e-6:
+            np.testing.assert_allclose(beta[u + 1], 2 * beta[u], rtol=1e-6)
+
+
+def test_fixed_penalty_lowers_kl():
+    free = _train(lr=3e-3, update_epochs=8)
+    penalized = _train(lr=3e-3, update_epochs=8, kl_penalty="fixed", kl_coef=100.0)
+    assert np.mean(penalized.metrics["kl"]) < np.mean(free.metrics["kl"])
+    np.testing.assert_array_equal(penalized.metrics["beta"], 100.0)
+
+
+def test_gaussian_policy_on_pendulum_learns_its_log_std_and_normalizes_obs():
+    out = _train("Pendulum-v1", normalize_obs=True, init_log_std=-0.5)
+    log_std = out.state.agent.params["policy"]["params"]["log_std"]
+    assert log_std.shape == (1, 1)
+    assert not np.allclose(log_std, -0.5)
+    norm = out.state.collector.obs_norm
+    assert float(norm.count[0]) == pytest.approx(SMALL["total_steps"], rel=1e-3)
+    np.testing.assert_allclose(norm.mean[0, :2], 0.0, atol=0.5)  # cos, sin of a spinning pendulum
+
+
+def test_ppo_learns_cartpole_quickly():
+    config = dict(total_steps=50_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20,
+                  gamma=0.98, gae_lambda=0.8, lr=1e-3, ent_coef=0.0)
+    out = _train(seeds=2, **config)
+    assert np.median(out.eval_returns.mean(axis=1)) >= 150, out.eval_returns.mean(axis=1)
