@@ -51,7 +51,7 @@ class CartPole(JaxClassicEnv):
     id = "CartPole-v1"
     max_episode_steps = 500
     params_cls = CartPoleParams
-    _high = np.array([2.4 * 2, np.finfo(np.float32).max, 12 * 2 * PI / 360 * 2, np.finfo(np.float32).max], np.float32)
+    _high = np.array([2.4 * 2, np.inf, 12 * 2 * PI / 360 * 2, np.inf], np.float32)
     observation_space = gym.spaces.Box(-_high, _high, dtype=np.float32)
     action_space = gym.spaces.Discrete(2)
 
