@@ -39,9 +39,12 @@ class Categorical(NamedTuple):
         return jax.nn.softmax(self.logits, axis=-1)
 
     def log_prob(self, action: jax.Array) -> jax.Array:
-        """log p(action) for integer actions [...]."""
-        action = action.astype(jnp.int32)
-        return jnp.take_along_axis(self.log_probs, action[..., None], axis=-1)[..., 0]
+        """log p(action) for integer actions, broadcasting actions against the logits' batch shape."""
+        log_probs = self.log_probs
+        batch = jnp.broadcast_shapes(jnp.shape(action), log_probs.shape[:-1])
+        log_probs = jnp.broadcast_to(log_probs, batch + log_probs.shape[-1:])
+        action = jnp.broadcast_to(jnp.asarray(action, jnp.int32), batch)
+        return jnp.take_along_axis(log_probs, action[..., None], axis=-1)[..., 0]
 
     def entropy(self) -> jax.Array:
         """-sum_a p(a) log p(a), with 0 log 0 = 0 for masked actions."""

@@ -43,7 +43,7 @@ def _assert_one_line_error(capsys, code, *needles):
         (["--lr", "0"], ["--lr must be a positive number"]),
         (["--lr", "fast"], ["--lr expects float"]),
         (["--seeds", "0"], ["--seeds"]),
-        (["--num-minibatches", "3"], ["does not divide", "512"]),
+        (["--num-minibatches", "3"], ["does not divide", "256"]),
         (["--env", "Pendulum-v1", "--distribution", "categorical"], ["categorical", "discrete", "gaussian"]),
         (["--config", "/nonexistent/cfg.yaml"], ["cannot read config file"]),
         (["--clip-eps"], ["--clip-eps needs a value"]),
