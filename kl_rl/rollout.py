@@ -18,8 +18,10 @@ from kl_rl import normalize
 from kl_rl.buffer import Transition
 from kl_rl.envs.vector import VecEnv, VecEnvState
 
-# act(key, obs) -> (action, value, log_prob, dist), batched over the env axis.
-ActFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, jax.Array, Any]]
+# act(key, obs) -> (action, log_prob, dist), batched over the env axis.
+ActFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+# value(obs) -> V(obs), batched over any leading axes.
+ValueFn = Callable[[jax.Array], jax.Array]
 
 
 class EpisodeStats(NamedTuple):
@@ -59,6 +61,7 @@ def collect(
     state: CollectorState,
     num_steps: int,
     normalize_obs: bool,
+    value: ValueFn | None = None,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -70,21 +73,24 @@ def collect(
       num_steps: T, the rollout length (static).
       normalize_obs: whether to normalize observations with running moments (static). The
         moments are updated with each step's raw observations before the policy sees them.
+      value: the behaviour critic, or None (values are then 0). It is applied to all [T, N]
+        observations in one batched call after the loop: the parameters are the same at every
+        step, so the values are the ones a per-step call would give, at a fraction of the
+        per-step work in the loop.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
       sums over episodes that ended during the rollout.
     """
 
-    def step(carry: CollectorState, step_key: jax.Array):
+    def step(carry: CollectorState, keys: jax.Array):
         env_state, obs_norm = carry
         if normalize_obs:
             obs_norm = normalize.update(obs_norm, env_state.obs)
         obs = observe(obs_norm, env_state.obs, normalize_obs)
-        act_key, env_key = jax.random.split(step_key)
-        action, value, log_prob, dist = act(act_key, obs)
+        act_key, env_key = keys
+        action, log_prob, dist = act(act_key, obs)
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
-        done = out.terminated | out.truncated
         transition = Transition(
             obs=obs,
             action=action,
@@ -92,19 +98,24 @@ def collect(
             terminated=out.terminated,
             truncated=out.truncated,
             next_obs=observe(obs_norm, out.final_obs, normalize_obs),
-            value=value,
+            value=jnp.zeros(out.reward.shape, jnp.float32),
             log_prob=log_prob,
             dist=dist,
         )
-        stats = EpisodeStats(
-            return_sum=jnp.sum(jnp.where(done, out.episode_return, 0.0)),
-            length_sum=jnp.sum(jnp.where(done, out.episode_length, 0)).astype(jnp.float32),
-            count=jnp.sum(done).astype(jnp.float32),
-        )
-        return CollectorState(env_state, obs_norm), (transition, stats)
+        return CollectorState(env_state, obs_norm), (transition, out.episode_return, out.episode_length)
 
-    state, (trajectory, stats) = jax.lax.scan(step, state, jax.random.split(key, num_steps))
-    return state, trajectory, jax.tree.map(lambda x: jnp.sum(x, axis=0), stats)
+    # Keys for all steps in one PRNG call, and episode sums over [T, N] after the loop: both
+    # keep work out of the loop body, which runs once per env step.
+    state, (trajectory, returns, lengths) = jax.lax.scan(step, state, jax.random.split(key, (num_steps, 2)))
+    if value is not None:
+        trajectory = trajectory._replace(value=value(trajectory.obs))
+    done = trajectory.terminated | trajectory.truncated
+    stats = EpisodeStats(
+        return_sum=jnp.sum(jnp.where(done, returns, 0.0)),
+        length_sum=jnp.sum(jnp.where(done, lengths, 0)).astype(jnp.float32),
+        count=jnp.sum(done).astype(jnp.float32),
+    )
+    return state, trajectory, stats
 
 
 def evaluate(

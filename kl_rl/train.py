@@ -79,7 +79,8 @@ def make_trainer(
 
     def example_transition(agent, agent_state):
         obs = jnp.zeros((config.num_envs, *obs_space.shape), jnp.float32)
-        action, value, log_prob, dist = agent.act(jax.random.key(0), agent_state, obs)
+        action, log_prob, dist = agent.act(jax.random.key(0), agent_state, obs)
+        value = agent.value(agent_state, obs)
         step = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
         shaped = buffer.Transition(
             obs=obs,
@@ -113,8 +114,9 @@ def make_trainer(
         agent = make_agent(config, obs_space, action_space)
         key, collect_key, update_key = jax.random.split(state.key, 3)
         act = lambda k, obs: agent.act(k, state.agent, obs)  # noqa: E731
+        value = lambda obs: agent.value(state.agent, obs)  # noqa: E731
         collector, trajectory, episodes = rollout.collect(
-            collect_key, act, vec_env, state.collector, config.num_steps, config.normalize_obs
+            collect_key, act, vec_env, state.collector, config.num_steps, config.normalize_obs, value
         )
         buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates

@@ -13,8 +13,10 @@ class Agent(NamedTuple):
 
     Attributes:
       init: init(key) -> state.
-      act: act(key, state, obs) -> (action, value, log_prob, dist): the behaviour policy,
-        batched over a leading env axis; `dist` is the action distribution it sampled from.
+      act: act(key, state, obs) -> (action, log_prob, dist): the behaviour policy, batched
+        over a leading env axis; `dist` is the action distribution it sampled from.
+      value: value(state, obs) -> V(obs) of the agent's critic (zeros for critic-free agents),
+        batched over any leading axes.
       policy: policy(state, obs) -> dist: the current policy's action distribution.
       update: update(key, state, trajectory, progress) -> (state, metrics). `trajectory` is a
         `Transition` with leaves [T, N, ...]; `progress` is the fraction of training done before
@@ -22,6 +24,7 @@ class Agent(NamedTuple):
     """
 
     init: Callable[[jax.Array], Any]
-    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, jax.Array, Any]]
+    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    value: Callable[[Any, jax.Array], jax.Array]
     policy: Callable[[Any, jax.Array], Any]
     update: Callable[[jax.Array, Any, Transition, jax.Array], tuple[Any, dict[str, jax.Array]]]

@@ -7,8 +7,12 @@ KL(old || new) exactly from the behaviour distribution recorded in the buffer:
 
 - an adaptive KL penalty beta * KL(old || new) in the loss (paper, section 4), with beta set by
   a `kl_rl.kl` controller; with a very large `clip_eps` this is the paper's pure KL-penalty PPO;
-- target-KL early stopping: once a minibatch's KL(old || new) exceeds 1.5 x target_kl, the rest
-  of that update's gradient steps are skipped (Spinning Up, Stable-Baselines3).
+- target-KL early stopping: once a minibatch's KL(old || new), estimated with k3 from the
+  log-probs the loss already has, exceeds 1.5 x target_kl, the rest of that update's gradient
+  steps are skipped (Stable-Baselines3's rule; Spinning Up's uses k1).
+
+The `kl` metric of every update is exact: the mean KL(old || new) over the whole batch, between
+the behaviour distributions stored in the buffer and the updated policy.
 """
 
 import math
@@ -74,7 +78,7 @@ class PPOConfig:
     max_grad_norm: float = 0.5
     """Global gradient-norm clip."""
     target_kl: float = 0.0
-    """Early-stop an update once a minibatch's KL(old || new) exceeds 1.5 x target_kl; 0 disables."""
+    """Early-stop an update once a minibatch's k3 estimate of KL(old || new) exceeds 1.5 x target_kl; 0 disables."""
     kl_coef: float = 0.0
     """Initial KL penalty coefficient beta (with kl_penalty != none)."""
     kl_penalty_target: float = 0.01
@@ -196,7 +200,10 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
     def act(key: jax.Array, state: PPOState, obs: jax.Array):
         dist = policy(state, obs)
         action = dist.sample(key)
-        return action, value_net.apply(state.params["value"], obs), dist.log_prob(action), dist
+        return action, dist.log_prob(action), dist
+
+    def value(state: PPOState, obs: jax.Array) -> jax.Array:
+        return value_net.apply(state.params["value"], obs)
 
     def loss_fn(params, batch, beta):
         traj, advantages, returns = batch
@@ -209,17 +216,16 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         value = value_net.apply(params["value"], traj.obs)
         vf_loss = value_loss(value, traj.value, returns, config.clip_eps, config.clip_value)
         entropy = jnp.mean(dist.entropy())
-        kl_old_new = jnp.mean(kl.kl_old_new(traj.dist, dist))
+        approx_kl = jnp.mean(kl.kl_k3(log_prob, traj.log_prob))
         loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
         if use_penalty:
-            loss = loss + kl.kl_penalty_loss(beta, kl_old_new)
+            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(traj.dist, dist))
         aux = {
             "pg_loss": pg_loss,
             "vf_loss": vf_loss,
             "entropy_loss": -entropy,
-            "approx_kl_k3": jnp.mean(kl.kl_k3(log_prob, traj.log_prob)),
+            "approx_kl_k3": approx_kl,
             "clip_frac": jnp.mean((jnp.abs(jnp.exp(log_ratio) - 1.0) > config.clip_eps).astype(jnp.float32)),
-            "minibatch_kl": kl_old_new,
         }
         return loss, aux
 
@@ -236,7 +242,7 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         def minibatch_step(carry, minibatch):
             params, opt_state, stopped = carry
             (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch, beta)
-            stopped = stopped | (config.target_kl > 0) & (aux["minibatch_kl"] > 1.5 * config.target_kl)
+            stopped = stopped | (config.target_kl > 0) & (aux["approx_kl_k3"] > 1.5 * config.target_kl)
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
             keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)  # noqa: E731
@@ -256,7 +262,7 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         new_dist = policy_net.apply(params["policy"], flat[0].obs)
         kl_batch = jnp.mean(kl.kl_old_new(flat[0].dist, new_dist))
         kl_ctrl = controller.update(state.kl_ctrl, kl_batch, config.batch_size)
-        metrics = {k: jnp.mean(v) for k, v in aux.items() if k not in ("minibatch_kl", "grad_steps")}
+        metrics = {k: jnp.mean(v) for k, v in aux.items() if k != "grad_steps"}
         explained = 1.0 - jnp.var(returns - traj.value) / (jnp.var(returns) + 1e-8)
         metrics.update(
             kl=kl_batch,
@@ -269,4 +275,4 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         )
         return PPOState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
 
-    return Agent(init=init, act=act, policy=policy, update=update)
+    return Agent(init=init, act=act, value=value, policy=policy, update=update)

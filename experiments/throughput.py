@@ -1,0 +1,113 @@
+"""Env steps/s of kl_rl's PPO at PureJaxRL's `ppo.py` default config, side by side with PureJaxRL.
+
+    python experiments/throughput.py --seeds 1 --repeats 3 \\
+        --anchor-python /work/anchors/venv/bin/python --purejaxrl-dir /work/anchors/purejaxrl
+
+The config is PureJaxRL's CartPole default (4 envs x 128 steps, 4 epochs x 4 minibatches,
+lr 2.5e-4 annealed, clipped value loss, ent 0.01, 5e5 steps), so both do the same work per
+update. kl_rl's run includes its final 16-episode evaluation; PureJaxRL's has none. Compile
+time is timed apart from run time; run time is the median over repeats of the compiled program.
+Without --purejaxrl-dir only kl_rl is measured (see experiments/anchors/purejaxrl_ppo.py).
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from kl_rl import envs
+from kl_rl.agents import PPOConfig
+from kl_rl.train import make_trainer
+
+PUREJAXRL_DEFAULTS = dict(
+    total_steps=500_000,
+    num_envs=4,
+    num_steps=128,
+    update_epochs=4,
+    num_minibatches=4,
+    lr=2.5e-4,
+    anneal_lr=True,
+    gamma=0.99,
+    gae_lambda=0.95,
+    clip_eps=0.2,
+    clip_value=True,
+    ent_coef=0.01,
+    vf_coef=0.5,
+    max_grad_norm=0.5,
+    hidden_sizes=(64, 64),
+    activation="tanh",
+)
+
+
+def compile_kl_rl(seeds: int, total_steps: int):
+    """Compiles kl_rl's PPO at PureJaxRL's config; returns (run, compile_s, env_steps)."""
+    config = PPOConfig(**{**PUREJAXRL_DEFAULTS, "total_steps": total_steps})
+    train = make_trainer("ppo", config, envs.make("CartPole-v1")).train
+    keys = jax.vmap(jax.random.key)(np.arange(seeds))
+    start = time.perf_counter()
+    compiled = jax.jit(jax.vmap(train, in_axes=(0, None))).lower(keys, config).compile()
+    compile_s = time.perf_counter() - start
+    return (lambda: jax.block_until_ready(compiled(keys, config))), compile_s, seeds * config.num_updates * config.batch_size
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_anchor(args) -> dict:
+    script = Path(__file__).parent / "anchors" / "purejaxrl_ppo.py"
+    cmd = [args.anchor_python or sys.executable, str(script), "--purejaxrl-dir", args.purejaxrl_dir,
+           "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "anchor failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per round and implementation")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds alternating kl_rl and PureJaxRL")
+    parser.add_argument("--total-steps", type=int, default=500_000)
+    parser.add_argument("--anchor-python", default=None)
+    parser.add_argument("--purejaxrl-dir", default=None)
+    args = parser.parse_args()
+    run, compile_s, steps = compile_kl_rl(args.seeds, args.total_steps)
+    ours, theirs, anchor = [], [], None
+    for _ in range(args.rounds if args.purejaxrl_dir else 1):
+        for _ in range(args.repeats):
+            seconds, out = timed(run)
+            ours.append(seconds)
+        if args.purejaxrl_dir:
+            anchor = run_anchor(args)
+            theirs += anchor["run_s"]
+    result = {
+        "impl": "kl_rl",
+        "seeds": args.seeds,
+        "env_steps": steps,
+        "compile_s": round(compile_s, 2),
+        "run_s": [round(t, 3) for t in ours],
+        "env_steps_per_s": round(steps / statistics.median(ours)),
+        "final_return_median": float(np.median(np.asarray(out.eval_returns).mean(axis=1))),
+        "jax": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+    }
+    print(json.dumps(result), flush=True)
+    if anchor is not None:
+        anchor = {**anchor, "run_s": theirs, "env_steps_per_s": round(anchor["seeds"] * anchor["total_timesteps"] / statistics.median(theirs))}
+        print(json.dumps(anchor))
+        print(json.dumps({"kl_rl_over_purejaxrl": round(result["env_steps_per_s"] / anchor["env_steps_per_s"], 3)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
