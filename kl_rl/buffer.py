@@ -6,10 +6,10 @@ is one time step of a vectorized env (leaves [num_envs, ...]), so the data are t
 read back in order with `ordered`. Each `Transition` records the behaviour policy's distribution,
 so any update can compute exact KL and importance ratios to the policy that collected the data.
 
-Why not flashbax (0.1.3 works with jax 0.10): its buffers are built around sampling trajectory
-windows for off-policy learning and pull in tensorstore; what kl_rl needs is a time-major
-container that GAE can scan and that checkpoints as a plain pytree. The code below is short
-enough to own, and keeps the dependency set to the core six.
+Why not flashbax (0.1.3 works with jax 0.10): its buffers are built for off-policy sampling of
+trajectory windows (uniform or prioritised) and it pulls in tensorstore; kl_rl's main use is a
+time-major rollout container that GAE scans in order and that checkpoints as a plain pytree. The
+few functions below cover that and uniform sampling without adding a dependency.
 """
 
 from typing import Any, NamedTuple
@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
 
 class Transition(NamedTuple):
@@ -26,12 +27,12 @@ class Transition(NamedTuple):
       obs: the observation the policy acted on.
       action: the action taken (for Gaussians, the unclipped sample).
       reward: r_t.
-      terminated: a true terminal state was reached: do not bootstrap.
-      truncated: the time limit cut the episode: bootstrap from next_obs.
+      terminated: bool, a true terminal state was reached: do not bootstrap.
+      truncated: bool, the time limit cut the episode: bootstrap from next_obs.
       next_obs: the true next observation of this transition, before any autoreset.
       value: V(obs) from the behaviour critic.
       log_prob: log pi_behaviour(action | obs).
-      dist: the behaviour policy's distribution (a kl_rl.kl NamedTuple).
+      dist: the behaviour policy's distribution as a pytree (a kl_rl.kl NamedTuple).
     """
 
     obs: jax.Array
@@ -47,7 +48,13 @@ class Transition(NamedTuple):
 
 @flax.struct.dataclass
 class BufferState:
-    """Data with a leading capacity axis, the next write index and the number of valid items."""
+    """A circular buffer's contents.
+
+    Attributes:
+      data: pytree, each leaf [capacity, *item_leaf_shape].
+      insert_pos: int32 scalar, the index the next item is written to (the oldest item once full).
+      size: int32 scalar, the number of valid items, at most capacity.
+    """
 
     data: Any
     insert_pos: jax.Array
@@ -55,13 +62,23 @@ class BufferState:
 
     @property
     def capacity(self) -> int:
+        """The number of items the buffer holds (static: the leaves' leading dimension)."""
         return jax.tree.leaves(self.data)[0].shape[0]
 
 
 def init(capacity: int, example_item: Any) -> BufferState:
-    """An empty buffer of `capacity` items shaped like `example_item` (arrays or ShapeDtypeStructs)."""
+    """An empty buffer.
+
+    Args:
+      capacity: number of items (static).
+      example_item: a pytree of arrays or `jax.ShapeDtypeStruct`s giving one item's shapes.
+
+    Returns:
+      A buffer of zeros, size 0, writing next at index 0.
+    """
     data = jax.tree.map(lambda x: jnp.zeros((capacity, *x.shape), x.dtype), example_item)
-    return BufferState(data=data, insert_pos=jnp.zeros((), jnp.int32), size=jnp.zeros((), jnp.int32))
+    zero = jnp.zeros((), jnp.int32)
+    return BufferState(data=data, insert_pos=zero, size=zero)
 
 
 def add(state: BufferState, item: Any) -> BufferState:
@@ -70,96 +87,152 @@ def add(state: BufferState, item: Any) -> BufferState:
 
 
 def add_batch(state: BufferState, items: Any) -> BufferState:
-    """Writes k items (leading axis, k <= capacity) in order, wrapping around the end."""
+    """Writes k items in order, wrapping around the end and overwriting the oldest.
+
+    Args:
+      state: the buffer.
+      items: a pytree like the buffer's items with a leading axis k (static, k <= capacity).
+
+    Returns:
+      The buffer with the items appended.
+    """
     capacity = state.capacity
     k = jax.tree.leaves(items)[0].shape[0]
     if k > capacity:
         raise ValueError(f"add_batch of {k} items exceeds the buffer's capacity {capacity}")
+
+    def like_buffer(buf, x):
+        # Items replace the data outright when k == capacity: keep the buffer's shapes and dtypes
+        # so a scan carrying the buffer stays type-stable.
+        x = jnp.asarray(x, buf.dtype)
+        if x.shape != (k, *buf.shape[1:]):
+            raise ValueError(f"item leaf of shape {x.shape[1:]} in a buffer of {buf.shape[1:]}")
+        return x
+
+    items = jax.tree.map(like_buffer, state.data, items)
+    size = jnp.minimum(state.size + k, capacity)
     if k == capacity:
-        # A full overwrite: the write order is a rotation, and when insert_pos is 0 (every
-        # on-policy rollout) the roll is the identity.
-        data = jax.tree.map(lambda x: jnp.roll(x, state.insert_pos, axis=0), items)
+        # Every slot is overwritten, so the old data and the old write position do not matter:
+        # the items become the data as they are (no scatter, no copy) and the oldest is at 0.
+        return BufferState(data=items, insert_pos=jnp.zeros((), jnp.int32), size=size)
+    if k == 1:
+        # One item never wraps: a dynamic_update_slice, which XLA does in place.
+        def write(buf, x):
+            return jax.lax.dynamic_update_slice_in_dim(buf, x, state.insert_pos, axis=0)
     else:
         idx = (state.insert_pos + jnp.arange(k)) % capacity
-        data = jax.tree.map(lambda buf, x: buf.at[idx].set(x), state.data, items)
+
+        def write(buf, x):
+            return buf.at[idx].set(x, unique_indices=True)
+
     return BufferState(
-        data=data,
+        data=jax.tree.map(write, state.data, items),
         insert_pos=(state.insert_pos + k) % capacity,
-        size=jnp.minimum(state.size + k, capacity),
+        size=size,
     )
 
 
 def sample(key: jax.Array, state: BufferState, batch_size: int) -> Any:
-    """`batch_size` items drawn uniformly with replacement from the valid ones."""
-    idx = jax.random.randint(key, (batch_size,), 0, jnp.maximum(state.size, 1))
-    # Valid items are the `size` most recent: oldest is at insert_pos - size.
-    idx = (state.insert_pos - state.size + idx) % state.capacity
+    """Draws items uniformly with replacement from the valid ones.
+
+    Args:
+      key: PRNG key.
+      state: the buffer; sampling an empty one returns zeros.
+      batch_size: number of items (static).
+
+    Returns:
+      A pytree like the buffer's items with a leading axis batch_size.
+    """
+    offset = jax.random.randint(key, (batch_size,), 0, jnp.maximum(state.size, 1))
+    # The valid items are the `size` most recent, the oldest at insert_pos - size.
+    idx = (state.insert_pos - state.size + offset) % state.capacity
     return jax.tree.map(lambda x: x[idx], state.data)
 
 
 def ordered(state: BufferState) -> Any:
-    """All `capacity` items, oldest first (chronological once the buffer is full)."""
+    """All `capacity` items, oldest first (chronological once the buffer is full).
+
+    Right after a full-capacity `add_batch` in the same jit, insert_pos is the constant 0 and XLA
+    folds the roll away, so an on-policy update reads the rollout without a copy.
+    """
     return jax.tree.map(lambda x: jnp.roll(x, -state.insert_pos, axis=0), state.data)
 
 
 def gae(
-    r_t: jax.Array,
-    v_t: jax.Array,
-    v_tp1: jax.Array,
-    terminated_t: jax.Array,
-    truncated_t: jax.Array,
-    gamma: jax.Array,
-    lambda_: jax.Array,
+    r_t: ArrayLike,
+    v_t: ArrayLike,
+    v_tp1: ArrayLike,
+    terminated_t: ArrayLike,
+    truncated_t: ArrayLike,
+    gamma: ArrayLike,
+    lambda_: ArrayLike,
 ) -> tuple[jax.Array, jax.Array]:
-    """Generalized advantage estimation (Schulman et al. 2016), time-major [T, ...].
+    """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438), time-major.
 
-    delta_t = r_t + gamma (1 - terminated_t) V(s'_t) - V(s_t), where s'_t is the true next state of
-    transition t, so a truncated step bootstraps and a terminated one does not. The recursion
-    A_t = delta_t + gamma lambda (1 - done_t) A_{t+1} stops at every episode end
-    (done = terminated | truncated), and A_T = 0 past the rollout, whose last step bootstraps
-    from v_tp1.
+    delta_t = r_t + gamma (1 - terminated_t) v_tp1_t - v_t, where v_tp1_t is the value of
+    transition t's true next observation, so a truncated step bootstraps and a terminated one does
+    not. A_t = delta_t + gamma lambda (1 - done_t) A_{t+1} with done = terminated | truncated, so
+    no advantage leaks across an episode boundary, and A_T = 0 past the rollout (its last step
+    still bootstraps through delta).
 
     Args:
       r_t: rewards [T, ...].
-      v_t: V(s_t) [T, ...].
-      v_tp1: V(s'_t), the value of each transition's true next observation [T, ...].
-      terminated_t, truncated_t: bool [T, ...].
-      gamma, lambda_: discount and GAE lambda (may be traced).
+      v_t: V(obs_t) [T, ...].
+      v_tp1: V(next_obs_t) [T, ...].
+      terminated_t: bool [T, ...].
+      truncated_t: bool [T, ...].
+      gamma: discount, may be traced.
+      lambda_: GAE lambda, may be traced.
 
     Returns:
-      (advantages, returns) with returns = advantages + v_t.
+      (advantages, returns), each [T, ...], with returns = advantages + v_t.
     """
-    not_terminated = 1.0 - terminated_t.astype(r_t.dtype)
-    not_done = 1.0 - (terminated_t | truncated_t).astype(r_t.dtype)
-    delta = r_t + gamma * not_terminated * v_tp1 - v_t
+    r_t, v_t, v_tp1 = jnp.asarray(r_t), jnp.asarray(v_t), jnp.asarray(v_tp1)
+    not_terminated = 1.0 - jnp.asarray(terminated_t).astype(r_t.dtype)
+    not_done = 1.0 - jnp.logical_or(terminated_t, truncated_t).astype(r_t.dtype)
+    delta_t = r_t + gamma * not_terminated * v_tp1 - v_t
 
-    def step(next_adv, xs):
+    def step(a_tp1, xs):
         delta, not_done = xs
-        adv = delta + gamma * lambda_ * not_done * next_adv
-        return adv, adv
+        a_t = delta + gamma * lambda_ * not_done * a_tp1
+        return a_t, a_t
 
-    _, advantages = jax.lax.scan(step, jnp.zeros_like(delta[0]), (delta, not_done), reverse=True)
+    a_end = jnp.zeros_like(delta_t[0])
+    _, advantages = jax.lax.scan(step, a_end, (delta_t, not_done), reverse=True)
     return advantages, advantages + v_t
 
 
 def discounted_returns(
-    r_t: jax.Array,
-    v_tp1: jax.Array,
-    terminated_t: jax.Array,
-    truncated_t: jax.Array,
-    gamma: jax.Array,
+    r_t: ArrayLike,
+    v_tp1: ArrayLike,
+    terminated_t: ArrayLike,
+    truncated_t: ArrayLike,
+    gamma: ArrayLike,
 ) -> jax.Array:
-    """G_t = r_t + gamma (1 - terminated_t) * (V(s'_t) if the episode or rollout ends at t else G_{t+1}).
+    """Discounted returns that bootstrap on truncation and at the rollout's end, time-major.
 
-    Bootstraps on truncation and at the rollout's end, never on termination. Time-major [T, ...].
+    G_t = r_t + gamma (1 - terminated_t) * (v_tp1_t if done_t or t == T - 1 else G_{t+1}), with
+    done = terminated | truncated: never bootstraps past a true terminal state.
+
+    Args:
+      r_t: rewards [T, ...].
+      v_tp1: V(next_obs_t) [T, ...], the value of each transition's true next observation.
+      terminated_t: bool [T, ...].
+      truncated_t: bool [T, ...].
+      gamma: discount, may be traced.
+
+    Returns:
+      G_t [T, ...].
     """
-    not_terminated = 1.0 - terminated_t.astype(r_t.dtype)
-    cut = terminated_t | truncated_t
+    r_t, v_tp1 = jnp.asarray(r_t), jnp.asarray(v_tp1)
+    not_terminated = 1.0 - jnp.asarray(terminated_t).astype(r_t.dtype)
+    done = jnp.logical_or(terminated_t, truncated_t)
 
-    def step(next_return, xs):
-        r, v_next, not_term, cut = xs
-        g = r + gamma * not_term * jnp.where(cut, v_next, next_return)
-        return g, g
+    def step(g_tp1, xs):
+        r, v_next, not_term, done = xs
+        g_t = r + gamma * not_term * jnp.where(done, v_next, g_tp1)
+        return g_t, g_t
 
-    _, returns = jax.lax.scan(step, v_tp1[-1], (r_t, v_tp1, not_terminated, cut), reverse=True)
+    # Seeding the carry with v_tp1[-1] makes the last step bootstrap whether or not it is done.
+    _, returns = jax.lax.scan(step, v_tp1[-1], (r_t, v_tp1, not_terminated, done), reverse=True)
     return returns
