@@ -5,24 +5,30 @@ Everything is computed in log space and stays finite, in value and gradient, for
 
 Direction, once and for all: `kl_divergence(p, q)` is KL(p || q) = E_{x~p}[log p(x) - log q(x)].
 In policy optimization "old" is the behaviour policy that collected the data and "new" the one
-being optimized. TRPO's constraint and PPO's adaptive penalty use KL(old || new)
-(`kl_old_new`); KL(new || old) (`kl_new_old`) is the mode-seeking direction, e.g. the RLHF
-penalty KL(pi || pi_ref).
+being optimized. TRPO's constraint and PPO's adaptive penalty use KL(old || new) (`kl_old_new`);
+KL(new || old) (`kl_new_old`) is the mirror-descent direction of MDPO and the direction of the
+RLHF penalty KL(pi || pi_ref).
 
 Distributions are NamedTuples, so they are pytrees: the replay buffer stores them, and vmap and
 scan carry them like arrays.
 """
 
+import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+from jax.typing import ArrayLike
 
-_HALF_LOG_2PI = 0.5 * float(jnp.log(2.0 * jnp.pi))
-# exp(log r) overflows float32 past ~88; the estimators clip log r to this range (|log r| > 30
-# means a probability ratio beyond 1e13, far outside any trust region).
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+# The estimators that exponentiate log r clip it here: exp(log r) overflows float32 past ~88, and
+# 30 keeps r log r summable over large batches. |log r| > 30 is a ratio beyond 1e13, far outside
+# any trust region, so the clip only caps values that already signal a diverged policy.
 _LOG_RATIO_CLIP = 30.0
+# Below this |log r|, exp(l) - 1 - l is summed as a Taylor series (truncation error ~1e-7
+# relative): the direct form cancels to an absolute error of ~eps * |l| on a value of ~l^2 / 2.
+_SERIES_CUTOFF = 0.2
 
 
 class Categorical(NamedTuple):
@@ -32,14 +38,15 @@ class Categorical(NamedTuple):
 
     @property
     def log_probs(self) -> jax.Array:
+        """Normalized log-probabilities [..., A]; -inf for masked actions."""
         return jax.nn.log_softmax(self.logits, axis=-1)
 
     @property
     def probs(self) -> jax.Array:
         return jax.nn.softmax(self.logits, axis=-1)
 
-    def log_prob(self, action: jax.Array) -> jax.Array:
-        """log p(action) for integer actions, broadcasting actions against the logits' batch shape."""
+    def log_prob(self, action: ArrayLike) -> jax.Array:
+        """log p(action) for integer actions, broadcast against the logits' batch shape [...]."""
         log_probs = self.log_probs
         batch = jnp.broadcast_shapes(jnp.shape(action), log_probs.shape[:-1])
         log_probs = jnp.broadcast_to(log_probs, batch + log_probs.shape[-1:])
@@ -50,10 +57,12 @@ class Categorical(NamedTuple):
         """-sum_a p(a) log p(a), with 0 log 0 = 0 for masked actions."""
         log_p = self.log_probs
         valid = log_p > -jnp.inf
+        # Double where: the inner one keeps -inf out of the product, so its gradient is 0, not nan.
         safe = jnp.where(valid, log_p, 0.0)
         return -jnp.sum(jnp.where(valid, jnp.exp(safe) * safe, 0.0), axis=-1)
 
     def sample(self, key: jax.Array) -> jax.Array:
+        """One integer action per batch element, shape [...]; masked actions are never drawn."""
         return jax.random.categorical(key, self.logits, axis=-1)
 
     def mode(self) -> jax.Array:
@@ -89,7 +98,9 @@ class DiagGaussian(NamedTuple):
         return jnp.sum(log_std + 0.5 + _HALF_LOG_2PI, axis=-1)
 
     def sample(self, key: jax.Array) -> jax.Array:
-        return self.mean + jnp.exp(self.log_std) * jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        """One action [..., D] by reparameterization, mean + std * eps (differentiable)."""
+        eps = jax.random.normal(key, self.mean.shape, self.mean.dtype)
+        return self.mean + jnp.exp(self.log_std) * eps
 
     def mode(self) -> jax.Array:
         return self.mean
@@ -101,137 +112,223 @@ Distribution = Categorical | DiagGaussian
 def kl_divergence(p: Distribution, q: Distribution) -> jax.Array:
     """Exact KL(p || q) = E_{x~p}[log p(x) - log q(x)], summed over the event axis.
 
-    Categorical: sum_a p(a) (log p(a) - log q(a)), with terms where p(a) = 0 taken as 0 (so two
-    distributions masked alike have finite KL and gradients). DiagGaussian: the closed form
+    Categorical: sum_a p(a) (log p(a) - log q(a)), with terms where p(a) = 0 taken as 0, so two
+    distributions masked alike have finite KL and gradients (an action p allows and q masks gives
+    +inf, the true value). DiagGaussian: the closed form
     sum_d [log s_q - log s_p + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2].
+
+    Args:
+      p: the distribution the expectation is under, batch shape [...].
+      q: same family, batch shape broadcastable with p's.
+
+    Returns:
+      KL(p || q), shape [...].
     """
     if isinstance(p, Categorical) and isinstance(q, Categorical):
         log_p, log_q = p.log_probs, q.log_probs
         valid = log_p > -jnp.inf
+        # Double where: with -inf replaced before the product, the discarded branch (p(a) = 0) is
+        # finite in value and gradient, so its zero cotangent never meets an inf (0 * inf = nan).
         safe_p = jnp.where(valid, log_p, 0.0)
         safe_q = jnp.where(valid, log_q, 0.0)
         return jnp.sum(jnp.where(valid, jnp.exp(safe_p) * (safe_p - safe_q), 0.0), axis=-1)
     if isinstance(p, DiagGaussian) and isinstance(q, DiagGaussian):
-        log_ratio_std = p.log_std - q.log_std
+        log_std_ratio = p.log_std - q.log_std
         z = (p.mean - q.mean) * jnp.exp(-q.log_std)
-        terms = -log_ratio_std + 0.5 * (jnp.exp(2.0 * log_ratio_std) + jnp.square(z)) - 0.5
-        return jnp.sum(jnp.broadcast_to(terms, jnp.broadcast_shapes(p.mean.shape, q.mean.shape)), axis=-1)
+        # exp(2 (log s_p - log s_q)) rather than s_p^2 / s_q^2: finite for log-stds from -20 to 5.
+        terms = -log_std_ratio + 0.5 * (jnp.exp(2.0 * log_std_ratio) + jnp.square(z)) - 0.5
+        return jnp.sum(terms, axis=-1)
     raise TypeError(f"no closed-form KL between {type(p).__name__} and {type(q).__name__}")
 
 
 def kl_old_new(old: Distribution, new: Distribution) -> jax.Array:
-    """KL(old || new): TRPO's trust-region constraint (Schulman et al. 2015) and PPO's penalty (2017)."""
+    """KL(old || new), the mass-covering direction, per state.
+
+    The direction of TRPO's trust region, E_s[KL(pi_old || pi_theta)] <= delta (Schulman et al.
+    2015, eq. 12), of PPO's adaptive KL penalty (Schulman et al. 2017, sec. 4), and of MPO's M-step
+    constraint (Abdolmaleki et al. 2018).
+    """
     return kl_divergence(old, new)
 
 
 def kl_new_old(old: Distribution, new: Distribution) -> jax.Array:
-    """KL(new || old): the reverse, mode-seeking direction (e.g. MPO's and RLHF's penalties)."""
+    """KL(new || old), the mode-seeking direction, per state.
+
+    The proximity term of on-policy Mirror Descent Policy Optimization (Tomar et al. 2020), and,
+    with old = pi_ref, the RLHF penalty KL(pi || pi_ref) of Ziegler et al. (2019).
+    """
     return kl_divergence(new, old)
 
 
-def _log_ratio(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
-    return jnp.clip(log_p - log_q, -_LOG_RATIO_CLIP, _LOG_RATIO_CLIP)
+# Sample estimators (Schulman 2020, "Approximating KL Divergence"). Each takes log p(x) and
+# log q(x) for samples x ~ q and returns one estimate per sample; average them. They estimate
+# values: when x is drawn from the distribution being differentiated, the gradient of an unbiased
+# KL estimate is not in general an unbiased estimate of the KL's gradient.
+
+
+def _expm1_minus_x(log_r: jax.Array) -> jax.Array:
+    """exp(l) - 1 - l = (r - 1) - log r, to float precision in value and gradient for any l."""
+    small = jnp.abs(log_r) < _SERIES_CUTOFF
+    x = jnp.where(small, log_r, 0.0)  # keeps a huge or infinite l out of the series' gradient
+    series = x**2 * (1 / 2 + x * (1 / 6 + x * (1 / 24 + x * (1 / 120 + x / 720))))
+    return jnp.where(small, series, jnp.expm1(log_r) - log_r)
+
+
+def _x_exp_x_minus_expm1(log_r: jax.Array) -> jax.Array:
+    """l exp(l) - (exp(l) - 1) = r log r - (r - 1) for l in [-30, 30], to float precision.
+
+    Above l = -1 it is r ((1/r - 1) + log r), a product of two precise factors. Below, where that
+    product's derivative would cancel, it is r (l - 1) + 1, which cancels in neither (expm1 is
+    avoided there: its derivative, expm1(l) + 1, loses all precision as r -> 0).
+    """
+    r = jnp.exp(log_r)
+    return jnp.where(log_r < -1.0, r * (log_r - 1.0) + 1.0, r * _expm1_minus_x(-log_r))
 
 
 def kl_k1(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """k1 = -log r, r = p(x)/q(x), x ~ q: unbiased for KL(q || p), high variance, can be < 0.
 
-    Schulman (2020), "Approximating KL Divergence". Arguments are log p(x) and log q(x) of the
-    samples; log r is clipped to +/-30 for finiteness.
+    With samples from the behaviour policy q = old and p = new this estimates KL(old || new), the
+    `approx_kl` of Spinning Up's PPO. Not clipped: finite whenever the log-probs are, +inf when
+    p(x) = 0 (then KL(q || p) is infinite too).
+
+    Args:
+      log_p: log p(x) for x ~ q, any shape.
+      log_q: log q(x), same shape.
     """
-    return -_log_ratio(log_p, log_q)
+    return log_q - log_p
 
 
 def kl_k2(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """k2 = (log r)^2 / 2, x ~ q: a biased, low-variance estimate of KL(q || p), always >= 0.
 
-    Its bias is third order in the log-ratio, so it is close for p near q (Schulman 2020).
+    Its bias is third order in log r (its mean is an f-divergence that agrees with KL(q || p) to
+    second order), so it is close for p near q and off far from it (Schulman 2020). Not clipped:
+    finite for |log r| < 1e19.
     """
-    return 0.5 * jnp.square(_log_ratio(log_p, log_q))
+    return 0.5 * jnp.square(log_p - log_q)
 
 
 def kl_k3(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """k3 = (r - 1) - log r, x ~ q: unbiased for KL(q || p), low variance, always >= 0.
 
-    Schulman (2020). r - 1 is computed as expm1(log r) for precision near r = 1. With samples
-    from the behaviour policy q = old and p = new this estimates KL(old || new).
+    Schulman (2020): k1 plus the zero-mean control variate r - 1. With samples from the behaviour
+    policy q = old and p = new this estimates KL(old || new). Computed from log r without forming
+    r - 1 by subtraction; log r is clipped above at 30 so r stays finite (beyond that the value
+    saturates near 1e13).
     """
-    log_r = _log_ratio(log_p, log_q)
-    return jnp.expm1(log_r) - log_r
+    return _expm1_minus_x(jnp.minimum(log_p - log_q, _LOG_RATIO_CLIP))
 
 
 def kl_reverse_k3(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
     """r log r - (r - 1), x ~ q: unbiased for the reverse direction KL(p || q), always >= 0.
 
-    Schulman (2020): the k3 construction applied to E_q[r log r] = KL(p || q). With samples from
-    the behaviour policy q = old and p = new this estimates KL(new || old).
+    Schulman (2020): E_q[r log r] = KL(p || q), plus the zero-mean control variate -(r - 1). With
+    samples from the behaviour policy q = old and p = new this estimates KL(new || old). log r is
+    clipped to [-30, 30]: above so r stays finite, below so r log r is 0 rather than nan when
+    p(x) = 0 (the clip changes the value there by < 1e-11).
     """
-    log_r = _log_ratio(log_p, log_q)
-    return jnp.exp(log_r) * log_r - jnp.expm1(log_r)
+    return _x_exp_x_minus_expm1(jnp.clip(log_p - log_q, -_LOG_RATIO_CLIP, _LOG_RATIO_CLIP))
 
 
 class KLControllerState(NamedTuple):
-    """A KL controller's state: the current penalty coefficient."""
+    """A KL controller's state: the current penalty coefficient beta, a float32 scalar."""
 
     beta: jax.Array
 
 
+class KLUpdate(Protocol):
+    """update(state, kl, n_steps=1) -> state, the one signature of every controller."""
+
+    def __call__(
+        self, state: KLControllerState, kl: ArrayLike, n_steps: ArrayLike = 1
+    ) -> KLControllerState: ...
+
+
 class KLController(NamedTuple):
-    """An (init, update) pair: init() -> state; update(state, kl, n_steps=1) -> state."""
+    """An optax-style pair of pure functions.
+
+    init() -> state; update(state, kl, n_steps=1) -> state, where kl is the observed mean KL of
+    the last policy update and n_steps the number of samples behind it.
+    """
 
     init: Callable[[], KLControllerState]
-    update: Callable[..., KLControllerState]
+    update: KLUpdate
 
 
-def fixed_kl_controller(beta: Any) -> KLController:
-    """A constant beta."""
-    return KLController(
-        init=lambda: KLControllerState(jnp.asarray(beta, jnp.float32)),
-        update=lambda state, kl, n_steps=1: state,
-    )
+def _init_state(beta: ArrayLike) -> Callable[[], KLControllerState]:
+    return lambda: KLControllerState(jnp.asarray(beta, jnp.float32))
 
 
-def adaptive_kl_controller(init_beta: Any, target_kl: Any) -> KLController:
-    """PPO's adaptive coefficient (Schulman et al. 2017, sec. 4).
+def fixed_kl_controller(beta: ArrayLike) -> KLController:
+    """A constant beta; update ignores the observed KL."""
 
-    After each update with observed d = KL(old || new): if d < target / 1.5, beta /= 2; if
-    d > target * 1.5, beta *= 2. `init_beta` and `target_kl` may be traced.
+    def update(
+        state: KLControllerState, kl: ArrayLike, n_steps: ArrayLike = 1
+    ) -> KLControllerState:
+        del kl, n_steps
+        return state
+
+    return KLController(init=_init_state(beta), update=update)
+
+
+def adaptive_kl_controller(init_beta: ArrayLike, target_kl: ArrayLike) -> KLController:
+    """PPO's adaptive KL coefficient (Schulman et al. 2017, sec. 4).
+
+    After each policy update with observed d = mean KL(old || new): if d < target / 1.5,
+    beta /= 2; if d > target * 1.5, beta *= 2; otherwise beta is unchanged. `init_beta` and
+    `target_kl` may be traced (vmapped sweeps).
     """
 
-    def update(state: KLControllerState, kl: jax.Array, n_steps: Any = 1) -> KLControllerState:
+    def update(
+        state: KLControllerState, kl: ArrayLike, n_steps: ArrayLike = 1
+    ) -> KLControllerState:
         del n_steps
-        beta = jnp.where(kl > 1.5 * target_kl, state.beta * 2.0, state.beta)
-        beta = jnp.where(kl < target_kl / 1.5, state.beta / 2.0, beta)
-        return KLControllerState(beta)
+        beta = jnp.where(kl > 1.5 * target_kl, 2.0 * state.beta, state.beta)
+        beta = jnp.where(kl < target_kl / 1.5, 0.5 * state.beta, beta)
+        return KLControllerState(beta.astype(state.beta.dtype))
 
-    return KLController(init=lambda: KLControllerState(jnp.asarray(init_beta, jnp.float32)), update=update)
+    return KLController(init=_init_state(init_beta), update=update)
 
 
-def proportional_kl_controller(init_beta: Any, target_kl: Any, horizon: Any, k_beta: Any = 0.1) -> KLController:
-    """Ziegler et al. (2019)'s proportional controller.
+def proportional_kl_controller(
+    init_beta: ArrayLike, target_kl: ArrayLike, horizon: ArrayLike, k_beta: ArrayLike = 0.1
+) -> KLController:
+    """The proportional KL controller of Ziegler et al. (2019).
 
-    e = clip(kl / target - 1, -0.2, 0.2); beta <- beta (1 + k_beta * e * n_steps / horizon), where
-    n_steps is the number of samples behind `kl`.
+    From "Fine-Tuning Language Models from Human Preferences":
+    e = clip(kl / target - 1, -0.2, 0.2); beta <- beta (1 + k_beta e n_steps / horizon), where
+    kl is the observed KL(pi || pi_ref) (or KL(old || new) in PPO) and n_steps the number of
+    samples behind it. All hyperparameters may be traced.
     """
 
-    def update(state: KLControllerState, kl: jax.Array, n_steps: Any = 1) -> KLControllerState:
+    def update(
+        state: KLControllerState, kl: ArrayLike, n_steps: ArrayLike = 1
+    ) -> KLControllerState:
         error = jnp.clip(kl / target_kl - 1.0, -0.2, 0.2)
-        return KLControllerState(state.beta * (1.0 + k_beta * error * n_steps / horizon))
+        beta = state.beta * (1.0 + k_beta * error * n_steps / horizon)
+        return KLControllerState(beta.astype(state.beta.dtype))
 
-    return KLController(init=lambda: KLControllerState(jnp.asarray(init_beta, jnp.float32)), update=update)
+    return KLController(init=_init_state(init_beta), update=update)
 
 
-def kl_penalty_loss(beta: jax.Array, kl: jax.Array) -> jax.Array:
+def kl_penalty_loss(beta: ArrayLike, kl: jax.Array) -> jax.Array:
     """The loss term beta * mean(kl), e.g. kl = KL(old || new) per state for PPO's penalty."""
     return beta * jnp.mean(kl)
 
 
 def kl_penalized_reward(
-    reward: jax.Array, log_prob_policy: jax.Array, log_prob_ref: jax.Array, beta: jax.Array
+    reward: jax.Array, log_prob_policy: jax.Array, log_prob_ref: jax.Array, beta: ArrayLike
 ) -> jax.Array:
-    """r - beta (log pi(a|s) - log pi_ref(a|s)), the per-step penalty of Ziegler et al. (2019).
+    """r_t - beta (log pi(a_t|s_t) - log pi_ref(a_t|s_t)), Ziegler et al. (2019) / RLHF.
 
-    With a ~ pi, the subtracted term is beta times the k1 sample of KL(pi || pi_ref), so the
-    penalized return's expectation subtracts beta times the sum of per-state KL(pi || pi_ref).
+    With a_t ~ pi, the subtracted term is beta times the k1 sample of KL(pi || pi_ref) at s_t, so
+    the penalized return's expectation subtracts beta times the summed per-state KL(pi || pi_ref).
+
+    Args:
+      reward: r_t, [T, B] or any shape.
+      log_prob_policy: log pi(a_t|s_t) of the acting policy, same shape.
+      log_prob_ref: log pi_ref(a_t|s_t) of the reference policy, same shape.
+      beta: penalty coefficient.
     """
-    return reward - beta * (log_prob_policy - log_prob_ref)
+    return reward - beta * kl_k1(log_prob_ref, log_prob_policy)
