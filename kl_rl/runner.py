@@ -200,9 +200,9 @@ def run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.num_updates * steps_per_update, unit="step", unit_scale=True, desc=f"{algo} {env}")
-        callback = lambda n: bar.update(n * steps_per_update - bar.n)  # noqa: E731
+        callback = lambda n: bar.update(int(n) * steps_per_update - bar.n)  # noqa: E731
     elif callable(progress):
-        callback = lambda n: progress(n * steps_per_update)  # noqa: E731
+        callback = lambda n: progress(int(n) * steps_per_update)  # noqa: E731
     else:
         callback = None
     trainer = make_trainer(

@@ -101,3 +101,16 @@ def test_console_script_help_lists_hyperparameters():
     assert "--clip-eps" in proc.stdout and "traced" in proc.stdout and "static" in proc.stdout
     proc = subprocess.run([sys.executable, "-m", "kl_rl.cli", "train", "--algo", "nope"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+
+
+def test_progress_reports_env_steps_and_the_bar_runs(tmp_path, capsys):
+    import kl_rl
+
+    seen = []
+    result = kl_rl.run("ppo", "CartPole-v1", seeds=2, progress=seen.append, total_steps=2048, num_envs=4,
+                       num_steps=64, update_epochs=1)
+    assert seen == sorted(seen) and seen[-1] == 2 * result.total_env_steps
+    assert all(isinstance(n, int) for n in seen)
+    out = tmp_path / "run"
+    assert main(["train", "--out", str(out), *[a for a in FAST if a != "--no-progress"]]) == 0
+    assert "step" in capsys.readouterr().err  # tqdm writes the bar to stderr
