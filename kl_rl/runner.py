@@ -85,7 +85,8 @@ class RunResult:
 
     def rows(self) -> list[dict[str, Any]]:
         """metrics.csv's rows: one per seed and update; eval_return is set at the final update."""
-        names = list(self.metrics)
+        first = ["env_steps", "episode_return", "episode_length", "kl", "entropy", "pg_loss", "vf_loss"]
+        names = [k for k in first if k in self.metrics] + sorted(k for k in self.metrics if k not in first)
         out = []
         for s, seed in enumerate(self.seeds):
             num_updates = self.metrics[names[0]].shape[1]
