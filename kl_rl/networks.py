@@ -4,6 +4,7 @@ The policy and the critic are separate networks with separate parameter trees, s
 can fit the critic apart from the policy while PPO optimizes both with one optimizer.
 Initialization follows the PPO implementation details (Huang et al. 2022): orthogonal weights
 with gain sqrt(2) in hidden layers, 0.01 on the policy head and 1 on the value head, zero biases.
+The orthogonal initializer avoids LAPACK; see `orthogonal`.
 """
 
 from collections.abc import Callable, Sequence
@@ -26,6 +27,35 @@ ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
 }
 
 
+def orthogonal(scale: float = 1.0) -> Callable[..., jax.Array]:
+    """Orthogonal initializer (Saxe et al. 2014) built from matrix products only.
+
+    Same distribution as `flax.linen.initializers.orthogonal`: the Q of a Gaussian matrix's QR
+    with R's diagonal made positive. It is computed by classical Gram-Schmidt applied twice
+    (stable to float32 rounding) rather than LAPACK: jaxlib's batched CPU QR, which appears when
+    `vmap` runs the init of many seeds in one program, splits the batch over the thread pool
+    that runs the program and can deadlock on a 2-core machine (seen with jax 0.10.2).
+    """
+
+    def init(key: jax.Array, shape: Sequence[int], dtype: Any = jnp.float32) -> jax.Array:
+        n_rows, n_cols = int(np.prod(shape[:-1])), int(shape[-1])
+        rows, cols = max(n_rows, n_cols), min(n_rows, n_cols)
+        a = jax.random.normal(key, (rows, cols), jnp.float32)
+
+        def column(j, q):
+            v = a[:, j]
+            for _ in range(2):  # "twice is enough" (Giraud et al. 2005)
+                v = v - q @ (q.T @ v)
+            return q.at[:, j].set(v / jnp.linalg.norm(v))
+
+        q = jax.lax.fori_loop(0, cols, column, jnp.zeros((rows, cols), jnp.float32))
+        if n_rows < n_cols:
+            q = q.T
+        return (scale * q).reshape(shape).astype(dtype)
+
+    return init
+
+
 class MLP(nn.Module):
     """Hidden layers with one activation, then a linear head of `out_dim` units."""
 
@@ -38,8 +68,8 @@ class MLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         act = ACTIVATIONS[self.activation]
         for width in self.hidden_sizes:
-            x = act(nn.Dense(width, kernel_init=nn.initializers.orthogonal(np.sqrt(2.0)))(x))
-        return nn.Dense(self.out_dim, kernel_init=nn.initializers.orthogonal(self.head_gain))(x)
+            x = act(nn.Dense(width, kernel_init=orthogonal(np.sqrt(2.0)))(x))
+        return nn.Dense(self.out_dim, kernel_init=orthogonal(self.head_gain))(x)
 
 
 class GaussianHead(nn.Module):

@@ -50,7 +50,10 @@ def _train(env_id="CartPole-v1", seeds=1, **overrides):
 
 def test_same_key_gives_identical_bits():
     a, b = _train(seeds=2), _train(seeds=2)
-    for x, y in zip(jax.tree.leaves((a.metrics, a.eval_returns, a.state.agent)), jax.tree.leaves((b.metrics, b.eval_returns, b.state.agent))):
+    leaves_a = jax.tree.leaves((a.metrics, a.eval_returns, a.state.agent))
+    leaves_b = jax.tree.leaves((b.metrics, b.eval_returns, b.state.agent))
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -114,3 +117,13 @@ def test_ppo_learns_cartpole_quickly():
                   gamma=0.98, gae_lambda=0.8, lr=1e-3, ent_coef=0.0)
     out = _train(seeds=2, **config)
     assert np.median(out.eval_returns.mean(axis=1)) >= 150, out.eval_returns.mean(axis=1)
+
+
+def test_compiled_multi_seed_program_has_no_lapack_call():
+    # jaxlib's batched CPU QR (from a QR-based orthogonal init under vmap) can deadlock its
+    # thread pool on 2 cores; the whole training program must not contain LAPACK custom calls.
+    config = PPOConfig(**SMALL)
+    train = make_train("ppo", config, envs.make("CartPole-v1"))
+    keys = jax.vmap(jax.random.key)(jnp.arange(4))
+    text = jax.jit(jax.vmap(train, in_axes=(0, None))).lower(keys, config).as_text()
+    assert "lapack" not in text.lower() and "geqrf" not in text.lower()
