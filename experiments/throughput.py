@@ -53,7 +53,11 @@ def compile_kl_rl(seeds: int, total_steps: int):
     start = time.perf_counter()
     compiled = jax.jit(jax.vmap(train, in_axes=(0, None))).lower(keys, config).compile()
     compile_s = time.perf_counter() - start
-    return (lambda: jax.block_until_ready(compiled(keys, config))), compile_s, seeds * config.num_updates * config.batch_size
+
+    def run():
+        return jax.block_until_ready(compiled(keys, config))
+
+    return run, compile_s, seeds * config.num_updates * config.batch_size
 
 
 def timed(fn):
@@ -66,7 +70,7 @@ def run_anchor(args) -> dict:
     script = Path(__file__).parent / "anchors" / "purejaxrl_ppo.py"
     cmd = [args.anchor_python or sys.executable, str(script), "--purejaxrl-dir", args.purejaxrl_dir,
            "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "anchor failed")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -103,7 +107,8 @@ def main() -> int:
     }
     print(json.dumps(result), flush=True)
     if anchor is not None:
-        anchor = {**anchor, "run_s": theirs, "env_steps_per_s": round(anchor["seeds"] * anchor["total_timesteps"] / statistics.median(theirs))}
+        rate = anchor["seeds"] * anchor["total_timesteps"] / statistics.median(theirs)
+        anchor = {**anchor, "run_s": theirs, "env_steps_per_s": round(rate)}
         print(json.dumps(anchor))
         print(json.dumps({"kl_rl_over_purejaxrl": round(result["env_steps_per_s"] / anchor["env_steps_per_s"], 3)}))
     return 0

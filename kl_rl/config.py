@@ -14,6 +14,7 @@ Each field carries a docstring (a string literal right below it); `field_docs` r
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import math
 import textwrap
@@ -45,7 +46,7 @@ def field_docs(cls: type) -> dict[str, str]:
         except (OSError, TypeError):
             continue
         body = tree.body[0].body
-        for node, nxt in zip(body, body[1:]):
+        for node, nxt in itertools.pairwise(body):
             if (
                 isinstance(node, ast.AnnAssign)
                 and isinstance(node.target, ast.Name)

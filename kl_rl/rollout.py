@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from kl_rl import normalize
 from kl_rl.buffer import Transition
@@ -155,7 +154,3 @@ def evaluate(
     (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
     return total
 
-
-def flat_obs_shape(space: gym.Space) -> tuple[int, ...]:
-    """The observation shape the networks see."""
-    return tuple(int(d) for d in np.asarray(space.shape))

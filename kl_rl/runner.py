@@ -201,9 +201,15 @@ def run(
         from tqdm.auto import tqdm
 
         bar = tqdm(total=config.num_updates * steps_per_update, unit="step", unit_scale=True, desc=f"{algo} {env}")
-        callback = lambda n: bar.update(int(n) * steps_per_update - bar.n)  # noqa: E731
+
+        def callback(updates_done):
+            bar.update(int(updates_done) * steps_per_update - bar.n)
+
     elif callable(progress):
-        callback = lambda n: progress(int(n) * steps_per_update)  # noqa: E731
+
+        def callback(updates_done):
+            progress(int(updates_done) * steps_per_update)
+
     else:
         callback = None
     trainer = make_trainer(

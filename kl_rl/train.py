@@ -81,11 +81,10 @@ def make_trainer(
         obs = jnp.zeros((config.num_envs, *obs_space.shape), jnp.float32)
         action, log_prob, dist = agent.act(jax.random.key(0), agent_state, obs)
         value = agent.value(agent_state, obs)
-        step = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype)  # noqa: E731
         shaped = buffer.Transition(
             obs=obs,
             action=action,
-            reward=value,
+            reward=jnp.zeros(config.num_envs, jnp.float32),
             terminated=jnp.zeros(config.num_envs, bool),
             truncated=jnp.zeros(config.num_envs, bool),
             next_obs=obs,
@@ -93,7 +92,7 @@ def make_trainer(
             log_prob=log_prob,
             dist=dist,
         )
-        return jax.tree.map(step, shaped)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shaped)
 
     def init(key: jax.Array, config: Any = config) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
@@ -113,8 +112,13 @@ def make_trainer(
     def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         agent = make_agent(config, obs_space, action_space)
         key, collect_key, update_key = jax.random.split(state.key, 3)
-        act = lambda k, obs: agent.act(k, state.agent, obs)  # noqa: E731
-        value = lambda obs: agent.value(state.agent, obs)  # noqa: E731
+
+        def act(key, obs):
+            return agent.act(key, state.agent, obs)
+
+        def value(obs):
+            return agent.value(state.agent, obs)
+
         collector, trajectory, episodes = rollout.collect(
             collect_key, act, vec_env, state.collector, config.num_steps, config.normalize_obs, value
         )

@@ -81,11 +81,14 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
     assert "final_return" in printed and "median" in printed
     assert sorted(p.name for p in existing_run.iterdir()) == ["config.json", "metrics.csv", "summary.json"]
     summary = json.loads((existing_run / "summary.json").read_text())
-    for key in ("algo", "env", "seeds", "total_env_steps", "final_return", "wall_time_s", "compile_time_s", "env_steps_per_s"):
+    keys = ("algo", "env", "seeds", "total_env_steps", "final_return")
+    keys += ("wall_time_s", "compile_time_s", "env_steps_per_s")
+    for key in keys:
         assert key in summary
     assert summary["seeds"] == [0, 1] and len(summary["final_return"]) == 2
     assert summary["total_env_steps"] == 2048
-    rows = list(csv.DictReader(open(existing_run / "metrics.csv")))
+    with open(existing_run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 8
     for col in ("seed", "env_steps", "episode_return", "kl", "entropy", "pg_loss", "vf_loss", "eval_return"):
         assert col in rows[0]
@@ -95,11 +98,17 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
 
 def test_console_script_help_lists_hyperparameters():
     proc = subprocess.run(
-        [sys.executable, "-m", "kl_rl.cli", "train", "--help"], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "kl_rl.cli", "train", "--help"], capture_output=True, text=True, check=False, timeout=120
     )
     assert proc.returncode == 0
     assert "--clip-eps" in proc.stdout and "traced" in proc.stdout and "static" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "kl_rl.cli", "train", "--algo", "nope"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "kl_rl.cli", "train", "--algo", "nope"],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
 
 

@@ -58,7 +58,8 @@ class PPOConfig:
     anneal_lr: bool = static(True)
     """Decay the learning rate linearly to zero over training."""
     kl_penalty: str = static("none")
-    """KL(old || new) penalty in the loss: none, fixed (beta = kl_coef), adaptive (PPO paper's halve/double rule) or proportional (Ziegler et al. 2019)."""
+    """KL(old || new) penalty in the loss: none, fixed (beta = kl_coef), adaptive (the PPO paper's
+    halve/double rule) or proportional (Ziegler et al. 2019)."""
     eval_episodes: int = static(16)
     """Episodes of the final policy averaged into final_return."""
     eval_deterministic: bool = static(True)
@@ -245,7 +246,9 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
             stopped = stopped | (config.target_kl > 0) & (aux["approx_kl_k3"] > 1.5 * config.target_kl)
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
             new_params = jax.tree.map(lambda p, u: p - lr * u, params, updates)
-            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)  # noqa: E731
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)
+
             carry = (keep(new_params, params), keep(new_opt_state, opt_state), stopped)
             return carry, {**aux, "grad_steps": 1.0 - stopped.astype(jnp.float32)}
 

@@ -273,7 +273,7 @@ class PendulumParams:
     dt: float = 0.05
     g: float = 10.0
     m: float = 1.0
-    l: float = 1.0  # noqa: E741
+    l: float = 1.0  # noqa: E741 (gymnasium's name for the pendulum length)
 
 
 class Pendulum(JaxClassicEnv):

@@ -119,7 +119,7 @@ def _numpy_steps(env_id, states, actions):
     env = gym.make(env_id).unwrapped
     env.reset(seed=0)
     out = {"state": [], "obs": [], "reward": [], "terminated": []}
-    for state, action in zip(states, actions):
+    for state, action in zip(states, actions, strict=True):
         env.state = np.array(state, dtype=np.float64)
         if hasattr(env, "steps_beyond_terminated"):
             env.steps_beyond_terminated = None
@@ -204,8 +204,11 @@ def test_acrobot_full_range_in_float64():
         "print(np.abs(s[:, 3]).max())"
     )
     root = pathlib.Path(__file__).resolve().parents[2]
-    env = {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    pythonpath = f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    env = {**os.environ, "JAX_ENABLE_X64": "1", "PYTHONPATH": pythonpath}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True, check=False, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert float(proc.stdout) > 0.95 * 9 * np.pi  # the sample reached the top speed
 
