@@ -1,50 +1,53 @@
 """Times PureJaxRL's `ppo.py` (CartPole-v1, its default config) for a side-by-side benchmark.
 
-None of PureJaxRL's code is in this repository: this script imports it from a checkout.
-Setup, outside the repo (gymnax 1.0.1 needs gymnasium<1.4, so it gets its own venv):
+None of PureJaxRL's code is in this repository: this script imports `make_train` from a
+checkout whose path is given with --purejaxrl-dir. Setup, all outside the repo (gymnax 1.0.1
+needs gymnasium<1.4, so the anchor gets its own venv):
 
-    git clone https://github.com/luchris429/purejaxrl /work/anchors/purejaxrl   # commit 31756b1
+    # PureJaxRL at commit 31756b197773a52db763fdbe6d635e4b46522a73 (the tip of main)
+    git clone https://github.com/luchris429/purejaxrl /work/anchors/purejaxrl
+    git -C /work/anchors/purejaxrl checkout 31756b197773a52db763fdbe6d635e4b46522a73
     python3 -m venv /work/anchors/venv
-    /work/anchors/venv/bin/pip install jax==0.10.2 jaxlib==0.10.2 gymnax==1.0.1 flax optax distrax
+    /work/anchors/venv/bin/pip install jax==0.10.2 jaxlib==0.10.2 gymnax==1.0.1 gymnasium==1.3.0 \
+        flax==0.12.8 optax==0.2.8 chex==0.1.92 distrax==0.1.9 tfp-nightly==0.26.0.dev20261027
 
-PureJaxRL's wrappers.py imports brax and navix at module level for envs this benchmark does
-not use; they are replaced by empty stand-in modules so those heavy packages need not be
-installed. PureJaxRL was written against gymnax 0.0.x, whose `step` returned
-(obs, state, reward, done, info) with done = terminated or truncated; gymnax 1.0 returns six
-values, so `step` is adapted back to the five PureJaxRL expects. Prints one JSON line.
+    /work/anchors/venv/bin/python experiments/anchors/purejaxrl_ppo.py \
+        --purejaxrl-dir /work/anchors/purejaxrl --seeds 1 --repeats 3
+
+(distrax 0.1.9 depends on tfp-nightly; the dev build above is the one that resolved and works.)
+
+Three adaptations, made here at import time; PureJaxRL's files are used unedited:
+- Its wrappers.py imports brax and navix at module level for envs this benchmark does not use;
+  empty stand-in modules take their place, so those heavy packages need not be installed.
+- It was written against gymnax 0.0.x, whose `step` returned (obs, state, reward, done, info)
+  with done = terminated or time-truncated. gymnax 1.0 returns six values,
+  (obs, state, reward, terminated, truncated, info), and CartPole's `terminated` no longer
+  includes the 500-step limit, so `step` is adapted back to the five values with
+  done = terminated | truncated, which is what PureJaxRL's code was written for.
+- With --seeds > 1, flax's orthogonal initializer (a QR) would run as one QR batched over seeds,
+  which deadlocks jaxlib 0.10.2 on 2 cores (see `serialize_batched_orthogonal`); it is run once
+  per seed instead. Same initializer, same keys, same values; only init is affected.
+
+The config is the dict in the `__main__` block of their ppo.py (read with `ast.literal_eval`,
+not executed), with DEBUG off and TOTAL_TIMESTEPS from the command line; if that block cannot
+be read, the same defaults written out below are used. Compile is timed apart from the runs.
+One seed uses `jax.jit(train)` as their `__main__` does; more use `jax.jit(jax.vmap(train))`.
+Prints one JSON line.
 """
 
 import argparse
+import ast
 import json
+import math
 import statistics
+import subprocess
 import sys
 import time
 import types
 from pathlib import Path
 
-
-def _stub_unused_modules() -> None:
-    for name in ("brax", "brax.envs", "brax.envs.wrappers", "brax.envs.wrappers.training", "navix"):
-        sys.modules.setdefault(name, types.ModuleType(name))
-    sys.modules["brax"].envs = sys.modules["brax.envs"]
-    sys.modules["brax.envs.wrappers.training"].EpisodeWrapper = object
-    sys.modules["brax.envs.wrappers.training"].AutoResetWrapper = object
-
-
-def _adapt_gymnax_step() -> None:
-    import jax.numpy as jnp
-    from gymnax.environments import environment
-
-    six_value_step = environment.Environment.step
-
-    def step(self, key, state, action, params=None):
-        obs, state, reward, terminated, truncated, info = six_value_step(self, key, state, action, params)
-        return obs, state, reward, jnp.logical_or(terminated, truncated), info
-
-    environment.Environment.step = step
-
-
-CONFIG = {
+# PureJaxRL's ppo.py defaults, used only if its __main__ config cannot be read.
+FALLBACK_CONFIG = {
     "LR": 2.5e-4,
     "NUM_ENVS": 4,
     "NUM_STEPS": 128,
@@ -64,53 +67,201 @@ CONFIG = {
 }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--purejaxrl-dir", required=True)
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--total-timesteps", type=float, default=5e5)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    src = Path(args.purejaxrl_dir) / "purejaxrl"
-    if not (src / "ppo.py").is_file():
-        print(f"error: no purejaxrl/ppo.py under {args.purejaxrl_dir!r}; clone PureJaxRL there", file=sys.stderr)
-        return 2
-    _stub_unused_modules()
-    _adapt_gymnax_step()
-    sys.path.insert(0, str(src))
-    import jax
-    import numpy as np
-    from ppo import make_train
+def fail(message: str) -> int:
+    print(f"purejaxrl_ppo: error: {message}", file=sys.stderr)
+    return 2
 
-    config = {**CONFIG, "TOTAL_TIMESTEPS": args.total_timesteps}
+
+def read_main_config(ppo_file: Path):
+    """The `config = {...}` literal in ppo.py's `if __name__ == "__main__":` block, or None."""
+    try:
+        tree = ast.parse(ppo_file.read_text())
+    except (OSError, SyntaxError, ValueError):
+        return None
+    for node in tree.body:
+        if not (isinstance(node, ast.If) and isinstance(node.test, ast.Compare)):
+            continue
+        if not (isinstance(node.test.left, ast.Name) and node.test.left.id == "__name__"):
+            continue
+        for stmt in node.body:
+            if (
+                isinstance(stmt, ast.Assign)
+                and len(stmt.targets) == 1
+                and isinstance(stmt.targets[0], ast.Name)
+                and stmt.targets[0].id == "config"
+            ):
+                try:
+                    config = ast.literal_eval(stmt.value)
+                except ValueError:
+                    return None
+                return config if isinstance(config, dict) else None
+    return None
+
+
+def stub_unused_modules() -> None:
+    """Empty brax/navix modules: wrappers.py imports them but CartPole never uses them."""
+    names = ("brax", "brax.envs", "brax.envs.wrappers", "brax.envs.wrappers.training", "navix")
+    for name in names:
+        sys.modules.setdefault(name, types.ModuleType(name))
+    sys.modules["brax"].envs = sys.modules["brax.envs"]
+    sys.modules["brax.envs"].wrappers = sys.modules["brax.envs.wrappers"]
+    sys.modules["brax.envs.wrappers"].training = sys.modules["brax.envs.wrappers.training"]
+    sys.modules["brax.envs.wrappers.training"].EpisodeWrapper = object
+    sys.modules["brax.envs.wrappers.training"].AutoResetWrapper = object
+
+
+def adapt_gymnax_step() -> None:
+    """gymnax>=1.0 `step` -> the five-value gymnax 0.0.x `step` PureJaxRL expects."""
+    import jax.numpy as jnp
+    from gymnax.environments import environment
+
+    step6 = environment.Environment.step
+    if getattr(step6, "_five_value_adapter", False):
+        return
+
+    def step(self, key, state, action, params=None):
+        out = step6(self, key, state, action, params)
+        if len(out) == 5:  # gymnax 0.0.x: already the old signature
+            return out
+        obs, state, reward, terminated, truncated, info = out
+        return obs, state, reward, jnp.logical_or(terminated, truncated), info
+
+    step._five_value_adapter = True
+    environment.Environment.step = step
+
+
+def serialize_batched_orthogonal() -> None:
+    """Under vmap, run flax's orthogonal initializer once per seed instead of as one batched QR.
+
+    Their networks use `flax.linen.initializers.orthogonal`, which takes the QR of a Gaussian
+    matrix. `jax.vmap(train)` batches that QR over seeds, and jaxlib 0.10.2's CPU LAPACK kernels
+    split a batch over the same thread pool that runs the program and block waiting for it; with
+    2 cores both pool threads end up waiting and the program never finishes (seen here with
+    --seeds 2: all threads parked in jax::ParallelBatchMap). The replacement gives the same
+    values (same initializer, same keys); only the batched case changes, into a `lax.map` over
+    the seeds, which runs at init only, not in the timed loop's steady state.
+    """
+    import jax
+    from flax.linen import initializers
+
+    original = initializers.orthogonal
+    if getattr(original, "_serialized_under_vmap", False):
+        return
+
+    def orthogonal(*args, **kwargs):
+        init = original(*args, **kwargs)
+
+        def serialized_init(key, shape, dtype=None):
+            call = (lambda k: init(k, shape)) if dtype is None else (lambda k: init(k, shape, dtype))
+            per_key = jax.custom_batching.custom_vmap(call)
+
+            @per_key.def_vmap
+            def _rule(axis_size, in_batched, k):
+                if not in_batched[0]:
+                    return per_key(k), False
+                return jax.lax.map(per_key, k), True
+
+            return per_key(key)
+
+        return serialized_init
+
+    orthogonal._serialized_under_vmap = True
+    initializers.orthogonal = orthogonal
+
+
+def git_commit(path: Path):
+    try:
+        proc = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], check=False, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if proc.returncode != 0:
+        return None
+    return proc.stdout.strip() or None
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, no usage dump
+        sys.exit(fail(message))
+
+
+def main() -> int:
+    parser = _Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--purejaxrl-dir", required=True, help="a checkout of luchris429/purejaxrl")
+    parser.add_argument("--seeds", type=int, default=1, help="agents trained at once (vmap)")
+    parser.add_argument("--total-timesteps", type=float, default=5e5, help="env steps per agent")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of the compiled program")
+    args = parser.parse_args()
+    if not math.isfinite(args.total_timesteps):
+        return fail("--total-timesteps must be a finite number")
+    if args.seeds < 1 or args.repeats < 1:
+        return fail("--seeds and --repeats must be at least 1")
+
+    root = Path(args.purejaxrl_dir)
+    ppo_file = root / "purejaxrl" / "ppo.py"
+    if not ppo_file.is_file():
+        return fail(f"no purejaxrl/ppo.py under {args.purejaxrl_dir!r}; clone luchris429/purejaxrl there")
+
+    main_config = read_main_config(ppo_file)
+    config = dict(main_config if main_config is not None else FALLBACK_CONFIG)
+    config["DEBUG"] = False
+    config["TOTAL_TIMESTEPS"] = args.total_timesteps
+    batch = config["NUM_ENVS"] * config["NUM_STEPS"]
+    num_updates = int(args.total_timesteps) // batch
+    if num_updates < 1:
+        return fail(f"--total-timesteps must be at least NUM_ENVS * NUM_STEPS = {batch}")
+
+    stub_unused_modules()
+    sys.path.insert(0, str(ppo_file.parent))
+    try:
+        import jax
+        import numpy as np
+
+        adapt_gymnax_step()
+        serialize_batched_orthogonal()
+        from ppo import make_train
+    except ImportError as exc:
+        return fail(f"cannot import PureJaxRL's ppo.py ({exc}); run this with the anchor venv's python")
+
     train = make_train(config)
-    keys = jax.random.split(jax.random.PRNGKey(30), args.seeds)
+    if args.seeds == 1:
+        keys = jax.random.PRNGKey(30)  # the key their __main__ uses
+        fn = jax.jit(train)
+    else:
+        keys = jax.random.split(jax.random.PRNGKey(30), args.seeds)
+        fn = jax.jit(jax.vmap(train))
+
     start = time.perf_counter()
-    compiled = jax.jit(jax.vmap(train)).lower(keys).compile()
+    compiled = fn.lower(keys).compile()
     compile_s = time.perf_counter() - start
     run_s = []
     for _ in range(args.repeats):
         start = time.perf_counter()
         out = jax.block_until_ready(compiled(keys))
         run_s.append(time.perf_counter() - start)
-    info = out["metrics"]
-    # Mean return of the episodes that ended in the last update, per seed.
-    ended = np.asarray(info["returned_episode"][:, -1])
-    returns = np.asarray(info["returned_episode_returns"][:, -1])
-    last = [float(returns[s][ended[s]].mean()) if ended[s].any() else float("nan") for s in range(args.seeds)]
-    steps = args.seeds * (int(config["TOTAL_TIMESTEPS"]) // (config["NUM_ENVS"] * config["NUM_STEPS"])) * config["NUM_ENVS"] * config["NUM_STEPS"]
+
+    # Mean return of the episodes that ended during the last update, per seed, then over seeds.
+    metrics = out["metrics"]
+    ended = np.asarray(metrics["returned_episode"]).reshape(args.seeds, num_updates, -1)[:, -1]
+    returns = np.asarray(metrics["returned_episode_returns"]).reshape(args.seeds, num_updates, -1)[:, -1]
+    per_seed = [float(returns[s][ended[s]].mean()) for s in range(args.seeds) if ended[s].any()]
+
+    total = int(args.total_timesteps)
     print(
         json.dumps(
             {
                 "impl": "purejaxrl",
                 "seeds": args.seeds,
-                "total_timesteps": int(config["TOTAL_TIMESTEPS"]),
-                "compile_s": round(compile_s, 2),
+                "total_timesteps": total,
+                "compile_s": round(compile_s, 3),
                 "run_s": [round(t, 3) for t in run_s],
-                "env_steps_per_s": round(steps / statistics.median(run_s)),
-                "last_train_return_median": float(np.nanmedian(last)),
+                "env_steps_per_s": round(statistics.median(args.seeds * total / t for t in run_s)),
+                "final_return_mean": round(float(np.mean(per_seed)), 2) if per_seed else None,
                 "jax": jax.__version__,
-                "device": str(jax.devices()[0].device_kind),
+                "device": str(jax.devices()[0]),
+                "config_source": "ppo.py __main__" if main_config is not None else "fallback defaults",
+                "purejaxrl_commit": git_commit(root),
             }
         )
     )
