@@ -196,29 +196,29 @@ def run(
         config = resolve_config(algo, env, config_file, overrides)
     env_obj = envs.make(env)
     steps_per_update = config.batch_size * seeds
-    bar = None
-    if progress is True:
-        from tqdm.auto import tqdm
+    bar = None  # opened after compilation, so its clock and rate cover the run only
 
-        bar = tqdm(total=config.num_updates * steps_per_update, unit="step", unit_scale=True, desc=f"{algo} {env}")
-
-        def callback(updates_done):
+    def callback(updates_done):
+        if bar is not None:
             bar.update(int(updates_done) * steps_per_update - bar.n)
-
-    elif callable(progress):
-
-        def callback(updates_done):
+        elif callable(progress):
             progress(int(updates_done) * steps_per_update)
 
-    else:
-        callback = None
     trainer = make_trainer(
-        algo, config, env_obj, progress=callback, progress_every=max(1, config.num_updates // 200)
+        algo,
+        config,
+        env_obj,
+        progress=callback if progress else None,
+        progress_every=max(1, config.num_updates // 200),
     )
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     start = time.perf_counter()
     compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
     compile_time = time.perf_counter() - start
+    if progress is True:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=config.num_updates * steps_per_update, unit="step", unit_scale=True, desc=f"{algo} {env}")
     start = time.perf_counter()
     try:
         out = jax.block_until_ready(compiled(keys, config))
