@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
+from gymnasium.experimental.functional import FuncEnv
 
 
 @flax.struct.dataclass
@@ -19,10 +20,10 @@ class VecEnvState:
 
     Attributes:
       env_state: the FuncEnv states, leading axis N.
-      obs: [N, ...] observation to act on (already the reset one where an episode ended).
-      time: [N] steps taken in the current episode.
-      episode_return: [N] undiscounted return so far of the current episode.
-      episode_length: [N] length so far of the current episode.
+      obs: [N, ...] float32 observation to act on (already the reset one where an episode ended).
+      time: [N] int32 steps taken in the current episode; the time limit reads it.
+      episode_return: [N] float32 undiscounted return so far of the current episode.
+      episode_length: [N] int32 length so far of the current episode.
     """
 
     env_state: Any
@@ -36,13 +37,13 @@ class StepOut(NamedTuple):
     """What one step of N envs returns.
 
     Attributes:
-      obs: [N, ...] next observation to act on (the reset observation where done).
+      obs: [N, ...] float32 next observation to act on (the reset observation where done).
       reward: [N] float32.
       terminated: [N] bool, a terminal state of the MDP was reached.
       truncated: [N] bool, the time limit was hit and the state is not terminal.
-      final_obs: [N, ...] the true next observation of this transition, before any reset.
-      episode_return: [N] return of the episode that ended at this step (0 where not done).
-      episode_length: [N] its length (0 where not done).
+      final_obs: [N, ...] float32 true next observation of this transition, before any reset.
+      episode_return: [N] float32 return of the episode that ended at this step (0 where not done).
+      episode_length: [N] int32 its length (0 where not done).
     """
 
     obs: jax.Array
@@ -52,6 +53,11 @@ class StepOut(NamedTuple):
     final_obs: jax.Array
     episode_return: jax.Array
     episode_length: jax.Array
+
+
+def _where(done: jax.Array, if_done: jax.Array, otherwise: jax.Array) -> jax.Array:
+    """`jnp.where` with the [N] mask `done` broadcast over the trailing axes."""
+    return jnp.where(done.reshape(done.shape + (1,) * (jnp.ndim(otherwise) - 1)), if_done, otherwise)
 
 
 class VecEnv:
@@ -65,7 +71,7 @@ class VecEnv:
       params: env params; None takes `env.default_params`.
     """
 
-    def __init__(self, env: Any, num_envs: int, max_episode_steps: int | None = None, params: Any = None):
+    def __init__(self, env: FuncEnv, num_envs: int, max_episode_steps: int | None = None, params: Any = None):
         self.env = env
         self.num_envs = int(num_envs)
         self.max_episode_steps = (
@@ -75,41 +81,61 @@ class VecEnv:
         self.observation_space = env.observation_space
         self.action_space = env.action_space
 
-    def _reset_one(self, init_key: jax.Array, obs_key: jax.Array) -> tuple[Any, jax.Array]:
-        state = self.env.initial(init_key, self.params)
-        return state, jnp.asarray(self.env.observation(state, obs_key, self.params), jnp.float32)
+    def _keys(self, key: jax.Array, num: int) -> list[jax.Array]:
+        """`num` independent [N] batches of keys, one per FuncEnv call.
+
+        Each batch comes from its own split, so the batches an env ignores (all but `initial`'s
+        for the deterministic classic-control envs) are dead code that XLA removes.
+        """
+        return [jax.random.split(k, self.num_envs) for k in jax.random.split(key, num)]
+
+    def _initial(self, init_keys: jax.Array, obs_keys: jax.Array) -> tuple[Any, jax.Array]:
+        env, params = self.env, self.params
+        state = jax.vmap(lambda k: env.initial(k, params))(init_keys)
+        obs = jax.vmap(lambda s, k: env.observation(s, k, params))(state, obs_keys)
+        return state, jnp.asarray(obs, jnp.float32)
 
     def reset(self, key: jax.Array) -> VecEnvState:
-        """Fresh episodes in all N envs."""
-        keys = jax.random.split(key, (self.num_envs, 2))
-        state, obs = jax.vmap(self._reset_one)(keys[:, 0], keys[:, 1])
-        zeros = jnp.zeros(self.num_envs, jnp.int32)
-        return VecEnvState(state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
+        """Starts fresh episodes in all N envs.
 
-    def _step_one(self, keys: jax.Array, state: Any, action: jax.Array):
-        transition_key, reward_key, terminal_key, obs_key, init_key, reset_obs_key = keys
-        next_state = self.env.transition(state, action, transition_key, self.params)
-        reward = self.env.reward(state, action, next_state, reward_key, self.params)
-        terminated = self.env.terminal(next_state, terminal_key, self.params)
-        obs = self.env.observation(next_state, obs_key, self.params)
-        reset_state, reset_obs = self._reset_one(init_key, reset_obs_key)
-        return (
-            next_state,
-            jnp.asarray(obs, jnp.float32),
-            jnp.asarray(reward, jnp.float32),
-            jnp.asarray(terminated, bool),
-            reset_state,
-            reset_obs,
-        )
+        Args:
+          key: PRNG key.
+
+        Returns:
+          The state of the N envs at time 0.
+        """
+        env_state, obs = self._initial(*self._keys(key, 2))
+        zeros = jnp.zeros(self.num_envs, jnp.int32)
+        return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
     def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
-        """Steps all N envs with `action` [N, ...]; envs whose episode ends are reset."""
-        # One PRNG call for every key of the step: this runs once per scan iteration, where each
-        # extra hash is a measurable share of a small env's step time.
-        keys = jax.random.split(key, (self.num_envs, 6))
-        next_state, final_obs, reward, terminated, reset_state, reset_obs = jax.vmap(self._step_one)(
-            keys, state.env_state, action
+        """Steps all N envs once; the envs whose episode ends start a new one in the same step.
+
+        Args:
+          key: PRNG key.
+          state: the N envs' state.
+          action: [N, ...] one action per env.
+
+        Returns:
+          The next state, whose `obs` is the one to act on, and the transition's `StepOut`.
+        """
+        env, params = self.env, self.params
+        transition_keys, reward_keys, terminal_keys, obs_keys, init_keys, init_obs_keys = self._keys(key, 6)
+        # Params are closed over, not mapped: they stay Python scalars where the env has them.
+        next_env_state = jax.vmap(lambda s, a, k: env.transition(s, a, k, params))(
+            state.env_state, action, transition_keys
         )
+        reward = jax.vmap(lambda s, a, s_tp1, k: env.reward(s, a, s_tp1, k, params))(
+            state.env_state, action, next_env_state, reward_keys
+        )
+        terminated = jax.vmap(lambda s, k: env.terminal(s, k, params))(next_env_state, terminal_keys)
+        final_obs = jax.vmap(lambda s, k: env.observation(s, k, params))(next_env_state, obs_keys)
+        reset_env_state, reset_obs = self._initial(init_keys, init_obs_keys)
+
+        # Envs differ in dtypes (gymnasium's Pendulum returns a Python False): fix them here.
+        reward, terminated = jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, bool)
+        final_obs = jnp.asarray(final_obs, jnp.float32)
+
         time = state.time + 1
         if self.max_episode_steps is None:
             truncated = jnp.zeros_like(terminated)
@@ -119,13 +145,15 @@ class VecEnv:
         episode_return = state.episode_return + reward
         episode_length = state.episode_length + 1
 
-        def select(reset, keep):
-            mask = done.reshape(done.shape + (1,) * (keep.ndim - 1))
-            return jnp.where(mask, reset, keep)
-
         new_state = VecEnvState(
-            env_state=jax.tree.map(select, reset_state, next_state),
-            obs=select(reset_obs, final_obs),
+            # Cast back to the carried dtypes so the state is a fixed point for lax.scan.
+            env_state=jax.tree.map(
+                lambda reset, nxt, old: _where(done, reset, nxt).astype(old.dtype),
+                reset_env_state,
+                next_env_state,
+                state.env_state,
+            ),
+            obs=_where(done, reset_obs, final_obs),
             time=jnp.where(done, 0, time),
             episode_return=jnp.where(done, 0.0, episode_return),
             episode_length=jnp.where(done, 0, episode_length),
