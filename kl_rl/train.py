@@ -77,31 +77,28 @@ def make_trainer(
     num_updates = config.num_updates
     eval_steps = eval_env.max_episode_steps or 1000
 
-    def example_transition(agent, agent_state):
-        obs = jnp.zeros((config.num_envs, *obs_space.shape), jnp.float32)
-        action, log_prob, dist = agent.act(jax.random.key(0), agent_state, obs)
-        value = agent.value(agent_state, obs)
-        shaped = buffer.Transition(
-            obs=obs,
-            action=action,
-            reward=jnp.zeros(config.num_envs, jnp.float32),
-            terminated=jnp.zeros(config.num_envs, bool),
-            truncated=jnp.zeros(config.num_envs, bool),
-            next_obs=obs,
-            value=value,
-            log_prob=log_prob,
-            dist=dist,
-        )
-        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), shaped)
+    def collect(key, agent, agent_state, collector, num_steps):
+        """The one collector, acting with `agent_state` as the behaviour policy."""
+
+        def act(k, obs):
+            return agent.act(k, agent_state, obs)
+
+        def value(obs):
+            return agent.value(agent_state, obs)
+
+        return rollout.collect(key, act, vec_env, collector, num_steps, config.normalize_obs, value)
 
     def init(key: jax.Array, config: Any = config) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
         agent_key, env_key, key = jax.random.split(key, 3)
         agent_state = agent.init(agent_key)
-        example = jax.eval_shape(lambda s: example_transition(agent, s), agent_state)
+        collector = rollout.CollectorState(vec_env.reset(env_key), normalize.init(obs_space.shape))
+        # The buffer's item is what the collector records for one step: shapes only, nothing runs.
+        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1)[1])
+        example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
         return TrainState(
             agent=agent_state,
-            collector=rollout.CollectorState(vec_env.reset(env_key), normalize.init(obs_space.shape)),
+            collector=collector,
             buffer=buffer.init(config.num_steps, example),
             key=key,
             update_count=jnp.zeros((), jnp.int32),
@@ -112,16 +109,7 @@ def make_trainer(
     def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         agent = make_agent(config, obs_space, action_space)
         key, collect_key, update_key = jax.random.split(state.key, 3)
-
-        def act(key, obs):
-            return agent.act(key, state.agent, obs)
-
-        def value(obs):
-            return agent.value(state.agent, obs)
-
-        collector, trajectory, episodes = rollout.collect(
-            collect_key, act, vec_env, state.collector, config.num_steps, config.normalize_obs, value
-        )
+        collector, trajectory, episodes = collect(collect_key, agent, state.agent, state.collector, config.num_steps)
         buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates
         agent_state, metrics = agent.update(update_key, state.agent, buffer.ordered(buf), progress_frac)
