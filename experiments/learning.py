@@ -2,6 +2,7 @@
 
     python experiments/learning.py ppo CartPole-v1 --seeds 16
     python experiments/learning.py ppo Pendulum-v1 --seeds 16
+    python experiments/learning.py --all --seeds 16    # every (algo, env) pair of docs/benchmarks.md
 
 Each run is the preset exactly as `kl-rl train` would use it (override with --set NAME=VALUE).
 Results go to experiments/results/<algo>-<env>.json and the run folder under runs/bench/.
@@ -18,28 +19,44 @@ import kl_rl
 from kl_rl.errors import ConfigError
 
 
+ENVS = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCarContinuous-v0")
+ALGOS = ("vpg", "trpo", "ppo", "cem")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("algo")
-    parser.add_argument("env")
+    parser.add_argument("algo", nargs="?")
+    parser.add_argument("env", nargs="?")
+    parser.add_argument("--all", action="store_true", help="every algo on every env, one after another")
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
+    if args.all == bool(args.algo and args.env):
+        parser.error("give ALGO ENV, or --all")
+    pairs = [(a, e) for e in ENVS for a in ALGOS] if args.all else [(args.algo, args.env)]
     overrides = dict(item.split("=", 1) for item in args.set)
-    try:
-        result = kl_rl.run(args.algo, args.env, seeds=args.seeds, progress=True, **overrides)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    result.save(Path("runs/bench") / f"{args.algo}-{args.env}")
+    for algo, env in pairs:
+        try:
+            bench(algo, env, args.seeds, overrides, Path(args.out))
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def bench(algo: str, env: str, seeds: int, overrides: dict, out: Path) -> None:
+    """Runs one (algo, env) preset on `seeds` seeds and writes out/<algo>-<env>.json."""
+    result = kl_rl.run(algo, env, seeds=seeds, progress=True, **overrides)
+    result.save(Path("runs/bench") / f"{algo}-{env}")
     final = result.final_returns
     record = {
-        "algo": args.algo,
-        "env": args.env,
+        "algo": algo,
+        "env": env,
         "overrides": overrides,
-        "seeds": args.seeds,
+        "seeds": seeds,
         "env_steps": result.total_env_steps,
+        "updates": int(result.metrics["env_steps"].shape[1]),
         "final_return_median": float(np.median(final)),
         "final_return_iqm": float(kl_rl.runner.iqm(final)),
         "final_return_min": float(final.min()),
@@ -49,10 +66,11 @@ def main() -> int:
         "compile_time_s": round(result.compile_time_s, 2),
         "env_steps_per_s": round(result.env_steps_per_s),
     }
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"{args.algo}-{args.env}.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(json.dumps(record))
-    return 0
+    if "scored_steps" in result.metrics:  # CEM: env steps inside the scored episodes, per seed
+        record["scored_env_steps_median"] = float(np.median(result.metrics["scored_steps"].sum(axis=1)))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{algo}-{env}.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record), flush=True)
 
 
 if __name__ == "__main__":

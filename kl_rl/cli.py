@@ -106,6 +106,12 @@ def _train(argv: list[str]) -> int:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
     overrides = _overrides(extra)
     if args.total_steps is not None:
+        from kl_rl.agents import algo_spec
+
+        if "total_steps" not in {f.name for f in dataclasses.fields(algo_spec(args.algo).config)}:
+            raise ConfigError(
+                f"--total-steps does not apply to {args.algo}, which counts iterations; use --iterations N"
+            )
         overrides["total_steps"] = args.total_steps
     config = runner.resolve_config(args.algo, args.env, args.config, overrides)
     out = Path(args.out) if args.out else Path("runs") / (

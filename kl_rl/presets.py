@@ -31,6 +31,22 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         ent_coef=0.0,
         normalize_obs=True,
     ),
+    # PureJaxRL's CartPole defaults, at 200k steps.
+    ("ppo", "Acrobot-v1"): dict(total_steps=200_000),
+    # VPG: 2000-step batches, a 10x larger policy step than Spinning Up's 3e-4, and 5 x 4
+    # minibatch critic passes instead of 80 full-batch steps.
+    ("vpg", "CartPole-v1"): dict(
+        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4
+    ),
+    # TRPO: the dataclass defaults (sb3-contrib's and Spinning Up's delta 0.01, damping 0.1,
+    # 10 CG iterations, backtracking 0.8 x 10) with 4 envs x 512 steps.
+    ("trpo", "CartPole-v1"): dict(total_steps=100_000),
+    ("trpo", "Acrobot-v1"): dict(total_steps=200_000),
+    ("trpo", "Pendulum-v1"): dict(total_steps=200_000, gamma=0.9, max_kl=0.02, vf_epochs=15),
+    # CEM: defaults (linear policy, 32 members, decaying noise) on CartPole; a hidden layer of 8
+    # on MountainCarContinuous, where the linear policy rarely finds the goal.
+    ("cem", "CartPole-v1"): dict(iterations=50),
+    ("cem", "MountainCarContinuous-v0"): dict(iterations=100, hidden_sizes=(8,)),
 }
 
 

@@ -195,7 +195,7 @@ def run(
     if config is None:
         config = resolve_config(algo, env, config_file, overrides)
     env_obj = envs.make(env)
-    steps_per_update = config.batch_size * seeds
+    steps_per_update = 0  # set from the trainer below, before any callback can run
     bar = None  # opened after compilation, so its clock and rate cover the run only
 
     def callback(updates_done):
@@ -211,6 +211,7 @@ def run(
         progress=callback if progress else None,
         progress_every=max(1, config.num_updates // 200),
     )
+    steps_per_update = trainer.steps_per_update * seeds
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     start = time.perf_counter()
     compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()

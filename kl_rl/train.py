@@ -49,6 +49,8 @@ class Trainer(NamedTuple):
     run: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     evaluate: Callable[..., jax.Array]
     train: Callable[..., TrainOutput]
+    steps_per_update: int
+    """Env steps one update collects (num_envs x rollout length), for one seed."""
 
 
 def make_trainer(
@@ -76,6 +78,9 @@ def make_trainer(
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
     eval_steps = eval_env.max_episode_steps or 1000
+    # num_steps 0 means one whole time limit per rollout (CEM's episodes).
+    rollout_steps = config.num_steps or eval_steps
+    steps_per_update = config.num_envs * rollout_steps
 
     def collect(key, agent, agent_state, collector, num_steps):
         """The one collector, acting with `agent_state` as the behaviour policy."""
@@ -99,7 +104,7 @@ def make_trainer(
         return TrainState(
             agent=agent_state,
             collector=collector,
-            buffer=buffer.init(config.num_steps, example),
+            buffer=buffer.init(rollout_steps, example),
             key=key,
             update_count=jnp.zeros((), jnp.int32),
             last_return=jnp.full((), jnp.nan, jnp.float32),
@@ -108,8 +113,11 @@ def make_trainer(
 
     def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         agent = make_agent(config, obs_space, action_space)
-        key, collect_key, update_key = jax.random.split(state.key, 3)
-        collector, trajectory, episodes = collect(collect_key, agent, state.agent, state.collector, config.num_steps)
+        key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
+        collector = state.collector
+        if agent.episodic:
+            collector = collector._replace(env=vec_env.reset(reset_key))
+        collector, trajectory, episodes = collect(collect_key, agent, state.agent, collector, rollout_steps)
         buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates
         agent_state, metrics = agent.update(update_key, state.agent, buffer.ordered(buf), progress_frac)
@@ -118,7 +126,7 @@ def make_trainer(
         last_length = jnp.where(ended, episodes.length_sum / jnp.maximum(episodes.count, 1), state.last_length)
         update_count = state.update_count + 1
         metrics = {
-            "env_steps": update_count * config.batch_size,
+            "env_steps": update_count * steps_per_update,
             "episode_return": last_return,
             "episode_length": last_length,
             "episodes": episodes.count,
@@ -169,7 +177,7 @@ def make_trainer(
         state, metrics = run(state, config)
         return TrainOutput(state, metrics, evaluate(eval_key, state, config))
 
-    return Trainer(init=init, run=run, evaluate=evaluate, train=train)
+    return Trainer(init=init, run=run, evaluate=evaluate, train=train, steps_per_update=steps_per_update)
 
 
 def make_train(algo: str, config: Any, env: Any, **kwargs) -> Callable[..., TrainOutput]:

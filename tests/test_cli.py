@@ -123,3 +123,32 @@ def test_progress_reports_env_steps_and_the_bar_runs(tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *[a for a in FAST if a != "--no-progress"]]) == 0
     assert "step" in capsys.readouterr().err  # tqdm writes the bar to stderr
+
+
+@pytest.mark.parametrize(
+    "algo, args, columns",
+    [
+        ("vpg", ["--total-steps", "1024", "--num-envs", "4", "--num-steps", "128", "--vf-epochs", "1"], ["pg_loss"]),
+        (
+            "trpo",
+            ["--total-steps", "1024", "--num-envs", "4", "--num-steps", "128", "--vf-epochs", "1"],
+            ["line_search_steps", "accepted", "cg_residual"],
+        ),
+        ("cem", ["--iterations", "3", "--population-size", "8"], ["fitness_mean", "fitness_elite", "fitness_best"]),
+    ],
+)
+def test_every_algo_writes_the_same_run_folder(tmp_path, capsys, algo, args, columns):
+    out = tmp_path / algo
+    assert main(["train", "--algo", algo, "--seeds", "2", "--out", str(out), "--no-progress", *args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "summary.json"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["algo"] == algo and len(summary["final_return"]) == 2
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for col in ("seed", "env_steps", "episode_return", "kl", "entropy", "eval_return", *columns):
+        assert col in rows[0], col
+
+
+def test_total_steps_on_an_iteration_counted_algo_is_a_one_line_error(capsys):
+    code = main(["train", "--algo", "cem", "--total-steps", "1000"])
+    _assert_one_line_error(capsys, code, "--total-steps does not apply to cem", "--iterations")

@@ -4,7 +4,10 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from kl_rl.agents.base import Agent
+from kl_rl.agents.cem import CEMConfig, cem
 from kl_rl.agents.ppo import PPOConfig, ppo
+from kl_rl.agents.trpo import TRPOConfig, trpo
+from kl_rl.agents.vpg import VPGConfig, vpg
 
 
 class AlgoSpec(NamedTuple):
@@ -16,9 +19,23 @@ class AlgoSpec(NamedTuple):
 
 ALGOS: dict[str, AlgoSpec] = {
     "ppo": AlgoSpec(PPOConfig, ppo),
+    "vpg": AlgoSpec(VPGConfig, vpg),
+    "trpo": AlgoSpec(TRPOConfig, trpo),
+    "cem": AlgoSpec(CEMConfig, cem),
 }
 
-__all__ = ["ALGOS", "Agent", "AlgoSpec", "PPOConfig", "ppo"]
+__all__ = [
+    "ALGOS",
+    "Agent",
+    "AlgoSpec",
+    "CEMConfig",
+    "PPOConfig", "TRPOConfig",
+    "VPGConfig",
+    "cem",
+    "ppo",
+    "trpo",
+    "vpg",
+]
 
 
 def algo_spec(name: str) -> AlgoSpec:

@@ -21,6 +21,8 @@ class Agent(NamedTuple):
       update: update(key, state, trajectory, progress) -> (state, metrics). `trajectory` is a
         `Transition` with leaves [T, N, ...]; `progress` is the fraction of training done before
         this update (for annealing); metrics is a dict of scalars.
+      episodic: if True, every rollout starts from freshly reset envs (CEM scores each
+        population member on whole episodes); otherwise episodes run on across rollouts.
     """
 
     init: Callable[[jax.Array], Any]
@@ -28,3 +30,4 @@ class Agent(NamedTuple):
     value: Callable[[Any, jax.Array], jax.Array]
     policy: Callable[[Any, jax.Array], Any]
     update: Callable[[jax.Array, Any, Transition, jax.Array], tuple[Any, dict[str, jax.Array]]]
+    episodic: bool = False

@@ -1,0 +1,269 @@
+"""What the algorithms share: config fields, advantage estimation, minibatch epochs, value fitting.
+
+PPO, VPG and TRPO are the same actor-critic on the same rollout; they differ in how they move
+the policy. Everything else -- the fields that shape the rollout and the networks, GAE with
+truncation bootstrapping, shuffled minibatch epochs, regressing the critic on returns -- lives
+here once, so a fix to any of it reaches every algorithm.
+"""
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.struct
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import optax
+
+from kl_rl import buffer, kl, networks
+from kl_rl.config import static
+from kl_rl.errors import ConfigError
+
+
+@flax.struct.dataclass
+class PolicyConfig:
+    """Fields every algorithm has: the policy network and how the final policy is evaluated."""
+
+    hidden_sizes: tuple[int, ...] = static((64, 64))
+    """Hidden layer widths of the policy (and value) MLPs."""
+    activation: str = static("tanh")
+    """Hidden activation: tanh, relu, elu or gelu."""
+    distribution: str = static("auto")
+    """Action distribution: auto, categorical (discrete envs only) or gaussian (Box envs)."""
+    eval_episodes: int = static(16)
+    """Episodes of the final policy averaged into final_return."""
+    eval_deterministic: bool = static(True)
+    """Evaluate with the distribution's mode instead of sampling."""
+    init_log_std: float = 0.0
+    """Initial log standard deviation of a Gaussian policy."""
+
+    def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
+        for name in ("eval_episodes", *positive):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
+        for name in positive_float:
+            value = float(getattr(self, name))
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        if any(w <= 0 for w in self.hidden_sizes):
+            raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
+        networks.resolve_distribution(self.distribution, action_space)
+
+
+@flax.struct.dataclass
+class OnPolicyConfig(PolicyConfig):
+    """Fields of the actor-critic algorithms (PPO, VPG, TRPO): rollout shape and returns."""
+
+    total_steps: int = static(500_000)
+    """Env steps to train for, summed over the parallel envs."""
+    num_envs: int = static(4)
+    """Parallel environments collected in lockstep."""
+    num_steps: int = static(128)
+    """Steps per env per rollout; a batch is num_envs x num_steps transitions."""
+    normalize_obs: bool = static(False)
+    """Normalize observations with running moments kept in the train state."""
+    normalize_advantages: bool = static(True)
+    """Normalize advantages to zero mean and unit std (per minibatch in PPO, per batch otherwise)."""
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_envs * self.num_steps
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // self.batch_size
+
+    def _check_on_policy(self, action_space, positive=(), positive_float=()):
+        self._check_common(action_space, ("total_steps", "num_envs", "num_steps", *positive), positive_float)
+        if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
+            raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+        if self.total_steps < self.batch_size:
+            raise ConfigError(
+                f"--total-steps {self.total_steps} is less than one batch ({self.batch_size}); raise it "
+                "or lower --num-envs / --num-steps"
+            )
+
+
+@flax.struct.dataclass
+class PenalizedConfig(OnPolicyConfig):
+    """An actor-critic config with a KL(old || new) penalty in the policy loss (PPO, VPG)."""
+
+    kl_penalty: str = static("none")
+    """KL(old || new) penalty in the policy loss: none, fixed (beta = kl_coef), adaptive (the PPO
+    paper's halve/double rule) or proportional (Ziegler et al. 2019)."""
+    kl_coef: float = 0.0
+    """Initial KL penalty coefficient beta (with kl_penalty != none)."""
+    kl_penalty_target: float = 0.01
+    """KL the adaptive and proportional controllers steer beta towards."""
+    kl_horizon: float = 10_000.0
+    """Horizon of the proportional controller (Ziegler et al. 2019), in transitions."""
+
+    def _check_on_policy(self, action_space, positive=(), positive_float=()):
+        super()._check_on_policy(action_space, positive, positive_float)
+        if self.kl_penalty not in KL_PENALTIES:
+            raise ConfigError(f"unknown --kl-penalty {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}")
+
+
+KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
+
+
+def check_divides(name: str, parts: int, batch_size: int) -> None:
+    """ConfigError unless `parts` minibatches split the batch evenly."""
+    if batch_size % parts:
+        raise ConfigError(
+            f"--{name.replace('_', '-')} {parts} does not divide the batch of num_envs x num_steps = "
+            f"{batch_size}; pick a divisor of {batch_size}"
+        )
+
+
+def kl_controller(config: PenalizedConfig) -> kl.KLController:
+    """The controller named by config.kl_penalty ("none" is a fixed beta that is never used)."""
+    if config.kl_penalty == "adaptive":
+        return kl.adaptive_kl_controller(config.kl_coef, config.kl_penalty_target)
+    if config.kl_penalty == "proportional":
+        return kl.proportional_kl_controller(config.kl_coef, config.kl_penalty_target, config.kl_horizon)
+    return kl.fixed_kl_controller(config.kl_coef)
+
+
+def normalize_advantages(advantages: jax.Array) -> jax.Array:
+    """Zero mean, unit standard deviation; the 1e-8 keeps a constant batch finite."""
+    return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+
+
+def advantages_and_returns(value_fn: Callable[[jax.Array], jax.Array], traj: buffer.Transition, config: Any):
+    """GAE advantages and lambda-returns of a [T, N] trajectory, flattened to [T * N].
+
+    The critic is evaluated on each transition's true next observation, so truncated steps
+    bootstrap and terminated ones do not (see `buffer.gae`).
+
+    Returns:
+      (flat trajectory, advantages, returns), each with a leading batch axis of T * N.
+    """
+    v_tp1 = value_fn(traj.next_obs)
+    advantages, returns = buffer.gae(
+        traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, config.gamma, config.gae_lambda
+    )
+    batch = traj.reward.size
+    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
+
+
+def explained_variance(returns: jax.Array, values: jax.Array) -> jax.Array:
+    """1 - Var[R - V] / Var[R]: 1 for a perfect critic, 0 for a constant one."""
+    return 1.0 - jnp.var(returns - values) / (jnp.var(returns) + 1e-8)
+
+
+def minibatch_epochs(key: jax.Array, step: Callable, carry: Any, data: Any, epochs: int, num_minibatches: int):
+    """`epochs` passes of `step(carry, minibatch) -> (carry, aux)` over shuffled minibatches.
+
+    Args:
+      key: PRNG key for the shuffles (one permutation per epoch).
+      step: the per-minibatch update.
+      carry: its initial carry (parameters, optimizer state, ...).
+      data: pytree with a leading batch axis B; num_minibatches must divide B.
+      epochs, num_minibatches: static counts.
+
+    Returns:
+      (final carry, aux stacked to [epochs, num_minibatches, ...]).
+    """
+    batch = jax.tree.leaves(data)[0].shape[0]
+    size = batch // num_minibatches
+
+    def epoch(carry, epoch_key):
+        perm = jax.random.permutation(epoch_key, batch)
+        shuffled = jax.tree.map(lambda x: x[perm].reshape(num_minibatches, size, *x.shape[1:]), data)
+        return jax.lax.scan(step, carry, shuffled)
+
+    return jax.lax.scan(epoch, carry, jax.random.split(key, epochs))
+
+
+def adam(max_grad_norm: Any = None) -> optax.GradientTransformation:
+    """Adam direction (eps 1e-5), after global-norm clipping when max_grad_norm is given.
+
+    The learning rate is applied by the caller, so it can be a traced, annealed value.
+    """
+    scale = optax.scale_by_adam(eps=1e-5)
+    return scale if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), scale)
+
+
+def apply_step(params: Any, updates: Any, lr: jax.Array) -> Any:
+    """params - lr * updates, leaf by leaf."""
+    return jax.tree.map(lambda p, u: p - lr * u, params, updates)
+
+
+def fit_value(
+    key: jax.Array,
+    value_net: networks.Network,
+    params: Any,
+    opt_state: Any,
+    optimizer: optax.GradientTransformation,
+    lr: jax.Array,
+    obs: jax.Array,
+    returns: jax.Array,
+    epochs: int,
+    num_minibatches: int,
+):
+    """Regresses the critic on returns with `epochs` passes of minibatch Adam (Spinning Up style).
+
+    Returns:
+      (params, opt_state, the value loss 0.5 (V - R)^2 averaged over all steps).
+    """
+
+    def loss(p, batch):
+        o, r = batch
+        return 0.5 * jnp.mean(jnp.square(value_net.apply(p, o) - r))
+
+    def step(carry, batch):
+        p, s = carry
+        value, grads = jax.value_and_grad(loss)(p, batch)
+        updates, s = optimizer.update(grads, s, p)
+        return (apply_step(p, updates, lr), s), value
+
+    carry = (params, opt_state)
+    (params, opt_state), losses = minibatch_epochs(key, step, carry, (obs, returns), epochs, num_minibatches)
+    return params, opt_state, jnp.mean(losses)
+
+
+class ActorCritic(NamedTuple):
+    """A policy MLP and a value MLP, and the agent functions that only read their parameters.
+
+    `policy`, `act` and `value` take any agent state with a `params` dict holding "policy" and
+    "value", so PPO, VPG and TRPO share them.
+    """
+
+    policy_net: networks.Network
+    value_net: networks.Network
+    init_params: Callable[[jax.Array], dict]
+    policy: Callable[[Any, jax.Array], Any]
+    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    value: Callable[[Any, jax.Array], jax.Array]
+
+
+def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_space: gym.Space) -> ActorCritic:
+    """The networks named by `config` for one env's spaces, with their init, policy, act and value."""
+    policy_net = networks.make_policy(
+        action_space, config.hidden_sizes, config.activation, config.distribution, config.init_log_std
+    )
+    value_net = networks.make_value(config.hidden_sizes, config.activation)
+
+    def init_params(key: jax.Array) -> dict:
+        policy_key, value_key = jax.random.split(key)
+        obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
+        return {"policy": policy_net.init(policy_key, obs), "value": value_net.init(value_key, obs)}
+
+    def policy(state: Any, obs: jax.Array):
+        return policy_net.apply(state.params["policy"], obs)
+
+    def act(key: jax.Array, state: Any, obs: jax.Array):
+        dist = policy(state, obs)
+        action = dist.sample(key)
+        return action, dist.log_prob(action), dist
+
+    def value(state: Any, obs: jax.Array) -> jax.Array:
+        return value_net.apply(state.params["value"], obs)
+
+    return ActorCritic(policy_net, value_net, init_params, policy, act, value)

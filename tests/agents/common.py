@@ -1,0 +1,37 @@
+"""Helpers shared by the algorithm tests: a compiled multi-seed run and a one-step bandit batch."""
+
+import jax
+import jax.numpy as jnp
+
+from kl_rl import buffer, envs
+from kl_rl.agents import ALGOS
+from kl_rl.train import make_train
+
+
+def train(algo, env_id="CartPole-v1", seeds=1, **fields):
+    """Runs `seeds` seeds of `algo` with `fields` set, as one jitted, vmapped program."""
+    config = ALGOS[algo].config(**fields)
+    fn = make_train(algo, config, envs.make(env_id))
+    keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
+    return jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys, config)
+
+
+def bandit_batch(agent, state, num=64):
+    """A [1, num] batch of one-step episodes in which action 0 pays 1 and action 1 pays 0,
+    collected by the agent's own policy (so the buffer holds its behaviour distribution)."""
+    obs = jnp.ones((1, num, 4), jnp.float32)
+    action, log_prob, dist = agent.act(jax.random.key(3), state, obs[0])
+    action = jnp.arange(num) % 2  # both actions, half each, whatever the policy prefers
+    log_prob = dist.log_prob(action)
+    reward = (action == 0).astype(jnp.float32)
+    return buffer.Transition(
+        obs=obs,
+        action=action[None],
+        reward=reward[None],
+        terminated=jnp.ones((1, num), bool),
+        truncated=jnp.zeros((1, num), bool),
+        next_obs=obs,
+        value=agent.value(state, obs),
+        log_prob=log_prob[None],
+        dist=jax.tree.map(lambda x: x[None], dist),
+    )

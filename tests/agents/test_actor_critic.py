@@ -1,0 +1,46 @@
+"""What PPO, VPG and TRPO share: the same loop, the same buffer, and a policy that improves."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kl_rl import envs
+from kl_rl.agents import ALGOS
+
+from .common import bandit_batch, train
+
+SMALL = {
+    "ppo": dict(total_steps=2048, num_envs=4, num_steps=64, update_epochs=2),
+    "vpg": dict(total_steps=2048, num_envs=4, num_steps=64, lr=1e-2, vf_epochs=2, vf_minibatches=2),
+    "trpo": dict(total_steps=2048, num_envs=4, num_steps=64, vf_epochs=2, vf_minibatches=2),
+}
+
+
+@pytest.mark.parametrize("algo", sorted(SMALL))
+def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
+    env = envs.make("CartPole-v1")
+    config = ALGOS[algo].config(**SMALL[algo])
+    agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+    state = agent.init(jax.random.key(0))
+    traj = bandit_batch(agent, state)
+    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    p_before = agent.policy(state, traj.obs[0, :1]).probs[0, 0]
+    p_after = agent.policy(new_state, traj.obs[0, :1]).probs[0, 0]
+    assert p_after > p_before + 1e-4, (p_before, p_after)
+    # metrics["kl"] is the exact KL(old || new) over the batch, old being the behaviour policy.
+    new_dist = agent.policy(new_state, traj.obs[0])
+    dist0 = jax.tree.map(lambda x: x[0], traj.dist)
+    expected = float(jnp.mean(jnp.sum(dist0.probs * (dist0.log_probs - new_dist.log_probs), -1)))
+    np.testing.assert_allclose(metrics["kl"], expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("algo", ["vpg", "trpo"])
+def test_seeds_run_under_vmap_with_finite_metrics(algo):
+    out = train(algo, seeds=2, **SMALL[algo])
+    updates = 2048 // 256
+    for name in ("kl", "entropy", "vf_loss", "explained_variance"):
+        assert out.metrics[name].shape == (2, updates), name
+        assert np.all(np.isfinite(out.metrics[name])), name
+    assert not np.array_equal(out.metrics["entropy"][0], out.metrics["entropy"][1])
+    assert out.eval_returns.shape == (2, 16)
