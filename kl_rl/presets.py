@@ -38,15 +38,31 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("vpg", "CartPole-v1"): dict(
         total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4
     ),
+    ("vpg", "Acrobot-v1"): dict(
+        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4
+    ),
+    ("vpg", "Pendulum-v1"): dict(
+        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4,
+        gamma=0.9, normalize_obs=True,
+    ),
+    ("vpg", "MountainCarContinuous-v0"): dict(
+        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4, normalize_obs=True
+    ),
     # TRPO: the dataclass defaults (sb3-contrib's and Spinning Up's delta 0.01, damping 0.1,
     # 10 CG iterations, backtracking 0.8 x 10) with 4 envs x 512 steps.
     ("trpo", "CartPole-v1"): dict(total_steps=100_000),
     ("trpo", "Acrobot-v1"): dict(total_steps=200_000),
     ("trpo", "Pendulum-v1"): dict(total_steps=200_000, gamma=0.9, max_kl=0.02, vf_epochs=15),
+    ("trpo", "MountainCarContinuous-v0"): dict(total_steps=200_000, normalize_obs=True),
+    ("ppo", "MountainCarContinuous-v0"): dict(total_steps=200_000, normalize_obs=True),
     # CEM: defaults (linear policy, 32 members, decaying noise) on CartPole; a hidden layer of 8
     # on MountainCarContinuous, where the linear policy rarely finds the goal.
     ("cem", "CartPole-v1"): dict(iterations=50),
     ("cem", "MountainCarContinuous-v0"): dict(iterations=100, hidden_sizes=(8,)),
+    ("cem", "Acrobot-v1"): dict(iterations=50),
+    ("cem", "Pendulum-v1"): dict(
+        iterations=100, hidden_sizes=(16,), population_size=64, episodes_per_member=4, init_std=0.5
+    ),
 }
 
 

@@ -169,6 +169,27 @@ def write_run_folder(out_dir: str | os.PathLike, config: dict, rows: list[dict],
     return out
 
 
+CACHE_ENV = "KL_RL_CACHE_DIR"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache, so rerunning a config skips XLA compilation.
+
+    The folder is $KL_RL_CACHE_DIR, else ~/.cache/kl_rl/xla; KL_RL_CACHE_DIR=off disables it.
+    A cache folder the user already gave JAX (jax_compilation_cache_dir) is left as it is.
+
+    Returns:
+      The cache folder in use, or None when disabled.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "kl_rl" / "xla"))
+    if path.strip().lower() in ("", "0", "off", "false", "none"):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
 def run(
     algo: str = "ppo",
     env: str = "CartPole-v1",
@@ -213,6 +234,7 @@ def run(
     )
     steps_per_update = trainer.steps_per_update * seeds
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
+    enable_compilation_cache()
     start = time.perf_counter()
     compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
     compile_time = time.perf_counter() - start
