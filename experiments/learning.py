@@ -31,7 +31,11 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default="experiments/results")
+    parser.add_argument("--table", action="store_true", help="print the markdown table of the results in --out")
     args = parser.parse_args()
+    if args.table:
+        print(table(Path(args.out)))
+        return 0
     if args.all == bool(args.algo and args.env):
         parser.error("give ALGO ENV, or --all")
     pairs = [(a, e) for e in ENVS for a in ALGOS] if args.all else [(args.algo, args.env)]
@@ -43,6 +47,30 @@ def main() -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     return 0
+
+
+def table(folder: Path) -> str:
+    """The learning table of docs/benchmarks.md, from the result files in `folder`."""
+    lines = [
+        "| env | algo | budget per seed | seeds | median final_return | IQM | min .. max | wall (all seeds) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for env in ENVS:
+        for algo in ALGOS:
+            path = folder / f"{algo}-{env}.json"
+            if not path.exists():
+                continue
+            r = json.loads(path.read_text())
+            budget = f"{r['env_steps']:,} steps"
+            if algo == "cem":
+                scored = r["scored_env_steps_median"]
+                budget = f"{r['updates']} iterations = {r['env_steps']:,} steps ({scored:,.0f} scored)"
+            lines.append(
+                f"| {env} | {algo} | {budget} | {r['seeds']} | **{r['final_return_median']:.1f}** | "
+                f"{r['final_return_iqm']:.1f} | {r['final_return_min']:.1f} .. {r['final_return_max']:.1f} | "
+                f"{r['wall_time_s']:.1f} s + {r['compile_time_s']:.1f} s compile |"
+            )
+    return "\n".join(lines)
 
 
 def bench(algo: str, env: str, seeds: int, overrides: dict, out: Path) -> None:
