@@ -2,6 +2,8 @@
 
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
                 [--config FILE] [--<hyperparameter> VALUE ...]
+    kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
+                [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--<hyperparameter> VALUE ...]
     kl-rl list
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
@@ -127,6 +129,63 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+def _sweep(argv: list[str]) -> int:
+    from pathlib import Path
+
+    from kl_rl import config as config_lib
+    from kl_rl import runner, sweep
+
+    parser = _Parser(prog="kl-rl sweep", add_help=False, description="A grid of hyperparameters x seeds.")
+    parser.add_argument("--algo", default="ppo")
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2")
+    parser.add_argument("--seeds", default="4")
+    parser.add_argument("--total-steps", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--chunk-size", default="64")
+    parser.add_argument("-h", "--help", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    if args.help:
+        print(__doc__.strip())
+        print(
+            "\nTraced hyperparameters of the grid share one compiled program; static ones (marked in\n"
+            "kl-rl train --algo ALGO --help) make one program per value. Writes metrics.csv (one row per\n"
+            "grid point, seed and update), summary.json (points ranked by IQM of final return, 95% CI)."
+        )
+        return 0
+    if not args.grid:
+        raise ConfigError("--grid needs at least one NAME=V1,V2,... item")
+    seeds = config_lib.parse_value("seeds", args.seeds, int)
+    chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
+    overrides = _overrides(extra)
+    if args.total_steps is not None:
+        overrides["total_steps"] = args.total_steps
+    grid = sweep.parse_grid(args.algo, args.grid)
+    base = runner.resolve_config(args.algo, args.env, args.config, overrides)
+    out = Path(args.out) if args.out else Path("runs") / (
+        f"sweep-{args.algo}-{args.env}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    points = len(sweep.expand(grid))
+    print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
+    result = sweep.run_sweep(
+        args.algo, args.env, grid, seeds, args.config, overrides, chunk_size, log=lambda line: print(line, flush=True)
+    )
+    print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
+    ranking = result.ranking()
+    names = list(grid)
+    print("rank " + " ".join(f"{n:>14}" for n in names) + "   IQM final_return  95% CI")
+    for rank, row in enumerate(ranking, 1):
+        lo, hi = row["iqm_ci95"]
+        values = " ".join(f"{row[n]!s:>14}" for n in names)
+        print(f"{rank:>4} {values}   {row['final_return_iqm']:>16.2f}  [{lo:.2f}, {hi:.2f}]")
+    result.save(out, {"algo": args.algo, "env": args.env, "seeds": seeds, **config_lib.to_dict(base)})
+    print(f"sweep folder: {out}")
+    return 0
+
+
 def _list(argv: list[str]) -> int:
     from kl_rl import envs
     from kl_rl.agents import ALGOS
@@ -140,7 +199,7 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "list": _list}
+COMMANDS = {"train": _train, "sweep": _sweep, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

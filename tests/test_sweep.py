@@ -1,0 +1,95 @@
+"""Sweeps: grid parsing, one program per static group, results equal to separate runs."""
+
+import json
+
+import numpy as np
+import pytest
+
+import kl_rl
+from kl_rl import sweep
+from kl_rl.cli import main
+from kl_rl.errors import ConfigError
+
+BASE = dict(total_steps=1024, num_envs=4, num_steps=64, update_epochs=1)
+
+
+def test_parse_grid_types_values_and_tuples():
+    grid = sweep.parse_grid("ppo", ["lr=3e-4,1e-3", "clip-eps=0.1", "hidden_sizes=64:64,32"])
+    assert grid == {"lr": [3e-4, 1e-3], "clip_eps": [0.1], "hidden_sizes": [(64, 64), (32,)]}
+    assert len(sweep.expand(grid)) == 4
+
+
+@pytest.mark.parametrize(
+    "items, needle",
+    [
+        (["lr"], "malformed --grid item"),
+        (["lr=1e-3,"], "malformed --grid item"),
+        (["lerning_rate=1e-3"], "unknown hyperparameter"),
+        (["lr=fast"], "--lr expects float"),
+        (["lr=1e-3", "lr=3e-4"], "twice"),
+        (["total_steps=1000,2000"], "cannot vary total_steps"),
+    ],
+)
+def test_bad_grids_are_config_errors(items, needle):
+    with pytest.raises(ConfigError, match=needle):
+        sweep.parse_grid("ppo", items)
+
+
+def test_traced_grid_is_one_program_and_matches_separate_runs():
+    grid = {"lr": [3e-4, 1e-2], "clip_eps": [0.2]}
+    result = sweep.run_sweep("ppo", "CartPole-v1", grid, seeds=2, overrides=BASE)
+    assert len(result.programs) == 1
+    assert result.metrics["kl"].shape == (2, 2, 4)
+    for p, point in enumerate(result.points):
+        alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, **BASE, **point)
+        np.testing.assert_allclose(result.metrics["kl"][p], alone.metrics["kl"], rtol=1e-3, atol=1e-7)
+        np.testing.assert_allclose(result.final_returns[p], alone.final_returns, rtol=1e-4)
+    # The two learning rates really differ in effect.
+    assert not np.allclose(result.metrics["kl"][0], result.metrics["kl"][1])
+
+
+def test_static_values_make_separate_programs_and_chunks_reuse_one():
+    result = sweep.run_sweep(
+        "ppo", "CartPole-v1", {"num_steps": [32, 64], "lr": [1e-3, 3e-4, 1e-4]}, seeds=1,
+        overrides=dict(total_steps=512, num_envs=4, update_epochs=1), chunk_size=2,
+    )  # fmt: skip
+    assert len(result.programs) == 2
+    assert [len(p["points"]) for p in result.programs] == [3, 3]
+    assert result.final_returns.shape == (6, 1)
+    ranking = result.ranking()
+    assert [r["final_return_iqm"] for r in ranking] == sorted((r["final_return_iqm"] for r in ranking), reverse=True)
+    lo, hi = ranking[0]["iqm_ci95"]
+    assert lo <= ranking[0]["final_return_iqm"] <= hi
+
+
+def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--grid", "lr=3e-4,1e-3", "--seeds", "2", "--out", str(out), "--total-steps", "1024"]
+    assert main([*args, "--num-envs", "4", "--num-steps", "64", "--update-epochs", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "compiled 1 program(s) for 2 grid point(s)" in printed
+    lines = (out / "metrics.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    assert header[:4] == ["point", "lr", "seed", "update"] and "lr_metric" in header
+    assert len(lines) == 1 + 2 * 2 * 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compiled_programs"] == 1 and len(summary["ranking"]) == 2
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--grid", "lr"], "malformed --grid item"),
+        (["--grid", "nope=1"], "unknown hyperparameter"),
+        (["--grid", "num_envs=4.5"], "--num-envs expects int"),
+        ([], "--grid needs at least one"),
+    ],
+)
+def test_cli_sweep_bad_input_is_one_line(tmp_path, capsys, args, needle):
+    out = tmp_path / "keep"
+    out.mkdir()
+    (out / "summary.json").write_text("{}")
+    assert main(["sweep", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], err
+    assert (out / "summary.json").read_text() == "{}"
