@@ -114,7 +114,7 @@ class SweepResult:
         return rows
 
     def ranking(self) -> list[dict[str, Any]]:
-        """Grid points ranked by the IQM of final return over seeds, best first, with 95% CIs."""
+        """Grid points ranked by the IQM of final return over seeds (ties by mean), best first, with 95% CIs."""
         ranked = []
         for p, point in enumerate(self.points):
             final = self.final_returns[p]
@@ -130,7 +130,7 @@ class SweepResult:
                     "final_return": [float(x) for x in final],
                 }
             )
-        return sorted(ranked, key=lambda r: -r["final_return_iqm"])
+        return sorted(ranked, key=lambda r: (-r["final_return_iqm"], -r["final_return_mean"]))
 
     def save(self, out_dir: Any, base_config: dict[str, Any]) -> Any:
         """Writes config.json, metrics.csv (the tidy table) and summary.json (the ranking), atomically."""
