@@ -10,6 +10,13 @@ counts, switches) is stacked into one config pytree and the grid times the seeds
 static field (num_envs, num_steps, hidden_sizes, population_size, ...) fall into separate
 groups, each compiled once. A group larger than `chunk_size` runs in chunks through the same
 compiled program (the last chunk padded with copies of its final config, which are dropped).
+
+With several devices (GPUs, TPU cores, or CPU devices forced with
+XLA_FLAGS=--xla_force_host_platform_device_count=N) the grid-point axis is sharded across them
+with a `jax.sharding.Mesh`; the points are independent, so no device talks to another. Across
+several hosts, call `jax.distributed.initialize()` on every host first (coordinator address,
+process count and id, or the cluster's auto-detection): `jax.devices()` then lists every
+host's devices and the same mesh spans them all.
 """
 
 import dataclasses
@@ -188,10 +195,18 @@ def run_sweep(
     env_obj = envs.make(env)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     runner.enable_compilation_cache()
+    devices = jax.devices()
+    # With several devices the grid-point axis is sharded across them (seeds stay together on a
+    # device); each chunk is padded to a multiple of the device count.
+    mesh = jax.sharding.Mesh(np.array(devices), ("points",))
+    by_point = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    keys = jax.device_put(keys, replicated)
     outputs: dict[int, Any] = {}
     programs = []
     for members in groups.values():
         size = min(chunk_size, len(members))
+        size = -(-size // len(devices)) * len(devices)
         trainer = make_trainer(algo, configs[members[0]], env_obj)
         program = jax.jit(jax.vmap(jax.vmap(trainer.train, in_axes=(0, None)), in_axes=(None, 0)))
         compiled, compile_s, run_s = None, 0.0, 0.0
@@ -199,6 +214,7 @@ def run_sweep(
             chunk = members[start : start + size]
             padded = chunk + [chunk[-1]] * (size - len(chunk))
             stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[configs[i] for i in padded])
+            stacked = jax.device_put(stacked, by_point)
             if compiled is None:
                 t0 = time.perf_counter()
                 compiled = program.lower(keys, stacked).compile()
@@ -211,8 +227,8 @@ def run_sweep(
         programs.append({"points": members, "compile_time_s": compile_s, "run_time_s": run_s})
         if log is not None:
             log(
-                f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s), "
-                f"compiled once in {compile_s:.1f}s, ran in {run_s:.1f}s"
+                f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
+                f"on {len(devices)} device(s), compiled once in {compile_s:.1f}s, ran in {run_s:.1f}s"
             )
     order = range(len(points))
     metrics = {name: _pad_stack([outputs[i][0][name] for i in order]) for name in outputs[0][0]}

@@ -93,3 +93,30 @@ def test_cli_sweep_bad_input_is_one_line(tmp_path, capsys, args, needle):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0], err
     assert (out / "summary.json").read_text() == "{}"
+
+
+SHARD_SCRIPT = """
+import json, sys
+from kl_rl import sweep
+import jax
+r = sweep.run_sweep("ppo", "CartPole-v1", {"lr": [3e-4, 3e-3, 1e-2]}, seeds=2,
+                    overrides=dict(total_steps=1024, num_envs=4, num_steps=64, update_epochs=2))
+print(json.dumps({"devices": len(jax.devices()), "final": r.final_returns.tolist(), "kl": r.metrics["kl"].tolist()}))
+"""
+
+
+def test_four_forced_host_devices_give_the_results_of_one(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    def run(devices):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    one, four = run(1), run(4)
+    assert one["devices"] == 1 and four["devices"] == 4
+    # 3 grid points over 4 devices: padded to 4, the pad dropped.
+    np.testing.assert_array_equal(four["final"], one["final"])
+    np.testing.assert_allclose(four["kl"], one["kl"], rtol=2e-3, atol=1e-8)
