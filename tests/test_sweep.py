@@ -120,3 +120,11 @@ def test_four_forced_host_devices_give_the_results_of_one(tmp_path):
     # 3 grid points over 4 devices: padded to 4, the pad dropped.
     np.testing.assert_array_equal(four["final"], one["final"])
     np.testing.assert_allclose(four["kl"], one["kl"], rtol=2e-3, atol=1e-8)
+
+
+def test_cem_elite_fraction_is_traced_so_its_sweep_is_one_program():
+    result = sweep.run_sweep("cem", "CartPole-v1", {"elite_frac": [0.1, 0.5]}, seeds=1, overrides=dict(iterations=3))
+    assert len(result.programs) == 1
+    elite = result.metrics["fitness_elite"][:, 0, 0]
+    assert elite[0] >= elite[1]  # the mean fitness of the top 10% is at least that of the top 50%
+    assert not np.array_equal(result.metrics["kl"][0], result.metrics["kl"][1])

@@ -15,9 +15,9 @@ parameters. Each iteration (one update of the training loop):
    exceeds epsilon, the new one is pulled back along the straight line in (mu, log sigma) towards
    the old one, to the largest fraction whose KL(old || new), in the KL module's closed form, is
    <= epsilon (found by bisection).
-4. The next population samples the new Gaussian. With `elite_keep_frac` > 0 it also carries a
-   share of this iteration's elites, stored through the shared replay buffer, which are scored
-   again next iteration alongside the new samples.
+4. The next population samples the new Gaussian. With `keep_elites` > 0 it also carries this
+   iteration's best members, stored through the shared replay buffer, which are scored again
+   next iteration alongside the new samples.
 
 The policy that `evaluate` and the final return use is the search mean mu.
 """
@@ -51,13 +51,14 @@ class CEMConfig(PolicyConfig):
     """Episodes each member is scored on (in parallel envs); its fitness is their mean return."""
     num_steps: int = static(0)
     """Steps per env per iteration; 0 runs the env's time limit, so every first episode ends."""
-    elite_frac: float = static(0.2)
-    """Share of the population whose parameters fit the next search distribution."""
-    elite_keep_frac: float = static(0.0)
-    """Share of the elites carried into the next population (through the replay buffer) and
-    scored again; 0 samples the whole population afresh."""
+    keep_elites: int = static(0)
+    """Best members of each iteration carried into the next population (through the replay
+    buffer) and scored again; 0 samples the whole population afresh."""
     deterministic: bool = static(True)
     """Members act with their policy's mode; False samples actions."""
+    elite_frac: float = 0.2
+    """Share of the population (at least one member) whose parameters fit the next search
+    distribution; traced, so a sweep over it is one program."""
     init_std: float = 1.0
     """Initial standard deviation of the search distribution (its mean starts at 0)."""
     noise_init: float = 0.1
@@ -80,25 +81,17 @@ class CEMConfig(PolicyConfig):
         """CEM scores raw observations (no running normalizer, whose moments would drift)."""
         return False
 
-    @property
-    def num_elites(self) -> int:
-        return max(1, round(self.elite_frac * self.population_size))
-
-    @property
-    def num_kept(self) -> int:
-        return round(self.elite_keep_frac * self.num_elites)
-
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
         self._check_common(action_space, ("iterations", "population_size", "episodes_per_member"), ("init_std",))
         if self.num_steps < 0:
             raise ConfigError(f"--num-steps must be >= 0 (0: the env's time limit), got {self.num_steps}")
-        if not 0.0 < self.elite_frac <= 1.0:
-            raise ConfigError(f"--elite-frac must lie in (0, 1], got {self.elite_frac}")
-        if not 0.0 <= self.elite_keep_frac <= 1.0:
-            raise ConfigError(f"--elite-keep-frac must lie in [0, 1], got {self.elite_keep_frac}")
-        if self.num_kept >= self.population_size:
-            raise ConfigError("--elite-keep-frac leaves no room for new samples; lower it or raise --elite-frac")
+        if not 0.0 < float(self.elite_frac) <= 1.0:
+            raise ConfigError(f"--elite-frac must lie in (0, 1], got {float(self.elite_frac)}")
+        if not 0 <= self.keep_elites < self.population_size:
+            raise ConfigError(
+                f"--keep-elites must lie in [0, population_size) = [0, {self.population_size}), got {self.keep_elites}"
+            )
         for name in ("noise_init", "noise_decay", "trust_kl"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
@@ -161,7 +154,7 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
     template = jax.eval_shape(policy_net.init, jax.random.key(0), dummy_obs)
     _, unravel = ravel_pytree(jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), template))
     num_params = sum(math.prod(s.shape) for s in jax.tree.leaves(template))
-    pop, num_elites, num_kept = config.population_size, config.num_elites, config.num_kept
+    pop, num_kept = config.population_size, config.keep_elites
     obs_ndim = len(observation_space.shape)
 
     def sample(key: jax.Array, search: kl.DiagGaussian, n: int) -> jax.Array:
@@ -199,19 +192,24 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
     def update(key: jax.Array, state: CEMState, traj, progress: jax.Array):
         del progress
         fitness = first_episode_returns(traj).reshape(pop, config.episodes_per_member).mean(axis=1)
-        elite_fitness, elite_idx = jax.lax.top_k(fitness, num_elites)
-        elites = state.population[elite_idx]
+        # Best first (ties in population order); the elites are the first n of them, selected by
+        # weights rather than a slice so that elite_frac can be a traced value.
+        order = jnp.argsort(-fitness, stable=True)
+        ranked, ranked_fitness = state.population[order], fitness[order]
+        num_elites = jnp.clip(jnp.round(config.elite_frac * pop), 1, pop)
+        weights = (jnp.arange(pop) < num_elites).astype(jnp.float32) / num_elites
+        mean = weights @ ranked
         extra_var = jnp.maximum(config.noise_init - config.noise_decay * state.iteration, 0.0)
-        std = jnp.sqrt(jnp.var(elites, axis=0) + extra_var)
+        std = jnp.sqrt(weights @ jnp.square(ranked - mean) + extra_var)
         # Clamped so a collapsed coordinate keeps a finite log-std (and finite KL).
-        proposal = kl.DiagGaussian(jnp.mean(elites, axis=0), jnp.log(jnp.maximum(std, 1e-8)))
+        proposal = kl.DiagGaussian(mean, jnp.log(jnp.maximum(std, 1e-8)))
         search, alpha = jax.lax.cond(
             config.trust_kl > 0,
             lambda: pull_back(state.search, proposal, config.trust_kl),
             lambda: (proposal, jnp.ones(())),
         )
         kept = buffer.add_batch(
-            state.elites, {"params": elites[: max(num_kept, 1)], "fitness": elite_fitness[: max(num_kept, 1)]}
+            state.elites, {"params": ranked[: max(num_kept, 1)], "fitness": ranked_fitness[: max(num_kept, 1)]}
         )
         population = sample(key, search, pop - num_kept)
         if num_kept:
@@ -219,8 +217,8 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
         new_state = CEMState(search=search, population=population, elites=kept, iteration=state.iteration + 1)
         metrics = {
             "fitness_mean": jnp.mean(fitness),
-            "fitness_elite": jnp.mean(elite_fitness),
-            "fitness_best": elite_fitness[0],
+            "fitness_elite": weights @ ranked_fitness,
+            "fitness_best": ranked_fitness[0],
             "kl": kl.kl_divergence(state.search, search),
             "entropy": search.entropy(),
             "search_std": jnp.mean(jnp.exp(search.log_std)),

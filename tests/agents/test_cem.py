@@ -51,7 +51,7 @@ def test_kept_elites_rejoin_the_population_through_the_buffer():
     from kl_rl.agents import ALGOS
 
     env = envs.make("CartPole-v1")
-    config = ALGOS["cem"].config(population_size=8, elite_frac=0.5, elite_keep_frac=0.5)
+    config = ALGOS["cem"].config(population_size=8, elite_frac=0.5, keep_elites=2)
     agent = ALGOS["cem"].make(config, env.observation_space, env.action_space)
     state = agent.init(jax.random.key(0))
     reward = jnp.tile(jnp.arange(8.0), (3, 1))  # member m earns 3m before its episode ends
@@ -60,10 +60,11 @@ def test_kept_elites_rejoin_the_population_through_the_buffer():
         None, None, None, None,
     )  # fmt: skip
     new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
-    assert config.num_elites == 4 and config.num_kept == 2
     np.testing.assert_array_equal(new_state.population[-2:], state.population[jnp.array([7, 6])])
     np.testing.assert_array_equal(new_state.elites.data["fitness"], [21.0, 18.0])
     assert metrics["fitness_best"] == 21.0 and metrics["fitness_elite"] == (21 + 18 + 15 + 12) / 4
+    # The search mean is the mean of the 4 elites (members 7, 6, 5, 4).
+    np.testing.assert_allclose(new_state.search.mean, state.population[4:].mean(axis=0), rtol=1e-5, atol=1e-6)
 
 
 def test_cem_solves_cartpole_in_a_few_iterations():
