@@ -3,7 +3,8 @@
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
                 [--config FILE] [--<hyperparameter> VALUE ...]
     kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
-                [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--<hyperparameter> VALUE ...]
+                [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
+                [--<hyperparameter> VALUE ...]
     kl-rl list
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
@@ -144,6 +145,7 @@ def _sweep(argv: list[str]) -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--chunk-size", default="64")
+    parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
     args, extra = parser.parse_known_args(argv)
     if args.help:
@@ -171,8 +173,9 @@ def _sweep(argv: list[str]) -> int:
     points = len(sweep.expand(grid))
     print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
     result = sweep.run_sweep(
-        args.algo, args.env, grid, seeds, args.config, overrides, chunk_size, log=lambda line: print(line, flush=True)
-    )
+        args.algo, args.env, grid, seeds, args.config, overrides, chunk_size,
+        log=lambda line: print(line, flush=True), progress=not args.no_progress,
+    )  # fmt: skip
     print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
     ranking = result.ranking()
     names = list(grid)

@@ -172,6 +172,7 @@ def run_sweep(
     overrides: dict[str, Any] | None = None,
     chunk_size: int = 64,
     log: Callable[[str], None] | None = None,
+    progress: bool = False,
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
@@ -182,6 +183,8 @@ def run_sweep(
       config_file, overrides: the base config under the grid (preset < file < overrides < grid).
       chunk_size: most grid points one program call runs at once (memory bound).
       log: optional function receiving one line per compiled program.
+      progress: show a tqdm bar of env steps (all grid points and seeds), opened after the
+        first compilation and advanced from inside the compiled programs.
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -204,10 +207,24 @@ def run_sweep(
     keys = jax.device_put(keys, replicated)
     outputs: dict[int, Any] = {}
     programs = []
+    total_steps = sum(
+        make_trainer(algo, configs[i], env_obj).steps_per_update * configs[i].num_updates * seeds
+        for i in range(len(points))
+    )
+    bar = None
+    done_before = 0  # env steps of the chunks already finished
+    chunk_steps_per_update = 0
+
+    def advance(updates_done):
+        if bar is not None:
+            bar.update(done_before + int(updates_done) * chunk_steps_per_update - bar.n)
+
     for members in groups.values():
         size = min(chunk_size, len(members))
         size = -(-size // len(devices)) * len(devices)
-        trainer = make_trainer(algo, configs[members[0]], env_obj)
+        first = configs[members[0]]
+        every = max(1, first.num_updates // 100)
+        trainer = make_trainer(algo, first, env_obj, progress=advance if progress else None, progress_every=every)
         program = jax.jit(jax.vmap(jax.vmap(trainer.train, in_axes=(0, None)), in_axes=(None, 0)))
         compiled, compile_s, run_s = None, 0.0, 0.0
         for start in range(0, len(members), size):
@@ -219,9 +236,18 @@ def run_sweep(
                 t0 = time.perf_counter()
                 compiled = program.lower(keys, stacked).compile()
                 compile_s = time.perf_counter() - t0
+            if progress and bar is None:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(total=total_steps, unit="step", unit_scale=True, desc=f"sweep {algo} {env}")
+            # Padded points run but are not counted.
+            chunk_steps_per_update = trainer.steps_per_update * len(chunk) * seeds
             t0 = time.perf_counter()
             out = jax.device_get(jax.block_until_ready(compiled(keys, stacked)))
+            jax.effects_barrier()
             run_s += time.perf_counter() - t0
+            done_before += chunk_steps_per_update * first.num_updates
+            advance(0)
             for j, i in enumerate(chunk):
                 outputs[i] = jax.tree.map(lambda x, j=j: x[j], (out.metrics, out.eval_returns))
         programs.append({"points": members, "compile_time_s": compile_s, "run_time_s": run_s})
@@ -230,6 +256,8 @@ def run_sweep(
                 f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
                 f"on {len(devices)} device(s), compiled once in {compile_s:.1f}s, ran in {run_s:.1f}s"
             )
+    if bar is not None:
+        bar.close()
     order = range(len(points))
     metrics = {name: _pad_stack([outputs[i][0][name] for i in order]) for name in outputs[0][0]}
     return SweepResult(

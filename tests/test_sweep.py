@@ -66,8 +66,11 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
     out = tmp_path / "sweep"
     args = ["sweep", "--grid", "lr=3e-4,1e-3", "--seeds", "2", "--out", str(out), "--total-steps", "1024"]
     assert main([*args, "--num-envs", "4", "--num-steps", "64", "--update-epochs", "1"]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "compiled 1 program(s) for 2 grid point(s)" in printed
+    # The progress bar counts every grid point's and seed's env steps: 2 x 2 x 1024.
+    assert "4.10k/4.10k" in captured.err
     lines = (out / "metrics.csv").read_text().splitlines()
     header = lines[0].split(",")
     assert header[:4] == ["point", "lr", "seed", "update"] and "lr_metric" in header
