@@ -252,10 +252,14 @@ def run_sweep(
                 outputs[i] = jax.tree.map(lambda x, j=j: x[j], (out.metrics, out.eval_returns))
         programs.append({"points": members, "compile_time_s": compile_s, "run_time_s": run_s})
         if log is not None:
+            if bar is not None:
+                bar.clear()  # the log line goes above the bar instead of through it
             log(
                 f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
                 f"on {len(devices)} device(s), compiled once in {compile_s:.1f}s, ran in {run_s:.1f}s"
             )
+            if bar is not None:
+                bar.refresh()
     if bar is not None:
         bar.close()
     order = range(len(points))
