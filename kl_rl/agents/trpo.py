@@ -158,11 +158,16 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         def dist_at(theta):
             return ac.policy_net.apply(unravel(theta), traj.obs)
 
+        def surrogate_and_kl(theta):
+            dist = dist_at(theta)
+            surr = jnp.mean(jnp.exp(dist.log_prob(traj.action) - traj.log_prob) * advantages)
+            return surr, jnp.mean(kl.kl_old_new(traj.dist, dist))
+
         def surrogate(theta):
-            return jnp.mean(jnp.exp(dist_at(theta).log_prob(traj.action) - traj.log_prob) * advantages)
+            return surrogate_and_kl(theta)[0]
 
         def mean_kl(theta):
-            return jnp.mean(kl.kl_old_new(traj.dist, dist_at(theta)))
+            return surrogate_and_kl(theta)[1]
 
         surr_old, g = jax.value_and_grad(surrogate)(theta_old)
         fvp = fisher_vector_product(mean_kl, theta_old, config.cg_damping)
@@ -184,7 +189,7 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         def search_body(carry):
             j, _, theta, _, _ = carry
             candidate = theta_old + config.backtrack_coeff**j * full_step
-            surr, kl_value = surrogate(candidate), mean_kl(candidate)
+            surr, kl_value = surrogate_and_kl(candidate)  # one policy pass per candidate
             ok = (kl_value <= config.max_kl) & (surr > surr_old) & jnp.isfinite(surr) & jnp.isfinite(kl_value)
             return (
                 j + 1,
