@@ -81,21 +81,50 @@ def _print_table(result) -> None:
     )
 
 
-def _train(argv: list[str]) -> int:
-    from pathlib import Path
-
-    from kl_rl import config as config_lib
-    from kl_rl import runner
-
-    parser = _Parser(prog="kl-rl train", add_help=False, description="Train an agent on seeds 0..N-1.")
+def _run_parser(prog: str, description: str, seeds_default: str) -> _Parser:
+    """The arguments `train` and `sweep` share; hyperparameters go through `_run_overrides`."""
+    parser = _Parser(prog=prog, add_help=False, description=description)
     parser.add_argument("--algo", default="ppo")
     parser.add_argument("--env", default="CartPole-v1")
-    parser.add_argument("--seeds", default="1")
+    parser.add_argument("--seeds", default=seeds_default)
     parser.add_argument("--total-steps", default=None)
     parser.add_argument("--out", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def _run_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
+    """--<hyperparameter> flags plus --total-steps, which iteration-counted algos (cem) refuse."""
+    from kl_rl.agents import algo_spec
+
+    overrides = _overrides(extra)
+    if args.total_steps is not None:
+        if "total_steps" not in {f.name for f in dataclasses.fields(algo_spec(args.algo).config)}:
+            raise ConfigError(
+                f"--total-steps does not apply to {args.algo}, which counts iterations; use --iterations N"
+            )
+        overrides["total_steps"] = args.total_steps
+    return overrides
+
+
+def _out_dir(args: argparse.Namespace, prefix: str):
+    """--out, or runs/<prefix><algo>-<env>-<time>; a path that is a file is a ConfigError."""
+    from pathlib import Path
+
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else Path("runs") / f"{prefix}{args.algo}-{args.env}-{stamp}"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    return out
+
+
+def _train(argv: list[str]) -> int:
+    from kl_rl import config as config_lib
+    from kl_rl import runner
+
+    parser = _run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     args, extra = parser.parse_known_args(argv)
     if args.help:
         print(
@@ -107,21 +136,9 @@ def _train(argv: list[str]) -> int:
     seeds = config_lib.parse_value("seeds", args.seeds, int)
     if seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
-    overrides = _overrides(extra)
-    if args.total_steps is not None:
-        from kl_rl.agents import algo_spec
-
-        if "total_steps" not in {f.name for f in dataclasses.fields(algo_spec(args.algo).config)}:
-            raise ConfigError(
-                f"--total-steps does not apply to {args.algo}, which counts iterations; use --iterations N"
-            )
-        overrides["total_steps"] = args.total_steps
+    overrides = _run_overrides(args, extra)
     config = runner.resolve_config(args.algo, args.env, args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"{args.algo}-{args.env}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    )
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    out = _out_dir(args, prefix="")
     print(f"compiling {args.algo} on {args.env} for {seeds} seed(s)...", flush=True)
     result = runner.run(args.algo, args.env, seeds=seeds, config=config, progress=not args.no_progress)
     _print_table(result)
@@ -131,22 +148,12 @@ def _train(argv: list[str]) -> int:
 
 
 def _sweep(argv: list[str]) -> int:
-    from pathlib import Path
-
     from kl_rl import config as config_lib
     from kl_rl import runner, sweep
 
-    parser = _Parser(prog="kl-rl sweep", add_help=False, description="A grid of hyperparameters x seeds.")
-    parser.add_argument("--algo", default="ppo")
-    parser.add_argument("--env", default="CartPole-v1")
+    parser = _run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
     parser.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2")
-    parser.add_argument("--seeds", default="4")
-    parser.add_argument("--total-steps", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--config", default=None)
     parser.add_argument("--chunk-size", default="64")
-    parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("-h", "--help", action="store_true")
     args, extra = parser.parse_known_args(argv)
     if args.help:
         print(__doc__.strip())
@@ -160,16 +167,10 @@ def _sweep(argv: list[str]) -> int:
         raise ConfigError("--grid needs at least one NAME=V1,V2,... item")
     seeds = config_lib.parse_value("seeds", args.seeds, int)
     chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
-    overrides = _overrides(extra)
-    if args.total_steps is not None:
-        overrides["total_steps"] = args.total_steps
+    overrides = _run_overrides(args, extra)
     grid = sweep.parse_grid(args.algo, args.grid)
     base = runner.resolve_config(args.algo, args.env, args.config, overrides)
-    out = Path(args.out) if args.out else Path("runs") / (
-        f"sweep-{args.algo}-{args.env}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    )
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
+    out = _out_dir(args, prefix="sweep-")
     points = len(sweep.expand(grid))
     print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
     result = sweep.run_sweep(

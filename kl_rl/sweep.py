@@ -207,10 +207,6 @@ def run_sweep(
     keys = jax.device_put(keys, replicated)
     outputs: dict[int, Any] = {}
     programs = []
-    total_steps = sum(
-        make_trainer(algo, configs[i], env_obj).steps_per_update * configs[i].num_updates * seeds
-        for i in range(len(points))
-    )
     bar = None
     done_before = 0  # env steps of the chunks already finished
     chunk_steps_per_update = 0
@@ -219,12 +215,25 @@ def run_sweep(
         if bar is not None:
             bar.update(done_before + int(updates_done) * chunk_steps_per_update - bar.n)
 
-    for members in groups.values():
+    # One trainer per static group: its members share rollout shapes and update counts.
+    trainers = [
+        make_trainer(
+            algo,
+            configs[members[0]],
+            env_obj,
+            progress=advance if progress else None,
+            progress_every=max(1, configs[members[0]].num_updates // 100),
+        )
+        for members in groups.values()
+    ]
+    total_steps = sum(
+        t.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
+        for t, m in zip(trainers, groups.values(), strict=True)
+    )
+    for trainer, members in zip(trainers, groups.values(), strict=True):
         size = min(chunk_size, len(members))
         size = -(-size // len(devices)) * len(devices)
         first = configs[members[0]]
-        every = max(1, first.num_updates // 100)
-        trainer = make_trainer(algo, first, env_obj, progress=advance if progress else None, progress_every=every)
         program = jax.jit(jax.vmap(jax.vmap(trainer.train, in_axes=(0, None)), in_axes=(None, 0)))
         compiled, compile_s, run_s = None, 0.0, 0.0
         for start in range(0, len(members), size):
