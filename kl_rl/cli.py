@@ -14,6 +14,7 @@ run has succeeded.
 import argparse
 import dataclasses
 import datetime
+import json
 import sys
 from typing import NoReturn
 
@@ -125,25 +126,79 @@ def _train(argv: list[str]) -> int:
     from kl_rl import runner
 
     parser = _run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
+    parser.add_argument("--checkpoint-every", default=None)
+    parser.add_argument("--resume", default=None)
     args, extra = parser.parse_known_args(argv)
     if args.help:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
-            "[--config FILE.yaml|.toml] [--no-progress] [--<hyperparameter> VALUE ...]\n"
+            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--no-progress] "
+            "[--<hyperparameter> VALUE ...]\n"
+            "       kl-rl train --resume DIR [--no-progress]\n"
         )
         print(_train_help(args.algo))
         return 0
+    if args.resume is not None:
+        return _resume(args, extra, argv)
     seeds = config_lib.parse_value("seeds", args.seeds, int)
     if seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+    every = config_lib.parse_value("checkpoint_every", args.checkpoint_every or 0, int)
+    if every < 0:
+        raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
     overrides = _run_overrides(args, extra)
     config = runner.resolve_config(args.algo, args.env, args.config, overrides)
     out = _out_dir(args, prefix="")
+    checkpoint_dir = None
+    if every:
+        # Checkpoints go into the run folder while it trains, so it must not hold another run.
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(
+                f"--out {str(out)!r} already holds files; --checkpoint-every needs a new or empty folder "
+                "(continue a run with kl-rl train --resume DIR)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir = out
+        result_config = {"algo": args.algo, "env": args.env, "seeds": list(range(seeds)), "checkpoint_every": every}
+        (out / "config.json").write_text(json.dumps({**result_config, **config_lib.to_dict(config)}, indent=2) + "\n")
     print(f"compiling {args.algo} on {args.env} for {seeds} seed(s)...", flush=True)
-    result = runner.run(args.algo, args.env, seeds=seeds, config=config, progress=not args.no_progress)
+    result = runner.run(
+        args.algo, args.env, seeds=seeds, config=config, progress=not args.no_progress,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=every,
+    )  # fmt: skip
     _print_table(result)
-    result.save(out)
+    result.save(out, checkpoint_every=every)
     print(f"run folder: {out}")
+    return 0
+
+
+def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
+    from pathlib import Path
+
+    from kl_rl import runner
+
+    run_dir = Path(args.resume)
+    algo, env, seeds, config, every = runner.read_run_config(run_dir)
+    given = {"--algo": (args.algo, algo), "--env": (args.env, env)}
+    for flag, (value, saved) in given.items():
+        if (flag in argv or any(a.startswith(flag + "=") for a in argv)) and value != saved:
+            raise ConfigError(
+                    f"--resume {str(run_dir)!r} holds a {algo} run on {env}, not {flag} {value}; "
+                    "resume it as it is, or start a new run with --out"
+                )
+    if extra or args.config or args.total_steps or args.out or args.checkpoint_every or "--seeds" in argv:
+        raise ConfigError("--resume continues a run exactly as configured; give no other settings than --no-progress")
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
+    print(f"resuming {algo} on {env} for {len(seeds)} seed(s) from {run_dir}...", flush=True)
+    result = runner.run(
+        algo, env, seeds=len(seeds), config=config, progress=not args.no_progress,
+        checkpoint_dir=run_dir, checkpoint_every=every,
+    )  # fmt: skip
+    _print_table(result)
+    result.save(run_dir, checkpoint_every=every)
+    print(f"run folder: {run_dir}")
     return 0
 
 
@@ -203,7 +258,13 @@ def _list(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sweep": _sweep, "list": _list}
+def _tune(argv: list[str]) -> int:
+    from kl_rl import tune
+
+    return tune.cli_main(argv)
+
+
+COMMANDS = {"train": _train, "sweep": _sweep, "tune": _tune, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,18 +113,74 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "compile_time_s": self.compile_time_s,
             "env_steps_per_s": self.env_steps_per_s,
-            "kl_rl_version": kl_rl.__version__,
-            "jax_version": jax.__version__,
-            "device": str(jax.devices()[0].device_kind),
-            "platform": platform.platform(),
+            **provenance(),
         }
 
-    def save(self, out_dir: str | os.PathLike) -> Path:
-        """Writes config.json, metrics.csv and summary.json, replacing `out_dir` only when done."""
-        return write_run_folder(out_dir, self.config_dict(), self.rows(), self.summary())
+    def save(self, out_dir: str | os.PathLike, checkpoint_every: int = 0) -> Path:
+        """Writes config.json, metrics.csv, summary.json and the final state (checkpoints/), atomically.
+
+        The folder replaces `out_dir` only once everything is written. A run trained with
+        `checkpoint_dir=out_dir` already has its checkpoints there; those stay.
+        """
+        from kl_rl.checkpoint import FOLDER, Checkpointer
+
+        def save_state(folder: Path) -> None:
+            if self.final_state is None:
+                return
+            if (Path(out_dir) / FOLDER).is_dir():
+                shutil.copytree(Path(out_dir) / FOLDER, folder / FOLDER)
+                return
+            ckpt = Checkpointer(folder)
+            num_updates = int(self.metrics["env_steps"].shape[1])
+            ckpt.save(num_updates, self.final_state, self.metrics, run_record(self))
+            ckpt.wait()
+            ckpt.close()
+
+        config = {**self.config_dict(), "checkpoint_every": checkpoint_every}
+        return write_run_folder(out_dir, config, self.rows(), self.summary(), save_state)
 
     def config_dict(self) -> dict[str, Any]:
         return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, **config_lib.to_dict(self.config)}
+
+
+def run_record(result_or_algo: Any, env: str = "", seeds: int = 0, config: Any = None) -> dict[str, Any]:
+    """What a checkpoint records of its run, checked on resume: algo, env, seeds, config."""
+    if isinstance(result_or_algo, RunResult):
+        r = result_or_algo
+        return run_record(r.algo, r.env_id, len(r.seeds), r.config)
+    return {"algo": result_or_algo, "env": env, "seeds": seeds, "config": config_lib.to_dict(config)}
+
+
+def provenance() -> dict[str, Any]:
+    """Versions, device and git commits, for a run or sweep folder's summary."""
+    return {
+        "kl_rl_version": kl_rl.__version__,
+        "jax_version": jax.__version__,
+        "device": str(jax.devices()[0].device_kind),
+        "platform": platform.platform(),
+        "git_commit": _git_commit(Path.cwd()),
+        "kl_rl_git_commit": _git_commit(Path(kl_rl.__file__).parent),
+    }
+
+
+def _git_commit(path: Path) -> str | None:
+    """HEAD of the git work tree holding `path` ('+dirty' with uncommitted changes), else None."""
+    import subprocess
+
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(path), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "") if head else None
 
 
 def iqm(x: np.ndarray) -> float:
@@ -144,8 +200,17 @@ def _scalar(x: Any) -> Any:
     return value
 
 
-def write_run_folder(out_dir: str | os.PathLike, config: dict, rows: list[dict], summary: dict) -> Path:
-    """Writes a run folder atomically: into a temporary sibling, then renamed over `out_dir`."""
+def write_run_folder(
+    out_dir: str | os.PathLike,
+    config: dict,
+    rows: list[dict],
+    summary: dict,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
+    """Writes a run folder atomically: into a temporary sibling, then renamed over `out_dir`.
+
+    `extra(folder)`, if given, writes more into the temporary folder before the rename.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -156,6 +221,8 @@ def write_run_folder(out_dir: str | os.PathLike, config: dict, rows: list[dict],
             writer.writeheader()
             writer.writerows(rows)
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if extra is not None:
+            extra(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
             out.rename(old)
@@ -197,6 +264,8 @@ def run(
     config: Any = None,
     config_file: str | os.PathLike | None = None,
     progress: Callable[[int], None] | bool = False,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
     **overrides: Any,
 ) -> RunResult:
     """Trains `seeds` seeds (0 .. seeds-1) in one compiled, vmapped program.
@@ -208,20 +277,28 @@ def run(
       config: a ready config; if None it is resolved from the preset, `config_file` and
         `overrides` (field names as keywords, e.g. lr=3e-4, total_steps=100_000).
       progress: True for a tqdm bar; or a callable receiving env steps done (summed over seeds).
+      checkpoint_dir: a run folder to checkpoint into (`<checkpoint_dir>/checkpoints/<update>`).
+        If it already holds a checkpoint of this run, training resumes from the newest one.
+        The final state is always saved there. Without it the run is one program with no saves.
+      checkpoint_every: updates between checkpoints (0: only the final state). The updates run
+        as segments of this many, each one compiled program call.
     """
     from kl_rl.errors import ConfigError
 
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
+    if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise ConfigError(f"--checkpoint-every must be a non-negative integer, got {checkpoint_every!r}")
     if config is None:
         config = resolve_config(algo, env, config_file, overrides)
     env_obj = envs.make(env)
     steps_per_update = 0  # set from the trainer below, before any callback can run
     bar = None  # opened after compilation, so its clock and rate cover the run only
+    bar_start = 0  # env steps already done when the bar opened (a resumed run)
 
     def callback(updates_done):
         if bar is not None:
-            bar.update(int(updates_done) * steps_per_update - bar.n)
+            bar.update(int(updates_done) * steps_per_update - bar_start - bar.n)
         elif callable(progress):
             progress(int(updates_done) * steps_per_update)
 
@@ -235,29 +312,227 @@ def run(
     steps_per_update = trainer.steps_per_update * seeds
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     enable_compilation_cache()
-    start = time.perf_counter()
-    compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
-    compile_time = time.perf_counter() - start
-    if progress is True:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=config.num_updates * steps_per_update, unit="step", unit_scale=True, desc=f"{algo} {env}")
-    start = time.perf_counter()
+    def open_bar(done_updates: int):
+        nonlocal bar, bar_start
+        if progress is True:
+            from tqdm.auto import tqdm
+
+            bar_start = done_updates * steps_per_update
+            bar = tqdm(
+                total=config.num_updates * steps_per_update,
+                initial=bar_start,
+                unit="step",
+                unit_scale=True,
+                desc=f"{algo} {env}",
+            )
+
     try:
-        out = jax.block_until_ready(compiled(keys, config))
-        jax.effects_barrier()
+        if checkpoint_dir is None:
+            start = time.perf_counter()
+            compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
+            compile_time = time.perf_counter() - start
+            open_bar(0)
+            start = time.perf_counter()
+            out = jax.block_until_ready(compiled(keys, config))
+            jax.effects_barrier()
+            wall = time.perf_counter() - start
+            state, metrics, eval_returns = out.state, out.metrics, out.eval_returns
+        else:
+            record = run_record(algo, env, seeds, config)
+            state, metrics, eval_returns, wall, compile_time = _run_in_segments(
+                trainer, config, keys, checkpoint_dir, checkpoint_every, record, open_bar
+            )
     finally:
         if bar is not None:
             bar.close()
-    wall = time.perf_counter() - start
     return RunResult(
         algo=algo,
         env_id=env,
         config=config,
         seeds=list(range(seeds)),
-        metrics={k: np.asarray(v) for k, v in out.metrics.items()},
-        eval_returns=np.asarray(out.eval_returns),
+        metrics={k: np.asarray(v) for k, v in metrics.items()},
+        eval_returns=np.asarray(eval_returns),
         wall_time_s=wall,
         compile_time_s=compile_time,
-        final_state=out.state,
+        final_state=state,
     )
+
+
+def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_bar):
+    """`train` split at checkpoints: init, segments of `every` updates (each saved), evaluate.
+
+    Splits each seed's key as `train` does, so the result is `train`'s, resumed or not.
+    Returns (state, metrics, eval_returns, run wall time, compile time).
+    """
+    from kl_rl.checkpoint import Checkpointer
+    from kl_rl.errors import ConfigError
+
+    num_updates = config.num_updates
+    every = every or num_updates
+    init_keys, eval_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
+    compile_time = 0.0
+
+    def compiled(fn, *args):
+        nonlocal compile_time
+        t0 = time.perf_counter()
+        program = jax.jit(fn).lower(*args).compile()
+        compile_time += time.perf_counter() - t0
+        return program
+
+    init = compiled(jax.vmap(trainer.init, in_axes=(0, None)), init_keys, config)
+    state = init(init_keys, config)
+    ckpt = Checkpointer(checkpoint_dir)
+    try:
+        done, history = 0, []
+        latest = ckpt.latest()
+        if latest is not None:
+            saved = ckpt.record(latest)
+            if {k: saved.get(k) for k in record} != record:
+                raise ConfigError(
+                    f"the checkpoints in {ckpt.directory} are of another run ({saved.get('algo')} on "
+                    f"{saved.get('env')}, {saved.get('seeds')} seed(s)); resume with that run's settings"
+                )
+            state, saved_metrics = ckpt.restore(latest, state)
+            done, history = latest, [saved_metrics]
+        segments: dict[int, Any] = {}
+        open_bar(done)
+        start = time.perf_counter()
+        while done < num_updates:
+            n = min(every, num_updates - done)
+            if n not in segments:
+                fn = jax.vmap(lambda s, c, st, n=n: trainer.run(s, c, n, st), in_axes=(0, None, None))
+                t0 = time.perf_counter()
+                segments[n] = compiled(fn, state, config, done)
+                start += time.perf_counter() - t0  # compile time is not run time
+            state, metrics = segments[n](state, config, done)
+            history.append(jax.device_get(metrics))
+            done += n
+            so_far = {k: np.concatenate([h[k] for h in history], axis=1) for k in history[0]}
+            history = [so_far]
+            ckpt.save(done, state, so_far, record)
+        t0 = time.perf_counter()
+        evaluate = compiled(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)), eval_keys, state, config)
+        start += time.perf_counter() - t0
+        eval_returns = jax.block_until_ready(evaluate(eval_keys, state, config))
+        jax.effects_barrier()
+        wall = time.perf_counter() - start
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return state, history[0], eval_returns, wall, compile_time
+
+
+RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every")
+
+
+def read_run_config(run_dir: str | os.PathLike) -> tuple[str, str, list[int], Any, int]:
+    """(algo, env, seeds, config, checkpoint_every) from a run folder's config.json.
+
+    Raises:
+      ConfigError: the folder is not a run folder, or its config.json does not build a config.
+    """
+    from kl_rl.checkpoint import read_json
+    from kl_rl.errors import ConfigError
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {str(run_dir)!r} does not exist; give a folder written by kl-rl train")
+    saved = read_json(run_dir / "config.json", "not a kl-rl train run folder")
+    missing = [k for k in ("algo", "env", "seeds") if k not in saved]
+    if missing or "grid" in saved or "space" in saved:
+        raise ConfigError(f"{run_dir} is not a kl-rl train run folder (its config.json has no {missing or 'run'})")
+    algo, env = saved["algo"], saved["env"]
+    seeds = saved["seeds"]
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    fields = {k: v for k, v in saved.items() if k not in RUN_KEYS}
+    config = config_lib.build(algo_spec(algo).config, fields)
+    config.validate(envs.make(env).action_space)
+    return algo, env, seeds, config, int(saved.get("checkpoint_every", 0))
+
+
+@dataclasses.dataclass
+class LoadedRun:
+    """A run folder's final (or latest checkpointed) policies, for evaluation from Python.
+
+        >>> run = kl_rl.runner.load("runs/ppo-cartpole")
+        >>> run.evaluate()                    # [seeds, eval_episodes] returns, as in summary.json
+        >>> action = run.act(obs, seed=0)     # obs unnormalized: the saved normalizer is applied
+    """
+
+    algo: str
+    env_id: str
+    config: Any
+    seeds: list[int]
+    update: int
+    """Updates done by the loaded state."""
+    state: Any
+    """The `TrainState`, batched over seeds."""
+    trainer: Any
+
+    def _agent(self):
+        spec = algo_spec(self.algo)
+        vec_env = self.trainer_env
+        return spec.make(self.config, vec_env.observation_space, vec_env.action_space)
+
+    @property
+    def trainer_env(self):
+        from kl_rl.envs.vector import VecEnv
+
+        return VecEnv(envs.make(self.env_id), 1)
+
+    def seed_state(self, seed: int = 0) -> Any:
+        """The train state of one seed."""
+        return jax.tree.map(lambda x: x[self.seeds.index(seed)], self.state)
+
+    def dist(self, obs: Any, seed: int = 0) -> Any:
+        """The policy's action distribution for a batch of raw observations [B, *obs_shape]."""
+        from kl_rl import rollout
+
+        state = self.seed_state(seed)
+        obs = rollout.observe(state.collector.obs_norm, jax.numpy.asarray(obs), self.config.normalize_obs)
+        return self._agent().policy(state.agent, obs)
+
+    def act(self, obs: Any, seed: int = 0, key: jax.Array | None = None) -> jax.Array:
+        """Env-ready actions for raw observations [B, *obs_shape]: the mode, or a sample with `key`."""
+        from kl_rl import rollout
+
+        dist = self.dist(obs, seed)
+        action = dist.mode() if key is None else dist.sample(key)
+        return rollout.env_action(self.trainer_env.action_space, action)
+
+    def evaluate(self, keys: jax.Array | None = None) -> np.ndarray:
+        """[seeds, eval_episodes] returns of the loaded policies.
+
+        By default each seed uses the evaluation key its training run used, so a finished run
+        reproduces its summary.json's final returns exactly.
+        """
+        if keys is None:
+            seed_keys = jax.vmap(jax.random.key)(np.asarray(self.seeds))
+            keys = jax.vmap(jax.random.split)(seed_keys)[:, 1]
+        fn = jax.jit(jax.vmap(self.trainer.evaluate, in_axes=(0, 0, None)))
+        return np.asarray(fn(keys, self.state, self.config))
+
+
+def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:
+    """Loads a run folder's checkpoint (the newest unless `update` is given) for evaluation.
+
+    Raises:
+      ConfigError: not a run folder, no checkpoint, or a checkpoint that does not match.
+    """
+    from kl_rl.checkpoint import Checkpointer
+    from kl_rl.errors import ConfigError
+
+    algo, env, seeds, config, _ = read_run_config(run_dir)
+    trainer = make_trainer(algo, config, envs.make(env))
+    keys = jax.vmap(jax.random.key)(np.asarray(seeds))
+    template = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), keys, config)
+    ckpt = Checkpointer(run_dir, read_only=True)
+    try:
+        update = ckpt.latest() if update is None else update
+        if update is None:
+            raise ConfigError(f"{run_dir} holds no checkpoint; it was written before runs saved their state")
+        state, _ = ckpt.restore(update, template)
+    finally:
+        ckpt.close()
+    return LoadedRun(algo, env, config, seeds, int(update), state, trainer)

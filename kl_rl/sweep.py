@@ -150,9 +150,7 @@ class SweepResult:
             "compiled_programs": len(self.programs),
             "programs": self.programs,
             "ranking": self.ranking(),
-            "kl_rl_version": runner.kl_rl.__version__,
-            "jax_version": jax.__version__,
-            "device": str(jax.devices()[0].device_kind),
+            **runner.provenance(),
         }
         return runner.write_run_folder(out_dir, base_config, self.rows(), summary)
 

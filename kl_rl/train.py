@@ -143,15 +143,21 @@ def make_trainer(
         )
         return new_state, metrics
 
-    def run(state: TrainState, config: Any = config, num_updates: int = num_updates):
-        """Runs `num_updates` updates (static) and stacks their metrics."""
+    total_updates = num_updates
+
+    def run(state: TrainState, config: Any = config, num_updates: int = num_updates, start: Any = 0):
+        """Runs `num_updates` updates (static) and stacks their metrics.
+
+        `start` is the number of updates done before this call (a run split into segments, e.g.
+        between checkpoints); it only offsets the progress callback, so pass it unbatched.
+        """
 
         def body(state, i):
             state, metrics = update_step(state, config)
             if progress is not None:
-                done = i + 1
+                done = start + i + 1
                 jax.lax.cond(
-                    (done % progress_every == 0) | (done == num_updates),
+                    (done % progress_every == 0) | (done == total_updates),
                     lambda: jax.debug.callback(progress, done),
                     lambda: None,
                 )

@@ -1,0 +1,703 @@
+"""Hyperparameter search with Optuna: TPE sampling and median pruning, trials batched into vmapped programs.
+
+    >>> space = kl_rl.tune.parse_space("ppo", ["lr=log:1e-5:1e-2", "clip_eps=0.1:0.3", "num_minibatches=4,8"])
+    >>> result = kl_rl.tune.run_tune("ppo", "CartPole-v1", space, trials=32, batch_size=8, seeds=4,
+    ...                              storage="sqlite:///study.db", study_name="ppo-cartpole")
+    >>> result.best        # {"number", "params", "value"}: the best trial of the whole study
+
+The search follows rl-baselines3-zoo: a TPE sampler proposes hyperparameters, a median pruner
+stops trials whose training return falls below the median of finished trials at the same env
+step, and the objective is the mean over seeds of the final policy's mean evaluation return --
+the final_return of `kl-rl train`, so a trial's value is what training that config gives.
+
+Trials are asked from the study `batch_size` at a time. A batch's trials that share the static
+fields (shapes, loop counts) are stacked into one config pytree and run as one program, `vmap`ped
+over trials (outer) and seeds (inner) exactly as `kl_rl.sweep` does. Each trial's updates run in
+`rungs` segments; after each, every trial reports the mean over seeds of its latest training
+episode return and asks the pruner. A pruned trial inside a group that goes on costs the same as
+a live one (the vmapped program runs every member), so pruning saves compute only when a whole
+group is pruned, and the group then stops. The compiled programs of a static group are kept
+across batches; a group is padded to the batch size with copies of its last config (dropped
+afterwards), so every batch reuses them.
+
+Several workers can share a study through one storage (e.g. the same SQLite file or a
+PostgreSQL URL): each asks its own trials, and TPE and the pruner see every worker's results.
+"""
+
+import dataclasses
+import math
+import re
+import sys
+import time
+import typing
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kl_rl import config as config_lib
+from kl_rl import envs, runner, sweep
+from kl_rl.agents import algo_spec
+from kl_rl.errors import ConfigError
+from kl_rl.train import make_trainer
+
+SPACE_FORMS = "NAME=LOW:HIGH, NAME=log:LOW:HIGH or NAME=V1,V2,... (e.g. lr=log:1e-5:1e-2)"
+BUDGET_FIELDS = ("total_steps", "iterations")
+TOP = 10  # best trials of the study kept in TuneResult.top
+STORAGE_ATTEMPTS = 5  # tries at opening a storage that other workers are creating at the same moment
+
+
+def _optuna() -> Any:
+    """The optuna module, or a ConfigError saying how to install it (it is an optional extra)."""
+    try:
+        import optuna
+    except ImportError:
+        raise ConfigError("kl-rl tune needs Optuna; install it with pip install 'kl_rl[tune]'") from None
+    return optuna
+
+
+def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
+    """{name: Optuna distribution} from CLI items.
+
+    NAME=LOW:HIGH is uniform (integers for an int field), NAME=log:LOW:HIGH log-uniform, and
+    NAME=V1,V2,... categorical; tuple fields join widths with ':' (hidden_sizes=64:64,32:32),
+    and their choices are kept as those strings, since Optuna's choices must be scalars.
+    Every distinct value of a static field (num_envs, num_minibatches, hidden_sizes, ...) is a
+    program of its own, so give those a few choices rather than a range.
+
+    Raises:
+      ConfigError: a malformed item, an unknown or repeated name, a budget field, LOW >= HIGH,
+        a log range with LOW <= 0, a range over a non-numeric field, or a value of the wrong type.
+    """
+    distributions = _optuna().distributions
+    cls = algo_spec(algo).config
+    types = config_lib._field_types(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    space: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name, text = name.strip().lstrip("-").replace("-", "_"), text.strip()
+        if not sep or not name or not text:
+            raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+        if name not in names:
+            raise ConfigError(f"unknown hyperparameter {name!r} for {cls.__name__} in --space (see kl-rl train --help)")
+        if name in space:
+            raise ConfigError(f"--space names {name!r} twice; give its range or values in one item")
+        if name in BUDGET_FIELDS:
+            raise ConfigError(
+                f"--space cannot vary {name}; every trial trains for one budget, set with --{name.replace('_', '-')}"
+            )
+        typ = types[name]
+        is_tuple = typing.get_origin(typ) is tuple
+        if is_tuple or "," in text or ":" not in text:
+            values = [v.strip() for v in text.split(",")]
+            if not all(values):
+                raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+            parsed = [config_lib.parse_value(name, v.replace(":", ",") if is_tuple else v, typ) for v in values]
+            space[name] = distributions.CategoricalDistribution([sweep._plain(v) for v in parsed])
+            continue
+        parts = [p.strip() for p in text.split(":")]
+        log = parts[0] == "log"
+        bounds = parts[1:] if log else parts
+        if len(bounds) != 2 or not all(bounds):
+            raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+        if typ not in (int, float):
+            raise ConfigError(
+                f"--space {name}={text}: a range needs a numeric field, but {name} is "
+                f"{getattr(typ, '__name__', typ)}; list its values instead ({name}=V1,V2)"
+            )
+        low, high = (config_lib.parse_value(name, b, typ) for b in bounds)
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ConfigError(
+                f"--space {name}={text}: a range needs finite bounds; give numbers such as {name}=0.1:0.3"
+            )
+        if low >= high:
+            raise ConfigError(f"--space {name}={text}: LOW must be below HIGH; write {name}=LOW:HIGH with LOW < HIGH")
+        if log and low <= 0:
+            raise ConfigError(f"--space {name}={text}: a log range needs LOW > 0; raise LOW or drop 'log:'")
+        kind = distributions.IntDistribution if typ is int else distributions.FloatDistribution
+        space[name] = kind(low, high, log=log)
+    return space
+
+
+def describe(distribution: Any) -> str:
+    """The --space text of an Optuna distribution (the inverse of `parse_space` for one item)."""
+    if hasattr(distribution, "choices"):
+        return ",".join(str(c) for c in distribution.choices)
+    prefix = "log:" if distribution.log else ""
+    return f"{prefix}{distribution.low}:{distribution.high}"
+
+
+def to_overrides(algo: str, params: dict[str, Any]) -> dict[str, Any]:
+    """A trial's params as config overrides: tuple fields' "64:64" choices become "64,64"."""
+    types = config_lib._field_types(algo_spec(algo).config)
+    return {
+        name: value.replace(":", ",") if typing.get_origin(types[name]) is tuple else value
+        for name, value in params.items()
+    }
+
+
+@dataclasses.dataclass
+class TuneResult:
+    """A worker's part of a study: its own trials, and the study's best trial when it finished."""
+
+    algo: str
+    env_id: str
+    study_name: str
+    storage: str | None
+    space: dict[str, Any]
+    seeds: list[int]
+    base_config: Any
+    trials: list[dict[str, Any]]
+    """This worker's trials in the order asked: number, state, params, value, final_return (per
+    seed, None unless complete), pruned_at_env_steps (None unless pruned), env_steps (per seed,
+    those its group trained: a pruned trial's group may go on), error (FAIL only)."""
+    best: dict[str, Any] | None
+    """{"number", "params", "value"} of the study's best complete trial, any worker's; None if none."""
+    top: list[dict[str, Any]]
+    """The study's best complete trials (up to 10, any worker's), best first, as `best`."""
+    study_counts: dict[str, int]
+    """Trials of the whole study by state (COMPLETE, PRUNED, FAIL, RUNNING, ...)."""
+    compiled_programs: int
+    wall_time_s: float
+
+    @property
+    def env_steps(self) -> int:
+        """Env steps this worker trained, summed over trials and seeds (padding excluded)."""
+        return sum(t["env_steps"] for t in self.trials) * len(self.seeds)
+
+    def rows(self) -> list[dict[str, Any]]:
+        """metrics.csv's rows: one per trial of this worker, hyperparameters as columns."""
+        rows = []
+        for t in self.trials:
+            final = t["final_return"]
+            rows.append(
+                {
+                    "number": t["number"],
+                    "state": t["state"],
+                    **{name: t["params"].get(name) for name in self.space},
+                    "value": t["value"],
+                    "final_return_mean": float(np.mean(final)) if final else None,
+                    "final_return_iqm": runner.iqm(final) if final else None,
+                    "pruned_at_env_steps": t["pruned_at_env_steps"],
+                }
+            )
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        """summary.json's content."""
+        return {
+            "algo": self.algo,
+            "env": self.env_id,
+            "study_name": self.study_name,
+            "storage": self.storage,
+            "seeds": self.seeds,
+            "best": self.best,
+            "top": self.top,
+            "study_trials": self.study_counts,
+            "trials": self.trials,
+            "compiled_programs": self.compiled_programs,
+            "env_steps": self.env_steps,
+            "wall_time_s": self.wall_time_s,
+            "optuna_version": _optuna().__version__,
+            **runner.provenance(),
+        }
+
+    def config_dict(self) -> dict[str, Any]:
+        """config.json's content: the search space over the base config."""
+        space = {name: describe(d) for name, d in self.space.items()}
+        base = config_lib.to_dict(self.base_config)
+        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **base}
+
+    def save(self, out_dir: Any) -> Path:
+        """Writes config.json, metrics.csv (one row per trial) and summary.json, atomically."""
+        return runner.write_run_folder(out_dir, self.config_dict(), self.rows(), self.summary())
+
+
+def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 0, startup_trials: int = 10) -> Any:
+    """Creates or loads a maximizing study with a seeded TPE sampler and a median pruner.
+
+    Args:
+      storage: a database URL Optuna accepts (sqlite:///study.db, postgresql://...), or None for
+        an in-memory study no other worker can see.
+      study_name: the study to create, or to join if the storage already holds it.
+      sampler_seed: seed of the sampler; workers sharing a study should each have their own,
+        or their random startup trials coincide. None draws one.
+      startup_trials: random trials before TPE models the results, and finished trials before
+        the pruner prunes.
+
+    Raises:
+      ConfigError: the storage cannot be opened (bad URL, missing driver, unreachable server,
+        unwritable file), or holds `study_name` as a minimizing study.
+    """
+    optuna = _optuna()
+    with warnings.catch_warnings():
+        # constant_liar (experimental in Optuna 4): trials asked while others of the batch, or of
+        # another worker, still run are steered away from them instead of repeating them.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=sampler_seed, n_startup_trials=startup_trials, constant_liar=True)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=startup_trials)
+    for attempt in range(STORAGE_ATTEMPTS):
+        try:
+            study = optuna.create_study(
+                storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                sampler=sampler, pruner=pruner,
+            )  # fmt: skip
+            break
+        except Exception as err:  # any driver, SQLAlchemy or URL error: the storage is unusable
+            if _racing(err) and attempt + 1 < STORAGE_ATTEMPTS:
+                time.sleep(0.2 * (attempt + 1))
+                continue
+            lines = str(err).strip().splitlines()
+            reason = lines[0] if lines else type(err).__name__
+            raise ConfigError(
+                f"cannot open Optuna storage {_redact(storage)!r}: {reason}; give a database URL Optuna accepts "
+                "(e.g. sqlite:///study.db)"
+            ) from None
+    if study.direction != optuna.study.StudyDirection.MAXIMIZE:
+        raise ConfigError(f"study {study_name!r} in {_redact(storage)!r} minimizes; give another --study-name")
+    return study
+
+
+def _racing(err: Exception) -> bool:
+    """Whether opening a storage failed because another worker was creating the same new database.
+
+    Workers started together on a fresh database all create its tables and write its schema
+    version; the losers fail on a duplicate, and succeed once they retry.
+    """
+    text = str(err)
+    return type(err).__name__ == "IntegrityError" or "already exists" in text or "database is locked" in text
+
+
+class _GroupPrograms:
+    """The compiled programs of one static group, vmapped over trials (outer) and seeds (inner).
+
+    init, a segment of n updates, and evaluate are compiled on first use and kept, so later
+    batches with the same static values (and so the same padded shapes) run without compiling.
+    """
+
+    def __init__(self, algo: str, config: Any, env: Any, progress: Callable[[Any], None] | None):
+        self.trainer = make_trainer(
+            algo, config, env, progress=progress, progress_every=max(1, config.num_updates // 100)
+        )
+        self.compiled: dict[Any, Any] = {}
+
+    def _call(self, name: Any, fn: Callable, *args: Any) -> Any:
+        if name not in self.compiled:
+            self.compiled[name] = jax.jit(fn).lower(*args).compile()
+        return self.compiled[name](*args)
+
+    def init(self, keys: jax.Array, configs: Any) -> Any:
+        init = jax.vmap(jax.vmap(self.trainer.init, in_axes=(0, None)), in_axes=(None, 0))
+        return self._call("init", init, keys, configs)
+
+    def run(self, states: Any, configs: Any, num_updates: int) -> tuple[Any, dict[str, jax.Array]]:
+        def segment(state, config):
+            return self.trainer.run(state, config, num_updates)
+
+        return self._call(("run", num_updates), jax.vmap(jax.vmap(segment, in_axes=(0, None))), states, configs)
+
+    def evaluate(self, keys: jax.Array, states: Any, configs: Any) -> jax.Array:
+        evaluate = jax.vmap(jax.vmap(self.trainer.evaluate, in_axes=(0, 0, None)), in_axes=(None, 0, 0))
+        return self._call("evaluate", evaluate, keys, states, configs)
+
+
+class _Bar:
+    """An optional tqdm bar of env steps summed over trials and seeds (a no-op when disabled).
+
+    Its total starts at trials x seeds x the base config's budget and moves when a trial trains
+    more or less than that (a space over num_steps, a failed config, a pruned group stopping).
+    """
+
+    def __init__(self, enabled: bool, total: int, desc: str):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="step", unit_scale=True, desc=desc)
+        self.base = 0  # env steps done before the running segment
+        self.unit = 0  # env steps per update of the running segment, over its real trials and seeds
+
+    def advance(self, updates_done: Any) -> None:
+        """The trainers' progress callback: updates done in the running segment."""
+        if self.bar is not None:
+            self.bar.update(self.base + int(updates_done) * self.unit - self.bar.n)
+
+    def finish_segment(self, num_updates: int) -> None:
+        self.base += num_updates * self.unit
+        self.advance(0)
+
+    def retotal(self, delta: int) -> None:
+        if self.bar is not None and delta:
+            self.bar.total += delta
+            self.bar.refresh()
+
+    def log(self, log: Callable[[str], None], line: str) -> None:
+        """Prints `line` above the bar instead of through it."""
+        if self.bar is not None:
+            self.bar.clear()
+        log(line)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def segments(num_updates: int, rungs: int) -> list[int]:
+    """Update counts of the rungs: equal segments, the remainder added to the last."""
+    rungs = min(rungs, num_updates)
+    size = num_updates // rungs
+    return [size] * (rungs - 1) + [num_updates - size * (rungs - 1)]
+
+
+def _run_group(
+    study: Any,
+    group: _GroupPrograms,
+    members: list[tuple[Any, Any, dict[str, Any]]],
+    keys: tuple[jax.Array, jax.Array],
+    size: int,
+    rungs: int,
+    sharding: Any,
+    bar: _Bar,
+) -> None:
+    """Trains one static group's (trial, config, record) triples as one vmapped program, rung by rung.
+
+    After each rung every running trial reports its training return and may be pruned; the
+    group stops once all are pruned. Survivors are evaluated and told their value. Each outcome
+    and the env steps its group trained are written into the trial's record.
+    """
+    optuna = _optuna()
+    init_keys, eval_keys = keys
+    seeds = init_keys.shape[0]
+    configs = [c for _, c, _ in members]
+    padded = configs + [configs[-1]] * (size - len(configs))
+    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *padded)
+    stacked = jax.device_put(stacked, sharding)
+    steps_per_update = group.trainer.steps_per_update
+    num_updates = configs[0].num_updates
+    plan = segments(num_updates, rungs)
+    bar.unit = steps_per_update * len(members) * seeds  # padded trials are not counted
+    states = group.init(init_keys, stacked)
+    done = 0
+    for rung, n in enumerate(plan):
+        states, metrics = group.run(states, stacked, n)
+        latest = np.asarray(metrics["episode_return"][:, :, -1])  # [trials, seeds]
+        jax.effects_barrier()
+        done += n
+        bar.finish_segment(n)
+        env_steps = done * steps_per_update
+        for j, (trial, _, record) in enumerate(members):
+            # Every member ran these steps: a pruned trial's slot runs on with its group.
+            record["env_steps"] = env_steps
+            if record["state"] != "RUNNING":
+                continue
+            finite = latest[j][np.isfinite(latest[j])]  # NaN until a seed's first episode ends
+            if finite.size:
+                trial.report(float(finite.mean()), step=env_steps)
+            if rung < len(plan) - 1 and trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                record.update(state="PRUNED", pruned_at_env_steps=env_steps)
+        if all(record["state"] == "PRUNED" for _, _, record in members):
+            bar.retotal(-(num_updates - done) * bar.unit)
+            return
+    returns = np.asarray(group.evaluate(eval_keys, states, stacked)).mean(axis=-1)  # [trials, seeds]
+    for j, (trial, _, record) in enumerate(members):
+        if record["state"] == "RUNNING":
+            value = float(returns[j].mean())
+            study.tell(trial, value)
+            record.update(state="COMPLETE", value=value, final_return=[float(x) for x in returns[j]])
+
+
+def run_tune(
+    algo: str,
+    env: str,
+    space: dict[str, Any],
+    trials: int,
+    batch_size: int,
+    seeds: int,
+    storage: str | None,
+    study_name: str,
+    config_file: Any = None,
+    overrides: dict[str, Any] | None = None,
+    rungs: int = 4,
+    sampler_seed: int | None = 0,
+    startup_trials: int = 10,
+    log: Callable[[str], None] | None = None,
+    progress: bool = False,
+) -> TuneResult:
+    """Runs `trials` trials of a study on seeds 0..seeds-1, `batch_size` trials per batch.
+
+    A trial's value is the mean over seeds of the mean final evaluation return: what
+    `kl_rl.run` with its params gives (each seed's key is split into init and eval keys as
+    `train` splits it). A sampled config that fails validation (e.g. num_minibatches not
+    dividing the batch) is told FAIL and logged, and the study goes on.
+
+    Pruning compares trials at equal env steps (a rung ends at a multiple of num_envs x
+    num_steps), so a space over those fields prunes each trial only against trials sharing its
+    rungs. A pruned trial costs as much as a live one until every trial of its group is pruned.
+
+    Args:
+      algo, env: names as for `kl_rl.run`.
+      space: {hyperparameter: Optuna distribution}, e.g. from `parse_space`.
+      trials: trials this worker runs.
+      batch_size: trials asked and run together.
+      seeds: seeds per trial.
+      storage, study_name, sampler_seed, startup_trials: as for `open_study`.
+      config_file, overrides: the base config under the space (preset < file < overrides < params).
+      rungs: segments of training, each followed by a report to the pruner.
+      log: optional function receiving one line per batch, and one per failed trial.
+      progress: show a tqdm bar of env steps over all trials and seeds.
+
+    Raises:
+      ConfigError: a bad count, base config or storage; all are checked before any training.
+    """
+    for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+    optuna = _optuna()
+    overrides = dict(overrides or {})
+    base = runner.resolve_config(algo, env, config_file, overrides)
+    study = open_study(storage, study_name, sampler_seed, startup_trials)
+    env_obj = envs.make(env)
+    runner.enable_compilation_cache()
+    # With several devices the trial axis is sharded across them, as in kl_rl.sweep.
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("trials",))
+    by_trial = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("trials"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    split = jax.vmap(jax.random.split)(jax.vmap(jax.random.key)(np.arange(seeds)))  # as train: init, eval
+    keys = jax.device_put((split[:, 0], split[:, 1]), replicated)
+    size = -(-batch_size // len(devices)) * len(devices)  # every group is padded to this many trials
+    budget = base.num_updates * make_trainer(algo, base, env_obj).steps_per_update
+    bar = _Bar(progress, trials * seeds * budget, f"tune {algo} {env}")
+    log = log or (lambda line: None)
+    programs: dict[tuple, _GroupPrograms] = {}
+    records: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        for batch_start in range(0, trials, batch_size):
+            compiled_before = sum(len(p.compiled) for p in programs.values())
+            batch: list[tuple[Any, dict[str, Any]]] = []  # (trial, its record), as asked
+            groups: dict[tuple, list[tuple[Any, Any, dict[str, Any]]]] = {}  # static key -> its trials
+            try:
+                for _ in range(min(batch_size, trials - batch_start)):
+                    trial = study.ask(space)
+                    batch.append((trial, _record(trial)))
+                    records.append(batch[-1][1])
+                for trial, record in batch:
+                    try:
+                        params = to_overrides(algo, trial.params)
+                        config = runner.resolve_config(algo, env, config_file, {**overrides, **params})
+                    except ConfigError as err:
+                        trial.set_user_attr("error", str(err))
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        record.update(state="FAIL", error=str(err))
+                        bar.retotal(-seeds * budget)
+                        bar.log(log, f"trial {trial.number} failed: {err}")
+                        continue
+                    groups.setdefault(sweep.static_key(config), []).append((trial, config, record))
+                for key, members in groups.items():
+                    if key not in programs:
+                        programs[key] = _GroupPrograms(algo, members[0][1], env_obj, bar.advance if progress else None)
+                    steps = members[0][1].num_updates * programs[key].trainer.steps_per_update
+                    bar.retotal(len(members) * seeds * (steps - budget))
+                    _run_group(study, programs[key], members, keys, size, rungs, by_trial, bar)
+            finally:
+                # A trial left RUNNING in a shared storage (an error, Ctrl-C) would stay so for good.
+                for trial, record in batch:
+                    if record["state"] == "RUNNING":
+                        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                        record.update(state="FAIL", error="interrupted")
+            compiled = sum(len(p.compiled) for p in programs.values()) - compiled_before
+            best = _best(study)
+            best_text = f"best value {best['value']:.2f} (trial {best['number']})" if best else "no complete trial yet"
+            outcome = ", ".join(f"{n} {s.lower()}" for s, n in _counts([r for _, r in batch]).items())
+            bar.log(
+                log,
+                f"batch {batch_start // batch_size + 1}/{-(-trials // batch_size)}: {len(batch)} trial(s) x "
+                f"{seeds} seed(s) in {len(groups)} group(s), {compiled} program(s) compiled: {outcome}; {best_text}",
+            )
+    finally:
+        bar.close()
+    finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    top = sorted(finished, key=lambda t: -t.value)[:TOP]
+    return TuneResult(
+        algo=algo,
+        env_id=env,
+        study_name=study_name,
+        storage=_redact(storage),
+        space=space,
+        seeds=list(range(seeds)),
+        base_config=base,
+        trials=records,
+        best=_best(study),
+        top=[{"number": t.number, "params": t.params, "value": t.value} for t in top],
+        study_counts=_counts([{"state": t.state.name} for t in study.get_trials(deepcopy=False)]),
+        compiled_programs=sum(len(p.compiled) for p in programs.values()),
+        wall_time_s=time.perf_counter() - start,
+    )
+
+
+def _record(trial: Any) -> dict[str, Any]:
+    """A new trial's entry in TuneResult.trials, filled in as it finishes."""
+    return {
+        "number": trial.number,
+        "state": "RUNNING",
+        "params": dict(trial.params),
+        "value": None,
+        "final_return": None,
+        "pruned_at_env_steps": None,
+        "env_steps": 0,
+    }
+
+
+def _best(study: Any) -> dict[str, Any] | None:
+    """The study's best complete trial (any worker's), or None before the first completes."""
+    try:
+        best = study.best_trial
+    except ValueError:
+        return None
+    return {"number": best.number, "params": best.params, "value": best.value}
+
+
+def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for r in records:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    return counts
+
+
+def _redact(storage: str | None) -> str | None:
+    """The storage URL with any password masked, for logs and summary.json."""
+    return None if storage is None else re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)
+
+
+USAGE = (
+    "usage: kl-rl tune --algo ALGO --env ENV --space NAME=LOW:HIGH NAME=log:LOW:HIGH NAME=V1,V2 ... "
+    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL] "
+    "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] "
+    "[--no-progress] [--<hyperparameter> VALUE ...]"
+)
+
+HELP = """
+Searches hyperparameters with Optuna (TPE sampler, median pruner) on seeds 0..N-1 per trial.
+A trial's value is the mean over seeds of its final evaluation return (train's final_return).
+
+  --space         NAME=LOW:HIGH (uniform; integers for int fields), NAME=log:LOW:HIGH (log-uniform)
+                  or NAME=V1,V2,... (categorical; tuple fields as hidden_sizes=64:64,32:32)
+  --trials        trials this worker runs (default 20)
+  --batch-size    trials per batch, run as one vmapped program per static group (default 8)
+  --rungs         training segments, each followed by a pruning check (default 4)
+  --storage       Optuna database URL; workers given the same URL and --study-name share the
+                  study (default: sqlite:///<OUT>.study.db next to the output folder)
+  --study-name    default: the output folder's name
+  --sampler-seed  default: a fresh seed, printed, so workers sharing a study draw different trials
+  --startup-trials  random trials before TPE, and finished trials before pruning (default 10)
+
+Writes config.json (space and base config), metrics.csv (one row per trial of this worker) and
+summary.json (the study's best trial, counts by state, this worker's trials)."""
+
+
+def cli_main(argv: list[str]) -> int:
+    """`kl-rl tune ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
+    from kl_rl.cli import _out_dir, _run_overrides, _run_parser
+
+    parser = _run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
+    parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
+    parser.add_argument("--trials", default="20")
+    parser.add_argument("--batch-size", default="8")
+    parser.add_argument("--rungs", default="4")
+    parser.add_argument("--storage", default=None)
+    parser.add_argument("--study-name", default=None)
+    parser.add_argument("--sampler-seed", default=None)
+    parser.add_argument("--startup-trials", default="10")
+    args, extra = parser.parse_known_args(argv)
+    if args.help:
+        print(USAGE + "\n" + HELP)
+        return 0
+    optuna = _optuna()
+    if not args.space:
+        raise ConfigError(f"--space needs at least one item: {SPACE_FORMS}")
+    counts = {
+        name: config_lib.parse_value(name, getattr(args, name), int)
+        for name in ("seeds", "trials", "batch_size", "rungs", "startup_trials")
+    }
+    if counts["startup_trials"] < 0:
+        raise ConfigError(f"--startup-trials must be 0 or more, got {counts['startup_trials']}")
+    if args.sampler_seed is None:
+        sampler_seed = int(np.random.default_rng().integers(2**31))
+    else:
+        sampler_seed = config_lib.parse_value("sampler_seed", args.sampler_seed, int)
+    overrides = _run_overrides(args, extra)
+    space = parse_space(args.algo, args.space)
+    runner.resolve_config(args.algo, args.env, args.config, overrides)
+    out = _out_dir(args, prefix="tune-")
+    storage = args.storage
+    if storage is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{out.parent.resolve() / (out.name + '.study.db')}"
+    study_name = args.study_name or out.name
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the batch lines below say what matters
+    print(
+        f"tune {args.algo} on {args.env}: {counts['trials']} trial(s) in batches of {counts['batch_size']} "
+        f"x {counts['seeds']} seed(s); study {study_name!r} in {_redact(storage)} (sampler seed {sampler_seed})",
+        flush=True,
+    )
+    result = run_tune(
+        args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
+        args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
+        startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"storage {_redact(storage)}, study {study_name!r}")
+    _print_top(result)
+    result.save(out)
+    print(f"tune folder: {out}")
+    return 0
+
+
+def _print_top(result: TuneResult, top: int = 5) -> None:
+    """The study's best `top` complete trials (this worker's marked *) and the best params as flags."""
+    names = list(result.space)
+    counts = ", ".join(f"{n} {s.lower()}" for s, n in result.study_counts.items())
+    print(f"\nstudy {result.study_name!r}: {counts}; this worker ran {len(result.trials)} trial(s) (marked *)")
+    if result.best is None:
+        print("no trial of the study has completed yet")
+        return
+    mine = {t["number"] for t in result.trials}
+    print(f"{'rank':>4} {'trial':>7} {'value':>9} " + " ".join(f"{n:>14}" for n in names))
+    for rank, t in enumerate(result.top[:top], 1):
+        number = f"{t['number']}{'*' if t['number'] in mine else ' '}"
+        values = " ".join(f"{_short(t['params'].get(n)):>14}" for n in names)
+        print(f"{rank:>4} {number:>7} {t['value']:>9.2f} {values}")
+    best = to_overrides(result.algo, result.best["params"])
+    flags = " ".join(f"--{n.replace('_', '-')} {v}" for n, v in best.items())
+    print(f"best: trial {result.best['number']}, value {result.best['value']:.2f}: {flags}")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kl_rl.tune ...`: `kl-rl tune` with ConfigError as one line on stderr, exit 2."""
+    from kl_rl.cli import EXIT_USAGE
+
+    try:
+        return cli_main(sys.argv[1:] if argv is None else argv)
+    except ConfigError as err:
+        print(f"kl-rl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kl-rl: interrupted; the running trials were marked failed and no folder was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
