@@ -191,7 +191,16 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         raise ConfigError("--resume continues a run exactly as configured; give no other settings than --no-progress")
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
-    print(f"resuming {algo} on {env} for {len(seeds)} seed(s) from {run_dir}...", flush=True)
+    from kl_rl.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir, read_only=True)
+    latest = ckpt.latest() or 0
+    ckpt.close()
+    print(
+        f"resuming {algo} on {env} for {len(seeds)} seed(s) in {run_dir} "
+        f"from update {latest} of {config.num_updates}...",
+        flush=True,
+    )
     result = runner.run(
         algo, env, seeds=len(seeds), config=config, progress=not args.no_progress,
         checkpoint_dir=run_dir, checkpoint_every=every,
