@@ -1,10 +1,13 @@
 """The `kl-rl` command line.
 
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
-                [--config FILE] [--<hyperparameter> VALUE ...]
+                [--config FILE] [--checkpoint-every UPDATES] [--<hyperparameter> VALUE ...]
+    kl-rl train --resume DIR
     kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
                 [--<hyperparameter> VALUE ...]
+    kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
+               [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
     kl-rl list
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
