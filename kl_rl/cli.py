@@ -8,6 +8,7 @@
                 [--<hyperparameter> VALUE ...]
     kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
                [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
+    kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl list
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
@@ -276,7 +277,15 @@ def _tune(argv: list[str]) -> int:
     return tune.cli_main(argv)
 
 
-COMMANDS = {"train": _train, "sweep": _sweep, "tune": _tune, "list": _list}
+def _plot(argv: list[str]) -> int:
+    try:
+        from kl_rl import plots
+    except ImportError as err:
+        raise ConfigError(f"kl-rl plot needs {err.name}; install it with pip install 'kl_rl[analysis]'") from None
+    return plots.cli_main(argv)
+
+
+COMMANDS = {"train": _train, "sweep": _sweep, "tune": _tune, "plot": _plot, "list": _list}
 
 
 def main(argv: list[str] | None = None) -> int:

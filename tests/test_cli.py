@@ -2,8 +2,10 @@
 
 import csv
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -79,12 +81,22 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
     assert main(["train", "--seeds", "2", "--out", str(existing_run), *FAST]) == 0
     printed = capsys.readouterr().out
     assert "final_return" in printed and "median" in printed
-    assert sorted(p.name for p in existing_run.iterdir()) == ["config.json", "metrics.csv", "summary.json"]
+    names = sorted(p.name for p in existing_run.iterdir())
+    assert names == ["checkpoints", "config.json", "metrics.csv", "summary.json"]
     summary = json.loads((existing_run / "summary.json").read_text())
     keys = ("algo", "env", "seeds", "total_env_steps", "final_return")
-    keys += ("wall_time_s", "compile_time_s", "env_steps_per_s")
+    keys += ("wall_time_s", "compile_time_s", "env_steps_per_s", "kl_rl_version", "jax_version", "device")
     for key in keys:
         assert key in summary
+    # The git commit of the working directory and of kl_rl's source, where they are git checkouts.
+    for key in ("git_commit", "kl_rl_git_commit"):
+        assert summary[key] is None or re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", summary[key]), summary[key]
+    source = Path(__file__).resolve().parents[1]
+    if (source / ".git").exists():
+        head = subprocess.run(
+            ["git", "-C", str(source), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
+        assert summary["kl_rl_git_commit"].startswith(head.stdout.strip())
     assert summary["seeds"] == [0, 1] and len(summary["final_return"]) == 2
     assert summary["total_env_steps"] == 2048
     with open(existing_run / "metrics.csv") as f:
@@ -116,8 +128,9 @@ def test_progress_reports_env_steps_and_the_bar_runs(tmp_path, capsys):
     import kl_rl
 
     seen = []
-    result = kl_rl.run("ppo", "CartPole-v1", seeds=2, progress=seen.append, total_steps=2048, num_envs=4,
-                       num_steps=64, update_epochs=1)
+    result = kl_rl.run(
+        "ppo", "CartPole-v1", seeds=2, progress=seen.append, total_steps=2048, num_envs=4, num_steps=64, update_epochs=1
+    )
     assert seen == sorted(seen) and seen[-1] == 2 * result.total_env_steps
     assert all(isinstance(n, int) for n in seen)
     out = tmp_path / "run"
@@ -140,7 +153,7 @@ def test_progress_reports_env_steps_and_the_bar_runs(tmp_path, capsys):
 def test_every_algo_writes_the_same_run_folder(tmp_path, capsys, algo, args, columns):
     out = tmp_path / algo
     assert main(["train", "--algo", algo, "--seeds", "2", "--out", str(out), "--no-progress", *args]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algo"] == algo and len(summary["final_return"]) == 2
     with open(out / "metrics.csv") as f:
