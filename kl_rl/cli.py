@@ -1,7 +1,7 @@
 """The `kl-rl` command line.
 
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
-                [--config FILE] [--checkpoint-every UPDATES] [--<hyperparameter> VALUE ...]
+                [--config FILE] [--checkpoint-every UPDATES] [--tensorboard] [--<hyperparameter> VALUE ...]
     kl-rl train --resume DIR
     kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
@@ -132,13 +132,14 @@ def _train(argv: list[str]) -> int:
     parser = _run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--tensorboard", action="store_true")
     args, extra = parser.parse_known_args(argv)
     if args.help:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
-            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--no-progress] "
+            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] "
             "[--<hyperparameter> VALUE ...]\n"
-            "       kl-rl train --resume DIR [--no-progress]\n"
+            "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
         )
         print(_train_help(args.algo))
         return 0
@@ -153,6 +154,8 @@ def _train(argv: list[str]) -> int:
     overrides = _run_overrides(args, extra)
     config = runner.resolve_config(args.algo, args.env, args.config, overrides)
     out = _out_dir(args, prefix="")
+    if args.tensorboard:
+        runner.require_tensorboard()
     checkpoint_dir = None
     if every:
         # Checkpoints go into the run folder while it trains, so it must not hold another run.
@@ -171,7 +174,7 @@ def _train(argv: list[str]) -> int:
         checkpoint_dir=checkpoint_dir, checkpoint_every=every,
     )  # fmt: skip
     _print_table(result)
-    result.save(out, checkpoint_every=every)
+    result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
     print(f"run folder: {out}")
     return 0
 
@@ -192,9 +195,13 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                     "resume it as it is, or start a new run with --out"
                 )
     if extra or args.config or args.total_steps or args.out or args.checkpoint_every or "--seeds" in argv:
-        raise ConfigError("--resume continues a run exactly as configured; give no other settings than --no-progress")
+        raise ConfigError(
+            "--resume continues a run exactly as configured; give no other settings than --no-progress, --tensorboard"
+        )
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
+    if args.tensorboard:
+        runner.require_tensorboard()
     from kl_rl.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir, read_only=True)
@@ -210,7 +217,7 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         checkpoint_dir=run_dir, checkpoint_every=every,
     )  # fmt: skip
     _print_table(result)
-    result.save(run_dir, checkpoint_every=every)
+    result.save(run_dir, checkpoint_every=every, tensorboard=args.tensorboard)
     print(f"run folder: {run_dir}")
     return 0
 

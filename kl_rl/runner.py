@@ -116,15 +116,21 @@ class RunResult:
             **provenance(),
         }
 
-    def save(self, out_dir: str | os.PathLike, checkpoint_every: int = 0) -> Path:
+    def save(self, out_dir: str | os.PathLike, checkpoint_every: int = 0, tensorboard: bool = False) -> Path:
         """Writes config.json, metrics.csv, summary.json and the final state (checkpoints/), atomically.
 
         The folder replaces `out_dir` only once everything is written. A run trained with
-        `checkpoint_dir=out_dir` already has its checkpoints there; those stay.
+        `checkpoint_dir=out_dir` already has its checkpoints there; those stay. With
+        `tensorboard`, also TensorBoard event files (tensorboard/seed_<s>/), see `write_tensorboard`.
         """
         from kl_rl.checkpoint import FOLDER, Checkpointer
 
+        if tensorboard:
+            require_tensorboard()
+
         def save_state(folder: Path) -> None:
+            if tensorboard:
+                self.write_tensorboard(folder / "tensorboard")
             if self.final_state is None:
                 return
             if (Path(out_dir) / FOLDER).is_dir():
@@ -141,6 +147,39 @@ class RunResult:
 
     def config_dict(self) -> dict[str, Any]:
         return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, **config_lib.to_dict(self.config)}
+
+    def write_tensorboard(self, folder: str | os.PathLike) -> Path:
+        """TensorBoard event files, one run per seed (`folder/seed_<s>`): every metric per update
+        against env steps (tag `train/<metric>`), and the final evaluation return (`eval/return`)."""
+        writer_cls = require_tensorboard()
+        folder = Path(folder)
+        env_steps = self.metrics["env_steps"]
+        for s, seed in enumerate(self.seeds):
+            writer = writer_cls(str(folder / f"seed_{seed}"))
+            try:
+                for name in sorted(self.metrics):
+                    if name == "env_steps":
+                        continue
+                    for u, value in enumerate(self.metrics[name][s]):
+                        if np.isfinite(value):
+                            writer.add_scalar(f"train/{name}", float(value), int(env_steps[s, u]))
+                writer.add_scalar("eval/return", float(self.final_returns[s]), int(env_steps[s, -1]))
+            finally:
+                writer.close()
+        return folder
+
+
+def require_tensorboard() -> Any:
+    """tensorboardX's SummaryWriter, or a ConfigError naming the extra to install."""
+    from kl_rl.errors import ConfigError
+
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:
+        raise ConfigError(
+            "--tensorboard needs tensorboardX; install it with pip install 'kl_rl[tensorboard]'"
+        ) from None
+    return SummaryWriter
 
 
 def run_record(result_or_algo: Any, env: str = "", seeds: int = 0, config: Any = None) -> dict[str, Any]:

@@ -110,8 +110,22 @@ def plain_run(tmp_path_factory):
     """A finished PPO Pendulum run folder (no --checkpoint-every), with observation normalization."""
     out = tmp_path_factory.mktemp("plain") / "run"
     args = ["train", "--algo", "ppo", "--env", "Pendulum-v1", "--seeds", "2", *RUNS["ppo"], "--no-progress"]
-    assert main([*args, "--out", str(out)]) == 0
+    assert main([*args, "--tensorboard", "--out", str(out)]) == 0
     return out
+
+
+def test_the_cli_writes_tensorboard_events_on_request(plain_run, capsys, monkeypatch, tmp_path):
+    assert sorted(p.name for p in (plain_run / "tensorboard").iterdir()) == ["seed_0", "seed_1"]
+    events = _events(plain_run / "tensorboard" / "seed_1")
+    assert {"train/kl", "train/episode_return", "eval/return"} <= set(events)
+    assert [step for step, _ in events["train/kl"]] == [512 * u for u in range(1, 9)]
+    # Without the extra: one line naming it, before anything trains.
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    capsys.readouterr()
+    assert main(["train", "--tensorboard", "--out", str(tmp_path / "x"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kl-rl: error: --tensorboard needs tensorboardX; install it with pip install 'kl_rl[tensorboard]'"]
+    assert not (tmp_path / "x").exists()
 
 
 def test_resume_errors_are_one_line_and_touch_nothing(tmp_path, capsys, plain_run):
@@ -174,3 +188,42 @@ def test_a_plain_run_folder_loads_for_evaluation_with_its_normalizer(plain_run):
     np.testing.assert_allclose(action, np.clip(np.asarray(dist.mode()), -2, 2))
     with open(out / "metrics.csv") as f:
         assert len(list(csv.DictReader(f))) == 2 * 8
+
+
+def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} read back from a TensorBoard event file (TFRecord of Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    (path,) = folder.glob("events.out.tfevents.*")
+    data, out, i = path.read_bytes(), {}, 0
+    while i < len(data):
+        (length,) = struct.unpack("<Q", data[i : i + 8])
+        event = event_pb2.Event.FromString(data[i + 12 : i + 12 + length])
+        i += 12 + length + 4
+        for value in event.summary.value:
+            out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_event_files_hold_the_metrics(tmp_path):
+    result = runner.RunResult(
+        algo="ppo",
+        env_id="CartPole-v1",
+        config=None,
+        seeds=[0, 3],
+        metrics={
+            "env_steps": np.array([[100, 200], [100, 200]]),
+            "kl": np.array([[0.01, 0.02], [0.03, np.nan]], np.float32),
+        },
+        eval_returns=np.array([[10.0, 20.0], [30.0, 50.0]]),
+        wall_time_s=1.0,
+        compile_time_s=1.0,
+    )
+    folder = result.write_tensorboard(tmp_path / "tb")
+    assert sorted(p.name for p in folder.iterdir()) == ["seed_0", "seed_3"]
+    seed0, seed3 = _events(folder / "seed_0"), _events(folder / "seed_3")
+    np.testing.assert_allclose(seed0["train/kl"], [(100, 0.01), (200, 0.02)], rtol=1e-6)
+    np.testing.assert_allclose(seed3["train/kl"], [(100, 0.03)], rtol=1e-6)  # NaN (no episode yet) is skipped
+    assert seed0["eval/return"] == [(200, 15.0)] and seed3["eval/return"] == [(200, 40.0)]
