@@ -106,6 +106,13 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
         assert col in rows[0]
     last = [r for r in rows if r["update"] == "8"]
     assert [float(r["eval_return"]) for r in last] == pytest.approx(summary["final_return"])
+    # kl-rl plot on the run folder, with no further arguments.
+    capsys.readouterr()
+    assert main(["plot", str(existing_run)]) == 0
+    names = ["learning_curves", "learning_curves_wall_time", "kl_curves"]
+    expected = sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
+    assert sorted(p.name for p in (existing_run / "plots").iterdir()) == expected
+    assert capsys.readouterr().out.count("\n") == len(expected)
 
 
 def test_console_script_help_lists_hyperparameters():

@@ -70,10 +70,7 @@ def kernel_env(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
     monkeypatch.setenv("KL_RL_NOTEBOOK_BUDGET", "small")
     monkeypatch.setenv("KL_RL_CACHE_DIR", "off")
-    # Small-budget runs check that every cell works, not their numbers: XLA's cheapest backend
-    # optimization level halves the compile time that dominates them.
-    flags = os.environ.get("XLA_FLAGS", "")
-    monkeypatch.setenv("XLA_FLAGS", f"{flags} --xla_backend_optimization_level=0".strip())
+    # XLA_FLAGS (tests/conftest.py's fast-compile setting) reaches the kernel with the rest.
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=_ids(NOTEBOOKS))

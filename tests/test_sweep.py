@@ -77,6 +77,12 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
     assert len(lines) == 1 + 2 * 2 * 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled_programs"] == 1 and len(summary["ranking"]) == 2
+    # kl-rl plot on the sweep folder, with no further arguments.
+    assert main(["plot", str(out)]) == 0
+    names = ["learning_curves", "learning_curves_wall_time", "kl_curves", "return_kl_tradeoff_lr"]
+    expected = sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
+    assert sorted(p.name for p in (out / "plots").iterdir()) == expected
+    assert all((out / "plots" / name).stat().st_size > 1000 for name in expected)
 
 
 @pytest.mark.parametrize(
@@ -115,7 +121,9 @@ def test_four_forced_host_devices_give_the_results_of_one(tmp_path):
     import sys
 
     def run(devices):
-        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+        # Keeps conftest's compile flags; only the device count differs between the two runs.
+        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+        env = {**os.environ, "XLA_FLAGS": flags.strip()}
         out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
