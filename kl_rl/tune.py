@@ -686,17 +686,10 @@ def _short(value: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m kl_rl.tune ...`: `kl-rl tune` with ConfigError as one line on stderr, exit 2."""
-    from kl_rl.cli import EXIT_USAGE
+    """`python -m kl_rl.tune ...`: the same as `kl-rl tune ...` (one-line errors, exit 2)."""
+    from kl_rl.cli import main as cli
 
-    try:
-        return cli_main(sys.argv[1:] if argv is None else argv)
-    except ConfigError as err:
-        print(f"kl-rl: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("kl-rl: interrupted; the running trials were marked failed and no folder was written", file=sys.stderr)
-        return 130
+    return cli(["tune", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
