@@ -138,7 +138,8 @@ class RunResult:
                 return
             ckpt = Checkpointer(folder)
             num_updates = int(self.metrics["env_steps"].shape[1])
-            ckpt.save(num_updates, self.final_state, self.metrics, run_record(self))
+            record = run_record(self.algo, self.env_id, len(self.seeds), self.config)
+            ckpt.save(num_updates, self.final_state, self.metrics, record)
             ckpt.wait()
             ckpt.close()
 
@@ -182,12 +183,9 @@ def require_tensorboard() -> Any:
     return SummaryWriter
 
 
-def run_record(result_or_algo: Any, env: str = "", seeds: int = 0, config: Any = None) -> dict[str, Any]:
+def run_record(algo: str, env: str, seeds: int, config: Any) -> dict[str, Any]:
     """What a checkpoint records of its run, checked on resume: algo, env, seeds, config."""
-    if isinstance(result_or_algo, RunResult):
-        r = result_or_algo
-        return run_record(r.algo, r.env_id, len(r.seeds), r.config)
-    return {"algo": result_or_algo, "env": env, "seeds": seeds, "config": config_lib.to_dict(config)}
+    return {"algo": algo, "env": env, "seeds": seeds, "config": config_lib.to_dict(config)}
 
 
 def provenance() -> dict[str, Any]:
@@ -419,20 +417,22 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
         compile_time += time.perf_counter() - t0
         return program
 
-    init = compiled(jax.vmap(trainer.init, in_axes=(0, None)), init_keys, config)
-    state = init(init_keys, config)
+    init = jax.vmap(trainer.init, in_axes=(0, None))
     ckpt = Checkpointer(checkpoint_dir)
     try:
         done, history = 0, []
         latest = ckpt.latest()
-        if latest is not None:
+        if latest is None:
+            state = compiled(init, init_keys, config)(init_keys, config)
+        else:
             saved = ckpt.record(latest)
             if {k: saved.get(k) for k in record} != record:
                 raise ConfigError(
                     f"the checkpoints in {ckpt.directory} are of another run ({saved.get('algo')} on "
                     f"{saved.get('env')}, {saved.get('seeds')} seed(s)); resume with that run's settings"
                 )
-            state, saved_metrics = ckpt.restore(latest, state)
+            # A resumed run needs init's shapes only, not a compiled init.
+            state, saved_metrics = ckpt.restore(latest, jax.eval_shape(init, init_keys, config))
             done, history = latest, [saved_metrics]
         segments: dict[int, Any] = {}
         open_bar(done)
