@@ -166,11 +166,18 @@ def _train(argv: list[str]) -> int:
             )
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
-        result_config = {"algo": args.algo, "env": args.env, "seeds": list(range(seeds)), "checkpoint_every": every}
-        (out / "config.json").write_text(json.dumps({**result_config, **config_lib.to_dict(config)}, indent=2) + "\n")
+        run_config = runner.run_config(args.algo, args.env, list(range(seeds)), config, every)
+        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     print(f"compiling {args.algo} on {args.env} for {seeds} seed(s)...", flush=True)
+    return _run_and_save(args, args.algo, args.env, seeds, config, out, checkpoint_dir, every)
+
+
+def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every) -> int:
+    """What a new run and a resumed one share: train, print the table, write the run folder."""
+    from kl_rl import runner
+
     result = runner.run(
-        args.algo, args.env, seeds=seeds, config=config, progress=not args.no_progress,
+        algo, env, seeds=seeds, config=config, progress=not args.no_progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=every,
     )  # fmt: skip
     _print_table(result)
@@ -191,9 +198,9 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     for flag, (value, saved) in given.items():
         if (flag in argv or any(a.startswith(flag + "=") for a in argv)) and value != saved:
             raise ConfigError(
-                    f"--resume {str(run_dir)!r} holds a {algo} run on {env}, not {flag} {value}; "
-                    "resume it as it is, or start a new run with --out"
-                )
+                f"--resume {str(run_dir)!r} holds a {algo} run on {env}, not {flag} {value}; "
+                "resume it as it is, or start a new run with --out"
+            )
     if extra or args.config or args.total_steps or args.out or args.checkpoint_every or "--seeds" in argv:
         raise ConfigError(
             "--resume continues a run exactly as configured; give no other settings than --no-progress, --tensorboard"
@@ -212,14 +219,7 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         f"from update {latest} of {config.num_updates}...",
         flush=True,
     )
-    result = runner.run(
-        algo, env, seeds=len(seeds), config=config, progress=not args.no_progress,
-        checkpoint_dir=run_dir, checkpoint_every=every,
-    )  # fmt: skip
-    _print_table(result)
-    result.save(run_dir, checkpoint_every=every, tensorboard=args.tensorboard)
-    print(f"run folder: {run_dir}")
-    return 0
+    return _run_and_save(args, algo, env, len(seeds), config, run_dir, run_dir, every)
 
 
 def _sweep(argv: list[str]) -> int:

@@ -143,7 +143,7 @@ class RunResult:
             ckpt.wait()
             ckpt.close()
 
-        config = {**self.config_dict(), "checkpoint_every": checkpoint_every}
+        config = run_config(self.algo, self.env_id, self.seeds, self.config, checkpoint_every)
         return write_run_folder(out_dir, config, self.rows(), self.summary(), save_state)
 
     def config_dict(self) -> dict[str, Any]:
@@ -463,6 +463,12 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
 
 
 RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every")
+
+
+def run_config(algo: str, env: str, seeds: list[int], config: Any, checkpoint_every: int) -> dict[str, Any]:
+    """A run folder's config.json: the RUN_KEYS, then the config's fields (`read_run_config` reads it)."""
+    run = dict(zip(RUN_KEYS, (algo, env, seeds, checkpoint_every), strict=True))
+    return {**run, **config_lib.to_dict(config)}
 
 
 def read_run_config(run_dir: str | os.PathLike) -> tuple[str, str, list[int], Any, int]:
