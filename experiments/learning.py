@@ -20,6 +20,8 @@ from kl_rl.errors import ConfigError
 
 
 ENVS = ("CartPole-v1", "Acrobot-v1", "Pendulum-v1", "MountainCarContinuous-v0")
+HOST_ENVS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5", "LunarLander-v3")
+"""Host-side envs (the mujoco and box2d extras); in the table when their results exist."""
 ALGOS = ("vpg", "trpo", "ppo", "cem")
 
 
@@ -55,7 +57,7 @@ def table(folder: Path) -> str:
         "| env | algo | budget per seed | seeds | median final_return | IQM | min .. max | wall (all seeds) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for env in ENVS:
+    for env in ENVS + HOST_ENVS:
         for algo in ALGOS:
             path = folder / f"{algo}-{env}.json"
             if not path.exists():
@@ -93,7 +95,11 @@ def bench(algo: str, env: str, seeds: int, overrides: dict, out: Path) -> None:
         "wall_time_s": round(result.wall_time_s, 2),
         "compile_time_s": round(result.compile_time_s, 2),
         "env_steps_per_s": round(result.env_steps_per_s),
+        "env_path": result.env_path,
+        "train_return_median": float(np.median(result.metrics["episode_return"][:, -1])),
     }
+    if result.env_time_s is not None:  # host path: wall time inside the gymnasium envs
+        record["env_time_s"] = round(result.env_time_s, 2)
     if "scored_steps" in result.metrics:  # CEM: env steps inside the scored episodes, per seed
         record["scored_env_steps_median"] = float(np.median(result.metrics["scored_steps"].sum(axis=1)))
     out.mkdir(parents=True, exist_ok=True)

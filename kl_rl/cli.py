@@ -2,6 +2,7 @@
 
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
                 [--config FILE] [--checkpoint-every UPDATES] [--tensorboard] [--<hyperparameter> VALUE ...]
+                [--env-path auto|jax|host] [--vectorization sync|async]
     kl-rl train --resume DIR
     kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
@@ -10,6 +11,10 @@
                [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl list
+
+--env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
+extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the
+compiled program), sync or async across processes. --env-path host forces it for a ported id.
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
 run has succeeded.
@@ -84,6 +89,9 @@ def _print_table(result) -> None:
         f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s   "
         f"{result.env_steps_per_s:,.0f} env steps/s"
     )
+    if result.env_time_s is not None:
+        share = result.env_time_s / result.wall_time_s
+        print(f"host-side envs ({result.vectorization}): {result.env_time_s:.1f}s stepping, {share:.0%} of wall time")
 
 
 def _run_parser(prog: str, description: str, seeds_default: str) -> _Parser:
@@ -91,6 +99,8 @@ def _run_parser(prog: str, description: str, seeds_default: str) -> _Parser:
     parser = _Parser(prog=prog, add_help=False, description=description)
     parser.add_argument("--algo", default="ppo")
     parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--env-path", default="auto")
+    parser.add_argument("--vectorization", default="sync")
     parser.add_argument("--seeds", default=seeds_default)
     parser.add_argument("--total-steps", default=None)
     parser.add_argument("--out", default=None)
@@ -119,7 +129,8 @@ def _out_dir(args: argparse.Namespace, prefix: str):
     from pathlib import Path
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    out = Path(args.out) if args.out else Path("runs") / f"{prefix}{args.algo}-{args.env}-{stamp}"
+    env_name = args.env.replace("/", "_").replace(":", "_")  # "ALE/Pong-v5", "module:Id"
+    out = Path(args.out) if args.out else Path("runs") / f"{prefix}{args.algo}-{env_name}-{stamp}"
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
     return out
@@ -127,7 +138,7 @@ def _out_dir(args: argparse.Namespace, prefix: str):
 
 def _train(argv: list[str]) -> int:
     from kl_rl import config as config_lib
-    from kl_rl import runner
+    from kl_rl import envs, runner
 
     parser = _run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -152,7 +163,8 @@ def _train(argv: list[str]) -> int:
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
     overrides = _run_overrides(args, extra)
-    config = runner.resolve_config(args.algo, args.env, args.config, overrides)
+    config = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    env_path = envs.resolve_path(args.env, args.env_path)
     out = _out_dir(args, prefix="")
     if args.tensorboard:
         runner.require_tensorboard()
@@ -166,19 +178,24 @@ def _train(argv: list[str]) -> int:
             )
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
-        run_config = runner.run_config(args.algo, args.env, list(range(seeds)), config, every)
+        run_config = runner.run_config(
+            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization
+        )
         (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
-    print(f"compiling {args.algo} on {args.env} for {seeds} seed(s)...", flush=True)
-    return _run_and_save(args, args.algo, args.env, seeds, config, out, checkpoint_dir, every)
+    where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
+    print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
+    return _run_and_save(
+        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization
+    )
 
 
-def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every) -> int:
+def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization) -> int:
     """What a new run and a resumed one share: train, print the table, write the run folder."""
     from kl_rl import runner
 
     result = runner.run(
         algo, env, seeds=seeds, config=config, progress=not args.no_progress,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=every,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
     )  # fmt: skip
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
@@ -193,7 +210,8 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     from kl_rl import runner
 
     run_dir = Path(args.resume)
-    algo, env, seeds, config, every = runner.read_run_config(run_dir)
+    spec = runner.read_run_config(run_dir)
+    algo, env, seeds, config, every = spec.algo, spec.env, spec.seeds, spec.config, spec.checkpoint_every
     given = {"--algo": (args.algo, algo), "--env": (args.env, env)}
     for flag, (value, saved) in given.items():
         if (flag in argv or any(a.startswith(flag + "=") for a in argv)) and value != saved:
@@ -201,7 +219,8 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
                 f"--resume {str(run_dir)!r} holds a {algo} run on {env}, not {flag} {value}; "
                 "resume it as it is, or start a new run with --out"
             )
-    if extra or args.config or args.total_steps or args.out or args.checkpoint_every or "--seeds" in argv:
+    changed = any(flag in argv or any(a.startswith(flag + "=") for a in argv) for flag in _RUN_FLAGS)
+    if extra or args.config or args.total_steps or args.out or args.checkpoint_every or changed:
         raise ConfigError(
             "--resume continues a run exactly as configured; give no other settings than --no-progress, --tensorboard"
         )
@@ -219,12 +238,18 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         f"from update {latest} of {config.num_updates}...",
         flush=True,
     )
-    return _run_and_save(args, algo, env, len(seeds), config, run_dir, run_dir, every)
+    return _run_and_save(
+        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization
+    )
+
+
+_RUN_FLAGS = ("--seeds", "--env-path", "--vectorization")
+"""Flags that --resume refuses: they are the run's, read from its folder."""
 
 
 def _sweep(argv: list[str]) -> int:
     from kl_rl import config as config_lib
-    from kl_rl import runner, sweep
+    from kl_rl import envs, runner, sweep
 
     parser = _run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
     parser.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2")
@@ -244,13 +269,14 @@ def _sweep(argv: list[str]) -> int:
     chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
     overrides = _run_overrides(args, extra)
     grid = sweep.parse_grid(args.algo, args.grid)
-    base = runner.resolve_config(args.algo, args.env, args.config, overrides)
+    base = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     out = _out_dir(args, prefix="sweep-")
     points = len(sweep.expand(grid))
     print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
     result = sweep.run_sweep(
         args.algo, args.env, grid, seeds, args.config, overrides, chunk_size,
         log=lambda line: print(line, flush=True), progress=not args.no_progress,
+        env_path=args.env_path, vectorization=args.vectorization,
     )  # fmt: skip
     print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
     ranking = result.ranking()
@@ -260,7 +286,11 @@ def _sweep(argv: list[str]) -> int:
         lo, hi = row["iqm_ci95"]
         values = " ".join(f"{row[n]!s:>14}" for n in names)
         print(f"{rank:>4} {values}   {row['final_return_iqm']:>16.2f}  [{lo:.2f}, {hi:.2f}]")
-    result.save(out, {"algo": args.algo, "env": args.env, "seeds": seeds, **config_lib.to_dict(base)})
+    env_path = envs.resolve_path(args.env, args.env_path)
+    run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path}
+    if env_path == "host":
+        run["vectorization"] = args.vectorization
+    result.save(out, {**run, **config_lib.to_dict(base)})
     print(f"sweep folder: {out}")
     return 0
 
@@ -273,7 +303,7 @@ def _list(argv: list[str]) -> int:
     if argv:
         raise ConfigError(f"kl-rl list takes no arguments, got {' '.join(argv)!r}")
     print("algos:   " + ", ".join(sorted(ALGOS)))
-    print("envs:    " + ", ".join(envs.ENV_IDS))
+    print("envs:    " + ", ".join(envs.ENV_IDS) + " (JAX ports); any other gymnasium id runs host-side")
     print("presets: " + ", ".join(f"{a}/{e}" for a, e in sorted(PRESETS)))
     return 0
 

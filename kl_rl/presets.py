@@ -6,6 +6,8 @@ the benchmark sweeps recorded in docs/benchmarks.md; a file or command-line valu
 
 from typing import Any
 
+MUJOCO_IDS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5")
+
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # rl-baselines3-zoo's tuned CartPole settings (8 envs x 32 steps, one 256-minibatch, 20 epochs).
     ("ppo", "CartPole-v1"): dict(
@@ -62,6 +64,60 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("cem", "Acrobot-v1"): dict(iterations=50),
     ("cem", "Pendulum-v1"): dict(
         iterations=100, hidden_sizes=(16,), population_size=64, episodes_per_member=4, init_std=0.5
+    ),
+    # MuJoCo (host-side path, the `mujoco` extra). PPO: CleanRL's ppo_continuous_action.py settings
+    # (1 env x 2048 steps, 32 minibatches, 10 epochs, lr 3e-4 annealed, clipped value loss, no
+    # entropy bonus, observation and reward normalization). TRPO: rl-baselines3-zoo's sb3-contrib
+    # MuJoCo settings (2 envs x 1024 steps, delta 0.01, 25 CG iterations, 20 critic epochs of
+    # 128-minibatches, VecNormalize's observation and reward normalization). 1M steps each, as in
+    # CleanRL's and sb3-contrib's MuJoCo tables.
+    **{
+        ("ppo", env_id): dict(
+            total_steps=1_000_000,
+            num_envs=1,
+            num_steps=2048,
+            num_minibatches=32,
+            update_epochs=10,
+            lr=3e-4,
+            ent_coef=0.0,
+            clip_value=True,
+            normalize_obs=True,
+            normalize_reward=True,
+            eval_episodes=10,
+        )
+        for env_id in MUJOCO_IDS
+    },
+    **{
+        ("trpo", env_id): dict(
+            total_steps=1_000_000,
+            num_envs=2,
+            num_steps=1024,
+            cg_iters=25,
+            vf_epochs=20,
+            vf_minibatches=16,
+            normalize_obs=True,
+            normalize_reward=True,
+            eval_episodes=10,
+        )
+        for env_id in MUJOCO_IDS
+    },
+    # Box2D (host-side path, the `box2d` extra): rl-baselines3-zoo's PPO LunarLander settings
+    # (16 envs x 1024 steps, minibatches of 64, 4 epochs, gamma 0.999, lambda 0.98); TRPO with
+    # the same discount, 8 envs x 512 steps and observation normalization.
+    ("ppo", "LunarLander-v3"): dict(
+        total_steps=1_000_000,
+        num_envs=16,
+        num_steps=1024,
+        num_minibatches=256,
+        update_epochs=4,
+        gamma=0.999,
+        gae_lambda=0.98,
+        ent_coef=0.01,
+        anneal_lr=False,
+        lr=3e-4,
+    ),
+    ("trpo", "LunarLander-v3"): dict(
+        total_steps=1_000_000, num_envs=8, num_steps=512, gamma=0.999, gae_lambda=0.98, normalize_obs=True
     ),
 }
 

@@ -32,10 +32,46 @@ class EpisodeStats(NamedTuple):
 
 
 class CollectorState(NamedTuple):
-    """What the collector carries from one rollout to the next."""
+    """What the collector carries from one rollout to the next.
+
+    Attributes:
+      env: the vectorized env's state.
+      obs_norm: running moments of the raw observations.
+      reward_norm: running moments of each env's discounted return, whose std scales rewards.
+      discounted_return: [N] each env's discounted return so far in its current episode.
+    """
 
     env: VecEnvState
     obs_norm: normalize.RunningMeanStd
+    reward_norm: normalize.RunningMeanStd
+    discounted_return: jax.Array
+
+
+def init_collector(env: VecEnvState, obs_shape: tuple[int, ...]) -> CollectorState:
+    """A collector over `env` whose normalizers have seen nothing yet."""
+    return CollectorState(env, normalize.init(obs_shape), normalize.init(()), jnp.zeros_like(env.episode_return))
+
+
+def scale_reward(
+    reward_norm: normalize.RunningMeanStd,
+    discounted_return: jax.Array,
+    reward: jax.Array,
+    done: jax.Array,
+    gamma: jax.Array,
+) -> tuple[normalize.RunningMeanStd, jax.Array, jax.Array]:
+    """Reward scaling by the std of the discounted return (gymnasium's NormalizeReward, SB3's VecNormalize).
+
+    Each env's discounted return R <- gamma R + r is merged into the running moments, and the
+    reward is divided by their std (not centred, which would change the optimal policy) and
+    clipped to [-10, 10]. R restarts where an episode ended, on termination or truncation.
+
+    Returns:
+      The new moments, the new discounted returns, and the scaled rewards.
+    """
+    discounted_return = discounted_return * gamma + reward
+    reward_norm = normalize.update(reward_norm, discounted_return)
+    scaled = jnp.clip(reward / jnp.sqrt(reward_norm.var + 1e-8), -10.0, 10.0)
+    return reward_norm, jnp.where(done, 0.0, discounted_return), scaled
 
 
 def env_action(action_space: gym.Space, action: jax.Array) -> jax.Array:
@@ -61,6 +97,7 @@ def collect(
     num_steps: int,
     normalize_obs: bool,
     value: ValueFn | None = None,
+    reward_gamma: jax.Array | None = None,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -76,6 +113,8 @@ def collect(
         observations in one batched call after the loop: the parameters are the same at every
         step, so the values are the ones a per-step call would give, at a fraction of the
         per-step work in the loop.
+      reward_gamma: None stores raw rewards; a discount stores rewards scaled by the running
+        std of the discounted return (`scale_reward`). Episode returns stay unscaled.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -83,17 +122,22 @@ def collect(
     """
 
     def step(carry: CollectorState, keys: jax.Array):
-        env_state, obs_norm = carry
+        env_state, obs_norm, reward_norm, discounted_return = carry
         if normalize_obs:
             obs_norm = normalize.update(obs_norm, env_state.obs)
         obs = observe(obs_norm, env_state.obs, normalize_obs)
         act_key, env_key = keys
         action, log_prob, dist = act(act_key, obs)
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
+        reward = out.reward
+        if reward_gamma is not None:
+            reward_norm, discounted_return, reward = scale_reward(
+                reward_norm, discounted_return, reward, out.terminated | out.truncated, reward_gamma
+            )
         transition = Transition(
             obs=obs,
             action=action,
-            reward=out.reward,
+            reward=reward,
             terminated=out.terminated,
             truncated=out.truncated,
             next_obs=observe(obs_norm, out.final_obs, normalize_obs),
@@ -101,7 +145,8 @@ def collect(
             log_prob=log_prob,
             dist=dist,
         )
-        return CollectorState(env_state, obs_norm), (transition, out.episode_return, out.episode_length)
+        carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return)
+        return carry, (transition, out.episode_return, out.episode_length)
 
     # Keys for all steps in one PRNG call, and episode sums over [T, N] after the loop: both
     # keep work out of the loop body, which runs once per env step.

@@ -17,7 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -35,6 +35,7 @@ def resolve_config(
     env_id: str,
     config_file: str | os.PathLike | None = None,
     overrides: dict[str, Any] | None = None,
+    env_path: str = "auto",
 ) -> Any:
     """Builds and validates a config: dataclass defaults < preset < file < overrides.
 
@@ -42,7 +43,7 @@ def resolve_config(
       ConfigError: unknown algo, env or field; a bad value; an unreadable file.
     """
     spec = algo_spec(algo)
-    env = envs.make(env_id)
+    env = envs.make(env_id, env_path)
     values = preset(algo, env_id)
     if config_file is not None:
         values.update(config_lib.load_file(config_file))
@@ -67,6 +68,13 @@ class RunResult:
     wall_time_s: float
     compile_time_s: float
     final_state: Any = None
+    env_path: str = "jax"
+    """Where the envs ran: "jax" (inside the XLA program) or "host" (gymnasium, via callbacks)."""
+    vectorization: str = "sync"
+    """How the host path stepped its copies: "sync" or "async" (processes)."""
+    env_time_s: float | None = None
+    """Host path: wall time inside the gymnasium envs (training and evaluation), a part of
+    wall_time_s; the rest is the policy, the updates and the callbacks' overhead."""
 
     @property
     def final_returns(self) -> np.ndarray:
@@ -113,6 +121,9 @@ class RunResult:
             "wall_time_s": self.wall_time_s,
             "compile_time_s": self.compile_time_s,
             "env_steps_per_s": self.env_steps_per_s,
+            "env_path": self.env_path,
+            **({"vectorization": self.vectorization} if self.env_path == "host" else {}),
+            **({"env_time_s": self.env_time_s} if self.env_time_s is not None else {}),
             **provenance(),
         }
 
@@ -138,16 +149,24 @@ class RunResult:
                 return
             ckpt = Checkpointer(folder)
             num_updates = int(self.metrics["env_steps"].shape[1])
-            record = run_record(self.algo, self.env_id, len(self.seeds), self.config)
+            record = run_record(self.algo, self.env_id, len(self.seeds), self.config, self.env_path)
             ckpt.save(num_updates, self.final_state, self.metrics, record)
             ckpt.wait()
             ckpt.close()
 
-        config = run_config(self.algo, self.env_id, self.seeds, self.config, checkpoint_every)
+        config = run_config(
+            self.algo, self.env_id, self.seeds, self.config, checkpoint_every, self.env_path, self.vectorization
+        )
         return write_run_folder(out_dir, config, self.rows(), self.summary(), save_state)
 
     def config_dict(self) -> dict[str, Any]:
-        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, **config_lib.to_dict(self.config)}
+        return {
+            "algo": self.algo,
+            "env": self.env_id,
+            "seeds": self.seeds,
+            "env_path": self.env_path,
+            **config_lib.to_dict(self.config),
+        }
 
     def write_tensorboard(self, folder: str | os.PathLike) -> Path:
         """TensorBoard event files, one run per seed (`folder/seed_<s>`): every metric per update
@@ -183,9 +202,9 @@ def require_tensorboard() -> Any:
     return SummaryWriter
 
 
-def run_record(algo: str, env: str, seeds: int, config: Any) -> dict[str, Any]:
-    """What a checkpoint records of its run, checked on resume: algo, env, seeds, config."""
-    return {"algo": algo, "env": env, "seeds": seeds, "config": config_lib.to_dict(config)}
+def run_record(algo: str, env: str, seeds: int, config: Any, env_path: str = "jax") -> dict[str, Any]:
+    """What a checkpoint records of its run, checked on resume: algo, env, path, seeds, config."""
+    return {"algo": algo, "env": env, "env_path": env_path, "seeds": seeds, "config": config_lib.to_dict(config)}
 
 
 def provenance() -> dict[str, Any]:
@@ -303,13 +322,16 @@ def run(
     progress: Callable[[int], None] | bool = False,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 0,
+    env_path: str = "auto",
+    vectorization: str = "sync",
     **overrides: Any,
 ) -> RunResult:
     """Trains `seeds` seeds (0 .. seeds-1) in one compiled, vmapped program.
 
     Args:
       algo: algorithm name (see `kl_rl.agents.ALGOS`).
-      env: env id (see `kl_rl.envs.ENV_IDS`).
+      env: env id: a JAX port (see `kl_rl.envs.ENV_IDS`) or any gymnasium id, which runs on the
+        host-side path (gymnasium envs stepped through callbacks from the same program).
       seeds: number of seeds.
       config: a ready config; if None it is resolved from the preset, `config_file` and
         `overrides` (field names as keywords, e.g. lr=3e-4, total_steps=100_000).
@@ -319,6 +341,8 @@ def run(
         The final state is always saved there. Without it the run is one program with no saves.
       checkpoint_every: updates between checkpoints (0: only the final state). The updates run
         as segments of this many, each one compiled program call.
+      env_path: "auto" (the JAX port where there is one), "jax" or "host" (see `kl_rl.envs.make`).
+      vectorization: how the host path steps its copies: "sync", or "async" (one process each).
     """
     from kl_rl.errors import ConfigError
 
@@ -327,8 +351,8 @@ def run(
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative integer, got {checkpoint_every!r}")
     if config is None:
-        config = resolve_config(algo, env, config_file, overrides)
-    env_obj = envs.make(env)
+        config = resolve_config(algo, env, config_file, overrides, env_path)
+    env_obj = envs.make(env, env_path, vectorization)
     steps_per_update = 0  # set from the trainer below, before any callback can run
     bar = None  # opened after compilation, so its clock and rate cover the run only
     bar_start = 0  # env steps already done when the bar opened (a resumed run)
@@ -376,13 +400,17 @@ def run(
             wall = time.perf_counter() - start
             state, metrics, eval_returns = out.state, out.metrics, out.eval_returns
         else:
-            record = run_record(algo, env, seeds, config)
+            record = run_record(algo, env, seeds, config, trainer.env_path)
             state, metrics, eval_returns, wall, compile_time = _run_in_segments(
                 trainer, config, keys, checkpoint_dir, checkpoint_every, record, open_bar
             )
     finally:
         if bar is not None:
             bar.close()
+        for vec in (trainer.vec_env, trainer.eval_env):
+            if hasattr(vec, "close"):
+                vec.close()
+    host = trainer.env_path == "host"
     return RunResult(
         algo=algo,
         env_id=env,
@@ -393,6 +421,9 @@ def run(
         wall_time_s=wall,
         compile_time_s=compile_time,
         final_state=state,
+        env_path=trainer.env_path,
+        vectorization=vectorization,
+        env_time_s=trainer.vec_env.env_seconds + trainer.eval_env.env_seconds if host else None,
     )
 
 
@@ -433,6 +464,11 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
                 )
             # A resumed run needs init's shapes only, not a compiled init.
             state, saved_metrics = ckpt.restore(latest, jax.eval_shape(init, init_keys, config))
+            if trainer.env_path == "host":
+                # The gymnasium envs' own state is not in the checkpoint: start new episodes.
+                restart = jax.vmap(trainer.restart_envs)
+                restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, latest))(init_keys)
+                state = compiled(restart, restart_keys, state)(restart_keys, state)
             done, history = latest, [saved_metrics]
         segments: dict[int, Any] = {}
         open_bar(done)
@@ -462,17 +498,41 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
     return state, history[0], eval_returns, wall, compile_time
 
 
-RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every")
+RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization")
 
 
-def run_config(algo: str, env: str, seeds: list[int], config: Any, checkpoint_every: int) -> dict[str, Any]:
-    """A run folder's config.json: the RUN_KEYS, then the config's fields (`read_run_config` reads it)."""
-    run = dict(zip(RUN_KEYS, (algo, env, seeds, checkpoint_every), strict=True))
-    return {**run, **config_lib.to_dict(config)}
+class RunSpec(NamedTuple):
+    """What a run folder's config.json says of its run."""
+
+    algo: str
+    env: str
+    seeds: list[int]
+    config: Any
+    checkpoint_every: int
+    env_path: str
+    """The path that ran: "jax" or "host" (folders from before the host path: "jax")."""
+    vectorization: str
 
 
-def read_run_config(run_dir: str | os.PathLike) -> tuple[str, str, list[int], Any, int]:
-    """(algo, env, seeds, config, checkpoint_every) from a run folder's config.json.
+def run_config(
+    algo: str,
+    env: str,
+    seeds: list[int],
+    config: Any,
+    checkpoint_every: int,
+    env_path: str = "jax",
+    vectorization: str = "sync",
+) -> dict[str, Any]:
+    """A run folder's config.json: the RUN_KEYS, then the config's fields (`read_run_config` reads it).
+
+    `env_path` is the path that ran ("jax" or "host"), not "auto".
+    """
+    values = (algo, env, seeds, checkpoint_every, env_path, vectorization)
+    return {**dict(zip(RUN_KEYS, values, strict=True)), **config_lib.to_dict(config)}
+
+
+def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
+    """A run folder's `RunSpec`, read from its config.json.
 
     Raises:
       ConfigError: the folder is not a run folder, or its config.json does not build a config.
@@ -492,8 +552,9 @@ def read_run_config(run_dir: str | os.PathLike) -> tuple[str, str, list[int], An
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     fields = {k: v for k, v in saved.items() if k not in RUN_KEYS}
     config = config_lib.build(algo_spec(algo).config, fields)
-    config.validate(envs.make(env).action_space)
-    return algo, env, seeds, config, int(saved.get("checkpoint_every", 0))
+    env_path, vectorization = saved.get("env_path", "jax"), saved.get("vectorization", "sync")
+    config.validate(envs.make(env, env_path, vectorization).action_space)
+    return RunSpec(algo, env, seeds, config, int(saved.get("checkpoint_every", 0)), env_path, vectorization)
 
 
 @dataclasses.dataclass
@@ -517,14 +578,8 @@ class LoadedRun:
 
     def _agent(self):
         spec = algo_spec(self.algo)
-        vec_env = self.trainer_env
+        vec_env = self.trainer.vec_env
         return spec.make(self.config, vec_env.observation_space, vec_env.action_space)
-
-    @property
-    def trainer_env(self):
-        from kl_rl.envs.vector import VecEnv
-
-        return VecEnv(envs.make(self.env_id), 1)
 
     def seed_state(self, seed: int = 0) -> Any:
         """The train state of one seed."""
@@ -544,7 +599,7 @@ class LoadedRun:
 
         dist = self.dist(obs, seed)
         action = dist.mode() if key is None else dist.sample(key)
-        return rollout.env_action(self.trainer_env.action_space, action)
+        return rollout.env_action(self.trainer.vec_env.action_space, action)
 
     def evaluate(self, keys: jax.Array | None = None) -> np.ndarray:
         """[seeds, eval_episodes] returns of the loaded policies.
@@ -568,8 +623,9 @@ def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:
     from kl_rl.checkpoint import Checkpointer
     from kl_rl.errors import ConfigError
 
-    algo, env, seeds, config, _ = read_run_config(run_dir)
-    trainer = make_trainer(algo, config, envs.make(env))
+    spec = read_run_config(run_dir)
+    algo, env, seeds, config = spec.algo, spec.env, spec.seeds, spec.config
+    trainer = make_trainer(algo, config, envs.make(env, spec.env_path, spec.vectorization))
     keys = jax.vmap(jax.random.key)(np.asarray(seeds))
     template = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), keys, config)
     ckpt = Checkpointer(run_dir, read_only=True)

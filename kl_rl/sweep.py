@@ -171,6 +171,8 @@ def run_sweep(
     chunk_size: int = 64,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    env_path: str = "auto",
+    vectorization: str = "sync",
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
@@ -183,17 +185,19 @@ def run_sweep(
       log: optional function receiving one line per compiled program.
       progress: show a tqdm bar of env steps (all grid points and seeds), opened after the
         first compilation and advanced from inside the compiled programs.
+      env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
+        copies of a whole chunk (points x seeds x num_envs).
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
     if chunk_size <= 0:
         raise ConfigError(f"--chunk-size must be a positive integer, got {chunk_size}")
     points = expand(grid)
-    configs = [runner.resolve_config(algo, env, config_file, {**(overrides or {}), **p}) for p in points]
+    configs = [runner.resolve_config(algo, env, config_file, {**(overrides or {}), **p}, env_path) for p in points]
     groups: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
         groups.setdefault(static_key(config), []).append(i)
-    env_obj = envs.make(env)
+    env_obj = envs.make(env, env_path, vectorization)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     runner.enable_compilation_cache()
     devices = jax.devices()

@@ -16,9 +16,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kl_rl import buffer, normalize, rollout
+from kl_rl import buffer, envs, rollout
 from kl_rl.agents import ALGOS
-from kl_rl.envs.vector import VecEnv
 
 
 @flax.struct.dataclass
@@ -51,6 +50,15 @@ class Trainer(NamedTuple):
     train: Callable[..., TrainOutput]
     steps_per_update: int
     """Env steps one update collects (num_envs x rollout length), for one seed."""
+    env_path: str
+    """"jax" (the whole run in XLA) or "host" (gymnasium envs stepped by callbacks)."""
+    vec_env: Any
+    """The training env's copies (a VecEnv or a HostVecEnv)."""
+    eval_env: Any
+    """The evaluation env's copies."""
+    restart_envs: Callable[..., TrainState]
+    """restart_envs(key, state) -> state with fresh episodes. A host env's own state is not part
+    of a checkpoint, so a resumed host run starts new episodes (normalizers and all else kept)."""
 
 
 def make_trainer(
@@ -67,14 +75,14 @@ def make_trainer(
       config: the algorithm's config; its static fields fix the program's shapes. The functions
         take a config argument too, which must share these static fields, so traced fields can
         be swept with `vmap`.
-      env: a FuncEnv (e.g. from `kl_rl.envs.make`).
+      env: what `kl_rl.envs.make` returns: a FuncEnv (the JAX path) or a GymEnv (the host path).
       progress: optional host callback, called with the number of updates done every
         `progress_every` updates (through `jax.debug.callback`, outside any vmap over seeds).
       progress_every: updates between progress callbacks.
     """
     make_agent = ALGOS[algo].make
-    vec_env = VecEnv(env, config.num_envs)
-    eval_env = VecEnv(env, config.eval_episodes)
+    vec_env = envs.vectorize(env, config.num_envs)
+    eval_env = envs.vectorize(env, config.eval_episodes)
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
     eval_steps = eval_env.max_episode_steps or 1000
@@ -91,13 +99,14 @@ def make_trainer(
         def value(obs):
             return agent.value(agent_state, obs)
 
-        return rollout.collect(key, act, vec_env, collector, num_steps, config.normalize_obs, value)
+        reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
+        return rollout.collect(key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma)
 
     def init(key: jax.Array, config: Any = config) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
         agent_key, env_key, key = jax.random.split(key, 3)
         agent_state = agent.init(agent_key)
-        collector = rollout.CollectorState(vec_env.reset(env_key), normalize.init(obs_space.shape))
+        collector = rollout.init_collector(vec_env.reset(env_key), obs_space.shape)
         # The buffer's item is what the collector records for one step: shapes only, nothing runs.
         one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1)[1])
         example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
@@ -183,7 +192,23 @@ def make_trainer(
         state, metrics = run(state, config)
         return TrainOutput(state, metrics, evaluate(eval_key, state, config))
 
-    return Trainer(init=init, run=run, evaluate=evaluate, train=train, steps_per_update=steps_per_update)
+    def restart_envs(key: jax.Array, state: TrainState) -> TrainState:
+        collector = state.collector._replace(
+            env=vec_env.reset(key), discounted_return=jnp.zeros_like(state.collector.discounted_return)
+        )
+        return state.replace(collector=collector)
+
+    return Trainer(
+        init=init,
+        run=run,
+        evaluate=evaluate,
+        train=train,
+        steps_per_update=steps_per_update,
+        env_path=envs.path_of(env),
+        vec_env=vec_env,
+        eval_env=eval_env,
+        restart_envs=restart_envs,
+    )
 
 
 def make_train(algo: str, config: Any, env: Any, **kwargs) -> Callable[..., TrainOutput]:

@@ -465,6 +465,9 @@ def run_tune(
     base = runner.resolve_config(algo, env, config_file, overrides)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
     env_obj = envs.make(env)
+    if envs.path_of(env_obj) == "host":
+        # Promoted trials continue from saved states, whose host envs no longer exist.
+        raise ConfigError(f"tuning runs JAX-ported envs only ({', '.join(envs.ENV_IDS)}); for {env} use a sweep")
     runner.enable_compilation_cache()
     # With several devices the trial axis is sharded across them, as in kl_rl.sweep.
     devices = jax.devices()
@@ -636,7 +639,12 @@ def cli_main(argv: list[str]) -> int:
         sampler_seed = config_lib.parse_value("sampler_seed", args.sampler_seed, int)
     overrides = _run_overrides(args, extra)
     space = parse_space(args.algo, args.space)
-    runner.resolve_config(args.algo, args.env, args.config, overrides)
+    runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    if envs.resolve_path(args.env, args.env_path) == "host":
+        raise ConfigError(
+            f"kl-rl tune runs JAX-ported envs only ({', '.join(envs.ENV_IDS)}); for {args.env} use kl-rl sweep, "
+            "which runs host-side envs"
+        )
     out = _out_dir(args, prefix="tune-")
     storage = args.storage
     if storage is None:

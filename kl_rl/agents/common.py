@@ -63,6 +63,9 @@ class OnPolicyConfig(PolicyConfig):
     """Steps per env per rollout; a batch is num_envs x num_steps transitions."""
     normalize_obs: bool = static(False)
     """Normalize observations with running moments kept in the train state."""
+    normalize_reward: bool = static(False)
+    """Scale rewards by the running std of the discounted return (kept in the train state),
+    clipped to [-10, 10]; episode returns and evaluation stay unscaled."""
     normalize_advantages: bool = static(True)
     """Normalize advantages to zero mean and unit std (per minibatch in PPO, per batch otherwise)."""
     gamma: float = 0.99

@@ -1,9 +1,11 @@
-"""Environments: faithful JAX ports of gymnasium envs, and one vectorization layer.
+"""Environments: faithful JAX ports of gymnasium envs, any other gymnasium env on the host.
 
 Example::
 
-    env = kl_rl.envs.make("CartPole-v1")  # a gymnasium FuncEnv
-    vec = kl_rl.envs.VecEnv(env, num_envs=8)  # vmap + autoreset + time limit
+    env = kl_rl.envs.make("CartPole-v1")  # a gymnasium FuncEnv: the JAX path
+    vec = kl_rl.envs.vectorize(env, num_envs=8)  # VecEnv: vmap + autoreset + time limit
+    env = kl_rl.envs.make("HalfCheetah-v5")  # no JAX port: a GymEnv, the host-side path
+    vec = kl_rl.envs.vectorize(env, num_envs=8)  # HostVecEnv: gymnasium.make_vec on the host
 """
 
 from gymnasium.experimental.functional import FuncEnv
@@ -20,6 +22,7 @@ from kl_rl.envs.classic import (
     Pendulum,
     PendulumParams,
 )
+from kl_rl.envs.host import VECTORIZATION_MODES, GymEnv, HostVecEnv
 from kl_rl.envs.vector import StepOut, VecEnv, VecEnvState
 from kl_rl.errors import ConfigError
 
@@ -29,26 +32,60 @@ _REGISTRY: dict[str, type[FuncEnv]] = {
 ENV_IDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 
-def make(env_id: str) -> FuncEnv:
-    """A new instance of the JAX port registered as `env_id`.
+ENV_PATHS = ("auto", "jax", "host")
+"""auto: the JAX port where there is one, else the host; jax: the port or an error; host: gymnasium."""
+
+
+def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEnv | GymEnv:
+    """The env named `env_id`: its JAX port (a FuncEnv) or a `GymEnv` that runs on the host.
 
     Args:
-      env_id: a gymnasium id, one of `ENV_IDS`.
+      env_id: one of `ENV_IDS`, or any gymnasium id (with "module:Id", the module is imported).
+      path: one of `ENV_PATHS`.
+      vectorization: how the host path steps its copies, "sync" or "async" (processes).
 
     Raises:
-      ConfigError: `env_id` is not registered; the message lists the ids that are.
+      ConfigError: an unknown id or path, an env whose dependencies are not installed (naming the
+        extra to install), or spaces kl_rl does not support.
     """
-    if env_id not in _REGISTRY:
-        raise ConfigError(f"unknown env {env_id!r}; available: {', '.join(ENV_IDS)}")
-    return _REGISTRY[env_id]()
+    if vectorization not in VECTORIZATION_MODES:
+        raise ConfigError(f"unknown --vectorization {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}")
+    if resolve_path(env_id, path) == "jax":
+        return _REGISTRY[env_id]()
+    return GymEnv(env_id, vectorization)
+
+
+def resolve_path(env_id: str, path: str = "auto") -> str:
+    """The path `make(env_id, path)` takes: "jax" or "host" (ConfigError for a bad combination)."""
+    if path not in ENV_PATHS:
+        raise ConfigError(f"unknown --env-path {path!r}; use one of {', '.join(ENV_PATHS)}")
+    if env_id in _REGISTRY and path != "host":
+        return "jax"
+    if path == "jax":
+        raise ConfigError(f"{env_id!r} has no JAX port (ported: {', '.join(ENV_IDS)}); use --env-path auto or host")
+    return "host"
+
+
+def path_of(env: FuncEnv | GymEnv) -> str:
+    """Which path an env made by `make` runs on: "jax" or "host"."""
+    return "host" if isinstance(env, GymEnv) else "jax"
+
+
+def vectorize(env: FuncEnv | GymEnv, num_envs: int) -> VecEnv | HostVecEnv:
+    """`num_envs` copies of `env` on its path, behind one interface (reset, step, spaces)."""
+    return HostVecEnv(env, num_envs) if isinstance(env, GymEnv) else VecEnv(env, num_envs)
 
 
 __all__ = [
     "ENV_IDS",
+    "ENV_PATHS",
+    "VECTORIZATION_MODES",
     "Acrobot",
     "AcrobotParams",
     "CartPole",
     "CartPoleParams",
+    "GymEnv",
+    "HostVecEnv",
     "MountainCar",
     "MountainCarContinuous",
     "MountainCarContinuousParams",
@@ -59,4 +96,7 @@ __all__ = [
     "VecEnv",
     "VecEnvState",
     "make",
+    "path_of",
+    "resolve_path",
+    "vectorize",
 ]

@@ -134,37 +134,64 @@ class VecEnv:
 
         # Envs differ in dtypes (gymnasium's Pendulum returns a Python False): fix them here.
         reward, terminated = jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, bool)
-        final_obs = jnp.asarray(final_obs, jnp.float32)
-
         time = state.time + 1
         if self.max_episode_steps is None:
             truncated = jnp.zeros_like(terminated)
         else:
             truncated = (time >= self.max_episode_steps) & ~terminated
-        done = terminated | truncated
-        episode_return = state.episode_return + reward
-        episode_length = state.episode_length + 1
-
-        new_state = VecEnvState(
+        env_state = jax.tree.map(
             # Cast back to the carried dtypes so the state is a fixed point for lax.scan.
-            env_state=jax.tree.map(
-                lambda reset, nxt, old: _where(done, reset, nxt).astype(old.dtype),
-                reset_env_state,
-                next_env_state,
-                state.env_state,
-            ),
-            obs=_where(done, reset_obs, final_obs),
-            time=jnp.where(done, 0, time),
-            episode_return=jnp.where(done, 0.0, episode_return),
-            episode_length=jnp.where(done, 0, episode_length),
+            lambda reset, nxt, old: _where(terminated | truncated, reset, nxt).astype(old.dtype),
+            reset_env_state,
+            next_env_state,
+            state.env_state,
         )
-        out = StepOut(
-            obs=new_state.obs,
-            reward=reward,
-            terminated=terminated,
-            truncated=truncated,
-            final_obs=final_obs,
-            episode_return=jnp.where(done, episode_return, 0.0),
-            episode_length=jnp.where(done, episode_length, 0),
-        )
-        return new_state, out
+        return advance(state, env_state, reward, terminated, truncated, final_obs, reset_obs)
+
+
+def advance(
+    state: VecEnvState,
+    env_state: Any,
+    reward: jax.Array,
+    terminated: jax.Array,
+    truncated: jax.Array,
+    final_obs: jax.Array,
+    reset_obs: jax.Array,
+) -> tuple[VecEnvState, StepOut]:
+    """The bookkeeping of one step of N envs, shared by the JAX and the host-side vector envs.
+
+    Args:
+      state: the N envs' state before the step.
+      env_state: the envs' next state, already reset where an episode ended.
+      reward, terminated: [N] what the step returned.
+      truncated: [N] the time limit was hit; where `terminated` is also set, termination wins.
+      final_obs: [N, ...] the true next observation of each transition.
+      reset_obs: [N, ...] the first observation of a new episode (used where the episode ended).
+
+    Returns:
+      The next state, whose `obs` is the one to act on, and the transition's `StepOut`.
+    """
+    reward, terminated = jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, bool)
+    truncated = jnp.asarray(truncated, bool) & ~terminated
+    final_obs = jnp.asarray(final_obs, jnp.float32)
+    done = terminated | truncated
+    time = state.time + 1
+    episode_return = state.episode_return + reward
+    episode_length = state.episode_length + 1
+    new_state = VecEnvState(
+        env_state=env_state,
+        obs=_where(done, jnp.asarray(reset_obs, jnp.float32), final_obs),
+        time=jnp.where(done, 0, time),
+        episode_return=jnp.where(done, 0.0, episode_return),
+        episode_length=jnp.where(done, 0, episode_length),
+    )
+    out = StepOut(
+        obs=new_state.obs,
+        reward=reward,
+        terminated=terminated,
+        truncated=truncated,
+        final_obs=final_obs,
+        episode_return=jnp.where(done, episode_return, 0.0),
+        episode_length=jnp.where(done, episode_length, 0),
+    )
+    return new_state, out
