@@ -2,6 +2,7 @@
 
     python experiments/host_walltime.py ppo HalfCheetah-v5            # the preset: 1M steps, seed 0
     python experiments/host_walltime.py trpo HalfCheetah-v5 --seeds 5
+    python experiments/host_walltime.py --callback-overhead          # one no-op io_callback in a scan
 
 Runs `kl_rl.run` as `kl-rl train` would (compile excluded from the wall time) and reports:
 - env: wall time inside the gymnasium vector env's step and reset (measured by `HostVecEnv`);
@@ -28,13 +29,19 @@ from kl_rl.agents import ALGOS
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("algo")
-    parser.add_argument("env")
+    parser.add_argument("algo", nargs="?")
+    parser.add_argument("env", nargs="?")
+    parser.add_argument("--callback-overhead", action="store_true", help="time a no-op io_callback and exit")
     parser.add_argument("--seeds", type=int, default=1)
     parser.add_argument("--vectorization", default="sync")
     parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE")
     parser.add_argument("--out", default="experiments/results")
     args = parser.parse_args()
+    if args.callback_overhead:
+        print(f"one io_callback in a lax.scan: {callback_overhead_us():.1f} us")
+        return 0
+    if not (args.algo and args.env):
+        parser.error("give ALGO ENV, or --callback-overhead")
     overrides = dict(item.split("=", 1) for item in args.set)
     result = kl_rl.run(
         args.algo, args.env, seeds=args.seeds, vectorization=args.vectorization, progress=True, **overrides
@@ -83,6 +90,24 @@ def time_update(result, repeats: int = 10) -> float:
     for _ in range(repeats):
         jax.block_until_ready(fn(keys, state.agent, state.buffer))
     return (time.perf_counter() - start) / repeats
+
+
+def callback_overhead_us(steps: int = 20_000) -> float:
+    """Microseconds per step of a lax.scan whose body is one no-op io_callback returning an
+    observation-sized array (what the host path pays per env step besides the env itself)."""
+    from jax.experimental import io_callback
+
+    obs = np.zeros((1, 17), np.float32)
+
+    def body(carry, _):
+        out = io_callback(lambda a: obs, jax.ShapeDtypeStruct((1, 17), np.float32), carry)
+        return carry + out[:, :6], None
+
+    fn = jax.jit(lambda: jax.lax.scan(body, jax.numpy.zeros((1, 6)), None, length=steps)[0])
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    return (time.perf_counter() - start) / steps * 1e6
 
 
 if __name__ == "__main__":

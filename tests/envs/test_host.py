@@ -125,7 +125,7 @@ def test_scale_reward_matches_a_numpy_reference():
 
 
 def test_sync_and_async_vectorization_agree():
-    kwargs = dict(seeds=2, total_steps=2 * 2 * 16, num_envs=2, num_steps=16, eval_episodes=2, env_path="host")
+    kwargs = dict(seeds=2, total_steps=2 * 2 * 16, num_envs=1, num_steps=16, eval_episodes=1, env_path="host")
     sync = kl_rl.run("ppo", "CartPole-v1", vectorization="sync", **kwargs)
     assync = kl_rl.run("ppo", "CartPole-v1", vectorization="async", **kwargs)
     assert sync.env_path == assync.env_path == "host"
