@@ -169,6 +169,7 @@ def evaluate(
     obs_norm: normalize.RunningMeanStd,
     normalize_obs: bool,
     max_steps: int,
+    batch_like: Any = (),
 ) -> jax.Array:
     """Undiscounted return of one episode in each of `vec_env`'s envs.
 
@@ -179,12 +180,14 @@ def evaluate(
       obs_norm: frozen observation-normalizer moments.
       normalize_obs: whether the policy expects normalized observations (static).
       max_steps: steps to run; at least the env's time limit, so every episode ends (static).
+      batch_like: passed to `vec_env.reset` (a host env makes copies for every axis it is
+        batched along; the training env's state is).
 
     Returns:
       [N] returns, each of the first episode of its env.
     """
     reset_key, run_key = jax.random.split(key)
-    env_state = vec_env.reset(reset_key)
+    env_state = vec_env.reset(reset_key, batch_like)
 
     def step(carry, step_key):
         env_state, total, running = carry

@@ -106,7 +106,9 @@ def make_trainer(
         agent = make_agent(config, obs_space, action_space)
         agent_key, env_key, key = jax.random.split(key, 3)
         agent_state = agent.init(agent_key)
-        collector = rollout.init_collector(vec_env.reset(env_key), obs_space.shape)
+        # The config marks every axis the run is vmapped along (seeds, sweep points), which a
+        # host env needs to make one copy per element (see HostVecEnv.reset).
+        collector = rollout.init_collector(vec_env.reset(env_key, config), obs_space.shape)
         # The buffer's item is what the collector records for one step: shapes only, nothing runs.
         one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1)[1])
         example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
@@ -125,7 +127,7 @@ def make_trainer(
         key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
         collector = state.collector
         if agent.episodic:
-            collector = collector._replace(env=vec_env.reset(reset_key))
+            collector = collector._replace(env=vec_env.reset(reset_key, collector.env.env_state))
         collector, trajectory, episodes = collect(collect_key, agent, state.agent, collector, rollout_steps)
         buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates
@@ -183,7 +185,7 @@ def make_trainer(
             return dist.mode() if config.eval_deterministic else dist.sample(k)
 
         return rollout.evaluate(
-            key, policy, eval_env, state.collector.obs_norm, config.normalize_obs, eval_steps
+            key, policy, eval_env, state.collector.obs_norm, config.normalize_obs, eval_steps, state.collector.env
         )
 
     def train(key: jax.Array, config: Any = config) -> TrainOutput:
@@ -193,8 +195,10 @@ def make_trainer(
         return TrainOutput(state, metrics, evaluate(eval_key, state, config))
 
     def restart_envs(key: jax.Array, state: TrainState) -> TrainState:
-        collector = state.collector._replace(
-            env=vec_env.reset(key), discounted_return=jnp.zeros_like(state.collector.discounted_return)
+        collector = state.collector
+        collector = collector._replace(
+            env=vec_env.reset(key, collector.env.env_state),
+            discounted_return=jnp.zeros_like(collector.discounted_return),
         )
         return state.replace(collector=collector)
 

@@ -430,6 +430,8 @@ def run_tune(
     startup_trials: int = 10,
     log: Callable[[str], None] | None = None,
     progress: bool = False,
+    env_path: str = "auto",
+    vectorization: str = "sync",
 ) -> TuneResult:
     """Runs `trials` trials of a study on seeds 0..seeds-1, `batch_size` trials per batch.
 
@@ -453,6 +455,8 @@ def run_tune(
       rungs: segments of training, each followed by a report to the pruner.
       log: optional function receiving one line per batch, and one per failed trial.
       progress: show a tqdm bar of env steps over all trials and seeds.
+      env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
+        envs from rung to rung (a pruned trial's copies run on with its group).
 
     Raises:
       ConfigError: a bad count, base config or storage; all are checked before any training.
@@ -462,12 +466,9 @@ def run_tune(
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
     optuna = _optuna()
     overrides = dict(overrides or {})
-    base = runner.resolve_config(algo, env, config_file, overrides)
+    base = runner.resolve_config(algo, env, config_file, overrides, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
-    env_obj = envs.make(env)
-    if envs.path_of(env_obj) == "host":
-        # Promoted trials continue from saved states, whose host envs no longer exist.
-        raise ConfigError(f"tuning runs JAX-ported envs only ({', '.join(envs.ENV_IDS)}); for {env} use a sweep")
+    env_obj = envs.make(env, env_path, vectorization)
     runner.enable_compilation_cache()
     # With several devices the trial axis is sharded across them, as in kl_rl.sweep.
     devices = jax.devices()
@@ -496,7 +497,7 @@ def run_tune(
                 for trial, record in batch:
                     try:
                         params = to_overrides(algo, trial.params)
-                        config = runner.resolve_config(algo, env, config_file, {**overrides, **params})
+                        config = runner.resolve_config(algo, env, config_file, {**overrides, **params}, env_path)
                     except ConfigError as err:
                         trial.set_user_attr("error", str(err))
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -640,11 +641,6 @@ def cli_main(argv: list[str]) -> int:
     overrides = _run_overrides(args, extra)
     space = parse_space(args.algo, args.space)
     runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
-    if envs.resolve_path(args.env, args.env_path) == "host":
-        raise ConfigError(
-            f"kl-rl tune runs JAX-ported envs only ({', '.join(envs.ENV_IDS)}); for {args.env} use kl-rl sweep, "
-            "which runs host-side envs"
-        )
     out = _out_dir(args, prefix="tune-")
     storage = args.storage
     if storage is None:
@@ -661,7 +657,7 @@ def cli_main(argv: list[str]) -> int:
         args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
         args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
         startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
-        progress=not args.no_progress,
+        progress=not args.no_progress, env_path=args.env_path, vectorization=args.vectorization,
     )  # fmt: skip
     print(f"storage {_redact(storage)}, study {study_name!r}")
     _print_top(result)

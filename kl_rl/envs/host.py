@@ -151,30 +151,37 @@ def _make_env(env_id: str, kwargs: dict[str, Any]) -> gym.Env:
     return gym.make(env_id, **kwargs)
 
 
-def host_call(callback: Callable[..., Any], result: Callable[..., Any], *args: jax.Array) -> Any:
+def host_call(callback: Callable[..., Any], result: Callable[..., Any], *args: jax.Array, batch_like: Any = ()) -> Any:
     """`io_callback(callback, result(*args), *args)`, which `vmap` turns into one bigger call.
 
     Args:
       callback: the host function; it must accept its arguments with any extra leading axes.
       result: result(*args) -> the ShapeDtypeStructs of the callback's outputs for these args.
       *args: arrays.
+      batch_like: a pytree passed along but not to the callback, so the call is batched along
+        every `vmap` axis its leaves are batched along, even where `args` are not.
 
     Under `vmap` the batch axis is moved to the front (unbatched arguments are broadcast) and
     the callback is called once on the whole batch, instead of once per element as `io_callback`
-    would be; nested `vmap`s stack their axes the same way.
+    would be; nested `vmap`s stack their axes the same way, outermost first.
     """
+    anchors = [jnp.sum(jnp.asarray(leaf, jnp.float32)) for leaf in jax.tree.leaves(batch_like)]
+    num_args = len(args)
 
     @custom_vmap
-    def call(*args):
-        return io_callback(callback, result(*args), *args)
+    def call(*all_args):
+        lead = all_args[:num_args]
+        return io_callback(lambda *a: callback(*a[:num_args]), result(*lead), *all_args)
 
     @call.def_vmap
-    def batched(axis_size, in_batched, *args):
-        args = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(args, in_batched, strict=True)]
-        out = call(*args)
+    def batched(axis_size, in_batched, *all_args):
+        all_args = [
+            a if b else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, b in zip(all_args, in_batched, strict=True)
+        ]
+        out = call(*all_args)
         return out, jax.tree.map(lambda _: True, out)
 
-    return call(*args)
+    return call(*args, *anchors)
 
 
 class HostVecEnv:
@@ -211,8 +218,11 @@ class HostVecEnv:
     def _obs_shape(self) -> tuple[int, ...]:
         return tuple(self.observation_space.shape)
 
-    def _reset(self, key_data: np.ndarray) -> np.ndarray:
-        """Host side of `reset`: (re)makes the copies if the batch changed, seeds and resets them."""
+    def _reset(self, key_data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Host side of `reset`: (re)makes the copies if the batch changed, seeds and resets them.
+
+        Returns the first observations and each copy's index in the host vector env.
+        """
         start = time.perf_counter()
         lead = key_data.shape[:-1]
         total = int(np.prod(lead, dtype=np.int64)) * self.num_envs
@@ -228,16 +238,21 @@ class HostVecEnv:
         ]
         obs, _ = self._vec.reset(seed=seeds)
         self.env_seconds += time.perf_counter() - start
-        return np.asarray(obs, np.float32).reshape(*lead, self.num_envs, *self._obs_shape)
+        index = np.arange(total, dtype=np.int32).reshape(*lead, self.num_envs)
+        return np.asarray(obs, np.float32).reshape(*lead, self.num_envs, *self._obs_shape), index
 
-    def _step(self, action: np.ndarray) -> tuple[np.ndarray, ...]:
-        """Host side of `step`: steps every copy; returns (reset obs, reward, terminated, truncated, final obs)."""
+    def _step(self, action: np.ndarray, index: np.ndarray) -> tuple[np.ndarray, ...]:
+        """Host side of `step`: steps every copy; returns (reset obs, reward, terminated, truncated, final obs).
+
+        `index` is each copy's index as `_reset` gave it, batched like the actions: it must be
+        0, 1, ..., total - 1 in order, or the program's copies and the host's disagree.
+        """
         start = time.perf_counter()
         action_shape = tuple(self.action_space.shape)
-        lead = action.shape[: action.ndim - len(action_shape)]
-        total = int(np.prod(lead, dtype=np.int64))
-        if self._vec is None or self._vec.num_envs != total:
-            raise RuntimeError(f"{self.env.id}: {total} copies stepped before a reset made them")
+        lead = index.shape
+        total = index.size
+        if self._vec is None or self._vec.num_envs != total or not np.array_equal(index.reshape(-1), np.arange(total)):
+            raise RuntimeError(f"{self.env.id}: {total} copies stepped that the last reset did not make in this order")
         obs, reward, terminated, truncated, info = self._vec.step(np.asarray(action).reshape(total, *action_shape))
         obs = np.asarray(obs, np.float32)
         final_obs = obs.copy()
@@ -255,30 +270,40 @@ class HostVecEnv:
             final_obs.reshape(obs_shape),
         )
 
-    def reset(self, key: jax.Array) -> VecEnvState:
-        """Starts fresh episodes in all N copies, seeded from `key`."""
+    def reset(self, key: jax.Array, batch_like: Any = ()) -> VecEnvState:
+        """Starts fresh episodes in all N copies, seeded from `key`.
+
+        Args:
+          key: PRNG key.
+          batch_like: any pytree (the config, an env state) batched along every `vmap` axis the
+            later steps are batched along. A sweep shares its seeds' keys across grid points; its
+            configs tell the reset to make copies for every point, not only for every seed.
+
+        Returns:
+          The N copies' state; its `env_state` is each copy's index in the host vector env (the
+          envs' own state lives on the host).
+        """
 
         def result(key_data):
             lead = key_data.shape[:-1]
-            return jax.ShapeDtypeStruct((*lead, self.num_envs, *self._obs_shape), jnp.float32)
+            obs = jax.ShapeDtypeStruct((*lead, self.num_envs, *self._obs_shape), jnp.float32)
+            return obs, jax.ShapeDtypeStruct((*lead, self.num_envs), jnp.int32)
 
-        obs = host_call(self._reset, result, jax.random.key_data(key))
+        obs, index = host_call(self._reset, result, jax.random.key_data(key), batch_like=batch_like)
         zeros = jnp.zeros(self.num_envs, jnp.int32)
-        # The envs' own state lives on the host; `env_state` only keeps the pytree's shape.
-        return VecEnvState(zeros, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
+        return VecEnvState(index, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
     def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
         """Steps all N copies once; `key` is unused (the copies hold their own generators)."""
         del key
-        action_ndim = len(self.action_space.shape)
 
-        def result(action):
-            lead = action.shape[: action.ndim - action_ndim]
-            obs = jax.ShapeDtypeStruct((*lead, *self._obs_shape), jnp.float32)
-            flag = jax.ShapeDtypeStruct(lead, jnp.bool_)
-            return obs, jax.ShapeDtypeStruct(lead, jnp.float32), flag, flag, obs
+        def result(action, index):
+            obs = jax.ShapeDtypeStruct((*index.shape, *self._obs_shape), jnp.float32)
+            flag = jax.ShapeDtypeStruct(index.shape, jnp.bool_)
+            return obs, jax.ShapeDtypeStruct(index.shape, jnp.float32), flag, flag, obs
 
-        reset_obs, reward, terminated, truncated, final_obs = host_call(self._step, result, action)
+        # The copy indices travel with the actions: the call is batched as the reset was.
+        reset_obs, reward, terminated, truncated, final_obs = host_call(self._step, result, action, state.env_state)
         return advance(state, state.env_state, reward, terminated, truncated, final_obs, reset_obs)
 
 

@@ -95,15 +95,17 @@ class VecEnv:
         obs = jax.vmap(lambda s, k: env.observation(s, k, params))(state, obs_keys)
         return state, jnp.asarray(obs, jnp.float32)
 
-    def reset(self, key: jax.Array) -> VecEnvState:
+    def reset(self, key: jax.Array, batch_like: Any = ()) -> VecEnvState:
         """Starts fresh episodes in all N envs.
 
         Args:
           key: PRNG key.
+          batch_like: unused here; `HostVecEnv.reset` reads it (the two share an interface).
 
         Returns:
           The state of the N envs at time 0.
         """
+        del batch_like
         env_state, obs = self._initial(*self._keys(key, 2))
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)

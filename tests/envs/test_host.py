@@ -219,3 +219,17 @@ def test_missing_extra_names_it(tmp_path):
     assert "pip install 'kl_rl[mujoco]'" in proc.stderr
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_host_sweep_matches_a_separate_run_of_its_second_point():
+    """One vector env holds points x seeds x envs copies; each point's copies are its own."""
+    from kl_rl import sweep
+
+    base = dict(total_steps=2 * 2 * 16, num_envs=2, num_steps=16, eval_episodes=2)
+    grid = {"lr": [3e-4, 1e-2]}
+    result = sweep.run_sweep("ppo", "CartPole-v1", grid, seeds=2, overrides=base, env_path="host")
+    alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, env_path="host", **base, lr=1e-2)
+    np.testing.assert_allclose(result.metrics["kl"][1], alone.metrics["kl"], rtol=1e-3, atol=1e-7)
+    np.testing.assert_allclose(result.metrics["episode_return"][1], alone.metrics["episode_return"], rtol=1e-5)
+    np.testing.assert_allclose(result.final_returns[1], alone.final_returns, rtol=1e-4)
+    assert not np.allclose(result.metrics["kl"][0], result.metrics["kl"][1])
