@@ -22,7 +22,7 @@ from kl_rl.envs.classic import (
     Pendulum,
     PendulumParams,
 )
-from kl_rl.envs.host import VECTORIZATION_MODES, GymEnv, HostVecEnv
+from kl_rl.envs.host import VECTORIZATION_MODES, GymEnv, HostVecEnv, check_vectorization
 from kl_rl.envs.vector import StepOut, VecEnv, VecEnvState
 from kl_rl.errors import ConfigError
 
@@ -48,8 +48,7 @@ def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEn
       ConfigError: an unknown id or path, an env whose dependencies are not installed (naming the
         extra to install), or spaces kl_rl does not support.
     """
-    if vectorization not in VECTORIZATION_MODES:
-        raise ConfigError(f"unknown --vectorization {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}")
+    check_vectorization(vectorization)
     if resolve_path(env_id, path) == "jax":
         return _REGISTRY[env_id]()
     return GymEnv(env_id, vectorization)

@@ -83,12 +83,16 @@ def _route_mujoco_warnings() -> None:
         mujoco.set_mju_user_warning(lambda message: warnings.warn(f"MuJoCo: {message}", stacklevel=1))
 
 
+def check_vectorization(vectorization: str) -> None:
+    """ConfigError unless `vectorization` is one of VECTORIZATION_MODES."""
+    if vectorization not in VECTORIZATION_MODES:
+        raise ConfigError(f"unknown --vectorization {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}")
+
+
 def probe(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:
     """`gymnasium.make(env_id)`, with a one-line ConfigError for an unknown id or a missing extra."""
-    if _extra_of(env_id) == "mujoco":
-        _route_mujoco_warnings()
     try:
-        return gym.make(env_id, **(kwargs or {}))
+        return _make_env(env_id, kwargs or {})
     except gym.error.DependencyNotInstalled as err:
         extra = _extra_of(env_id)
         install = f"pip install 'kl_rl[{extra}]'" if extra else "install the package it names"
@@ -102,11 +106,23 @@ def probe(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:
         ) from None
 
 
+@functools.cache
+def _describe(env_id: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[gym.Space, gym.Space, int | None]:
+    """(observation space, action space, time limit) of `env_id`, checked, from one throwaway
+    instance per process: resolving a config and making the trainer's env both ask."""
+    env = probe(env_id, dict(kwargs))
+    try:
+        check_spaces(env_id, env.observation_space, env.action_space)
+        return env.observation_space, env.action_space, env.spec.max_episode_steps if env.spec is not None else None
+    finally:
+        env.close()
+
+
 class GymEnv:
     """A gymnasium id to run on the host: what `kl_rl.envs.make` returns for an id with no JAX port.
 
     Making one checks the id, its dependencies and its spaces (ConfigError otherwise), with one
-    throwaway instance.
+    throwaway instance per process and id.
 
     Args:
       env_id: a registered gymnasium id (or "module:Id", which imports the module first).
@@ -115,16 +131,15 @@ class GymEnv:
     """
 
     def __init__(self, env_id: str, vectorization: str = "sync", **kwargs: Any):
-        if vectorization not in VECTORIZATION_MODES:
-            raise ConfigError(f"unknown --vectorization {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}")
-        env = probe(env_id, kwargs)
+        check_vectorization(vectorization)
+        key = tuple(sorted(kwargs.items()))
         try:
-            check_spaces(env_id, env.observation_space, env.action_space)
-            self.observation_space = env.observation_space
-            self.action_space = env.action_space
-            self.max_episode_steps = env.spec.max_episode_steps if env.spec is not None else None
-        finally:
-            env.close()
+            hash(key)
+        except TypeError:  # unhashable gymnasium.make arguments: describe without the cache
+            described = _describe.__wrapped__(env_id, key)
+        else:
+            described = _describe(env_id, key)
+        self.observation_space, self.action_space, self.max_episode_steps = described
         self.id = env_id
         self.vectorization = vectorization
         self.kwargs = kwargs

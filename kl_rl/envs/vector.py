@@ -137,10 +137,9 @@ class VecEnv:
         # Envs differ in dtypes (gymnasium's Pendulum returns a Python False): fix them here.
         reward, terminated = jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, bool)
         time = state.time + 1
-        if self.max_episode_steps is None:
-            truncated = jnp.zeros_like(terminated)
-        else:
-            truncated = (time >= self.max_episode_steps) & ~terminated
+        # The time limit; where the episode also terminated, `advance` lets termination win.
+        limit = self.max_episode_steps
+        truncated = jnp.zeros_like(terminated) if limit is None else time >= limit
         env_state = jax.tree.map(
             # Cast back to the carried dtypes so the state is a fixed point for lax.scan.
             lambda reset, nxt, old: _where(terminated | truncated, reset, nxt).astype(old.dtype),
