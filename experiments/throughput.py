@@ -23,7 +23,7 @@ import numpy as np
 
 from kl_rl import envs
 from kl_rl.agents import PPOConfig
-from kl_rl.train import make_trainer
+from kl_rl.train import make_trainer, vmap_seeds
 
 PUREJAXRL_DEFAULTS = dict(
     total_steps=500_000,
@@ -51,7 +51,7 @@ def compile_kl_rl(seeds: int, total_steps: int):
     train = make_trainer("ppo", config, envs.make("CartPole-v1")).train
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     start = time.perf_counter()
-    compiled = jax.jit(jax.vmap(train, in_axes=(0, None))).lower(keys, config).compile()
+    compiled = jax.jit(vmap_seeds(train, in_axes=(0, None))).lower(keys, config).compile()
     compile_s = time.perf_counter() - start
 
     def run():

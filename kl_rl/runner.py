@@ -27,7 +27,7 @@ from kl_rl import config as config_lib
 from kl_rl import envs
 from kl_rl.agents import algo_spec
 from kl_rl.presets import preset
-from kl_rl.train import make_trainer
+from kl_rl.train import make_trainer, vmap_seeds
 
 
 def resolve_config(
@@ -391,7 +391,7 @@ def run(
     try:
         if checkpoint_dir is None:
             start = time.perf_counter()
-            compiled = jax.jit(jax.vmap(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
+            compiled = jax.jit(vmap_seeds(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
             compile_time = time.perf_counter() - start
             open_bar(0)
             start = time.perf_counter()
@@ -448,7 +448,7 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
         compile_time += time.perf_counter() - t0
         return program
 
-    init = jax.vmap(trainer.init, in_axes=(0, None))
+    init = vmap_seeds(trainer.init, in_axes=(0, None))
     ckpt = Checkpointer(checkpoint_dir)
     try:
         done, history = 0, []
@@ -466,7 +466,7 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
             state, saved_metrics = ckpt.restore(latest, jax.eval_shape(init, init_keys, config))
             if trainer.env_path == "host":
                 # The gymnasium envs' own state is not in the checkpoint: start new episodes.
-                restart = jax.vmap(trainer.restart_envs)
+                restart = vmap_seeds(trainer.restart_envs)
                 restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, latest))(init_keys)
                 state = compiled(restart, restart_keys, state)(restart_keys, state)
             done, history = latest, [saved_metrics]
@@ -476,7 +476,7 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
         while done < num_updates:
             n = min(every, num_updates - done)
             if n not in segments:
-                fn = jax.vmap(lambda s, c, st, n=n: trainer.run(s, c, n, st), in_axes=(0, None, None))
+                fn = vmap_seeds(lambda s, c, st, n=n: trainer.run(s, c, n, st), in_axes=(0, None, None))
                 t0 = time.perf_counter()
                 segments[n] = compiled(fn, state, config, done)
                 start += time.perf_counter() - t0  # compile time is not run time
@@ -487,7 +487,7 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
             history = [so_far]
             ckpt.save(done, state, so_far, record)
         t0 = time.perf_counter()
-        evaluate = compiled(jax.vmap(trainer.evaluate, in_axes=(0, 0, None)), eval_keys, state, config)
+        evaluate = compiled(vmap_seeds(trainer.evaluate, in_axes=(0, 0, None)), eval_keys, state, config)
         start += time.perf_counter() - t0
         eval_returns = jax.block_until_ready(evaluate(eval_keys, state, config))
         jax.effects_barrier()
@@ -610,7 +610,7 @@ class LoadedRun:
         if keys is None:
             seed_keys = jax.vmap(jax.random.key)(np.asarray(self.seeds))
             keys = jax.vmap(jax.random.split)(seed_keys)[:, 1]
-        fn = jax.jit(jax.vmap(self.trainer.evaluate, in_axes=(0, 0, None)))
+        fn = jax.jit(vmap_seeds(self.trainer.evaluate, in_axes=(0, 0, None)))
         return np.asarray(fn(keys, self.state, self.config))
 
 

@@ -55,6 +55,17 @@ class StepOut(NamedTuple):
     episode_length: jax.Array
 
 
+class StepKeys(NamedTuple):
+    """The [N] key batches of one `VecEnv.step`, one per FuncEnv call."""
+
+    transition: jax.Array
+    reward: jax.Array
+    terminal: jax.Array
+    observation: jax.Array
+    initial: jax.Array
+    initial_observation: jax.Array
+
+
 def _where(done: jax.Array, if_done: jax.Array, otherwise: jax.Array) -> jax.Array:
     """`jnp.where` with the [N] mask `done` broadcast over the trailing axes."""
     return jnp.where(done.reshape(done.shape + (1,) * (jnp.ndim(otherwise) - 1)), if_done, otherwise)
@@ -110,11 +121,21 @@ class VecEnv:
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
-    def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
+    def step_keys(self, key: jax.Array) -> StepKeys:
+        """The keys one `step` hands to the FuncEnv's calls, derived from `key`.
+
+        `step(key, ...)` and `step(step_keys(key), ...)` are the same step. A rollout derives
+        every step's keys before its loop (`jax.vmap(vec_env.step_keys)(keys)`): on CPU, XLA runs
+        each threefry call inside a loop as a rolled loop of its own, which costs more than the
+        env's dynamics.
+        """
+        return StepKeys(*self._keys(key, 6))
+
+    def step(self, key: jax.Array | StepKeys, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
         """Steps all N envs once; the envs whose episode ends start a new one in the same step.
 
         Args:
-          key: PRNG key.
+          key: PRNG key, or the `step_keys` of one.
           state: the N envs' state.
           action: [N, ...] one action per env.
 
@@ -122,7 +143,8 @@ class VecEnv:
           The next state, whose `obs` is the one to act on, and the transition's `StepOut`.
         """
         env, params = self.env, self.params
-        transition_keys, reward_keys, terminal_keys, obs_keys, init_keys, init_obs_keys = self._keys(key, 6)
+        keys = key if isinstance(key, StepKeys) else self.step_keys(key)
+        transition_keys, reward_keys, terminal_keys, obs_keys, init_keys, init_obs_keys = keys
         # Params are closed over, not mapped: they stay Python scalars where the env has them.
         next_env_state = jax.vmap(lambda s, a, k: env.transition(s, a, k, params))(
             state.env_state, action, transition_keys

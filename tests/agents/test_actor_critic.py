@@ -44,3 +44,23 @@ def test_seeds_run_under_vmap_with_finite_metrics(algo):
         assert np.all(np.isfinite(out.metrics[name])), name
     assert not np.array_equal(out.metrics["entropy"][0], out.metrics["entropy"][1])
     assert out.eval_returns.shape == (2, 16)
+
+
+def test_one_seed_runs_unbatched_and_its_checkpointed_segments_agree(tmp_path):
+    """A single seed skips the size-1 vmap (`train.vmap_seeds`), on both of the runner's paths."""
+    import kl_rl
+    from kl_rl.train import make_train
+
+    fields = dict(SMALL["ppo"], total_steps=1536)
+    whole = kl_rl.run("ppo", "CartPole-v1", seeds=1, **fields)
+    segmented = kl_rl.run(
+        "ppo", "CartPole-v1", seeds=1, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=2, **fields
+    )
+    config = whole.config  # the preset's, with `fields` over it
+    alone = jax.jit(make_train("ppo", config, envs.make("CartPole-v1")))(jax.random.key(0), config)
+    assert whole.eval_returns.shape == (1, 16) and whole.metrics["kl"].shape == (1, 6)
+    for run in (whole, segmented):
+        np.testing.assert_array_equal(run.eval_returns[0], alone.eval_returns)
+        np.testing.assert_array_equal(run.metrics["kl"][0], alone.metrics["kl"])
+        for x, y in zip(jax.tree.leaves(run.final_state.agent), jax.tree.leaves(alone.state.agent), strict=True):
+            np.testing.assert_array_equal(x[0], y)
