@@ -150,8 +150,8 @@ def collect(
 
     # Every step's keys (the env's included) before the loop, and episode sums over [T, N] after
     # it: both keep work out of the loop body, which runs once per env step.
-    act_keys, env_keys = _per_step_keys(jax.random.split(key, (num_steps, 2)), vec_env)
-    state, (trajectory, returns, lengths) = jax.lax.scan(step, state, (act_keys, env_keys))
+    act_keys, env_draws = _per_step_draws(jax.random.split(key, (num_steps, 2)), vec_env)
+    state, (trajectory, returns, lengths) = jax.lax.scan(step, state, (act_keys, env_draws))
     if value is not None:
         trajectory = trajectory._replace(value=value(trajectory.obs))
     done = trajectory.terminated | trajectory.truncated
@@ -201,10 +201,10 @@ def evaluate(
 
     init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool))
     step_keys = jax.vmap(jax.random.split)(jax.random.split(run_key, max_steps))
-    (_, total, _), _ = jax.lax.scan(step, init, _per_step_keys(step_keys, vec_env))
+    (_, total, _), _ = jax.lax.scan(step, init, _per_step_draws(step_keys, vec_env))
     return total
 
 
-def _per_step_keys(keys: jax.Array, vec_env: VecEnv) -> tuple[jax.Array, Any]:
-    """[T, 2] keys -> the T steps' action keys and their env `step_keys`, drawn before the loop."""
-    return keys[:, 0], jax.vmap(vec_env.step_keys)(keys[:, 1])
+def _per_step_draws(keys: jax.Array, vec_env: VecEnv) -> tuple[jax.Array, Any]:
+    """[T, 2] keys -> the T steps' action keys and their env `draws`, made before the loop."""
+    return keys[:, 0], jax.vmap(vec_env.draws)(keys[:, 1])

@@ -308,8 +308,8 @@ class HostVecEnv:
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(index, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
-    def step_keys(self, key: jax.Array) -> jax.Array:
-        """`VecEnv.step_keys`'s counterpart: the copies hold their own generators, so just `key`."""
+    def draws(self, key: jax.Array) -> jax.Array:
+        """`VecEnv.draws`'s counterpart: the copies hold their own generators, so just `key`."""
         return key
 
     def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:

@@ -186,7 +186,7 @@ def test_make_knows_the_ids_and_lists_them_for_an_unknown_one():
 
 
 def test_a_rollout_derives_each_steps_keys_as_a_step_by_step_loop_would():
-    """`collect` draws every step's env keys before its loop (`VecEnv.step_keys`); the
+    """`collect` makes every step's env draws before its loop (`VecEnv.draws`); the
     trajectory is the one a loop calling `step` with each step's key gives, resets included."""
     from kl_rl import rollout
 
