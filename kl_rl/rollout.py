@@ -148,10 +148,9 @@ def collect(
         carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return)
         return carry, (transition, out.episode_return, out.episode_length)
 
-    # Every step's keys (the env's included) before the loop, and episode sums over [T, N] after
-    # it: both keep work out of the loop body, which runs once per env step.
-    act_keys, env_draws = _per_step_draws(jax.random.split(key, (num_steps, 2)), vec_env)
-    state, (trajectory, returns, lengths) = jax.lax.scan(step, state, (act_keys, env_draws))
+    # Keys for all steps in one PRNG call, and episode sums over [T, N] after the loop: both
+    # keep work out of the loop body, which runs once per env step.
+    state, (trajectory, returns, lengths) = jax.lax.scan(step, state, jax.random.split(key, (num_steps, 2)))
     if value is not None:
         trajectory = trajectory._replace(value=value(trajectory.obs))
     done = trajectory.terminated | trajectory.truncated
@@ -190,9 +189,9 @@ def evaluate(
     reset_key, run_key = jax.random.split(key)
     env_state = vec_env.reset(reset_key, batch_like)
 
-    def step(carry, keys):
+    def step(carry, step_key):
         env_state, total, running = carry
-        act_key, env_key = keys
+        act_key, env_key = jax.random.split(step_key)
         action = policy(act_key, observe(obs_norm, env_state.obs, normalize_obs))
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
         total = total + jnp.where(running, out.reward, 0.0)
@@ -200,11 +199,6 @@ def evaluate(
         return (env_state, total, running), None
 
     init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool))
-    step_keys = jax.vmap(jax.random.split)(jax.random.split(run_key, max_steps))
-    (_, total, _), _ = jax.lax.scan(step, init, _per_step_draws(step_keys, vec_env))
+    (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
     return total
 
-
-def _per_step_draws(keys: jax.Array, vec_env: VecEnv) -> tuple[jax.Array, Any]:
-    """[T, 2] keys -> the T steps' action keys and their env `draws`, made before the loop."""
-    return keys[:, 0], jax.vmap(vec_env.draws)(keys[:, 1])

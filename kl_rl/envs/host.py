@@ -308,10 +308,6 @@ class HostVecEnv:
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(index, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
-    def draws(self, key: jax.Array) -> jax.Array:
-        """`VecEnv.draws`'s counterpart: the copies hold their own generators, so just `key`."""
-        return key
-
     def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
         """Steps all N copies once; `key` is unused (the copies hold their own generators)."""
         del key

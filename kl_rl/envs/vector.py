@@ -55,23 +55,6 @@ class StepOut(NamedTuple):
     episode_length: jax.Array
 
 
-class StepDraws(NamedTuple):
-    """What one `VecEnv.step` draws from its key, all of which is independent of the envs' state.
-
-    Attributes:
-      transition, reward, terminal, observation: [N] keys of those FuncEnv calls.
-      reset_state: the FuncEnv states a reset in this step starts from, leading axis N.
-      reset_obs: [N, ...] their observations.
-    """
-
-    transition: jax.Array
-    reward: jax.Array
-    terminal: jax.Array
-    observation: jax.Array
-    reset_state: Any
-    reset_obs: jax.Array
-
-
 def _where(done: jax.Array, if_done: jax.Array, otherwise: jax.Array) -> jax.Array:
     """`jnp.where` with the [N] mask `done` broadcast over the trailing axes."""
     return jnp.where(done.reshape(done.shape + (1,) * (jnp.ndim(otherwise) - 1)), if_done, otherwise)
@@ -127,24 +110,11 @@ class VecEnv:
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
-    def draws(self, key: jax.Array) -> StepDraws:
-        """Everything `step` derives from its key: the FuncEnv calls' keys and the reset states.
-
-        `step(key, ...)` and `step(draws(key), ...)` are the same step. A rollout makes every
-        step's draws in one vmapped call before its loop (`jax.vmap(vec_env.draws)(keys)`): on
-        CPU, jax lowers each threefry call as a rolled loop, and XLA unrolls them only where a
-        loop body holds a single one, so each call left inside the loop costs more than the
-        env's dynamics.
-        """
-        transition, reward, terminal, observation, init_keys, init_obs_keys = self._keys(key, 6)
-        reset_state, reset_obs = self._initial(init_keys, init_obs_keys)
-        return StepDraws(transition, reward, terminal, observation, reset_state, reset_obs)
-
-    def step(self, key: jax.Array | StepDraws, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
+    def step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
         """Steps all N envs once; the envs whose episode ends start a new one in the same step.
 
         Args:
-          key: PRNG key, or the `draws` of one.
+          key: PRNG key.
           state: the N envs' state.
           action: [N, ...] one action per env.
 
@@ -152,17 +122,19 @@ class VecEnv:
           The next state, whose `obs` is the one to act on, and the transition's `StepOut`.
         """
         env, params = self.env, self.params
-        draws = key if isinstance(key, StepDraws) else self.draws(key)
+        transition_keys, reward_keys, terminal_keys, obs_keys, init_keys, init_obs_keys = self._keys(key, 6)
+        # Params are closed over, not mapped: they stay Python scalars where the env has them.
         next_env_state = jax.vmap(lambda s, a, k: env.transition(s, a, k, params))(
-            state.env_state, action, draws.transition
+            state.env_state, action, transition_keys
         )
         reward = jax.vmap(lambda s, a, s_tp1, k: env.reward(s, a, s_tp1, k, params))(
-            state.env_state, action, next_env_state, draws.reward
+            state.env_state, action, next_env_state, reward_keys
         )
-        terminated = jax.vmap(lambda s, k: env.terminal(s, k, params))(next_env_state, draws.terminal)
-        final_obs = jax.vmap(lambda s, k: env.observation(s, k, params))(next_env_state, draws.observation)
-        reset_env_state, reset_obs = draws.reset_state, draws.reset_obs
+        terminated = jax.vmap(lambda s, k: env.terminal(s, k, params))(next_env_state, terminal_keys)
+        final_obs = jax.vmap(lambda s, k: env.observation(s, k, params))(next_env_state, obs_keys)
+        reset_env_state, reset_obs = self._initial(init_keys, init_obs_keys)
 
+        # Envs differ in dtypes (gymnasium's Pendulum returns a Python False): fix them here.
         reward, terminated = jnp.asarray(reward, jnp.float32), jnp.asarray(terminated, bool)
         time = state.time + 1
         # The time limit; where the episode also terminated, `advance` lets termination win.

@@ -183,34 +183,3 @@ def test_make_knows_the_ids_and_lists_them_for_an_unknown_one():
         "MountainCarContinuous-v0, Pendulum-v1) and gymnasium cannot make it ("
     )
     assert "\n" not in str(excinfo.value)
-
-
-def test_a_rollout_derives_each_steps_keys_as_a_step_by_step_loop_would():
-    """`collect` makes every step's env draws before its loop (`VecEnv.draws`); the
-    trajectory is the one a loop calling `step` with each step's key gives, resets included."""
-    from kl_rl import rollout
-
-    vec = VecEnv(envs.make("CartPole-v1"), 4, max_episode_steps=16)
-
-    def act(key, obs):
-        action = jax.random.bernoulli(key, 0.5, obs.shape[:1]).astype(jnp.int32)
-        return action, jnp.zeros(obs.shape[0]), None
-
-    @jax.jit
-    def both(key):
-        state = vec.reset(jax.random.key(9))
-        collector = rollout.init_collector(state, (4,))
-        _, traj, _ = rollout.collect(key, act, vec, collector, 40, False)
-
-        def step(env_state, keys):
-            action, _, _ = act(keys[0], env_state.obs)
-            env_state, out = vec.step(keys[1], env_state, action)
-            return env_state, (action, out.final_obs, out.terminated, out.truncated)
-
-        _, by_hand = jax.lax.scan(step, state, jax.random.split(key, (40, 2)))
-        return (traj.action, traj.next_obs, traj.terminated, traj.truncated), by_hand
-
-    collected, by_hand = both(jax.random.key(4))
-    assert bool(by_hand[2].any()) and bool(by_hand[3].any())  # resets after both kinds of ending
-    for a, b in zip(collected, by_hand, strict=True):
-        np.testing.assert_array_equal(a, b)
