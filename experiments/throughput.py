@@ -8,6 +8,13 @@ lr 2.5e-4 annealed, clipped value loss, ent 0.01, 5e5 steps), so both do the sam
 update. kl_rl's run includes its final 16-episode evaluation; PureJaxRL's has none. Compile
 time is timed apart from run time; run time is the median over repeats of the compiled program.
 Without --purejaxrl-dir only kl_rl is measured (see experiments/anchors/purejaxrl_ppo.py).
+
+The rounds above run the two in separate processes, so each sees whatever load the machine had
+at its time. --paired instead runs both in the anchor's process, in turns (see the anchor's
+--paired-kl-rl), and reports the median of the per-pair ratios with a bootstrap interval:
+
+    python experiments/throughput.py --paired --seeds 1 --repeats 20 \\
+        --anchor-python /work/anchors/venv/bin/python --purejaxrl-dir /work/anchors/purejaxrl
 """
 
 import argparse
@@ -70,10 +77,12 @@ def run_anchor(args) -> dict:
     script = Path(__file__).parent / "anchors" / "purejaxrl_ppo.py"
     cmd = [args.anchor_python or sys.executable, str(script), "--purejaxrl-dir", args.purejaxrl_dir,
            "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps)]
+    cmd += ["--paired-kl-rl"] if args.paired else []
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "anchor failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
+    return lines if args.paired else lines[-1]
 
 
 def main() -> int:
@@ -84,7 +93,14 @@ def main() -> int:
     parser.add_argument("--total-steps", type=int, default=500_000)
     parser.add_argument("--anchor-python", default=None)
     parser.add_argument("--purejaxrl-dir", default=None)
+    parser.add_argument("--paired", action="store_true", help="time both in one process, in turns")
     args = parser.parse_args()
+    if args.paired:
+        if not args.purejaxrl_dir:
+            parser.error("--paired needs --purejaxrl-dir")
+        for line in run_anchor(args):
+            print(json.dumps(line))
+        return 0
     run, compile_s, steps = compile_kl_rl(args.seeds, args.total_steps)
     ours, theirs, anchor = [], [], None
     for _ in range(args.rounds if args.purejaxrl_dir else 1):

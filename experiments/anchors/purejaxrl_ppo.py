@@ -33,6 +33,14 @@ not executed), with DEBUG off and TOTAL_TIMESTEPS from the command line; if that
 be read, the same defaults written out below are used. Compile is timed apart from the runs.
 One seed uses `jax.jit(train)` as their `__main__` does; more use `jax.jit(jax.vmap(train))`.
 Prints one JSON line.
+
+With --paired-kl-rl, kl_rl's PPO at the same config (experiments/throughput.py's
+`compile_kl_rl`) is compiled in the same process, and the two compiled programs run in turns,
+--repeats times each, the order alternating from pair to pair. Each pair gives one ratio of
+env steps/s (kl_rl over PureJaxRL); the pairs see the same machine load, which separate
+processes do not. A second JSON line gives kl_rl's times and the ratios' median with a 95%
+percentile-bootstrap interval. kl_rl must be importable here (its dependencies are in the venv
+above; the repo root is put on sys.path).
 """
 
 import argparse
@@ -192,6 +200,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=1, help="agents trained at once (vmap)")
     parser.add_argument("--total-timesteps", type=float, default=5e5, help="env steps per agent")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the compiled program")
+    parser.add_argument("--paired-kl-rl", action="store_true", help="also time kl_rl, in turns with PureJaxRL")
     args = parser.parse_args()
     if not math.isfinite(args.total_timesteps):
         return fail("--total-timesteps must be a finite number")
@@ -235,11 +244,30 @@ def main() -> int:
     start = time.perf_counter()
     compiled = fn.lower(keys).compile()
     compile_s = time.perf_counter() - start
-    run_s = []
-    for _ in range(args.repeats):
-        start = time.perf_counter()
-        out = jax.block_until_ready(compiled(keys))
-        run_s.append(time.perf_counter() - start)
+
+    def run_purejaxrl():
+        return jax.block_until_ready(compiled(keys))
+
+    if args.paired_kl_rl:
+        repo = Path(__file__).resolve().parents[2]
+        sys.path[:0] = [str(repo), str(repo / "experiments")]
+        try:
+            import throughput
+        except ImportError as exc:
+            return fail(f"cannot import kl_rl here ({exc}); install its dependencies in this venv")
+        run_kl_rl, kl_compile_s, kl_steps = throughput.compile_kl_rl(args.seeds, int(args.total_timesteps))
+        # One untimed run of each first, so neither pays for first-call work inside the pairs.
+        kl_out = run_kl_rl()
+        run_purejaxrl()
+    run_s, kl_run_s = [], []
+    for i in range(args.repeats):
+        order = [run_purejaxrl] if not args.paired_kl_rl else [run_purejaxrl, run_kl_rl][:: 1 if i % 2 == 0 else -1]
+        for fn_ in order:
+            start = time.perf_counter()
+            result = fn_()
+            (run_s if fn_ is run_purejaxrl else kl_run_s).append(time.perf_counter() - start)
+            if fn_ is run_purejaxrl:
+                out = result
 
     # Mean return of the episodes that ended during the last update, per seed, then over seeds.
     metrics = out["metrics"]
@@ -265,7 +293,30 @@ def main() -> int:
             }
         )
     )
+    if args.paired_kl_rl:
+        print(json.dumps(paired_summary(run_s, kl_run_s, kl_compile_s, kl_steps, kl_out, args.seeds * total)))
     return 0
+
+
+def paired_summary(theirs: list, ours: list, compile_s: float, steps: int, out, their_steps: int) -> dict:
+    """kl_rl's times and the per-pair ratios of env steps/s, with a bootstrap interval of their median."""
+    import numpy as np
+
+    ratios = np.array([(steps / o) / (their_steps / t) for o, t in zip(ours, theirs, strict=True)])
+    rng = np.random.default_rng(0)
+    medians = np.median(rng.choice(ratios, (10_000, ratios.size)), axis=1)
+    low, high = np.percentile(medians, [2.5, 97.5])
+    return {
+        "impl": "kl_rl",
+        "env_steps": steps,
+        "compile_s": round(compile_s, 3),
+        "run_s": [round(t, 3) for t in ours],
+        "env_steps_per_s": round(statistics.median(steps / t for t in ours)),
+        "final_return_median": float(np.median(np.asarray(out.eval_returns).mean(axis=-1))),
+        "paired_ratios": [round(float(r), 3) for r in ratios],
+        "kl_rl_over_purejaxrl_median": round(float(np.median(ratios)), 3),
+        "ci95": [round(float(low), 3), round(float(high), 3)],
+    }
 
 
 if __name__ == "__main__":
