@@ -1,0 +1,37 @@
+"""The benchmark scripts' own arithmetic (the benchmarks themselves run outside the test suite)."""
+
+import importlib.util
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ANCHOR = Path(__file__).parent.parent / "experiments" / "anchors" / "purejaxrl_ppo.py"
+
+
+@pytest.fixture(scope="module")
+def anchor():
+    spec = importlib.util.spec_from_file_location("purejaxrl_ppo", ANCHOR)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paired_summary_divides_each_pair_and_bounds_the_median(anchor):
+    out = types.SimpleNamespace(eval_returns=np.array([[500.0, 500.0], [400.0, 420.0], [10.0, 30.0]]))
+    # PureJaxRL's times first. kl_rl does 1000 steps and PureJaxRL 1200, so equal times are a
+    # ratio of 1000/1200, and kl_rl in half PureJaxRL's time twice that.
+    summary = anchor.paired_summary([2.0, 1.0, 4.0], [1.0, 1.0, 4.0], 3.0, 1000, out, 1200)
+    assert summary["paired_ratios"] == [round(2 * 1000 / 1200, 3), round(1000 / 1200, 3), round(1000 / 1200, 3)]
+    assert summary["kl_rl_over_purejaxrl_median"] == round(1000 / 1200, 3)
+    low, high = summary["ci95"]
+    assert round(1000 / 1200, 3) <= low <= high <= round(2 * 1000 / 1200, 3)
+    assert summary["env_steps_per_s"] == 1000  # the median of 1000, 1000 and 250 steps/s
+    assert summary["final_return_median"] == 410.0  # per-seed means 500, 410, 20
+
+
+def test_paired_summary_refuses_unpaired_times(anchor):
+    out = types.SimpleNamespace(eval_returns=np.zeros((1, 2)))
+    with pytest.raises(ValueError):
+        anchor.paired_summary([1.0, 2.0], [1.0], 0.0, 10, out, 10)
