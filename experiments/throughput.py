@@ -81,8 +81,8 @@ def run_anchor(args) -> dict:
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "anchor failed")
-    lines = [json.loads(line) for line in proc.stdout.strip().splitlines()[-2:]]
-    return lines if args.paired else lines[-1]
+    lines = proc.stdout.strip().splitlines()
+    return [json.loads(line) for line in lines[-2:]] if args.paired else json.loads(lines[-1])
 
 
 def main() -> int:
