@@ -259,13 +259,13 @@ def main() -> int:
         # One untimed run of each first, so neither pays for first-call work inside the pairs.
         kl_out = run_kl_rl()
         run_purejaxrl()
-    runners = [run_purejaxrl, run_kl_rl] if args.paired_kl_rl else [run_purejaxrl]
     run_s, kl_run_s = [], []
+    runners = [(run_purejaxrl, run_s)] + ([(run_kl_rl, kl_run_s)] if args.paired_kl_rl else [])
     for i in range(args.repeats):
-        for fn_ in runners if i % 2 == 0 else runners[::-1]:
+        for fn_, times in runners if i % 2 == 0 else runners[::-1]:
             start = time.perf_counter()
             result = fn_()
-            (run_s if fn_ is run_purejaxrl else kl_run_s).append(time.perf_counter() - start)
+            times.append(time.perf_counter() - start)
             if fn_ is run_purejaxrl:
                 out = result
 
