@@ -227,12 +227,12 @@ def vmap_seeds(fn: Callable, in_axes: Any = 0) -> Callable:
       fn: the per-seed function.
       in_axes: as `jax.vmap`'s, with every entry 0 (batched over seeds) or None (shared).
     """
+    if any(axis not in (0, None) for axis in (in_axes if isinstance(in_axes, tuple | list) else (in_axes,))):
+        raise ValueError(f"vmap_seeds maps leading axes only; in_axes entries must be 0 or None, got {in_axes}")
     batched = jax.vmap(fn, in_axes=in_axes)
 
     def call(*args):
         axes = in_axes if isinstance(in_axes, tuple | list) else (in_axes,) * len(args)
-        if any(axis not in (0, None) for axis in axes):
-            raise ValueError(f"vmap_seeds maps leading axes only; in_axes entries must be 0 or None, got {in_axes}")
         if any(jax.tree.leaves(a)[0].shape[0] != 1 for a, axis in zip(args, axes, strict=True) if axis is not None):
             return batched(*args)
         one = [a if axis is None else jax.tree.map(lambda x: x[0], a) for a, axis in zip(args, axes, strict=True)]

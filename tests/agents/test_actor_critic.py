@@ -64,3 +64,13 @@ def test_one_seed_runs_unbatched_and_its_checkpointed_segments_agree(tmp_path):
         np.testing.assert_array_equal(run.metrics["kl"][0], alone.metrics["kl"])
         for x, y in zip(jax.tree.leaves(run.final_state.agent), jax.tree.leaves(alone.state.agent), strict=True):
             np.testing.assert_array_equal(x[0], y)
+
+
+def test_vmap_seeds_refuses_axes_other_than_the_leading_one():
+    from kl_rl.train import vmap_seeds
+
+    with pytest.raises(ValueError, match="in_axes entries must be 0 or None"):
+        vmap_seeds(lambda x, y: x + y, in_axes=(0, 1))
+    double = vmap_seeds(lambda x, y: x * y, in_axes=(0, None))
+    np.testing.assert_array_equal(double(np.ones((1, 3)), 2.0), np.full((1, 3), 2.0))  # one seed, unbatched
+    np.testing.assert_array_equal(double(np.ones((2, 3)), 2.0), np.full((2, 3), 2.0))
