@@ -24,10 +24,10 @@ import numpy as np
 
 import kl_rl
 from kl_rl import config as config_lib
-from kl_rl import envs
+from kl_rl import envs, parallel
 from kl_rl.agents import algo_spec
 from kl_rl.presets import preset
-from kl_rl.train import make_trainer, vmap_seeds
+from kl_rl.train import make_trainer
 
 
 def resolve_config(
@@ -75,6 +75,8 @@ class RunResult:
     env_time_s: float | None = None
     """Host path: wall time inside the gymnasium envs (training and evaluation), a part of
     wall_time_s; the rest is the policy, the updates and the callbacks' overhead."""
+    devices: int = 1
+    """How many devices the seeds were spread over."""
 
     @property
     def final_returns(self) -> np.ndarray:
@@ -122,6 +124,7 @@ class RunResult:
             "compile_time_s": self.compile_time_s,
             "env_steps_per_s": self.env_steps_per_s,
             "env_path": self.env_path,
+            "devices": self.devices,
             **({"vectorization": self.vectorization} if self.env_path == "host" else {}),
             **({"env_time_s": self.env_time_s} if self.env_time_s is not None else {}),
             **provenance(),
@@ -324,9 +327,14 @@ def run(
     checkpoint_every: int = 0,
     env_path: str = "auto",
     vectorization: str = "sync",
+    devices: int | None = None,
     **overrides: Any,
 ) -> RunResult:
-    """Trains `seeds` seeds (0 .. seeds-1) in one compiled, vmapped program.
+    """Trains `seeds` seeds (0 .. seeds-1), spread over the local devices (`kl_rl.parallel`).
+
+    The run is a few compiled programs (init, a segment of updates, evaluate), each compiled
+    once; the segments run back to back and the progress bar moves between them. On CPU a
+    seed's result depends only on its seed and config, not on the number of seeds or devices.
 
     Args:
       algo: algorithm name (see `kl_rl.agents.ALGOS`).
@@ -338,11 +346,12 @@ def run(
       progress: True for a tqdm bar; or a callable receiving env steps done (summed over seeds).
       checkpoint_dir: a run folder to checkpoint into (`<checkpoint_dir>/checkpoints/<update>`).
         If it already holds a checkpoint of this run, training resumes from the newest one.
-        The final state is always saved there. Without it the run is one program with no saves.
-      checkpoint_every: updates between checkpoints (0: only the final state). The updates run
-        as segments of this many, each one compiled program call.
+        The final state is always saved there.
+      checkpoint_every: updates between checkpoints (0: only the final state).
       env_path: "auto" (the JAX port where there is one), "jax" or "host" (see `kl_rl.envs.make`).
       vectorization: how the host path steps its copies: "sync", or "async" (one process each).
+      devices: how many local devices to use (default all; on CPU see
+        `kl_rl.parallel.use_cpu_devices`).
     """
     from kl_rl.errors import ConfigError
 
@@ -352,58 +361,33 @@ def run(
         raise ConfigError(f"--checkpoint-every must be a non-negative integer, got {checkpoint_every!r}")
     if config is None:
         config = resolve_config(algo, env, config_file, overrides, env_path)
-    env_obj = envs.make(env, env_path, vectorization)
-    steps_per_update = 0  # set from the trainer below, before any callback can run
-    bar = None  # opened after compilation, so its clock and rate cover the run only
-    bar_start = 0  # env steps already done when the bar opened (a resumed run)
-
-    def callback(updates_done):
-        if bar is not None:
-            bar.update(int(updates_done) * steps_per_update - bar_start - bar.n)
-        elif callable(progress):
-            progress(int(updates_done) * steps_per_update)
-
-    trainer = make_trainer(
-        algo,
-        config,
-        env_obj,
-        progress=callback if progress else None,
-        progress_every=max(1, config.num_updates // 200),
-    )
+    trainer = make_trainer(algo, config, envs.make(env, env_path, vectorization))
+    lay = parallel.layout(seeds, devices, host_env=trainer.env_path == "host")
     steps_per_update = trainer.steps_per_update * seeds
-    keys = jax.vmap(jax.random.key)(np.arange(seeds))
     enable_compilation_cache()
+    bar = None  # opened after compilation, so its clock and rate cover the run only
 
-    def open_bar(done_updates: int):
-        nonlocal bar, bar_start
+    def report(updates_done: int, first: bool) -> None:
+        nonlocal bar
         if progress is True:
-            from tqdm.auto import tqdm
+            if first:
+                from tqdm.auto import tqdm
 
-            bar_start = done_updates * steps_per_update
-            bar = tqdm(
-                total=config.num_updates * steps_per_update,
-                initial=bar_start,
-                unit="step",
-                unit_scale=True,
-                desc=f"{algo} {env}",
-            )
+                total = config.num_updates * steps_per_update
+                bar = tqdm(total=total, initial=updates_done * steps_per_update, unit="step", unit_scale=True,
+                           desc=f"{algo} {env}")  # fmt: skip
+            else:
+                bar.update(updates_done * steps_per_update - bar.n)
+        elif callable(progress) and not first:
+            progress(updates_done * steps_per_update)
 
+    record = run_record(algo, env, seeds, config, trainer.env_path)
+    programs = parallel.Programs(trainer, lay)
+    keys = jax.vmap(jax.random.key)(np.arange(seeds))
     try:
-        if checkpoint_dir is None:
-            start = time.perf_counter()
-            compiled = jax.jit(vmap_seeds(trainer.train, in_axes=(0, None))).lower(keys, config).compile()
-            compile_time = time.perf_counter() - start
-            open_bar(0)
-            start = time.perf_counter()
-            out = jax.block_until_ready(compiled(keys, config))
-            jax.effects_barrier()
-            wall = time.perf_counter() - start
-            state, metrics, eval_returns = out.state, out.metrics, out.eval_returns
-        else:
-            record = run_record(algo, env, seeds, config, trainer.env_path)
-            state, metrics, eval_returns, wall, compile_time = _run_in_segments(
-                trainer, config, keys, checkpoint_dir, checkpoint_every, record, open_bar
-            )
+        state, metrics, eval_returns, wall = train_items(
+            programs, keys, [config] * seeds, report, checkpoint_dir, checkpoint_every, record
+        )
     finally:
         if bar is not None:
             bar.close()
@@ -419,42 +403,50 @@ def run(
         metrics={k: np.asarray(v) for k, v in metrics.items()},
         eval_returns=np.asarray(eval_returns),
         wall_time_s=wall,
-        compile_time_s=compile_time,
+        compile_time_s=programs.compile_time_s,
         final_state=state,
         env_path=trainer.env_path,
         vectorization=vectorization,
         env_time_s=trainer.vec_env.env_seconds + trainer.eval_env.env_seconds if host else None,
+        devices=len(lay.devices),
     )
 
 
-def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_bar):
-    """`train` split at checkpoints: init, segments of `every` updates (each saved), evaluate.
+def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every=0, record=None):
+    """`train` for a batch of items (seeds, or grid points x seeds) as segments of updates.
 
-    Splits each seed's key as `train` does, so the result is `train`'s, resumed or not.
-    Returns (state, metrics, eval_returns, run wall time, compile time).
+    Init (or restore), segments of updates, evaluate: each item's key is split as `train`
+    splits it, so an item's result is `train(key, config)`'s. With `checkpoint_dir`, the state
+    after every `every` updates (0: only the last) is saved under `record`, and a run resumes
+    from the newest checkpoint there.
+
+    Args:
+      programs: a `parallel.Programs` whose layout holds len(keys) items.
+      keys: [items] PRNG keys.
+      configs: one config per item, all sharing the static fields.
+      report: optional `report(updates_done, first)`, called once before the first segment
+        runs and after each one completes.
+
+    Returns:
+      (state, metrics, eval_returns, wall time of the run without compilation), the items
+      axis leading.
     """
     from kl_rl.checkpoint import Checkpointer
     from kl_rl.errors import ConfigError
 
-    num_updates = config.num_updates
-    every = every or num_updates
-    init_keys, eval_keys = jax.vmap(jax.random.split, out_axes=1)(keys)
-    compile_time = 0.0
-
-    def compiled(fn, *args):
-        nonlocal compile_time
-        t0 = time.perf_counter()
-        program = jax.jit(fn).lower(*args).compile()
-        compile_time += time.perf_counter() - t0
-        return program
-
-    init = vmap_seeds(trainer.init, in_axes=(0, None))
-    ckpt = Checkpointer(checkpoint_dir)
+    lay, trainer = programs.layout, programs.trainer
+    num_updates = configs[0].num_updates
+    init_keys, eval_keys = (parallel.pad(k, lay) for k in jax.vmap(jax.random.split, out_axes=1)(keys))
+    stacked = parallel.pad(parallel.stack(configs), lay)
+    report = report or (lambda updates_done, first: None)
+    compile_before = programs.compile_time_s
+    start = time.perf_counter()
+    ckpt = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     try:
         done, history = 0, []
-        latest = ckpt.latest()
+        latest = ckpt.latest() if ckpt is not None else None
         if latest is None:
-            state = compiled(init, init_keys, config)(init_keys, config)
+            state = programs.init(init_keys, stacked)
         else:
             saved = ckpt.record(latest)
             if {k: saved.get(k) for k in record} != record:
@@ -463,39 +455,49 @@ def _run_in_segments(trainer, config, keys, checkpoint_dir, every, record, open_
                     f"{saved.get('env')}, {saved.get('seeds')} seed(s)); resume with that run's settings"
                 )
             # A resumed run needs init's shapes only, not a compiled init.
-            state, saved_metrics = ckpt.restore(latest, jax.eval_shape(init, init_keys, config))
+            one = jax.eval_shape(trainer.init, keys[0], configs[0])
+            template = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(configs), *x.shape), x.dtype), one)
+            state, saved_metrics = ckpt.restore(latest, template)
+            state = parallel.pad(state, lay)
             if trainer.env_path == "host":
                 # The gymnasium envs' own state is not in the checkpoint: start new episodes.
-                restart = vmap_seeds(trainer.restart_envs)
                 restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, latest))(init_keys)
-                state = compiled(restart, restart_keys, state)(restart_keys, state)
+                state = programs.restart_envs(restart_keys, state)
             done, history = latest, [saved_metrics]
-        segments: dict[int, Any] = {}
-        open_bar(done)
-        start = time.perf_counter()
-        while done < num_updates:
-            n = min(every, num_updates - done)
-            if n not in segments:
-                fn = vmap_seeds(lambda s, c, st, n=n: trainer.run(s, c, n, st), in_axes=(0, None, None))
-                t0 = time.perf_counter()
-                segments[n] = compiled(fn, state, config, done)
-                start += time.perf_counter() - t0  # compile time is not run time
-            state, metrics = segments[n](state, config, done)
-            history.append(jax.device_get(metrics))
+        # Without checkpoints every run is cut the same way, so progress or not, the same bits.
+        plan = parallel.segments(num_updates - done, every)
+        save_every = every or num_updates
+        report(done, True)
+        pending = None  # the last dispatched segment's env_steps and the updates done after it
+        for n in plan:
+            state, metrics = programs.run(state, stacked, n)
             done += n
-            so_far = {k: np.concatenate([h[k] for h in history], axis=1) for k in history[0]}
-            history = [so_far]
-            ckpt.save(done, state, so_far, record)
-        t0 = time.perf_counter()
-        evaluate = compiled(vmap_seeds(trainer.evaluate, in_axes=(0, 0, None)), eval_keys, state, config)
-        start += time.perf_counter() - t0
-        eval_returns = jax.block_until_ready(evaluate(eval_keys, state, config))
-        jax.effects_barrier()
-        wall = time.perf_counter() - start
-        ckpt.wait()
+            history.append(metrics)
+            if ckpt is not None and (done % save_every == 0 or done == num_updates):
+                ckpt.save(done, parallel.unpad(state, lay), _joined(history, lay), record)
+            # The next segment is already dispatched when the previous one is waited for.
+            if pending is not None:
+                jax.block_until_ready(pending[0])
+                report(pending[1], False)
+            pending = (metrics["env_steps"], done)
+        if pending is not None:
+            jax.block_until_ready(pending[0])
+            report(pending[1], False)
+        eval_returns = jax.block_until_ready(programs.evaluate(eval_keys, state, stacked))
+        wall = time.perf_counter() - start - (programs.compile_time_s - compile_before)
+        metrics = _joined(history, lay)
+        if ckpt is not None:
+            ckpt.wait()
     finally:
-        ckpt.close()
-    return state, history[0], eval_returns, wall, compile_time
+        if ckpt is not None:
+            ckpt.close()
+    return parallel.unpad(state, lay), metrics, np.asarray(parallel.unpad(eval_returns, lay)), wall
+
+
+def _joined(history: list[Any], lay: Any) -> dict[str, np.ndarray]:
+    """Per-segment metrics (device or host arrays) as one host dict of [seeds, updates] arrays."""
+    parts = [{k: np.asarray(v)[: lay.items] for k, v in h.items()} for h in history]
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
 RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization")
@@ -610,8 +612,12 @@ class LoadedRun:
         if keys is None:
             seed_keys = jax.vmap(jax.random.key)(np.asarray(self.seeds))
             keys = jax.vmap(jax.random.split)(seed_keys)[:, 1]
-        fn = jax.jit(vmap_seeds(self.trainer.evaluate, in_axes=(0, 0, None)))
-        return np.asarray(fn(keys, self.state, self.config))
+        # Laid out as training laid it out, so each seed's evaluation is the same program.
+        lay = parallel.layout(len(self.seeds), host_env=self.trainer.env_path == "host")
+        programs = parallel.Programs(self.trainer, lay)
+        configs = parallel.stack([self.config] * len(self.seeds))
+        args = (parallel.pad(x, lay) for x in (keys, self.state, configs))
+        return np.asarray(parallel.unpad(programs.evaluate(*args), lay))
 
 
 def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:

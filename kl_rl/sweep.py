@@ -5,23 +5,19 @@
 
 Traced hyperparameters (learning rate, clip, gamma, lambda, coefficients, KL targets, delta, ...)
 are array leaves of the config, so every grid point that shares the static fields (shapes, loop
-counts, switches) is stacked into one config pytree and the grid times the seeds runs as one
-`vmap`ped program: configs on the outer axis, seeds on the inner. Grid points that differ in a
-static field (num_envs, num_steps, hidden_sizes, population_size, ...) fall into separate
-groups, each compiled once. A group larger than `chunk_size` runs in chunks through the same
-compiled program (the last chunk padded with copies of its final config, which are dropped).
+counts, switches) runs through one set of compiled programs: the (grid point, seed) pairs are
+the items of one batch (`kl_rl.parallel`), each with its own config, spread over the local
+devices as `kl_rl.run` spreads seeds. Grid points that differ in a static field (num_envs,
+num_steps, hidden_sizes, population_size, ...) fall into separate groups, each compiled once.
+A group larger than `chunk_size` runs in chunks through the same compiled programs (the last
+chunk padded with copies of its final config, which are dropped).
 
-With several devices (GPUs, TPU cores, or CPU devices forced with
-XLA_FLAGS=--xla_force_host_platform_device_count=N) the grid-point axis is sharded across them
-with a `jax.sharding.Mesh`; the points are independent, so no device talks to another. Across
-several hosts, call `jax.distributed.initialize()` on every host first (coordinator address,
-process count and id, or the cluster's auto-detection): `jax.devices()` then lists every
-host's devices and the same mesh spans them all.
+On CPU a (point, seed)'s result is the same bits as `kl_rl.run` of that config and seed, whatever
+else the sweep holds and however many devices it runs on.
 """
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, runner
+from kl_rl import envs, parallel, runner
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -173,6 +169,7 @@ def run_sweep(
     progress: bool = False,
     env_path: str = "auto",
     vectorization: str = "sync",
+    devices: int | None = None,
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
@@ -187,6 +184,7 @@ def run_sweep(
         first compilation and advanced from inside the compiled programs.
       env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
         copies of a whole chunk (points x seeds x num_envs).
+      devices: as for `kl_rl.run`: the (point, seed) items of a chunk are spread over them.
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -200,74 +198,55 @@ def run_sweep(
     env_obj = envs.make(env, env_path, vectorization)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     runner.enable_compilation_cache()
-    devices = jax.devices()
-    # With several devices the grid-point axis is sharded across them (seeds stay together on a
-    # device); each chunk is padded to a multiple of the device count.
-    mesh = jax.sharding.Mesh(np.array(devices), ("points",))
-    by_point = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("points"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    keys = jax.device_put(keys, replicated)
     outputs: dict[int, Any] = {}
     programs = []
-    bar = None
-    done_before = 0  # env steps of the chunks already finished
-    chunk_steps_per_update = 0
-
-    def advance(updates_done):
-        if bar is not None:
-            bar.update(done_before + int(updates_done) * chunk_steps_per_update - bar.n)
-
-    # One trainer per static group: its members share rollout shapes and update counts.
-    trainers = [
-        make_trainer(
-            algo,
-            configs[members[0]],
-            env_obj,
-            progress=advance if progress else None,
-            progress_every=max(1, configs[members[0]].num_updates // 100),
-        )
-        for members in groups.values()
-    ]
+    trainers = [make_trainer(algo, configs[members[0]], env_obj) for members in groups.values()]
     total_steps = sum(
         t.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
         for t, m in zip(trainers, groups.values(), strict=True)
     )
+    bar = None
+    done_before = 0  # env steps of the chunks already finished
     for trainer, members in zip(trainers, groups.values(), strict=True):
         size = min(chunk_size, len(members))
-        size = -(-size // len(devices)) * len(devices)
-        first = configs[members[0]]
-        program = jax.jit(jax.vmap(jax.vmap(trainer.train, in_axes=(0, None)), in_axes=(None, 0)))
-        compiled, compile_s, run_s = None, 0.0, 0.0
+        # One layout, and so one set of programs, for every chunk of the group: the last chunk
+        # is padded with copies of its final point, which are dropped.
+        group = parallel.Programs(
+            trainer, parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
+        )
+        run_s = 0.0
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
             padded = chunk + [chunk[-1]] * (size - len(chunk))
-            stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *[configs[i] for i in padded])
-            stacked = jax.device_put(stacked, by_point)
-            if compiled is None:
-                t0 = time.perf_counter()
-                compiled = program.lower(keys, stacked).compile()
-                compile_s = time.perf_counter() - t0
-            if progress and bar is None:
-                from tqdm.auto import tqdm
+            # Items are (point, seed) pairs, point-major; padded points run but are not counted.
+            chunk_steps = trainer.steps_per_update * len(chunk) * seeds
 
-                bar = tqdm(total=total_steps, unit="step", unit_scale=True, desc=f"sweep {algo} {env}")
-            # Padded points run but are not counted.
-            chunk_steps_per_update = trainer.steps_per_update * len(chunk) * seeds
-            t0 = time.perf_counter()
-            out = jax.device_get(jax.block_until_ready(compiled(keys, stacked)))
-            jax.effects_barrier()
-            run_s += time.perf_counter() - t0
-            done_before += chunk_steps_per_update * first.num_updates
-            advance(0)
+            def report(updates_done, first, chunk_steps=chunk_steps, before=done_before):
+                nonlocal bar
+                if not progress:
+                    return
+                if bar is None:
+                    from tqdm.auto import tqdm
+
+                    bar = tqdm(total=total_steps, unit="step", unit_scale=True, desc=f"sweep {algo} {env}")
+                bar.update(before + updates_done * chunk_steps - bar.n)
+
+            item_keys = jnp.tile(keys, size)
+            item_configs = [configs[i] for i in padded for _ in range(seeds)]
+            _, metrics, eval_returns, wall = runner.train_items(group, item_keys, item_configs, report)
+            run_s += wall
+            done_before += chunk_steps * configs[chunk[0]].num_updates
             for j, i in enumerate(chunk):
-                outputs[i] = jax.tree.map(lambda x, j=j: x[j], (out.metrics, out.eval_returns))
-        programs.append({"points": members, "compile_time_s": compile_s, "run_time_s": run_s})
+                rows = slice(j * seeds, (j + 1) * seeds)
+                outputs[i] = ({k: v[rows] for k, v in metrics.items()}, eval_returns[rows])
+        lay = group.layout
+        programs.append({"points": members, "compile_time_s": group.compile_time_s, "run_time_s": run_s})
         if log is not None:
             if bar is not None:
                 bar.clear()  # the log line goes above the bar instead of through it
             log(
                 f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
-                f"on {len(devices)} device(s), compiled once in {compile_s:.1f}s, ran in {run_s:.1f}s"
+                f"on {len(lay.devices)} device(s), compiled once in {group.compile_time_s:.1f}s, ran in {run_s:.1f}s"
             )
             if bar is not None:
                 bar.refresh()

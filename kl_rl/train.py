@@ -61,13 +61,7 @@ class Trainer(NamedTuple):
     of a checkpoint, so a resumed host run starts new episodes (normalizers and all else kept)."""
 
 
-def make_trainer(
-    algo: str,
-    config: Any,
-    env: Any,
-    progress: Callable[[Any], None] | None = None,
-    progress_every: int = 1,
-) -> Trainer:
+def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
     """Builds the pure functions of a training run.
 
     Args:
@@ -76,9 +70,6 @@ def make_trainer(
         take a config argument too, which must share these static fields, so traced fields can
         be swept with `vmap`.
       env: what `kl_rl.envs.make` returns: a FuncEnv (the JAX path) or a GymEnv (the host path).
-      progress: optional host callback, called with the number of updates done every
-        `progress_every` updates (through `jax.debug.callback`, outside any vmap over seeds).
-      progress_every: updates between progress callbacks.
     """
     make_agent = ALGOS[algo].make
     vec_env = envs.vectorize(env, config.num_envs)
@@ -154,27 +145,13 @@ def make_trainer(
         )
         return new_state, metrics
 
-    total_updates = num_updates
-
-    def run(state: TrainState, config: Any = config, num_updates: int = num_updates, start: Any = 0):
+    def run(state: TrainState, config: Any = config, num_updates: int = num_updates):
         """Runs `num_updates` updates (static) and stacks their metrics.
 
-        `start` is the number of updates done before this call (a run split into segments, e.g.
-        between checkpoints); it only offsets the progress callback, so pass it unbatched.
+        A run split into segments of updates (progress, checkpoints) calls this once per segment.
+        It holds no host callback, so JAX's persistent cache keeps its compiled program.
         """
-
-        def body(state, i):
-            state, metrics = update_step(state, config)
-            if progress is not None:
-                done = start + i + 1
-                jax.lax.cond(
-                    (done % progress_every == 0) | (done == total_updates),
-                    lambda: jax.debug.callback(progress, done),
-                    lambda: None,
-                )
-            return state, metrics
-
-        return jax.lax.scan(body, state, jnp.arange(num_updates))
+        return jax.lax.scan(lambda s, _: update_step(s, config), state, length=num_updates)
 
     def evaluate(key: jax.Array, state: TrainState, config: Any = config) -> jax.Array:
         """Returns of `eval_episodes` episodes of the current policy, one per env."""

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, runner, sweep
+from kl_rl import envs, parallel, runner, sweep
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -273,39 +273,6 @@ def _racing(err: Exception) -> bool:
     return type(err).__name__ == "IntegrityError" or "already exists" in text or "database is locked" in text
 
 
-class _GroupPrograms:
-    """The compiled programs of one static group, vmapped over trials (outer) and seeds (inner).
-
-    init, a segment of n updates, and evaluate are compiled on first use and kept, so later
-    batches with the same static values (and so the same padded shapes) run without compiling.
-    """
-
-    def __init__(self, algo: str, config: Any, env: Any, progress: Callable[[Any], None] | None):
-        self.trainer = make_trainer(
-            algo, config, env, progress=progress, progress_every=max(1, config.num_updates // 100)
-        )
-        self.compiled: dict[Any, Any] = {}
-
-    def _call(self, name: Any, fn: Callable, *args: Any) -> Any:
-        if name not in self.compiled:
-            self.compiled[name] = jax.jit(fn).lower(*args).compile()
-        return self.compiled[name](*args)
-
-    def init(self, keys: jax.Array, configs: Any) -> Any:
-        init = jax.vmap(jax.vmap(self.trainer.init, in_axes=(0, None)), in_axes=(None, 0))
-        return self._call("init", init, keys, configs)
-
-    def run(self, states: Any, configs: Any, num_updates: int) -> tuple[Any, dict[str, jax.Array]]:
-        def segment(state, config):
-            return self.trainer.run(state, config, num_updates)
-
-        return self._call(("run", num_updates), jax.vmap(jax.vmap(segment, in_axes=(0, None))), states, configs)
-
-    def evaluate(self, keys: jax.Array, states: Any, configs: Any) -> jax.Array:
-        evaluate = jax.vmap(jax.vmap(self.trainer.evaluate, in_axes=(0, 0, None)), in_axes=(None, 0, 0))
-        return self._call("evaluate", evaluate, keys, states, configs)
-
-
 class _Bar:
     """An optional tqdm bar of env steps summed over trials and seeds (a no-op when disabled).
 
@@ -322,14 +289,11 @@ class _Bar:
         self.base = 0  # env steps done before the running segment
         self.unit = 0  # env steps per update of the running segment, over its real trials and seeds
 
-    def advance(self, updates_done: Any) -> None:
-        """The trainers' progress callback: updates done in the running segment."""
-        if self.bar is not None:
-            self.bar.update(self.base + int(updates_done) * self.unit - self.bar.n)
-
     def finish_segment(self, num_updates: int) -> None:
+        """Moves the bar by a finished segment (a rung) of `num_updates` updates."""
         self.base += num_updates * self.unit
-        self.advance(0)
+        if self.bar is not None:
+            self.bar.update(self.base - self.bar.n)
 
     def retotal(self, delta: int) -> None:
         if self.bar is not None and delta:
@@ -358,27 +322,28 @@ def segments(num_updates: int, rungs: int) -> list[int]:
 
 def _run_group(
     study: Any,
-    group: _GroupPrograms,
+    group: parallel.Programs,
     members: list[tuple[Any, Any, dict[str, Any]]],
     keys: tuple[jax.Array, jax.Array],
     size: int,
     rungs: int,
-    sharding: Any,
     bar: _Bar,
 ) -> None:
-    """Trains one static group's (trial, config, record) triples as one vmapped program, rung by rung.
+    """Trains one static group's (trial, config, record) triples as one batch, rung by rung.
 
-    After each rung every running trial reports its training return and may be pruned; the
-    group stops once all are pruned. Survivors are evaluated and told their value. Each outcome
-    and the env steps its group trained are written into the trial's record.
+    The batch's items are (trial, seed) pairs, trial-major, padded to `size` trials. After each
+    rung every running trial reports its training return and may be pruned; the group stops
+    once all are pruned. Survivors are evaluated and told their value. Each outcome and the env
+    steps its group trained are written into the trial's record.
     """
     optuna = _optuna()
     init_keys, eval_keys = keys
     seeds = init_keys.shape[0]
     configs = [c for _, c, _ in members]
     padded = configs + [configs[-1]] * (size - len(configs))
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *padded)
-    stacked = jax.device_put(stacked, sharding)
+    lay = group.layout
+    stacked = parallel.pad(parallel.stack([c for c in padded for _ in range(seeds)]), lay)
+    init_keys, eval_keys = (parallel.pad(jnp.tile(k, size), lay) for k in (init_keys, eval_keys))
     steps_per_update = group.trainer.steps_per_update
     num_updates = configs[0].num_updates
     plan = segments(num_updates, rungs)
@@ -387,8 +352,7 @@ def _run_group(
     done = 0
     for rung, n in enumerate(plan):
         states, metrics = group.run(states, stacked, n)
-        latest = np.asarray(metrics["episode_return"][:, :, -1])  # [trials, seeds]
-        jax.effects_barrier()
+        latest = np.asarray(parallel.unpad(metrics["episode_return"], lay))[:, -1].reshape(size, seeds)
         done += n
         bar.finish_segment(n)
         env_steps = done * steps_per_update
@@ -406,7 +370,8 @@ def _run_group(
         if all(record["state"] == "PRUNED" for _, _, record in members):
             bar.retotal(-(num_updates - done) * bar.unit)
             return
-    returns = np.asarray(group.evaluate(eval_keys, states, stacked)).mean(axis=-1)  # [trials, seeds]
+    returns = np.asarray(parallel.unpad(group.evaluate(eval_keys, states, stacked), lay))
+    returns = returns.mean(axis=-1).reshape(size, seeds)
     for j, (trial, _, record) in enumerate(members):
         if record["state"] == "RUNNING":
             value = float(returns[j].mean())
@@ -432,6 +397,7 @@ def run_tune(
     progress: bool = False,
     env_path: str = "auto",
     vectorization: str = "sync",
+    devices: int | None = None,
 ) -> TuneResult:
     """Runs `trials` trials of a study on seeds 0..seeds-1, `batch_size` trials per batch.
 
@@ -457,6 +423,7 @@ def run_tune(
       progress: show a tqdm bar of env steps over all trials and seeds.
       env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
         envs from rung to rung (a pruned trial's copies run on with its group).
+      devices: as for `kl_rl.run`: a batch's (trial, seed) items are spread over them.
 
     Raises:
       ConfigError: a bad count, base config or storage; all are checked before any training.
@@ -470,18 +437,13 @@ def run_tune(
     study = open_study(storage, study_name, sampler_seed, startup_trials)
     env_obj = envs.make(env, env_path, vectorization)
     runner.enable_compilation_cache()
-    # With several devices the trial axis is sharded across them, as in kl_rl.sweep.
-    devices = jax.devices()
-    mesh = jax.sharding.Mesh(np.array(devices), ("trials",))
-    by_trial = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("trials"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     split = jax.vmap(jax.random.split)(jax.vmap(jax.random.key)(np.arange(seeds)))  # as train: init, eval
-    keys = jax.device_put((split[:, 0], split[:, 1]), replicated)
-    size = -(-batch_size // len(devices)) * len(devices)  # every group is padded to this many trials
+    keys = (split[:, 0], split[:, 1])
+    size = batch_size  # every group is padded to this many trials, so its programs serve every batch
     budget = base.num_updates * make_trainer(algo, base, env_obj).steps_per_update
     bar = _Bar(progress, trials * seeds * budget, f"tune {algo} {env}")
     log = log or (lambda line: None)
-    programs: dict[tuple, _GroupPrograms] = {}
+    programs: dict[tuple, parallel.Programs] = {}
     records: list[dict[str, Any]] = []
     start = time.perf_counter()
     try:
@@ -508,10 +470,12 @@ def run_tune(
                     groups.setdefault(sweep.static_key(config), []).append((trial, config, record))
                 for key, members in groups.items():
                     if key not in programs:
-                        programs[key] = _GroupPrograms(algo, members[0][1], env_obj, bar.advance if progress else None)
+                        trainer = make_trainer(algo, members[0][1], env_obj)
+                        lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
+                        programs[key] = parallel.Programs(trainer, lay)
                     steps = members[0][1].num_updates * programs[key].trainer.steps_per_update
                     bar.retotal(len(members) * seeds * (steps - budget))
-                    _run_group(study, programs[key], members, keys, size, rungs, by_trial, bar)
+                    _run_group(study, programs[key], members, keys, size, rungs, bar)
             finally:
                 # A trial left RUNNING in a shared storage (an error, Ctrl-C) would stay so for good.
                 for trial, record in batch:

@@ -1,0 +1,201 @@
+"""Batches of runs on every local device: the one way kl_rl places seeds, grid points and trials.
+
+A batch is a list of items, each one run of `train` (a seed, or a (grid point, seed) pair, or a
+(trial, seed) pair) with its own key and config. `layout` spreads the items over the local
+devices, padding the last device's share with copies of the final item (dropped afterwards), and
+`Programs` compiles a trainer's init, segment and evaluate functions over that layout, each
+once, with `shard_map` so that no device talks to another.
+
+How items share a device depends on the platform:
+
+- On CPU each device runs its items one after another (`lax.map`), each through the unbatched
+  program. So an item's result depends only on its key and config, never on how many items run
+  beside it or on how many devices there are: the same bits for `--seeds 1` and for seed 0 of a
+  16-seed run on 2 devices. A vmap would not give this (a size-1 vmap compiles differently, and
+  TRPO's batched dots round differently at every batch size), and on CPU it is not faster: the
+  per-seed dots are already at one core's peak (docs/benchmarks.md).
+- On accelerators the items of a device are vmapped: thousands of seeds fill a GPU only as one
+  batch. There a seed's result can depend on the batch it ran in.
+
+On CPU the devices are the cores once `use_cpu_devices` has run before JAX starts (the `kl-rl`
+CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
+"""
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from kl_rl.errors import ConfigError
+from kl_rl.train import Trainer, vmap_seeds
+
+AXIS = "items"
+_FORCE_FLAG = "xla_force_host_platform_device_count"
+
+
+def use_cpu_devices(count: int | None = None) -> int | None:
+    """Exposes `count` CPU devices to JAX (default: one per core), so runs spread over the cores.
+
+    Must run before JAX starts its backends (before the first computation). It leaves alone a
+    device count already set through `XLA_FLAGS` (--xla_force_host_platform_device_count) or
+    `jax_num_cpu_devices`, and does nothing once JAX has started.
+
+    Returns:
+      The count it set, or None when it left things as they were.
+    """
+    from jax._src import xla_bridge
+
+    if count is not None and (not isinstance(count, int) or count <= 0):
+        raise ConfigError(f"--devices must be a positive integer, got {count!r}")
+    if _FORCE_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
+        return None
+    if xla_bridge.backends_are_initialized():
+        return None
+    count = count or os.cpu_count() or 1
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
+
+
+class Layout(NamedTuple):
+    """How a batch of items sits on the devices."""
+
+    items: int
+    """The real items; the batch is padded to `padded`."""
+    devices: tuple[Any, ...]
+    per_device: int
+    mode: str
+    """"map" (items one after another, each unbatched) or "vmap" (items batched)."""
+
+    @property
+    def padded(self) -> int:
+        return self.per_device * len(self.devices)
+
+    @property
+    def sharding(self) -> NamedSharding:
+        """The items axis split across the devices."""
+        return NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
+
+
+def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: bool = False) -> Layout:
+    """Spreads `items` over the local devices: at most one device per item, equal shares.
+
+    Args:
+      items: how many runs the batch holds.
+      devices: a device count (the first ones of `jax.local_devices()`), a list of devices, or
+        None for every local device.
+      host_env: the run steps gymnasium envs on the host. One vector env holds every item's
+        copies and is called once per step for the whole batch, so the items are vmapped on one
+        device.
+
+    Raises:
+      ConfigError: a device count that is not positive or exceeds the local devices.
+    """
+    local = jax.local_devices()
+    if devices is None:
+        chosen = local
+    elif isinstance(devices, int):
+        if devices <= 0 or devices > len(local):
+            raise ConfigError(
+                f"--devices must be between 1 and the {len(local)} local device(s), got {devices} "
+                "(on CPU, kl-rl sets the count before JAX starts; from Python call "
+                "kl_rl.parallel.use_cpu_devices(N) first)"
+            )
+        chosen = local[:devices]
+    else:
+        chosen = list(devices)
+    if host_env:
+        chosen = chosen[:1]
+    chosen = tuple(chosen[: max(1, min(len(chosen), items))])
+    mode = "map" if chosen[0].platform == "cpu" and not host_env else "vmap"
+    return Layout(items, chosen, -(-items // len(chosen)), mode)
+
+
+def pad(tree: Any, lay: Layout) -> Any:
+    """Pads the leading (items) axis of every leaf to `lay.padded` with copies of the last item,
+    and places the batch on the layout's devices."""
+
+    def one(x):
+        extra = lay.padded - x.shape[0]
+        return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]) if extra else x
+
+    return jax.device_put(jax.tree.map(one, tree), lay.sharding)
+
+
+def unpad(tree: Any, lay: Layout) -> Any:
+    """The real items of a padded batch."""
+    return jax.tree.map(lambda x: x[: lay.items], tree)
+
+
+def stack(configs: Sequence[Any]) -> Any:
+    """One config pytree whose leaves have a leading items axis."""
+    return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *configs)
+
+
+def batched(fn: Callable, lay: Layout) -> Callable:
+    """`fn` (one item's function) over a padded batch: every argument and output has the items axis."""
+    if lay.mode == "map":
+
+        def local(*args):
+            return jax.lax.map(lambda item: fn(*item), args)
+
+    else:
+        local = vmap_seeds(fn)
+    if len(lay.devices) == 1:
+        return local
+    spec = PartitionSpec(AXIS)
+    return jax.shard_map(local, mesh=lay.sharding.mesh, in_specs=spec, out_specs=spec, check_vma=False)
+
+
+class Programs:
+    """A trainer's init, segment of n updates and evaluate over one layout, each compiled once.
+
+    Every argument and output is batched along the items axis (padded to `layout.padded`):
+    keys, configs (stacked with `stack`), train states.
+    """
+
+    def __init__(self, trainer: Trainer, lay: Layout):
+        self.trainer = trainer
+        self.layout = lay
+        self.compiled: dict[Any, Any] = {}
+        self.compile_time_s = 0.0
+
+    def _call(self, name: Any, fn: Callable, *args: Any) -> Any:
+        if name not in self.compiled:
+            start = time.perf_counter()
+            self.compiled[name] = jax.jit(batched(fn, self.layout)).lower(*args).compile()
+            self.compile_time_s += time.perf_counter() - start
+        return self.compiled[name](*args)
+
+    def init(self, keys: jax.Array, configs: Any) -> Any:
+        return self._call("init", self.trainer.init, keys, configs)
+
+    def run(self, state: Any, configs: Any, num_updates: int) -> tuple[Any, dict[str, jax.Array]]:
+        def segment(s, c):
+            return self.trainer.run(s, c, num_updates)
+
+        return self._call(("run", num_updates), segment, state, configs)
+
+    def evaluate(self, keys: jax.Array, state: Any, configs: Any) -> jax.Array:
+        return self._call("evaluate", self.trainer.evaluate, keys, state, configs)
+
+    def restart_envs(self, keys: jax.Array, state: Any) -> Any:
+        return self._call("restart_envs", self.trainer.restart_envs, keys, state)
+
+
+def segments(num_updates: int, every: int = 0, target: int = 50) -> list[int]:
+    """The update counts of a run's compiled segments.
+
+    With `every` (checkpoints): segments of `every`, the remainder last. Otherwise equal
+    segments, about `target` of them (a divisor of `num_updates`, so one program serves them
+    all), which is how often the progress bar moves.
+    """
+    if every:
+        return [every] * (num_updates // every) + ([num_updates % every] if num_updates % every else [])
+    divisors = [d for d in range(1, num_updates + 1) if num_updates % d == 0]
+    size = min(divisors, key=lambda d: (abs(num_updates // d - target), d))
+    return [size] * (num_updates // size)
