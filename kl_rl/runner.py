@@ -77,6 +77,8 @@ class RunResult:
     wall_time_s; the rest is the policy, the updates and the callbacks' overhead."""
     devices: int = 1
     """How many devices the seeds were spread over."""
+    compiled_from_cache: bool = False
+    """Every program was loaded from kl_rl's program cache: nothing was traced or compiled."""
 
     @property
     def final_returns(self) -> np.ndarray:
@@ -125,6 +127,7 @@ class RunResult:
             "env_steps_per_s": self.env_steps_per_s,
             "env_path": self.env_path,
             "devices": self.devices,
+            "compiled_from_cache": self.compiled_from_cache,
             **({"vectorization": self.vectorization} if self.env_path == "host" else {}),
             **({"env_time_s": self.env_time_s} if self.env_time_s is not None else {}),
             **provenance(),
@@ -298,11 +301,18 @@ def write_run_folder(
 CACHE_ENV = "KL_RL_CACHE_DIR"
 
 
+def program_key(algo: str, env: str, env_path: str, config: Any) -> tuple:
+    """What names a trainer's programs in the program cache (`kl_rl.parallel.Programs`)."""
+    return (algo, env, env_path, json.dumps(config_lib.to_dict(config), sort_keys=True, default=str))
+
+
 def enable_compilation_cache() -> str | None:
     """Turns on JAX's persistent compilation cache, so rerunning a config skips XLA compilation.
 
     The folder is $KL_RL_CACHE_DIR, else ~/.cache/kl_rl/xla; KL_RL_CACHE_DIR=off disables it.
     A cache folder the user already gave JAX (jax_compilation_cache_dir) is left as it is.
+    Programs of every size are kept (JAX's default skips those compiled in under a second),
+    and kl_rl keeps its own serialized programs in a `kl_rl` subfolder (`parallel.Programs`).
 
     Returns:
       The cache folder in use, or None when disabled.
@@ -313,6 +323,7 @@ def enable_compilation_cache() -> str | None:
     if path.strip().lower() in ("", "0", "off", "false", "none"):
         return None
     jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 
@@ -364,7 +375,7 @@ def run(
     trainer = make_trainer(algo, config, envs.make(env, env_path, vectorization))
     lay = parallel.layout(seeds, devices, host_env=trainer.env_path == "host")
     steps_per_update = trainer.steps_per_update * seeds
-    enable_compilation_cache()
+    cache_dir = enable_compilation_cache()
     bar = None  # opened after compilation, so its clock and rate cover the run only
 
     def report(updates_done: int, first: bool) -> None:
@@ -382,7 +393,7 @@ def run(
             progress(updates_done * steps_per_update)
 
     record = run_record(algo, env, seeds, config, trainer.env_path)
-    programs = parallel.Programs(trainer, lay)
+    programs = parallel.Programs(trainer, lay, cache_dir, program_key(algo, env, trainer.env_path, config))
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     try:
         state, metrics, eval_returns, wall = train_items(
@@ -409,6 +420,7 @@ def run(
         vectorization=vectorization,
         env_time_s=trainer.vec_env.env_seconds + trainer.eval_env.env_seconds if host else None,
         devices=len(lay.devices),
+        compiled_from_cache=programs.loaded == len(programs.compiled),
     )
 
 

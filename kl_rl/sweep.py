@@ -197,7 +197,7 @@ def run_sweep(
         groups.setdefault(static_key(config), []).append(i)
     env_obj = envs.make(env, env_path, vectorization)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
-    runner.enable_compilation_cache()
+    cache_dir = runner.enable_compilation_cache()
     outputs: dict[int, Any] = {}
     programs = []
     trainers = [make_trainer(algo, configs[members[0]], env_obj) for members in groups.values()]
@@ -211,9 +211,9 @@ def run_sweep(
         size = min(chunk_size, len(members))
         # One layout, and so one set of programs, for every chunk of the group: the last chunk
         # is padded with copies of its final point, which are dropped.
-        group = parallel.Programs(
-            trainer, parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-        )
+        lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
+        key = runner.program_key(algo, env, trainer.env_path, configs[members[0]])
+        group = parallel.Programs(trainer, lay, cache_dir, key)
         run_s = 0.0
         for start in range(0, len(members), size):
             chunk = members[start : start + size]
@@ -239,7 +239,6 @@ def run_sweep(
             for j, i in enumerate(chunk):
                 rows = slice(j * seeds, (j + 1) * seeds)
                 outputs[i] = ({k: v[rows] for k, v in metrics.items()}, eval_returns[rows])
-        lay = group.layout
         programs.append({"points": members, "compile_time_s": group.compile_time_s, "run_time_s": run_s})
         if log is not None:
             if bar is not None:

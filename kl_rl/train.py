@@ -81,8 +81,11 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
     rollout_steps = config.num_steps or eval_steps
     steps_per_update = config.num_envs * rollout_steps
 
-    def collect(key, agent, agent_state, collector, num_steps):
-        """The one collector, acting with `agent_state` as the behaviour policy."""
+    def collect(key, agent, agent_state, collector, num_steps, config):
+        """The one collector, acting with `agent_state` as the behaviour policy.
+
+        Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
+        shares this trainer."""
 
         def act(k, obs):
             return agent.act(k, agent_state, obs)
@@ -101,7 +104,7 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
         # host env needs to make one copy per element (see HostVecEnv.reset).
         collector = rollout.init_collector(vec_env.reset(env_key, config), obs_space.shape)
         # The buffer's item is what the collector records for one step: shapes only, nothing runs.
-        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1)[1])
+        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1, config)[1])
         example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
         return TrainState(
             agent=agent_state,
@@ -119,7 +122,7 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
         collector = state.collector
         if agent.episodic:
             collector = collector._replace(env=vec_env.reset(reset_key, collector.env.env_state))
-        collector, trajectory, episodes = collect(collect_key, agent, state.agent, collector, rollout_steps)
+        collector, trajectory, episodes = collect(collect_key, agent, state.agent, collector, rollout_steps, config)
         buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates
         agent_state, metrics = agent.update(update_key, state.agent, buffer.ordered(buf), progress_frac)

@@ -436,7 +436,7 @@ def run_tune(
     base = runner.resolve_config(algo, env, config_file, overrides, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
     env_obj = envs.make(env, env_path, vectorization)
-    runner.enable_compilation_cache()
+    cache_dir = runner.enable_compilation_cache()
     split = jax.vmap(jax.random.split)(jax.vmap(jax.random.key)(np.arange(seeds)))  # as train: init, eval
     keys = (split[:, 0], split[:, 1])
     size = batch_size  # every group is padded to this many trials, so its programs serve every batch
@@ -472,7 +472,8 @@ def run_tune(
                     if key not in programs:
                         trainer = make_trainer(algo, members[0][1], env_obj)
                         lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-                        programs[key] = parallel.Programs(trainer, lay)
+                        program_key = runner.program_key(algo, env, trainer.env_path, members[0][1])
+                        programs[key] = parallel.Programs(trainer, lay, cache_dir, program_key)
                     steps = members[0][1].num_updates * programs[key].trainer.steps_per_update
                     bar.retotal(len(members) * seeds * (steps - budget))
                     _run_group(study, programs[key], members, keys, size, rungs, bar)
