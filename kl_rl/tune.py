@@ -51,7 +51,7 @@ TOP = 10  # best trials of the study kept in TuneResult.top
 STORAGE_ATTEMPTS = 5  # tries at opening a storage that other workers are creating at the same moment
 
 
-def _optuna() -> Any:
+def require_optuna() -> Any:
     """The optuna module, or a ConfigError saying how to install it (it is an optional extra)."""
     try:
         import optuna
@@ -73,7 +73,7 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
       ConfigError: a malformed item, an unknown or repeated name, a budget field, LOW >= HIGH,
         a log range with LOW <= 0, a range over a non-numeric field, or a value of the wrong type.
     """
-    distributions = _optuna().distributions
+    distributions = require_optuna().distributions
     cls = algo_spec(algo).config
     types = config_lib._field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -203,7 +203,7 @@ class TuneResult:
             "compiled_programs": self.compiled_programs,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
-            "optuna_version": _optuna().__version__,
+            "optuna_version": require_optuna().__version__,
             **runner.provenance(),
         }
 
@@ -234,7 +234,7 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
       ConfigError: the storage cannot be opened (bad URL, missing driver, unreachable server,
         unwritable file), or holds `study_name` as a minimizing study.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     with warnings.catch_warnings():
         # constant_liar (experimental in Optuna 4): trials asked while others of the batch, or of
         # another worker, still run are steered away from them instead of repeating them.
@@ -255,11 +255,11 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
             lines = str(err).strip().splitlines()
             reason = lines[0] if lines else type(err).__name__
             raise ConfigError(
-                f"cannot open Optuna storage {_redact(storage)!r}: {reason}; give a database URL Optuna accepts "
+                f"cannot open Optuna storage {redact(storage)!r}: {reason}; give a database URL Optuna accepts "
                 "(e.g. sqlite:///study.db)"
             ) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {study_name!r} in {_redact(storage)!r} minimizes; give another --study-name")
+        raise ConfigError(f"study {study_name!r} in {redact(storage)!r} minimizes; give another --study-name")
     return study
 
 
@@ -372,7 +372,7 @@ def _run_group(
     group stops once all are pruned. Survivors are evaluated and told their value. Each outcome
     and the env steps its group trained are written into the trial's record.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     init_keys, eval_keys = keys
     seeds = init_keys.shape[0]
     configs = [c for _, c, _ in members]
@@ -464,7 +464,7 @@ def run_tune(
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    optuna = _optuna()
+    optuna = require_optuna()
     overrides = dict(overrides or {})
     base = runner.resolve_config(algo, env, config_file, overrides, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
@@ -535,7 +535,7 @@ def run_tune(
         algo=algo,
         env_id=env,
         study_name=study_name,
-        storage=_redact(storage),
+        storage=redact(storage),
         space=space,
         seeds=list(range(seeds)),
         base_config=base,
@@ -577,7 +577,7 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _redact(storage: str | None) -> str | None:
+def redact(storage: str | None) -> str | None:
     """The storage URL with any password masked, for logs and summary.json."""
     return None if storage is None else re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)
 
@@ -625,7 +625,7 @@ def cli_main(argv: list[str]) -> int:
     if args.help:
         print(USAGE + "\n" + HELP)
         return 0
-    optuna = _optuna()
+    optuna = require_optuna()
     if not args.space:
         raise ConfigError(f"--space needs at least one item: {SPACE_FORMS}")
     counts = {
@@ -650,7 +650,7 @@ def cli_main(argv: list[str]) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the batch lines below say what matters
     print(
         f"tune {args.algo} on {args.env}: {counts['trials']} trial(s) in batches of {counts['batch_size']} "
-        f"x {counts['seeds']} seed(s); study {study_name!r} in {_redact(storage)} (sampler seed {sampler_seed})",
+        f"x {counts['seeds']} seed(s); study {study_name!r} in {redact(storage)} (sampler seed {sampler_seed})",
         flush=True,
     )
     result = run_tune(
@@ -659,7 +659,7 @@ def cli_main(argv: list[str]) -> int:
         startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
         progress=not args.no_progress, env_path=args.env_path, vectorization=args.vectorization,
     )  # fmt: skip
-    print(f"storage {_redact(storage)}, study {study_name!r}")
+    print(f"storage {redact(storage)}, study {study_name!r}")
     _print_top(result)
     result.save(out)
     print(f"tune folder: {out}")
