@@ -173,3 +173,12 @@ def test_cli_bad_input(tmp_path, argv, message):
 def test_cli_help(capsys):
     assert plots.cli_main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: kl-rl plot")
+
+
+def test_figures_of_algorithms_sharing_no_env_say_so(tmp_path):
+    write_train_run(tmp_path / "runs" / "ppo", algo="ppo", env="CartPole-v1")
+    write_train_run(tmp_path / "runs" / "trpo", algo="trpo", env="Acrobot-v1")
+    lines = []
+    names = [name for name, _ in plots.figures(analysis.load([tmp_path / "runs"]), log=lines.append)]
+    assert names == ["learning_curves", "learning_curves_wall_time", "kl_curves"]
+    assert lines == ["no env is shared by all algorithms: no interval estimates or performance profiles"]
