@@ -8,7 +8,7 @@ Statistical Precipice").
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so nothing here selects
 or changes a matplotlib backend: notebooks keep theirs, and a headless machine needs none to save.
-`figures(df)` makes the figures that fit what is loaded; `kl-rl plot` (`cli_main`) writes them.
+`figures(df)` makes the figures that fit what is loaded; `kl-rl plot` writes them.
 
 Needs the analysis extra: pip install 'kl_rl[analysis]'.
 """
@@ -17,7 +17,6 @@ import functools
 import math
 import os
 import re
-import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -421,55 +420,6 @@ def save(fig: Figure, path: str | os.PathLike) -> list[Path]:
             tmp.unlink(missing_ok=True)
         written.append(final)
     return written
-
-
-# ---------------------------------------------------------------------------------------------
-# kl-rl plot
-# ---------------------------------------------------------------------------------------------
-
-USAGE = """usage: kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
-
-Writes figures (PNG and SVG) of run and sweep folders into --out (default: plots/ inside the first
-folder given); a folder holding run folders stands for all of them:
-  learning_curves, learning_curves_wall_time  mean return over seeds with 95% bootstrap bands
-  kl_curves                                    return and KL per update over training
-for each sweep:
-  return_kl_tradeoff_<param>                   final return vs mean KL over its first numeric swept
-                                               hyperparameter
-  learning_curves_by_config                    one line per grid point (when more than the sweep
-                                               is plotted; otherwise learning_curves already is)
-with train runs of several algorithms, on the envs they share (normalized by
-kl_rl.analysis.REFERENCE_SCORES; an algorithm's run folders on one env pooled as its runs there):
-  interval_estimates, performance_profile      mean, median, IQM, optimality gap of final returns
-                                               and score distributions, stratified bootstrap CIs"""
-
-
-def cli_main(argv: list[str]) -> int:
-    """`kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]`: writes the figures that fit the folders, prints their paths.
-
-    Raises:
-      ConfigError: no folder, a missing folder, one that is not a run or sweep folder (one line).
-    """
-    from kl_rl.cli import _Parser
-
-    parser = _Parser(prog="kl-rl plot", add_help=False)
-    parser.add_argument("folders", nargs="*")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("-h", "--help", action="store_true")
-    args = parser.parse_args(argv)
-    if args.help:
-        print(USAGE)
-        return 0
-    if not args.folders:
-        raise ConfigError("kl-rl plot needs at least one run or sweep folder (see kl-rl plot --help)")
-    df = analysis.load(args.folders)
-    out = Path(args.out) if args.out else Path(args.folders[0]) / "plots"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
-    for name, fig in figures(df, log=lambda line: print(line, file=sys.stderr)):
-        for path in save(fig, out / name):
-            print(path)
-    return 0
 
 
 def _with_config(df: pd.DataFrame) -> pd.DataFrame:
