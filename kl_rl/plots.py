@@ -8,7 +8,7 @@ Statistical Precipice").
 
 Every function returns a `matplotlib.figure.Figure` built without pyplot, so nothing here selects
 or changes a matplotlib backend: notebooks keep theirs, and a headless machine needs none to save.
-`kl-rl plot` (`cli_main`) writes the figures that fit what it is given.
+`figures(df)` makes the figures that fit what is loaded; `kl-rl plot` writes them.
 
 Needs the analysis extra: pip install 'kl_rl[analysis]'.
 """
@@ -17,8 +17,7 @@ import functools
 import math
 import os
 import re
-import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -423,55 +422,6 @@ def save(fig: Figure, path: str | os.PathLike) -> list[Path]:
     return written
 
 
-# ---------------------------------------------------------------------------------------------
-# kl-rl plot
-# ---------------------------------------------------------------------------------------------
-
-USAGE = """usage: kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
-
-Writes figures (PNG and SVG) of run and sweep folders into --out (default: plots/ inside the first
-folder given); a folder holding run folders stands for all of them:
-  learning_curves, learning_curves_wall_time  mean return over seeds with 95% bootstrap bands
-  kl_curves                                    return and KL per update over training
-for each sweep:
-  return_kl_tradeoff_<param>                   final return vs mean KL over its first numeric swept
-                                               hyperparameter
-  learning_curves_by_config                    one line per grid point (when more than the sweep
-                                               is plotted; otherwise learning_curves already is)
-with train runs of several algorithms, on the envs they share (normalized by
-kl_rl.analysis.REFERENCE_SCORES; an algorithm's run folders on one env pooled as its runs there):
-  interval_estimates, performance_profile      mean, median, IQM, optimality gap of final returns
-                                               and score distributions, stratified bootstrap CIs"""
-
-
-def cli_main(argv: list[str]) -> int:
-    """`kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]`: writes the figures that fit the folders, prints their paths.
-
-    Raises:
-      ConfigError: no folder, a missing folder, one that is not a run or sweep folder (one line).
-    """
-    from kl_rl.cli import _Parser
-
-    parser = _Parser(prog="kl-rl plot", add_help=False)
-    parser.add_argument("folders", nargs="*")
-    parser.add_argument("--out", default=None)
-    parser.add_argument("-h", "--help", action="store_true")
-    args = parser.parse_args(argv)
-    if args.help:
-        print(USAGE)
-        return 0
-    if not args.folders:
-        raise ConfigError("kl-rl plot needs at least one run or sweep folder (see kl-rl plot --help)")
-    df = analysis.load(args.folders)
-    out = Path(args.out) if args.out else Path(args.folders[0]) / "plots"
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")
-    for name, fig in _figures(df):
-        for path in save(fig, out / name):
-            print(path)
-    return 0
-
-
 def _with_config(df: pd.DataFrame) -> pd.DataFrame:
     """`df` with a `config` column naming each line of kl-rl plot's curves.
 
@@ -491,8 +441,15 @@ def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
 
-def _figures(df: pd.DataFrame):
-    """(file name, figure) for each figure that fits the loaded folders."""
+def figures(df: pd.DataFrame, log: Callable[[str], None] | None = None) -> Iterator[tuple[str, Figure]]:
+    """(file name, figure) for each figure that fits the loaded folders: what `kl-rl plot` writes.
+
+    Args:
+      df: `analysis.load`'s table of run and sweep folders.
+      log: optional function receiving a line when train runs of several algorithms share no env,
+        so no comparison figures are made.
+    """
+    log = log or (lambda line: None)
     df = _with_config(df)
     hue = ["config"]
     yield "learning_curves", learning_curves(df, hue=hue)
@@ -517,10 +474,10 @@ def _figures(df: pd.DataFrame):
             yield f"{prefix}return_kl_tradeoff_{_file_name(param)}", return_kl_tradeoff(sweep, param)
     runs = df[df["kind"] == "train"]
     if runs["algo"].nunique() > 1:
-        yield from _comparison_figures(analysis.final_scores(runs))
+        yield from _comparison_figures(analysis.final_scores(runs), log)
 
 
-def _comparison_figures(final: pd.DataFrame):
+def _comparison_figures(final: pd.DataFrame, log: Callable[[str], None]) -> Iterator[tuple[str, Figure]]:
     """Interval estimates and performance profiles of the algorithms' final returns on their shared envs.
 
     Train runs only (a sweep's grid points are configurations, not seeds); the run folders of one
@@ -528,7 +485,7 @@ def _comparison_figures(final: pd.DataFrame):
     """
     shared = sorted(set.intersection(*(set(envs) for _, envs in final.groupby("algo")["env"])))
     if not shared:
-        print("no env is shared by all algorithms: no interval estimates or performance profiles", file=sys.stderr)
+        log("no env is shared by all algorithms: no interval estimates or performance profiles")
         return
     normalize = all(env in analysis.REFERENCE_SCORES for env in shared)
     scores = analysis.score_matrix(final[final["env"].isin(shared)], by="algo", normalize=normalize, tasks=shared)

@@ -27,7 +27,6 @@ PostgreSQL URL): each asks its own trials, and TPE and the pruner see every work
 import dataclasses
 import math
 import re
-import sys
 import time
 import typing
 import warnings
@@ -51,7 +50,7 @@ TOP = 10  # best trials of the study kept in TuneResult.top
 STORAGE_ATTEMPTS = 5  # tries at opening a storage that other workers are creating at the same moment
 
 
-def _optuna() -> Any:
+def require_optuna() -> Any:
     """The optuna module, or a ConfigError saying how to install it (it is an optional extra)."""
     try:
         import optuna
@@ -73,7 +72,7 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
       ConfigError: a malformed item, an unknown or repeated name, a budget field, LOW >= HIGH,
         a log range with LOW <= 0, a range over a non-numeric field, or a value of the wrong type.
     """
-    distributions = _optuna().distributions
+    distributions = require_optuna().distributions
     cls = algo_spec(algo).config
     types = config_lib._field_types(cls)
     names = {f.name for f in dataclasses.fields(cls)}
@@ -203,7 +202,7 @@ class TuneResult:
             "compiled_programs": self.compiled_programs,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
-            "optuna_version": _optuna().__version__,
+            "optuna_version": require_optuna().__version__,
             **runner.provenance(),
         }
 
@@ -234,7 +233,7 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
       ConfigError: the storage cannot be opened (bad URL, missing driver, unreachable server,
         unwritable file), or holds `study_name` as a minimizing study.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     with warnings.catch_warnings():
         # constant_liar (experimental in Optuna 4): trials asked while others of the batch, or of
         # another worker, still run are steered away from them instead of repeating them.
@@ -255,11 +254,11 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
             lines = str(err).strip().splitlines()
             reason = lines[0] if lines else type(err).__name__
             raise ConfigError(
-                f"cannot open Optuna storage {_redact(storage)!r}: {reason}; give a database URL Optuna accepts "
+                f"cannot open Optuna storage {redact(storage)!r}: {reason}; give a database URL Optuna accepts "
                 "(e.g. sqlite:///study.db)"
             ) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {study_name!r} in {_redact(storage)!r} minimizes; give another --study-name")
+        raise ConfigError(f"study {study_name!r} in {redact(storage)!r} minimizes; give another --study-name")
     return study
 
 
@@ -336,7 +335,7 @@ def _run_group(
     once all are pruned. Survivors are evaluated and told their value. Each outcome and the env
     steps its group trained are written into the trial's record.
     """
-    optuna = _optuna()
+    optuna = require_optuna()
     init_keys, eval_keys = keys
     seeds = init_keys.shape[0]
     configs = [c for _, c, _ in members]
@@ -431,7 +430,7 @@ def run_tune(
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-    optuna = _optuna()
+    optuna = require_optuna()
     overrides = dict(overrides or {})
     base = runner.resolve_config(algo, env, config_file, overrides, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
@@ -500,7 +499,7 @@ def run_tune(
         algo=algo,
         env_id=env,
         study_name=study_name,
-        storage=_redact(storage),
+        storage=redact(storage),
         space=space,
         seeds=list(range(seeds)),
         base_config=base,
@@ -542,124 +541,6 @@ def _counts(records: list[dict[str, Any]]) -> dict[str, int]:
     return counts
 
 
-def _redact(storage: str | None) -> str | None:
+def redact(storage: str | None) -> str | None:
     """The storage URL with any password masked, for logs and summary.json."""
     return None if storage is None else re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", storage)
-
-
-USAGE = (
-    "usage: kl-rl tune --algo ALGO --env ENV --space NAME=LOW:HIGH NAME=log:LOW:HIGH NAME=V1,V2 ... "
-    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL] "
-    "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] "
-    "[--no-progress] [--<hyperparameter> VALUE ...]"
-)
-
-HELP = """
-Searches hyperparameters with Optuna (TPE sampler, median pruner) on seeds 0..N-1 per trial.
-A trial's value is the mean over seeds of its final evaluation return (train's final_return).
-
-  --space         NAME=LOW:HIGH (uniform; integers for int fields), NAME=log:LOW:HIGH (log-uniform)
-                  or NAME=V1,V2,... (categorical; tuple fields as hidden_sizes=64:64,32:32)
-  --trials        trials this worker runs (default 20)
-  --batch-size    trials per batch, run as one vmapped program per static group (default 8)
-  --rungs         training segments, each followed by a pruning check (default 4)
-  --storage       Optuna database URL; workers given the same URL and --study-name share the
-                  study (default: sqlite:///<OUT>.study.db next to the output folder)
-  --study-name    default: the output folder's name
-  --sampler-seed  default: a fresh seed, printed, so workers sharing a study draw different trials
-  --startup-trials  random trials before TPE, and finished trials before pruning (default 10)
-
-Writes config.json (space and base config), metrics.csv (one row per trial of this worker) and
-summary.json (the study's best trial, counts by state, this worker's trials)."""
-
-
-def cli_main(argv: list[str]) -> int:
-    """`kl-rl tune ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
-    from kl_rl.cli import _out_dir, _run_overrides, _run_parser
-
-    parser = _run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
-    parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
-    parser.add_argument("--trials", default="20")
-    parser.add_argument("--batch-size", default="8")
-    parser.add_argument("--rungs", default="4")
-    parser.add_argument("--storage", default=None)
-    parser.add_argument("--study-name", default=None)
-    parser.add_argument("--sampler-seed", default=None)
-    parser.add_argument("--startup-trials", default="10")
-    args, extra = parser.parse_known_args(argv)
-    if args.help:
-        print(USAGE + "\n" + HELP)
-        return 0
-    optuna = _optuna()
-    if not args.space:
-        raise ConfigError(f"--space needs at least one item: {SPACE_FORMS}")
-    counts = {
-        name: config_lib.parse_value(name, getattr(args, name), int)
-        for name in ("seeds", "trials", "batch_size", "rungs", "startup_trials")
-    }
-    if counts["startup_trials"] < 0:
-        raise ConfigError(f"--startup-trials must be 0 or more, got {counts['startup_trials']}")
-    if args.sampler_seed is None:
-        sampler_seed = int(np.random.default_rng().integers(2**31))
-    else:
-        sampler_seed = config_lib.parse_value("sampler_seed", args.sampler_seed, int)
-    overrides = _run_overrides(args, extra)
-    space = parse_space(args.algo, args.space)
-    runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
-    out = _out_dir(args, prefix="tune-")
-    storage = args.storage
-    if storage is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{out.parent.resolve() / (out.name + '.study.db')}"
-    study_name = args.study_name or out.name
-    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the batch lines below say what matters
-    print(
-        f"tune {args.algo} on {args.env}: {counts['trials']} trial(s) in batches of {counts['batch_size']} "
-        f"x {counts['seeds']} seed(s); study {study_name!r} in {_redact(storage)} (sampler seed {sampler_seed})",
-        flush=True,
-    )
-    result = run_tune(
-        args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
-        args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
-        startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
-        progress=not args.no_progress, env_path=args.env_path, vectorization=args.vectorization,
-    )  # fmt: skip
-    print(f"storage {_redact(storage)}, study {study_name!r}")
-    _print_top(result)
-    result.save(out)
-    print(f"tune folder: {out}")
-    return 0
-
-
-def _print_top(result: TuneResult, top: int = 5) -> None:
-    """The study's best `top` complete trials (this worker's marked *) and the best params as flags."""
-    names = list(result.space)
-    counts = ", ".join(f"{n} {s.lower()}" for s, n in result.study_counts.items())
-    print(f"\nstudy {result.study_name!r}: {counts}; this worker ran {len(result.trials)} trial(s) (marked *)")
-    if result.best is None:
-        print("no trial of the study has completed yet")
-        return
-    mine = {t["number"] for t in result.trials}
-    print(f"{'rank':>4} {'trial':>7} {'value':>9} " + " ".join(f"{n:>14}" for n in names))
-    for rank, t in enumerate(result.top[:top], 1):
-        number = f"{t['number']}{'*' if t['number'] in mine else ' '}"
-        values = " ".join(f"{_short(t['params'].get(n)):>14}" for n in names)
-        print(f"{rank:>4} {number:>7} {t['value']:>9.2f} {values}")
-    best = to_overrides(result.algo, result.best["params"])
-    flags = " ".join(f"--{n.replace('_', '-')} {v}" for n, v in best.items())
-    print(f"best: trial {result.best['number']}, value {result.best['value']:.2f}: {flags}")
-
-
-def _short(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`python -m kl_rl.tune ...`: the same as `kl-rl tune ...` (one-line errors, exit 2)."""
-    from kl_rl.cli import main as cli
-
-    return cli(["tune", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())

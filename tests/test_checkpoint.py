@@ -52,10 +52,10 @@ def _leaves(tree):
 def _steps_per_update(algo: str, flags: list[str]) -> int:
     """Env steps per update, summed over the 2 seeds, of the run `flags` make."""
     from kl_rl import envs
-    from kl_rl.cli import _overrides
+    from kl_rl.cli.common import parse_overrides
     from kl_rl.train import make_trainer
 
-    config = runner.resolve_config(algo, "CartPole-v1", None, _overrides(flags))
+    config = runner.resolve_config(algo, "CartPole-v1", None, parse_overrides(flags))
     return make_trainer(algo, config, envs.make("CartPole-v1")).steps_per_update * 2
 
 

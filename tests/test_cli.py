@@ -1,6 +1,8 @@
-"""The CLI: a run folder's contents, and one-line errors with exit 2 that leave files alone."""
+"""The CLI: a run folder's contents, one-line errors with exit 2 that leave files alone, and its own layer."""
 
+import ast
 import csv
+import importlib.util
 import json
 import re
 import subprocess
@@ -9,7 +11,16 @@ from pathlib import Path
 
 import pytest
 
+import kl_rl
 from kl_rl.cli import main
+
+PACKAGE = Path(kl_rl.__file__).parent
+LIBRARY = sorted(
+    ".".join(("kl_rl", *p.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+    for p in PACKAGE.rglob("*.py")
+    if p.relative_to(PACKAGE).parts[0] != "cli"
+)
+"""Every module of kl_rl outside kl_rl/cli."""
 
 FAST = ["--total-steps", "2048", "--num-envs", "4", "--num-steps", "64", "--update-epochs", "1", "--no-progress"]
 
@@ -172,3 +183,41 @@ def test_every_algo_writes_the_same_run_folder(tmp_path, capsys, algo, args, col
 def test_total_steps_on_an_iteration_counted_algo_is_a_one_line_error(capsys):
     code = main(["train", "--algo", "cem", "--total-steps", "1000"])
     _assert_one_line_error(capsys, code, "--total-steps does not apply to cem", "--iterations")
+
+
+def _is_cli(name: str) -> bool:
+    return name == "kl_rl.cli" or name.startswith("kl_rl.cli.")
+
+
+def test_library_modules_import_nothing_from_the_cli():
+    """No module outside kl_rl/cli names kl_rl.cli in an import, at the top or inside a function."""
+    assert "kl_rl.runner" in LIBRARY and "kl_rl.envs" in LIBRARY and not any(map(_is_cli, LIBRARY))
+    found = []
+    for module in LIBRARY:
+        path = PACKAGE.joinpath(*module.split(".")[1:])
+        path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                source = importlib.util.resolve_name("." * node.level + (node.module or ""), package)
+                names = [source, *(f"{source}.{alias.name}" for alias in node.names)]
+            else:
+                continue
+            found += [f"{module}:{node.lineno} imports {name}" for name in names if _is_cli(name)]
+    assert not found
+
+
+def test_importing_the_library_loads_no_cli_module():
+    code = (
+        "import importlib, sys\n"
+        f"for name in {LIBRARY!r}:\n"
+        "    importlib.import_module(name)\n"
+        "print(sorted(m for m in sys.modules if m == 'kl_rl.cli' or m.startswith('kl_rl.cli.')))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, check=False, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -3,6 +3,7 @@ import pytest
 from fake_runs import write_sweep, write_train_run
 
 from kl_rl import analysis, plots
+from kl_rl.cli import plot as plot_cli
 from kl_rl.errors import ConfigError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -130,7 +131,7 @@ def test_save(tmp_path):
 
 def test_cli_train_folder(tmp_path, capsys):
     run = write_train_run(tmp_path / "run")
-    assert plots.cli_main([str(run)]) == 0
+    assert plot_cli.main([str(run)]) == 0
     names = ["learning_curves", "learning_curves_wall_time", "kl_curves"]
     _check_files(run / "plots", names)
     files = [f"{n}.{suffix}" for n in names for suffix in ("png", "svg")]
@@ -139,7 +140,7 @@ def test_cli_train_folder(tmp_path, capsys):
 
 
 def test_cli_sweep_folder(sweep):
-    assert plots.cli_main([str(sweep)]) == 0
+    assert plot_cli.main([str(sweep)]) == 0
     names = ["learning_curves", "learning_curves_wall_time", "kl_curves", "return_kl_tradeoff_kl_coef"]
     _check_files(sweep / "plots", names)
     # With the sweep alone, learning_curves is already one line per grid point.
@@ -149,7 +150,7 @@ def test_cli_sweep_folder(sweep):
 def test_cli_several_algorithms(sweep, tmp_path):
     runs = write_two_algos(tmp_path / "runs", envs=["CartPole-v1"])  # one env: fewer panels to render
     out = tmp_path / "figures"
-    assert plots.cli_main([str(runs), str(sweep), "--out", str(out)]) == 0
+    assert plot_cli.main([str(runs), str(sweep), "--out", str(out)]) == 0
     _check_files(out, ["learning_curves", "kl_curves", "learning_curves_by_config", "interval_estimates",
                        "performance_profile", "return_kl_tradeoff_kl_coef"])  # fmt: skip
 
@@ -165,11 +166,20 @@ def test_cli_several_algorithms(sweep, tmp_path):
 )
 def test_cli_bad_input(tmp_path, argv, message):
     with pytest.raises(ConfigError) as err:
-        plots.cli_main([a.format(tmp=tmp_path) for a in argv])
+        plot_cli.main([a.format(tmp=tmp_path) for a in argv])
     assert message in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "plots").exists()
 
 
 def test_cli_help(capsys):
-    assert plots.cli_main(["--help"]) == 0
+    assert plot_cli.main(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: kl-rl plot")
+
+
+def test_figures_of_algorithms_sharing_no_env_say_so(tmp_path):
+    write_train_run(tmp_path / "runs" / "ppo", algo="ppo", env="CartPole-v1")
+    write_train_run(tmp_path / "runs" / "trpo", algo="trpo", env="Acrobot-v1")
+    lines = []
+    names = [name for name, _ in plots.figures(analysis.load([tmp_path / "runs"]), log=lines.append)]
+    assert names == ["learning_curves", "learning_curves_wall_time", "kl_curves"]
+    assert lines == ["no env is shared by all algorithms: no interval estimates or performance profiles"]

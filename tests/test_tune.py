@@ -13,6 +13,7 @@ optuna = pytest.importorskip("optuna")
 
 import kl_rl  # noqa: E402
 from kl_rl import cli, tune  # noqa: E402
+from kl_rl.cli import tune as tune_cli  # noqa: E402
 from kl_rl.errors import ConfigError  # noqa: E402
 
 # 8 updates of 4 envs x 64 steps, so 2 rungs of 4 updates (1024 env steps) each.
@@ -171,10 +172,8 @@ def test_sampled_configs_that_fail_validation_are_failed_trials(tmp_path):
 
 
 @pytest.fixture
-def tune_command(monkeypatch):
-    """`kl-rl tune` through cli.main, registered here if cli.py does not list it yet."""
-    if "tune" not in cli.COMMANDS:
-        monkeypatch.setitem(cli.COMMANDS, "tune", tune.cli_main)
+def tune_command():
+    """`kl-rl tune` through cli.main."""
     return lambda *args: cli.main(["tune", *args])
 
 
@@ -218,12 +217,11 @@ def test_cli_bad_input_is_one_line(tmp_path, capsys, tune_command, args, needle)
     assert not out.exists()
 
 
-def test_help_and_the_module_entry_point(capsys, tune_command):
+def test_help_and_an_empty_range(capsys, tune_command):
     assert tune_command("--help") == 0
     printed = capsys.readouterr().out
     assert printed.startswith("usage: kl-rl tune --algo ALGO --env ENV --space") and "--storage" in printed
-    # python -m kl_rl.tune reports bad input as kl-rl does: one line, exit 2.
-    assert tune.main(["--space", "lr=0.1:0.1"]) == 2
+    assert tune_command("--space", "lr=0.1:0.1") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kl-rl: error: --space lr=0.1:0.1: LOW must be below HIGH"), err
 
@@ -231,7 +229,7 @@ def test_help_and_the_module_entry_point(capsys, tune_command):
 def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` now raises ImportError
     with pytest.raises(ConfigError, match=r"needs Optuna; install it with pip install 'kl_rl\[tune\]'"):
-        tune.cli_main(["--space", "lr=1e-4:1e-3"])
+        tune_cli.main(["--space", "lr=1e-4:1e-3"])
 
 
 def test_two_workers_share_one_study(tmp_path):
@@ -247,7 +245,7 @@ def test_two_workers_share_one_study(tmp_path):
            "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # fmt: skip
     workers = {
         name: subprocess.Popen(
-            [sys.executable, "-m", "kl_rl.tune", *common, *args],
+            [sys.executable, "-m", "kl_rl.cli", "tune", *common, *args],
             env=env,
             cwd=tmp_path,
             text=True,

@@ -1,0 +1,54 @@
+"""The `kl-rl` command line.
+
+    kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
+                [--config FILE] [--checkpoint-every UPDATES] [--tensorboard] [--<hyperparameter> VALUE ...]
+                [--env-path auto|jax|host] [--vectorization sync|async]
+    kl-rl train --resume DIR
+    kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
+                [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
+                [--<hyperparameter> VALUE ...]
+    kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
+               [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
+    kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
+    kl-rl list
+
+--env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
+extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the
+compiled program), sync or async across processes. --env-path host forces it for a ported id.
+
+Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
+run has succeeded.
+"""
+
+# Annotations stay unevaluated: importing the command module `list` binds that name in this
+# package's namespace, over the builtin.
+from __future__ import annotations
+
+import sys
+
+from kl_rl.cli import list as list_command
+from kl_rl.cli import plot, sweep, train, tune
+from kl_rl.errors import ConfigError
+
+EXIT_USAGE = 2
+
+COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `kl-rl` console script."""
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0 if argv else EXIT_USAGE
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        return COMMANDS[command](rest)
+    except ConfigError as err:
+        print(f"kl-rl: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("kl-rl: interrupted; no run folder was written", file=sys.stderr)
+        return 130

@@ -1,0 +1,80 @@
+"""Argument handling the commands share: one-line parse errors, hyperparameter flags, output folders."""
+
+import argparse
+import dataclasses
+import datetime
+from pathlib import Path
+from typing import NoReturn
+
+from kl_rl.errors import ConfigError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 without the usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ConfigError(f"{message} (see kl-rl {self.prog.split()[-1]} --help)")
+
+
+def parse_overrides(extra: list[str]) -> dict[str, str]:
+    """Turns ['--lr', '3e-4', '--clip-eps=0.1'] into {'lr': '3e-4', 'clip_eps': '0.1'}."""
+    out: dict[str, str] = {}
+    i = 0
+    while i < len(extra):
+        token = extra[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}; hyperparameters are given as --name VALUE")
+        name, eq, value = token[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(extra) or extra[i + 1].startswith("--"):
+                raise ConfigError(f"--{name} needs a value")
+            value = extra[i + 1]
+            i += 1
+        out[name.replace("-", "_")] = value
+        i += 1
+    return out
+
+
+def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
+    """The arguments `train`, `sweep` and `tune` share; hyperparameters go through `run_overrides`."""
+    parser = Parser(prog=prog, add_help=False, description=description)
+    parser.add_argument("--algo", default="ppo")
+    parser.add_argument("--env", default="CartPole-v1")
+    parser.add_argument("--env-path", default="auto")
+    parser.add_argument("--vectorization", default="sync")
+    parser.add_argument("--seeds", default=seeds_default)
+    parser.add_argument("--total-steps", default=None)
+    parser.add_argument("--out", default=None)
+    parser.add_argument("--config", default=None)
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-h", "--help", action="store_true")
+    return parser
+
+
+def run_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:
+    """--<hyperparameter> flags plus --total-steps, which iteration-counted algos (cem) refuse."""
+    from kl_rl.agents import algo_spec
+
+    overrides = parse_overrides(extra)
+    if args.total_steps is not None:
+        if "total_steps" not in {f.name for f in dataclasses.fields(algo_spec(args.algo).config)}:
+            raise ConfigError(
+                f"--total-steps does not apply to {args.algo}, which counts iterations; use --iterations N"
+            )
+        overrides["total_steps"] = args.total_steps
+    return overrides
+
+
+def out_dir(args: argparse.Namespace, prefix: str) -> Path:
+    """--out, or runs/<prefix><algo>-<env>-<time>; a path that is a file is a ConfigError."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    env_name = args.env.replace("/", "_").replace(":", "_")  # "ALE/Pong-v5", "module:Id"
+    out = Path(args.out) if args.out else Path("runs") / f"{prefix}{args.algo}-{env_name}-{stamp}"
+    check_out(out)
+    return out
+
+
+def check_out(out: Path) -> None:
+    """Raises a ConfigError if the output folder `out` is an existing file."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {str(out)!r} exists and is not a folder; choose another path")

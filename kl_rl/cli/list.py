@@ -1,0 +1,17 @@
+"""`kl-rl list`: the algos, JAX-ported envs and presets."""
+
+from kl_rl.errors import ConfigError
+
+
+def main(argv: list[str]) -> int:
+    """`kl-rl list`: prints the names each command accepts."""
+    from kl_rl import envs
+    from kl_rl.agents import ALGOS
+    from kl_rl.presets import PRESETS
+
+    if argv:
+        raise ConfigError(f"kl-rl list takes no arguments, got {' '.join(argv)!r}")
+    print("algos:   " + ", ".join(sorted(ALGOS)))
+    print("envs:    " + ", ".join(envs.ENV_IDS) + " (JAX ports); any other gymnasium id runs host-side")
+    print("presets: " + ", ".join(f"{a}/{e}" for a, e in sorted(PRESETS)))
+    return 0

@@ -1,0 +1,53 @@
+"""`kl-rl sweep`: a grid of hyperparameters x seeds, ranked by IQM of final return."""
+
+from kl_rl.cli.common import out_dir, run_overrides, run_parser
+from kl_rl.errors import ConfigError
+
+
+def main(argv: list[str]) -> int:
+    """`kl-rl sweep ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
+    from kl_rl import cli, envs, runner, sweep
+    from kl_rl import config as config_lib
+
+    parser = run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
+    parser.add_argument("--grid", nargs="+", default=[], metavar="NAME=V1,V2")
+    parser.add_argument("--chunk-size", default="64")
+    args, extra = parser.parse_known_args(argv)
+    if args.help:
+        print(cli.__doc__.strip())
+        print(
+            "\nTraced hyperparameters of the grid share one compiled program; static ones (marked in\n"
+            "kl-rl train --algo ALGO --help) make one program per value. Writes metrics.csv (one row per\n"
+            "grid point, seed and update), summary.json (points ranked by IQM of final return, 95% CI)."
+        )
+        return 0
+    if not args.grid:
+        raise ConfigError("--grid needs at least one NAME=V1,V2,... item")
+    seeds = config_lib.parse_value("seeds", args.seeds, int)
+    chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
+    overrides = run_overrides(args, extra)
+    grid = sweep.parse_grid(args.algo, args.grid)
+    base = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    out = out_dir(args, prefix="sweep-")
+    points = len(sweep.expand(grid))
+    print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
+    result = sweep.run_sweep(
+        args.algo, args.env, grid, seeds, args.config, overrides, chunk_size,
+        log=lambda line: print(line, flush=True), progress=not args.no_progress,
+        env_path=args.env_path, vectorization=args.vectorization,
+    )  # fmt: skip
+    print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
+    ranking = result.ranking()
+    names = list(grid)
+    print("rank " + " ".join(f"{n:>14}" for n in names) + "   IQM final_return  95% CI")
+    for rank, row in enumerate(ranking, 1):
+        lo, hi = row["iqm_ci95"]
+        values = " ".join(f"{row[n]!s:>14}" for n in names)
+        print(f"{rank:>4} {values}   {row['final_return_iqm']:>16.2f}  [{lo:.2f}, {hi:.2f}]")
+    env_path = envs.resolve_path(args.env, args.env_path)
+    run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path}
+    if env_path == "host":
+        run["vectorization"] = args.vectorization
+    result.save(out, {**run, **config_lib.to_dict(base)})
+    print(f"sweep folder: {out}")
+    return 0

@@ -1,0 +1,155 @@
+"""`kl-rl train`: a new run on seeds 0..N-1, or `--resume DIR` of a checkpointed one."""
+
+import argparse
+import dataclasses
+import json
+
+from kl_rl.cli.common import out_dir, run_overrides, run_parser
+from kl_rl.errors import ConfigError
+
+_RUN_FLAGS = ("--seeds", "--env-path", "--vectorization")
+"""Flags that --resume refuses: they are the run's, read from its folder."""
+
+
+def main(argv: list[str]) -> int:
+    """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
+    from kl_rl import config as config_lib
+    from kl_rl import envs, runner
+
+    parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
+    parser.add_argument("--checkpoint-every", default=None)
+    parser.add_argument("--resume", default=None)
+    parser.add_argument("--tensorboard", action="store_true")
+    args, extra = parser.parse_known_args(argv)
+    if args.help:
+        print(
+            "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
+            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] "
+            "[--<hyperparameter> VALUE ...]\n"
+            "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
+        )
+        print(_help(args.algo))
+        return 0
+    if args.resume is not None:
+        return _resume(args, extra, argv)
+    seeds = config_lib.parse_value("seeds", args.seeds, int)
+    if seeds <= 0:
+        raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+    every = config_lib.parse_value("checkpoint_every", args.checkpoint_every or 0, int)
+    if every < 0:
+        raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
+    overrides = run_overrides(args, extra)
+    config = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    env_path = envs.resolve_path(args.env, args.env_path)
+    out = out_dir(args, prefix="")
+    if args.tensorboard:
+        runner.require_tensorboard()
+    checkpoint_dir = None
+    if every:
+        # Checkpoints go into the run folder while it trains, so it must not hold another run.
+        if out.exists() and any(out.iterdir()):
+            raise ConfigError(
+                f"--out {str(out)!r} already holds files; --checkpoint-every needs a new or empty folder "
+                "(continue a run with kl-rl train --resume DIR)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint_dir = out
+        run_config = runner.run_config(
+            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization
+        )
+        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+    where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
+    print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
+    return _run_and_save(
+        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization
+    )
+
+
+def _help(algo: str) -> str:
+    from kl_rl import config as config_lib
+    from kl_rl.agents import algo_spec
+
+    cls = algo_spec(algo).config
+    docs = config_lib.field_docs(cls)
+    lines = [f"hyperparameters of --algo {algo} (static ones change the compiled program's shapes):"]
+    for f in dataclasses.fields(cls):
+        kind = "static" if config_lib.is_static(cls, f.name) else "traced"
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {kind:<6} default {f.default!r}: {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization) -> int:
+    """What a new run and a resumed one share: train, print the table, write the run folder."""
+    from kl_rl import runner
+
+    result = runner.run(
+        algo, env, seeds=seeds, config=config, progress=not args.no_progress,
+        checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
+    )  # fmt: skip
+    _print_table(result)
+    result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
+    print(f"run folder: {out}")
+    return 0
+
+
+def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
+    """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
+    from pathlib import Path
+
+    from kl_rl import runner
+
+    run_dir = Path(args.resume)
+    spec = runner.read_run_config(run_dir)
+    algo, env, seeds, config, every = spec.algo, spec.env, spec.seeds, spec.config, spec.checkpoint_every
+    given = {"--algo": (args.algo, algo), "--env": (args.env, env)}
+    for flag, (value, saved) in given.items():
+        if (flag in argv or any(a.startswith(flag + "=") for a in argv)) and value != saved:
+            raise ConfigError(
+                f"--resume {str(run_dir)!r} holds a {algo} run on {env}, not {flag} {value}; "
+                "resume it as it is, or start a new run with --out"
+            )
+    changed = any(flag in argv or any(a.startswith(flag + "=") for a in argv) for flag in _RUN_FLAGS)
+    if extra or args.config or args.total_steps or args.out or args.checkpoint_every or changed:
+        raise ConfigError(
+            "--resume continues a run exactly as configured; give no other settings than --no-progress, --tensorboard"
+        )
+    if (run_dir / "summary.json").exists():
+        raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
+    if args.tensorboard:
+        runner.require_tensorboard()
+    from kl_rl.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(run_dir, read_only=True)
+    latest = ckpt.latest() or 0
+    ckpt.close()
+    print(
+        f"resuming {algo} on {env} for {len(seeds)} seed(s) in {run_dir} "
+        f"from update {latest} of {config.num_updates}...",
+        flush=True,
+    )
+    return _run_and_save(
+        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization
+    )
+
+
+def _print_table(result) -> None:
+    import numpy as np
+
+    final = result.final_returns
+    last_train = result.metrics["episode_return"][:, -1]
+    print(f"\n{result.algo} on {result.env_id}: {len(result.seeds)} seed(s) x {result.total_env_steps:,} env steps")
+    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {'kl':>10} {'entropy':>9}")
+    for i, seed in enumerate(result.seeds):
+        print(
+            f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f} "
+            f"{result.metrics['kl'][i, -1]:>10.5f} {result.metrics['entropy'][i, -1]:>9.4f}"
+        )
+    summary = result.summary()
+    print(
+        f"{'median':>6} {np.median(final):>13.2f}   IQM {summary['final_return_iqm']:.2f}   "
+        f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s   "
+        f"{result.env_steps_per_s:,.0f} env steps/s"
+    )
+    if result.env_time_s is not None:
+        share = result.env_time_s / result.wall_time_s
+        print(f"host-side envs ({result.vectorization}): {result.env_time_s:.1f}s stepping, {share:.0%} of wall time")
