@@ -28,6 +28,7 @@ import sys
 
 from kl_rl.cli import list as list_command
 from kl_rl.cli import plot, sweep, train, tune
+from kl_rl.cli.common import expose_cpu_devices
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command not in COMMANDS:
             raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        if command in ("train", "sweep", "tune"):
+            expose_cpu_devices(rest)
         return COMMANDS[command](rest)
     except ConfigError as err:
         print(f"kl-rl: error: {err}", file=sys.stderr)

@@ -47,8 +47,34 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     parser.add_argument("--out", default=None)
     parser.add_argument("--config", default=None)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--devices", default=None)
     parser.add_argument("-h", "--help", action="store_true")
     return parser
+
+
+def device_count(text: str | None) -> int | None:
+    """--devices N as a positive int, or None (every local device)."""
+    from kl_rl import config as config_lib
+
+    if text is None:
+        return None
+    count = config_lib.parse_value("devices", text, int)
+    if count <= 0:
+        raise ConfigError(f"--devices must be a positive integer, got {count}")
+    return count
+
+
+def expose_cpu_devices(argv: list[str]) -> None:
+    """Before JAX starts: one CPU device per core, or --devices N (a user's XLA_FLAGS win)."""
+    from kl_rl import parallel
+
+    value = None
+    for i, token in enumerate(argv):
+        if token == "--devices" and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith("--devices="):
+            value = token.partition("=")[2]
+    parallel.use_cpu_devices(device_count(value))
 
 
 def run_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:

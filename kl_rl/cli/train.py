@@ -4,7 +4,7 @@ import argparse
 import dataclasses
 import json
 
-from kl_rl.cli.common import out_dir, run_overrides, run_parser
+from kl_rl.cli.common import device_count, out_dir, run_overrides, run_parser
 from kl_rl.errors import ConfigError
 
 _RUN_FLAGS = ("--seeds", "--env-path", "--vectorization")
@@ -85,6 +85,7 @@ def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, en
     result = runner.run(
         algo, env, seeds=seeds, config=config, progress=not args.no_progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
+        devices=device_count(args.devices),
     )  # fmt: skip
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
@@ -147,8 +148,9 @@ def _print_table(result) -> None:
     summary = result.summary()
     print(
         f"{'median':>6} {np.median(final):>13.2f}   IQM {summary['final_return_iqm']:.2f}   "
-        f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s   "
-        f"{result.env_steps_per_s:,.0f} env steps/s"
+        f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s"
+        f"{' (cached)' if result.compiled_from_cache else ''}   "
+        f"{result.env_steps_per_s:,.0f} env steps/s on {result.devices} device(s)"
     )
     if result.env_time_s is not None:
         share = result.env_time_s / result.wall_time_s
