@@ -28,9 +28,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kl_rl import envs
+from kl_rl import envs, parallel, runner
 from kl_rl.agents import PPOConfig
-from kl_rl.train import make_trainer, vmap_seeds
+from kl_rl.train import TrainOutput, make_trainer
 
 PUREJAXRL_DEFAULTS = dict(
     total_steps=500_000,
@@ -53,18 +53,20 @@ PUREJAXRL_DEFAULTS = dict(
 
 
 def compile_kl_rl(seeds: int, total_steps: int):
-    """Compiles kl_rl's PPO at PureJaxRL's config; returns (run, compile_s, env_steps)."""
+    """Compiles kl_rl's PPO at PureJaxRL's config as `kl_rl.run` runs it (its segments, over
+    every local device); returns (run, compile_s, env_steps). No program cache: a cold compile.
+
+    `run()` returns a `TrainOutput`. The programs are compiled (and run once) here."""
     config = PPOConfig(**{**PUREJAXRL_DEFAULTS, "total_steps": total_steps})
-    train = make_trainer("ppo", config, envs.make("CartPole-v1")).train
+    trainer = make_trainer("ppo", config, envs.make("CartPole-v1"))
+    programs = parallel.Programs(trainer, parallel.layout(seeds))
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
-    start = time.perf_counter()
-    compiled = jax.jit(vmap_seeds(train, in_axes=(0, None))).lower(keys, config).compile()
-    compile_s = time.perf_counter() - start
 
     def run():
-        return jax.block_until_ready(compiled(keys, config))
+        return TrainOutput(*runner.train_items(programs, keys, [config] * seeds)[:3])
 
-    return run, compile_s, seeds * config.num_updates * config.batch_size
+    run()
+    return run, programs.compile_time_s, seeds * config.num_updates * config.batch_size
 
 
 def timed(fn):
@@ -95,6 +97,7 @@ def main() -> int:
     parser.add_argument("--purejaxrl-dir", default=None)
     parser.add_argument("--paired", action="store_true", help="time both in one process, in turns")
     args = parser.parse_args()
+    parallel.use_cpu_devices()  # as the kl-rl CLI does, before JAX starts
     if args.paired:
         if not args.purejaxrl_dir:
             parser.error("--paired needs --purejaxrl-dir")
@@ -118,6 +121,7 @@ def main() -> int:
         "run_s": [round(t, 3) for t in ours],
         "env_steps_per_s": round(steps / statistics.median(ours)),
         "final_return_median": float(np.median(np.asarray(out.eval_returns).mean(axis=1))),
+        "devices": len(parallel.layout(args.seeds).devices),
         "jax": jax.__version__,
         "device": str(jax.devices()[0].device_kind),
     }

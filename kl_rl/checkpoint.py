@@ -48,9 +48,14 @@ def from_storable(tree: Any, template: Any) -> Any:
 
 
 def _abstract(template: Any) -> Any:
-    """ShapeDtypeStructs of the storable form of `template` (concrete or abstract)."""
+    """ShapeDtypeStructs of the storable form of `template` (concrete or abstract), on one device.
+
+    A run spread over several devices saves its arrays with that layout; restored onto one
+    device, a checkpoint loads whatever device count saved it (the runner spreads it again).
+    """
     storable = jax.eval_shape(to_storable, template)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), storable)
+    one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), storable)
 
 
 class Checkpointer:

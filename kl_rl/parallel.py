@@ -45,7 +45,7 @@ _FORCE_FLAG = "xla_force_host_platform_device_count"
 
 
 def use_cpu_devices(count: int | None = None) -> int | None:
-    """Exposes `count` CPU devices to JAX (default: one per core), so runs spread over the cores.
+    """Exposes `count` CPU devices to JAX (default: one per usable core), so runs spread over them.
 
     Must run before JAX starts its backends (before the first computation). It leaves alone a
     device count already set through `XLA_FLAGS` (--xla_force_host_platform_device_count) or
@@ -62,7 +62,9 @@ def use_cpu_devices(count: int | None = None) -> int | None:
         return None
     if xla_bridge.backends_are_initialized():
         return None
-    count = count or os.cpu_count() or 1
+    # The cores this process may run on (taskset, cgroups' cpusets), not all the machine's.
+    if count is None:
+        count = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     jax.config.update("jax_num_cpu_devices", count)
     return count
 

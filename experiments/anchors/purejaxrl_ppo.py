@@ -223,6 +223,16 @@ def main() -> int:
 
     stub_unused_modules()
     sys.path.insert(0, str(ppo_file.parent))
+    repo = Path(__file__).resolve().parents[2]
+    if args.paired_kl_rl:
+        # kl_rl spreads its seeds over one CPU device per core, set before JAX starts, as its
+        # CLI does; PureJaxRL's program runs on the first device, as it would alone.
+        sys.path[:0] = [str(repo), str(repo / "experiments")]
+        try:
+            from kl_rl import parallel
+        except ImportError as exc:
+            return fail(f"cannot import kl_rl here ({exc}); install its dependencies in this venv")
+        parallel.use_cpu_devices()
     try:
         import jax
         import numpy as np
@@ -249,12 +259,8 @@ def main() -> int:
         return jax.block_until_ready(compiled(keys))
 
     if args.paired_kl_rl:
-        repo = Path(__file__).resolve().parents[2]
-        sys.path[:0] = [str(repo), str(repo / "experiments")]
-        try:
-            import throughput
-        except ImportError as exc:
-            return fail(f"cannot import kl_rl here ({exc}); install its dependencies in this venv")
+        import throughput
+
         run_kl_rl, kl_compile_s, kl_steps = throughput.compile_kl_rl(args.seeds, int(args.total_timesteps))
         # One untimed run of each first, so neither pays for first-call work inside the pairs.
         kl_out = run_kl_rl()

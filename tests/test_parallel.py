@@ -1,0 +1,197 @@
+"""kl_rl.parallel: layouts, segments, the program cache, and the reproducibility contract.
+
+The contract (README, "Reproducibility"): on CPU a seed's result depends only on its seed and
+config -- not on how many seeds, grid points or devices run beside it. Checked bit for bit over
+runs of 50+ updates, long enough for a rounding difference to grow into a different policy.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import kl_rl
+from kl_rl import checkpoint, parallel, sweep
+from kl_rl.errors import ConfigError
+
+# 60 PPO updates and 50 TRPO updates of a few env steps each. TRPO is the sensitive one: a vmap
+# over seeds gave it different bits at every batch size (2, 3, 4, 8).
+SMALL = {
+    "ppo": dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 60, num_minibatches=2, update_epochs=2),
+    "trpo": dict(num_envs=2, num_steps=32, total_steps=2 * 32 * 50, vf_minibatches=2, vf_epochs=2),
+}
+
+
+def _bits(result, seed: int) -> list[np.ndarray]:
+    """Everything a run gives for one seed: metrics, evaluation returns and the final state."""
+    state = checkpoint.to_storable(jax.tree.map(lambda x: x[seed], result.final_state))
+    metrics = [result.metrics[k][seed] for k in sorted(result.metrics)]
+    return [*metrics, result.eval_returns[seed], *[np.asarray(x) for x in jax.tree.leaves(state)]]
+
+
+def _same(a: list[np.ndarray], b: list[np.ndarray]) -> bool:
+    return len(a) == len(b) and all(np.array_equal(x, y, equal_nan=True) for x, y in zip(a, b, strict=True))
+
+
+CONTRACT = """
+import json, sys
+import jax, numpy as np
+from kl_rl import parallel
+parallel.use_cpu_devices(2)
+import kl_rl
+sys.path.insert(0, {tests!r})
+from test_parallel import SMALL, _bits, _same
+out = {{"devices": len(jax.devices())}}
+for algo, small in SMALL.items():
+    alone = kl_rl.run(algo, "CartPole-v1", seeds=1, **small)
+    two_devices = kl_rl.run(algo, "CartPole-v1", seeds=3, **small)
+    one_device = kl_rl.run(algo, "CartPole-v1", seeds=3, devices=1, **small)
+    out[algo] = {{
+        "layouts": [alone.devices, two_devices.devices, one_device.devices],
+        "seed0_alone_vs_3_on_2_devices": _same(_bits(alone, 0), _bits(two_devices, 0)),
+        "seed0_alone_vs_3_on_1_device": _same(_bits(alone, 0), _bits(one_device, 0)),
+        "seed2_on_2_devices_vs_1": _same(_bits(two_devices, 2), _bits(one_device, 2)),
+        "seeds_differ": not _same(_bits(two_devices, 0), _bits(two_devices, 1)),
+        "updates": int(alone.metrics["env_steps"].shape[1]),
+    }}
+print(json.dumps(out))
+"""
+
+
+def test_a_seed_gives_the_same_bits_alone_beside_others_and_on_any_device_count():
+    # A fresh process: the device count is fixed when JAX starts.
+    code = CONTRACT.format(tests=os.path.dirname(__file__))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2
+    for algo in SMALL:
+        got = out[algo]
+        assert got["updates"] >= 50
+        assert got["layouts"] == [1, 2, 1]  # one seed stays on one device; three spread over two
+        assert got["seed0_alone_vs_3_on_2_devices"], algo
+        assert got["seed0_alone_vs_3_on_1_device"], algo
+        assert got["seed2_on_2_devices_vs_1"], algo  # seed 2 shares device 1 with a padding copy
+        assert got["seeds_differ"], algo  # the comparisons are not of one repeated run
+
+
+def test_a_sweep_point_is_the_run_of_its_config_and_seed():
+    # gamma with reward normalization: the collector used to read gamma from the trainer's own
+    # config, so every point of a sweep over gamma got the first point's.
+    small = {**SMALL["ppo"], "normalize_reward": True}
+    result = sweep.run_sweep("ppo", "CartPole-v1", {"gamma": [0.9, 0.99]}, seeds=2, overrides=small)
+    run = kl_rl.run("ppo", "CartPole-v1", seeds=2, gamma=0.99, **small)
+    for seed in (0, 1):
+        for name in ("kl", "pg_loss", "vf_loss", "episode_return"):
+            np.testing.assert_array_equal(result.metrics[name][1, seed], run.metrics[name][seed])
+        np.testing.assert_array_equal(result.final_returns[1, seed], run.final_returns[seed])
+    assert not np.array_equal(result.metrics["vf_loss"][0], result.metrics["vf_loss"][1])
+
+
+CACHED = """
+import json, sys
+from kl_rl import parallel
+parallel.use_cpu_devices(2)
+import kl_rl
+r = kl_rl.run("ppo", "CartPole-v1", seeds=3, num_envs=2, num_steps=16, total_steps=2 * 16 * 8)
+print(json.dumps({"cached": r.compiled_from_cache, "final": r.final_returns.tolist(),
+                  "kl": r.metrics["kl"].tolist(), "compile": r.compile_time_s}))
+"""
+
+
+def test_a_second_process_loads_its_programs_from_the_cache(tmp_path):
+    env = {**os.environ, "KL_RL_CACHE_DIR": str(tmp_path / "cache")}
+
+    def run():
+        proc = subprocess.run([sys.executable, "-c", CACHED], env=env, capture_output=True, text=True, check=False)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = run(), run()
+    assert not first["cached"] and second["cached"]
+    assert first["final"] == second["final"] and first["kl"] == second["kl"]
+    assert list((tmp_path / "cache" / "kl_rl").glob("*.pkl"))
+
+
+def test_a_damaged_cache_file_is_a_miss_not_an_error(tmp_path):
+    small = dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 4)
+    from kl_rl import envs, runner
+    from kl_rl.train import make_trainer
+
+    config = runner.resolve_config("ppo", "CartPole-v1", None, small)
+    trainer = make_trainer("ppo", config, envs.make("CartPole-v1"))
+    lay = parallel.layout(1)
+    key = runner.program_key("ppo", "CartPole-v1", "jax", config)
+    keys = jax.vmap(jax.random.key)(np.arange(1))
+    first = parallel.Programs(trainer, lay, str(tmp_path), key)
+    want = runner.train_items(first, keys, [config])[2]
+    for path in (tmp_path / "kl_rl").glob("*.pkl"):
+        path.write_bytes(b"not a program")
+    again = parallel.Programs(trainer, lay, str(tmp_path), key)
+    np.testing.assert_array_equal(runner.train_items(again, keys, [config])[2], want)
+    assert again.loaded == 0 and len(again.compiled) == 3
+
+
+def test_layout_spreads_items_evenly_and_never_leaves_a_device_without_one():
+    devices = jax.local_devices()
+    one = parallel.layout(5, devices=[devices[0]] * 2)
+    assert (one.per_device, one.padded, len(one.devices)) == (3, 6, 2)
+    assert parallel.layout(1, devices=[devices[0]] * 4).devices == (devices[0],)
+    assert parallel.layout(8).mode == ("map" if devices[0].platform == "cpu" else "vmap")
+    assert parallel.layout(8, host_env=True).mode == "vmap"  # one vector env for the whole batch
+    assert len(parallel.layout(8, devices=[devices[0]] * 4, host_env=True).devices) == 1
+    for bad in (0, len(devices) + 1):
+        with pytest.raises(ConfigError, match="--devices must be between 1 and"):
+            parallel.layout(4, devices=bad)
+
+
+def test_pad_repeats_the_last_item_and_unpad_drops_it():
+    lay = parallel.Layout(items=3, devices=tuple(jax.local_devices()[:1]), per_device=5, mode="map")
+    padded = parallel.pad({"x": np.arange(3.0)}, lay)
+    np.testing.assert_array_equal(padded["x"], [0.0, 1.0, 2.0, 2.0, 2.0])
+    np.testing.assert_array_equal(parallel.unpad(padded, lay)["x"], [0.0, 1.0, 2.0])
+
+
+@pytest.mark.parametrize(("num_updates", "every", "want"), [(10, 3, [3, 3, 3, 1]), (9, 3, [3, 3, 3]), (4, 0, [1] * 4)])
+def test_segments_with_checkpoints(num_updates, every, want):
+    assert parallel.segments(num_updates, every) == want
+
+
+@pytest.mark.parametrize("num_updates", [1, 97, 390, 976, 5000])
+def test_progress_segments_are_equal_and_cover_the_run(num_updates):
+    plan = parallel.segments(num_updates)
+    assert sum(plan) == num_updates and len(set(plan)) == 1  # one compiled program serves them all
+    if num_updates in (390, 976, 5000):
+        assert 30 <= len(plan) <= 70
+
+
+CORES = """
+import json, os
+from kl_rl import parallel
+set_to = parallel.use_cpu_devices({count})
+import jax
+print(json.dumps({{"set": set_to, "devices": len(jax.devices())}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("count", "flags", "want"),
+    [("None", "", (len(os.sched_getaffinity(0)), len(os.sched_getaffinity(0)))), ("3", "", (3, 3)),
+     ("None", "--xla_force_host_platform_device_count=5", (None, 5))],
+)  # fmt: skip
+def test_use_cpu_devices_sets_the_count_before_jax_starts_and_leaves_xla_flags_alone(count, flags, want):
+    env = {**os.environ, "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}"}
+    code = CORES.format(count=count)
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (out["set"], out["devices"]) == want
+
+
+def test_use_cpu_devices_refuses_a_bad_count():
+    with pytest.raises(ConfigError, match="--devices must be a positive integer"):
+        parallel.use_cpu_devices(0)
