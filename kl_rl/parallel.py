@@ -27,6 +27,7 @@ import os
 import pickle
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -184,44 +185,83 @@ class Programs:
         self._cache = Path(cache_dir) / "kl_rl" if cache_dir is not None and key is not None else None
         self._key = key
 
-    def _call(self, name: Any, fn: Callable, *args: Any) -> Any:
+    def _function(self, name: Any) -> Callable:
+        if isinstance(name, tuple):  # ("run", n): a segment of n updates
+            return lambda state, config: self.trainer.run(state, config, name[1])
+        return getattr(self.trainer, name)
+
+    def prepare(self, keys: jax.Array, configs: Any, lengths: Sequence[int], state: Any = None) -> None:
+        """Makes every program a run needs, at once: init (unless the run starts from a restored
+        `state`), a segment of each length in `lengths`, and evaluate.
+
+        Each comes from the program cache where it can; the others are traced, then compiled by
+        XLA in parallel threads (compilation releases Python's lock), so on two cores the
+        segment program, the largest, compiles beside init and evaluate.
+        """
+        start = time.perf_counter()
+        names = ([] if state is not None else ["init"]) + [("run", n) for n in sorted(set(lengths))] + ["evaluate"]
+        missing = []
+        for name in names:
+            if name in self.compiled:
+                continue
+            program = _load(self._path(name), self.layout)
+            if program is None:
+                missing.append(name)
+            else:
+                self.compiled[name] = program
+                self.loaded += 1
+        if missing:
+            lowered = {}
+            if "init" in missing:
+                lowered["init"] = jax.jit(batched(self.trainer.init, self.layout)).lower(keys, configs)
+                state = lowered["init"].out_info
+            elif state is None:
+                state = self.compiled["init"].out_info
+            for name in missing:
+                args = (state, configs) if isinstance(name, tuple) else (keys, state, configs)
+                if name != "init":
+                    lowered[name] = jax.jit(batched(self._function(name), self.layout)).lower(*args)
+            with ThreadPoolExecutor(len(lowered)) as pool:
+                programs = dict(zip(lowered, pool.map(lambda low: low.compile(), lowered.values()), strict=True))
+            for name, program in programs.items():
+                self.compiled[name] = program
+                _store(self._path(name), program)
+        self.compile_time_s += time.perf_counter() - start
+
+    def _call(self, name: Any, *args: Any) -> Any:
+        """Runs program `name`, first loading or compiling it for these arguments if need be."""
         if name not in self.compiled:
             start = time.perf_counter()
-            path = self._path(name, args)
-            program = _load(path, self.layout) if path is not None else None
+            program = _load(self._path(name), self.layout)
             if program is None:
-                program = jax.jit(batched(fn, self.layout)).lower(*args).compile()
-                if path is not None:
-                    _store(path, program)
+                program = jax.jit(batched(self._function(name), self.layout)).lower(*args).compile()
+                _store(self._path(name), program)
             else:
                 self.loaded += 1
             self.compiled[name] = program
             self.compile_time_s += time.perf_counter() - start
         return self.compiled[name](*args)
 
-    def _path(self, name: Any, args: tuple) -> Path | None:
+    def _path(self, name: Any) -> Path | None:
+        """The cache file of program `name`. The key and the layout fix every argument's shape."""
         if self._cache is None:
             return None
-        shapes = jax.tree.map(lambda x: (x.shape, str(x.dtype), str(getattr(x.sharding, "spec", None))), args)
         lay = self.layout
         where = (lay.items, lay.per_device, lay.mode, [d.device_kind for d in lay.devices], lay.devices[0].platform)
-        parts = (self._key, name, str(shapes), where, _environment())
+        parts = (self._key, name, where, _environment())
         return self._cache / f"{hashlib.sha256(repr(parts).encode()).hexdigest()}.pkl"
 
     def init(self, keys: jax.Array, configs: Any) -> Any:
-        return self._call("init", self.trainer.init, keys, configs)
+        return self._call("init", keys, configs)
 
     def run(self, state: Any, configs: Any, num_updates: int) -> tuple[Any, dict[str, jax.Array]]:
-        def segment(s, c):
-            return self.trainer.run(s, c, num_updates)
-
-        return self._call(("run", num_updates), segment, state, configs)
+        return self._call(("run", num_updates), state, configs)
 
     def evaluate(self, keys: jax.Array, state: Any, configs: Any) -> jax.Array:
-        return self._call("evaluate", self.trainer.evaluate, keys, state, configs)
+        return self._call("evaluate", keys, state, configs)
 
     def restart_envs(self, keys: jax.Array, state: Any) -> Any:
-        return self._call("restart_envs", self.trainer.restart_envs, keys, state)
+        return self._call("restart_envs", keys, state)
 
 
 @functools.cache
@@ -232,7 +272,13 @@ def _environment() -> tuple:
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())
-    settings = ("jax_enable_x64", "jax_default_matmul_precision", "jax_threefry_partitionable", "jax_num_cpu_devices")
+    settings = (
+        "jax_enable_x64",
+        "jax_default_matmul_precision",
+        "jax_default_prng_impl",
+        "jax_threefry_partitionable",
+        "jax_num_cpu_devices",
+    )
     return (
         digest.hexdigest(),
         jax.__version__,
@@ -242,8 +288,10 @@ def _environment() -> tuple:
     )
 
 
-def _load(path: Path, lay: Layout) -> Any:
-    """A program `_store` wrote, or None (missing, unreadable, or from another JAX)."""
+def _load(path: Path | None, lay: Layout) -> Any:
+    """A program `_store` wrote, or None (no cache, missing, unreadable, or from another JAX)."""
+    if path is None:
+        return None
     try:
         blob = pickle.loads(path.read_bytes())
         return serialize_executable.deserialize_and_load(*blob, execution_devices=lay.devices)
@@ -251,9 +299,11 @@ def _load(path: Path, lay: Layout) -> Any:
         return None
 
 
-def _store(path: Path, program: Any) -> None:
+def _store(path: Path | None, program: Any) -> None:
     """Writes a compiled program atomically; a program that cannot be serialized (one with host
     callbacks, on the host-side env path) is simply not kept."""
+    if path is None:
+        return
     try:
         blob = pickle.dumps(serialize_executable.serialize(program))
         path.parent.mkdir(parents=True, exist_ok=True)

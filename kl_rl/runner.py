@@ -458,6 +458,7 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
         done, history = 0, []
         latest = ckpt.latest() if ckpt is not None else None
         if latest is None:
+            programs.prepare(init_keys, stacked, parallel.segments(num_updates, every))
             state = programs.init(init_keys, stacked)
         else:
             saved = ckpt.record(latest)
@@ -471,6 +472,7 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
             template = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(configs), *x.shape), x.dtype), one)
             state, saved_metrics = ckpt.restore(latest, template)
             state = parallel.pad(state, lay)
+            programs.prepare(init_keys, stacked, parallel.segments(num_updates - latest, every), state)
             if trainer.env_path == "host":
                 # The gymnasium envs' own state is not in the checkpoint: start new episodes.
                 restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, latest))(init_keys)
