@@ -55,6 +55,9 @@ def _assert_one_line_error(capsys, code, *needles):
         (["--total-steps", "many"], ["--total-steps expects int", "'many'"]),
         (["--lr", "0"], ["--lr must be a positive number"]),
         (["--lr", "fast"], ["--lr expects float"]),
+        (["--ent-coef", "inf"], ["--ent-coef must be a finite number, got inf"]),
+        (["--lr=-Infinity"], ["--lr must be a finite number, got -Infinity"]),
+        (["--clip-eps", "nan"], ["--clip-eps must be a finite number, got nan"]),
         (["--seeds", "0"], ["--seeds"]),
         (["--num-minibatches", "3"], ["does not divide", "256"]),
         (["--env", "Pendulum-v1", "--distribution", "categorical"], ["categorical", "discrete", "gaussian"]),
@@ -76,6 +79,16 @@ def test_malformed_config_file(capsys, tmp_path, existing_run):
     wrong = tmp_path / "wrong.toml"
     wrong.write_text("learning_rat = 3\n")
     _assert_one_line_error(capsys, main(["train", "--config", str(wrong)]), "unknown hyperparameter")
+
+
+def test_non_finite_values_from_a_file_or_a_grid_are_one_line_errors(capsys, tmp_path):
+    infinite = tmp_path / "inf.yaml"
+    infinite.write_text("ent_coef: .inf\n")
+    code = main(["train", "--config", str(infinite)])
+    _assert_one_line_error(capsys, code, "--ent-coef must be a finite number, got inf")
+    code = main(["sweep", "--grid", "lr=3e-4,nan", "--out", str(tmp_path / "sweep")])
+    _assert_one_line_error(capsys, code, "--lr must be a finite number, got nan")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_config_file_and_flags_set_fields(tmp_path, capsys):
