@@ -69,7 +69,20 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 
 def parse_value(name: str, text: Any, typ: Any) -> Any:
-    """Converts `text` (a CLI string or a value read from a file) to the field's type."""
+    """Converts `text` (a CLI string or a value read from a file) to the field's type.
+
+    Raises:
+      ConfigError: `text` is not of the type, or holds a non-finite float (inf, -inf, nan).
+    """
+    value = _convert(name, text, typ)
+    # float() accepts inf and nan in many spellings, but no hyperparameter can take them: a run
+    # with one trains to a table of nan.
+    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+        raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {text}")
+    return value
+
+
+def _convert(name: str, text: Any, typ: Any) -> Any:
     try:
         if typ is bool:
             if isinstance(text, bool):
@@ -94,10 +107,7 @@ def parse_value(name: str, text: Any, typ: Any) -> Any:
         if typ is float:
             if isinstance(text, bool):
                 raise ValueError
-            value = float(text)
-            if math.isnan(value):
-                raise ValueError
-            return value
+            return float(text)
         if typ is str:
             if not isinstance(text, str):
                 raise ValueError
@@ -107,9 +117,9 @@ def parse_value(name: str, text: Any, typ: Any) -> Any:
             items = text
             if isinstance(text, str):
                 items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
-            return tuple(parse_value(name, t, typing.get_args(typ)[0]) for t in items)
+            return tuple(_convert(name, t, typing.get_args(typ)[0]) for t in items)
         if origin in (types.UnionType, typing.Union):
-            return parse_value(name, text, next(a for a in typing.get_args(typ) if a is not type(None)))
+            return _convert(name, text, next(a for a in typing.get_args(typ) if a is not type(None)))
     except (ValueError, TypeError, StopIteration):
         pass
     type_name = getattr(typ, "__name__", str(typ))

@@ -27,7 +27,7 @@ from kl_rl import config as config_lib
 from kl_rl import envs, parallel
 from kl_rl.agents import algo_spec
 from kl_rl.presets import preset
-from kl_rl.train import make_trainer
+from kl_rl.train import NAN_BY_DESIGN, make_trainer
 
 
 def resolve_config(
@@ -86,6 +86,11 @@ class RunResult:
         return self.eval_returns.mean(axis=1)
 
     @property
+    def diverged(self) -> list[int | None]:
+        """Per seed, the first update (1-based) that left inf or nan in the agent or its metrics, or None."""
+        return first_nonfinite(self.metrics)
+
+    @property
     def total_env_steps(self) -> int:
         """Env steps per seed."""
         return int(self.metrics["env_steps"][0, -1])
@@ -96,31 +101,45 @@ class RunResult:
         return len(self.seeds) * self.total_env_steps / self.wall_time_s
 
     def rows(self) -> list[dict[str, Any]]:
-        """metrics.csv's rows: one per seed and update; eval_return is set at the final update."""
+        """metrics.csv's rows: one per seed and update; eval_return is set at the final update.
+
+        A seed that diverged has rows up to and including its first non-finite update (`diverged`)
+        and no eval_return: what came after is nan, and its final policy is meaningless.
+        """
         first = ["env_steps", "episode_return", "episode_length", "kl", "entropy", "pg_loss", "vf_loss"]
         names = [k for k in first if k in self.metrics] + sorted(k for k in self.metrics if k not in first)
+        num_updates = self.metrics[names[0]].shape[1]
         out = []
-        for s, seed in enumerate(self.seeds):
-            num_updates = self.metrics[names[0]].shape[1]
-            for u in range(num_updates):
+        for s, (seed, diverged) in enumerate(zip(self.seeds, self.diverged, strict=True)):
+            for u in range(diverged or num_updates):
                 row = {"seed": seed, "update": u + 1}
                 row.update({k: _scalar(self.metrics[k][s, u]) for k in names})
-                row["eval_return"] = _scalar(self.final_returns[s]) if u == num_updates - 1 else None
+                last = u == num_updates - 1 and diverged is None
+                row["eval_return"] = _scalar(self.final_returns[s]) if last else None
                 out.append(row)
         return out
 
     def summary(self) -> dict[str, Any]:
-        """summary.json's content."""
-        final = self.final_returns
+        """summary.json's content.
+
+        `diverged` gives, per seed, the first update that went non-finite (or null). A diverged
+        seed's final_return is null and it is left out of the median, mean and IQM, which are
+        over the seeds that stayed finite (null if none did), so read them with `diverged_seeds`.
+        """
+        diverged = self.diverged
+        final = [float(x) if d is None else None for x, d in zip(self.final_returns, diverged, strict=True)]
+        finite = [x for x in final if x is not None]
         return {
             "algo": self.algo,
             "env": self.env_id,
             "seeds": self.seeds,
             "total_env_steps": self.total_env_steps,
-            "final_return": [float(x) for x in final],
-            "final_return_median": float(np.median(final)),
-            "final_return_mean": float(np.mean(final)),
-            "final_return_iqm": float(iqm(final)),
+            "final_return": final,
+            "final_return_median": float(np.median(finite)) if finite else None,
+            "final_return_mean": float(np.mean(finite)) if finite else None,
+            "final_return_iqm": float(iqm(finite)) if finite else None,
+            "diverged": diverged,
+            "diverged_seeds": sum(d is not None for d in diverged),
             "eval_episodes": int(self.eval_returns.shape[1]),
             "wall_time_s": self.wall_time_s,
             "compile_time_s": self.compile_time_s,
@@ -193,6 +212,24 @@ class RunResult:
             finally:
                 writer.close()
         return folder
+
+
+def first_nonfinite(metrics: dict[str, Any]) -> list[int | None]:
+    """Per seed, the first update (1-based, metrics.csv's `update`) that went non-finite, or None.
+
+    An update counts if its `nonfinite` metric (`kl_rl.train.nonfinite`) is set, or if any other
+    float metric, NAN_BY_DESIGN aside, is inf or nan there, so metrics without `nonfinite` work too.
+
+    Args:
+      metrics: [seeds, updates] arrays by name, such as `RunResult.metrics`.
+    """
+    arrays = {k: np.asarray(v) for k, v in metrics.items()}
+    bad = np.zeros(next(iter(arrays.values())).shape, bool)
+    for name, values in arrays.items():
+        if name in NAN_BY_DESIGN or not np.issubdtype(values.dtype, np.inexact):
+            continue
+        bad |= values != 0 if name == "nonfinite" else ~np.isfinite(values)
+    return [int(np.argmax(row)) + 1 if row.any() else None for row in bad]
 
 
 def require_tensorboard() -> Any:

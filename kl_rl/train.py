@@ -20,6 +20,18 @@ from kl_rl import buffer, envs, rollout
 from kl_rl.agents import ALGOS
 
 
+NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual")
+"""Metrics that are NaN in a healthy run: the episode statistics until the first episode ends
+(see `last_return`), and TRPO's `cg_residual` with direction "gradient", which solves nothing."""
+
+
+def nonfinite(agent_state: Any, metrics: dict[str, jax.Array]) -> jax.Array:
+    """1.0 if a float leaf of the agent's state or a metric (NAN_BY_DESIGN aside) is inf or nan, else 0.0."""
+    checked = (agent_state, {k: v for k, v in metrics.items() if k not in NAN_BY_DESIGN})
+    floats = [x for x in jax.tree.leaves(checked) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))).astype(jnp.float32)
+
+
 @flax.struct.dataclass
 class TrainState:
     """The full state of a run between two updates; a checkpoint of it resumes exactly."""
@@ -137,6 +149,8 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
             "episodes": episodes.count,
             **metrics,
         }
+        # Whether this update left the run finite; kl_rl.runner.first_nonfinite reads it.
+        metrics["nonfinite"] = nonfinite(agent_state, metrics)
         new_state = TrainState(
             agent=agent_state,
             collector=collector,

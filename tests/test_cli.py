@@ -55,6 +55,9 @@ def _assert_one_line_error(capsys, code, *needles):
         (["--total-steps", "many"], ["--total-steps expects int", "'many'"]),
         (["--lr", "0"], ["--lr must be a positive number"]),
         (["--lr", "fast"], ["--lr expects float"]),
+        (["--ent-coef", "inf"], ["--ent-coef must be a finite number, got inf"]),
+        (["--lr=-Infinity"], ["--lr must be a finite number, got -Infinity"]),
+        (["--clip-eps", "nan"], ["--clip-eps must be a finite number, got nan"]),
         (["--seeds", "0"], ["--seeds"]),
         (["--num-minibatches", "3"], ["does not divide", "256"]),
         (["--env", "Pendulum-v1", "--distribution", "categorical"], ["categorical", "discrete", "gaussian"]),
@@ -76,6 +79,16 @@ def test_malformed_config_file(capsys, tmp_path, existing_run):
     wrong = tmp_path / "wrong.toml"
     wrong.write_text("learning_rat = 3\n")
     _assert_one_line_error(capsys, main(["train", "--config", str(wrong)]), "unknown hyperparameter")
+
+
+def test_non_finite_values_from_a_file_or_a_grid_are_one_line_errors(capsys, tmp_path):
+    infinite = tmp_path / "inf.yaml"
+    infinite.write_text("ent_coef: .inf\n")
+    code = main(["train", "--config", str(infinite)])
+    _assert_one_line_error(capsys, code, "--ent-coef must be a finite number, got inf")
+    code = main(["sweep", "--grid", "lr=3e-4,nan", "--out", str(tmp_path / "sweep")])
+    _assert_one_line_error(capsys, code, "--lr must be a finite number, got nan")
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_config_file_and_flags_set_fields(tmp_path, capsys):
@@ -109,6 +122,7 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
         )
         assert summary["kl_rl_git_commit"].startswith(head.stdout.strip())
     assert summary["seeds"] == [0, 1] and len(summary["final_return"]) == 2
+    assert summary["diverged"] == [None, None] and summary["diverged_seeds"] == 0
     assert summary["total_env_steps"] == 2048
     with open(existing_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -174,10 +188,39 @@ def test_every_algo_writes_the_same_run_folder(tmp_path, capsys, algo, args, col
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "metrics.csv", "summary.json"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["algo"] == algo and len(summary["final_return"]) == 2
+    assert summary["diverged"] == [None, None]
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     for col in ("seed", "env_steps", "episode_return", "kl", "entropy", "eval_return", *columns):
         assert col in rows[0], col
+
+
+def test_a_diverging_run_writes_its_folder_then_says_where_in_one_line_with_exit_3(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--env", "Pendulum-v1", "--lr", "1e6", "--max-grad-norm", "1e9", "--seeds", "2", "--out", str(out)]
+    assert main(["train", *args, *FAST]) == 3
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err.count("\n") == 1, captured.err
+    match = re.fullmatch(
+        r"kl-rl: error: seed 0 diverged at update (\d+) of 8 \(non-finite values\); (\d) of 2 seed\(s\) diverged; "
+        r"metrics up to that point are in (.+)\n",
+        captured.err,
+    )
+    assert match and match[3] == str(out), captured.err
+    assert "diverged at update" in captured.out and "nan" not in captured.out
+    summary = json.loads((out / "summary.json").read_text())
+    diverged = summary["diverged"]
+    assert diverged[0] == int(match[1]) and int(match[2]) == summary["diverged_seeds"] == 2
+    assert all(isinstance(u, int) and 1 <= u <= 8 for u in diverged)
+    assert summary["final_return"] == [None, None] and summary["final_return_iqm"] is None
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    for seed, update in enumerate(diverged):
+        mine = [r for r in rows if r["seed"] == str(seed)]
+        # Rows up to and including the first bad update, which says so; no evaluation.
+        assert [int(r["update"]) for r in mine] == list(range(1, update + 1))
+        assert [float(r["nonfinite"]) for r in mine] == [0.0] * (update - 1) + [1.0]
+        assert all(r["eval_return"] == "" for r in mine)
 
 
 def test_total_steps_on_an_iteration_counted_algo_is_a_one_line_error(capsys):

@@ -1,10 +1,12 @@
 """Config machinery: static vs traced fields, docstrings, parsing, presets."""
 
 import dataclasses
+import math
 
 import jax
 import pytest
 
+import kl_rl
 from kl_rl import config as config_lib
 from kl_rl.agents import ALGOS, PPOConfig
 from kl_rl.errors import ConfigError
@@ -42,6 +44,39 @@ def test_parse_values_by_type():
     for text, typ in (("1.5", int), ("abc", float), ("nan", float), ("maybe", bool), (True, int)):
         with pytest.raises(ConfigError):
             config_lib.parse_value("x", text, typ)
+
+
+@pytest.mark.parametrize(
+    "value", ["inf", "-inf", "nan", "NaN", "Infinity", "-INFINITY", " +inf ", math.inf, -math.inf, math.nan]
+)
+def test_non_finite_floats_are_config_errors_naming_the_field(value):
+    with pytest.raises(ConfigError, match=r"^--ent-coef must be a finite number, got "):
+        config_lib.parse_value("ent_coef", value, float)
+    with pytest.raises(ConfigError, match=r"^--ent-coef must be a finite number, got "):
+        config_lib.build(PPOConfig, {"ent-coef": value})
+
+
+@pytest.mark.parametrize(
+    "name, text",
+    [
+        ("c.yaml", "ent_coef: .inf\n"),
+        ("c.yaml", "ent_coef: -.Inf\n"),
+        ("c.yaml", "ent_coef: .nan\n"),
+        ("c.toml", "ent_coef = inf\n"),
+        ("c.toml", "ent_coef = -nan\n"),
+        ("c.json", '{"ent_coef": Infinity}'),
+    ],
+)
+def test_non_finite_values_in_config_files_are_config_errors(tmp_path, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="--ent-coef must be a finite number"):
+        config_lib.build(PPOConfig, config_lib.load_file(path))
+
+
+def test_run_refuses_a_non_finite_override_before_compiling():
+    with pytest.raises(ConfigError, match=r"^--lr must be a finite number, got inf$"):
+        kl_rl.run("ppo", "CartPole-v1", lr=float("inf"))
 
 
 def test_build_rejects_unknown_names_with_a_hint():

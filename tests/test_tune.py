@@ -57,7 +57,7 @@ def test_parse_space_kinds():
         (["lr=1e-2:1e-5"], "LOW must be below HIGH"),
         (["lr=0.1:0.1"], "LOW must be below HIGH"),
         (["lr=log:0:1e-2"], "log range needs LOW > 0"),
-        (["lr=0:inf"], "a range needs finite bounds"),
+        (["lr=0:inf"], "--lr must be a finite number, got inf"),
         (["total_steps=1000:2000"], "cannot vary total_steps"),
         (["lr=fast:1"], "--lr expects float, got 'fast'"),
         (["num_envs=2.5:8"], "--num-envs expects int"),

@@ -17,7 +17,8 @@ extra; an id with no port runs on the host-side path (gymnasium.make_vec, steppe
 compiled program), sync or async across processes. --env-path host forces it for a ported id.
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
-run has succeeded.
+run has succeeded. A run that went non-finite (inf or nan) still writes its folder, then says at
+which update in one line on stderr, exit code 3.
 """
 
 # Annotations stay unevaluated: importing the command module `list` binds that name in this
@@ -28,10 +29,11 @@ import sys
 
 from kl_rl.cli import list as list_command
 from kl_rl.cli import plot, sweep, train, tune
-from kl_rl.cli.common import expose_cpu_devices
+from kl_rl.cli.common import Diverged, expose_cpu_devices
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main}
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"kl-rl: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Diverged as err:
+        print(f"kl-rl: error: {err}", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
         print("kl-rl: interrupted; no run folder was written", file=sys.stderr)
         return 130

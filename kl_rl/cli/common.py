@@ -9,6 +9,10 @@ from typing import NoReturn
 from kl_rl.errors import ConfigError
 
 
+class Diverged(Exception):
+    """A run that went non-finite (inf or nan): `kl_rl.cli.main` prints it as one line, exit code 3."""
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit 2 without the usage dump."""
 

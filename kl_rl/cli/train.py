@@ -4,7 +4,7 @@ import argparse
 import dataclasses
 import json
 
-from kl_rl.cli.common import device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser
 from kl_rl.errors import ConfigError
 
 _RUN_FLAGS = ("--seeds", "--env-path", "--vectorization")
@@ -79,7 +79,11 @@ def _help(algo: str) -> str:
 
 
 def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization) -> int:
-    """What a new run and a resumed one share: train, print the table, write the run folder."""
+    """What a new run and a resumed one share: train, print the table, write the run folder.
+
+    Raises:
+      Diverged: a seed went non-finite; the folder is written first, for its metrics up to then.
+    """
     from kl_rl import runner
 
     result = runner.run(
@@ -90,6 +94,13 @@ def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, en
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
     print(f"run folder: {out}")
+    diverged = [(seed, u) for seed, u in zip(result.seeds, result.diverged, strict=True) if u is not None]
+    if diverged:
+        seed, update = diverged[0]
+        raise Diverged(
+            f"seed {seed} diverged at update {update} of {config.num_updates} (non-finite values); "
+            f"{len(diverged)} of {seeds} seed(s) diverged; metrics up to that point are in {out}"
+        )
     return 0
 
 
@@ -134,20 +145,26 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
 
 
 def _print_table(result) -> None:
-    import numpy as np
-
     final = result.final_returns
     last_train = result.metrics["episode_return"][:, -1]
+    summary = result.summary()
     print(f"\n{result.algo} on {result.env_id}: {len(result.seeds)} seed(s) x {result.total_env_steps:,} env steps")
     print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {'kl':>10} {'entropy':>9}")
-    for i, seed in enumerate(result.seeds):
+    for i, (seed, diverged) in enumerate(zip(result.seeds, summary["diverged"], strict=True)):
+        if diverged is not None:
+            # A row of nan says nothing; where it went wrong does.
+            print(f"{seed:>6}   diverged at update {diverged}")
+            continue
         print(
             f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f} "
             f"{result.metrics['kl'][i, -1]:>10.5f} {result.metrics['entropy'][i, -1]:>9.4f}"
         )
-    summary = result.summary()
+    median, iqm = summary["final_return_median"], summary["final_return_iqm"]
+    stats = f"{'-':>13}   IQM -" if median is None else f"{median:>13.2f}   IQM {iqm:.2f}"
+    if summary["diverged_seeds"] and median is not None:
+        stats += f" over {len(result.seeds) - summary['diverged_seeds']} finite seed(s)"
     print(
-        f"{'median':>6} {np.median(final):>13.2f}   IQM {summary['final_return_iqm']:.2f}   "
+        f"{'median':>6} {stats}   "
         f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s"
         f"{' (cached)' if result.compiled_from_cache else ''}   "
         f"{result.env_steps_per_s:,.0f} env steps/s on {result.devices} device(s)"

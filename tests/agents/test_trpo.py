@@ -76,6 +76,7 @@ def test_every_accepted_step_keeps_kl_within_delta(direction):
         assert np.all(m["cg_residual"] < 0.5)
     else:
         assert np.all(np.isnan(m["cg_residual"]))
+    assert np.all(m["nonfinite"] == 0)  # the gradient direction's nan cg_residual is by design
 
 
 def test_accepted_kl_recomputed_independently_is_within_delta():
