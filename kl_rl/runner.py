@@ -476,6 +476,9 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
       report: optional `report(updates_done, first)`, called once before the first segment
         runs and after each one completes.
 
+    Once every item has gone non-finite (the `nonfinite` metric), no further segment starts:
+    the metrics then stop short of the full run.
+
     Returns:
       (state, metrics, eval_returns, wall time of the run without compilation), the items
       axis leading.
@@ -519,7 +522,16 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
         plan = parallel.segments(num_updates - done, every)
         save_every = every or num_updates
         report(done, True)
-        pending = None  # the last dispatched segment's env_steps and the updates done after it
+        pending = None  # the last dispatched segment's metrics and the updates done after it
+        diverged = np.zeros(lay.items, bool)
+
+        def finish(segment_metrics, updates_done) -> bool:
+            """Waits for a segment, reports it; True once every item has gone non-finite."""
+            flags = np.asarray(segment_metrics["nonfinite"])[: lay.items]
+            report(updates_done, False)
+            diverged[:] |= flags.any(axis=1)
+            return bool(diverged.all())
+
         for n in plan:
             state, metrics = programs.run(state, stacked, n)
             done += n
@@ -527,13 +539,12 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
             if ckpt is not None and (done % save_every == 0 or done == num_updates):
                 ckpt.save(done, parallel.unpad(state, lay), _joined(history, lay), record)
             # The next segment is already dispatched when the previous one is waited for.
-            if pending is not None:
-                jax.block_until_ready(pending[0])
-                report(pending[1], False)
-            pending = (metrics["env_steps"], done)
+            stop = pending is not None and finish(*pending)
+            pending = (metrics, done)
+            if stop:
+                break  # every item diverged: what follows would be NaN too
         if pending is not None:
-            jax.block_until_ready(pending[0])
-            report(pending[1], False)
+            finish(*pending)
         eval_returns = jax.block_until_ready(programs.evaluate(eval_keys, state, stacked))
         wall = time.perf_counter() - start - (programs.compile_time_s - compile_before)
         metrics = _joined(history, lay)
