@@ -35,3 +35,25 @@ def test_paired_summary_refuses_unpaired_times(anchor):
     out = types.SimpleNamespace(eval_returns=np.zeros((1, 2)))
     with pytest.raises(ValueError):
         anchor.paired_summary([1.0, 2.0], [1.0], 0.0, 10, out, 10)
+
+
+def _module(name: str):
+    path = Path(__file__).parent.parent / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_end_to_end_summary_divides_sb3_by_each_kl_rl_median():
+    summary = _module("end_to_end").summarize({"kl_rl_cold": [10.0, 14.0, 12.0], "kl_rl_warm": [4.0, 5.0, 6.0],
+                                              "sb3": [40.0, 50.0, 30.0]})  # fmt: skip
+    assert summary["median_wall_s"] == {"kl_rl_cold": 12.0, "kl_rl_warm": 5.0, "sb3": 40.0}
+    assert summary["sb3_over_kl_rl_warm"] == 8.0
+    assert round(summary["sb3_over_kl_rl_cold"], 3) == round(40.0 / 12.0, 3)
+
+
+def test_compile_time_summary_is_kl_rl_over_purejaxrl():
+    summary = _module("compile_time").summarize({"kl_rl": [5.0, 7.0, 6.0], "purejaxrl": [4.0, 8.0]})
+    assert summary["median_compile_s"] == {"kl_rl": 6.0, "purejaxrl": 6.0}
+    assert summary["kl_rl_over_purejaxrl"] == 1.0
