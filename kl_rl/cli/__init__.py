@@ -12,6 +12,9 @@
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl list
 
+train, sweep and tune spread their runs over every local device; on CPU one device per core,
+set before JAX starts (--devices N for another count; a device count in XLA_FLAGS wins).
+
 --env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
 extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the
 compiled program), sync or async across processes. --env-path host forces it for a ported id.

@@ -24,7 +24,7 @@ def main(argv: list[str]) -> int:
     if args.help:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
-            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] "
+            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] [--devices N] "
             "[--<hyperparameter> VALUE ...]\n"
             "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
         )
