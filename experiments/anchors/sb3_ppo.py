@@ -18,21 +18,12 @@ Setup, outside the repo (tested: torch 2.13.0+cpu, sb3 2.9.2, gymnasium 1.4.0):
     /work/anchors/sb3venv/bin/python experiments/anchors/sb3_ppo.py --seed 0 --json sb3_ppo_s0.json
 """
 
-import argparse
-import json
-import time
 from collections.abc import Callable
 
-import gymnasium as gym
-import numpy as np
-import stable_baselines3
-import torch
 from stable_baselines3 import PPO
-from stable_baselines3.common.env_util import make_vec_env
+import sb3_common
 
-ENV_ID = "CartPole-v1"
 N_ENVS = 8
-EVAL_EPISODES = 16
 
 
 def linear(initial: float) -> Callable[[float], float]:
@@ -53,61 +44,5 @@ HYPERPARAMS = dict(
 )
 
 
-def evaluate(model: PPO, episodes: int) -> list[float]:
-    env = gym.make(ENV_ID)
-    returns = []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=ep)
-        done, total = False, 0.0
-        while not done:
-            action, _ = model.predict(obs, deterministic=True)
-            obs, reward, terminated, truncated, _ = env.step(action)
-            total += float(reward)
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--total-steps", type=int, default=100_000)
-    parser.add_argument("--json", type=str, default=None, help="write the result here as well")
-    parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    env = make_vec_env(ENV_ID, n_envs=N_ENVS, seed=args.seed)  # DummyVecEnv
-    model = PPO("MlpPolicy", env, seed=args.seed, device="cpu", verbose=0, **HYPERPARAMS)
-    t1 = time.perf_counter()
-    model.learn(total_timesteps=args.total_steps)
-    t2 = time.perf_counter()
-    env.close()
-
-    returns = evaluate(model, EVAL_EPISODES)
-    result = {
-        "impl": "sb3 PPO",
-        "seed": args.seed,
-        "total_steps": args.total_steps,
-        "env_steps": int(model.num_timesteps),
-        "threads": args.threads,
-        "learn_s": t2 - t1,
-        "total_s": t2 - t0,
-        "final_return": float(np.mean(returns)),
-        "returns": returns,
-        "versions": {
-            "torch": torch.__version__,
-            "stable_baselines3": stable_baselines3.__version__,
-            "gymnasium": gym.__version__,
-        },
-    }
-    print(json.dumps(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-
-
 if __name__ == "__main__":
-    main()
+    sb3_common.main(__doc__.splitlines()[0], "sb3 PPO", PPO, N_ENVS, HYPERPARAMS, {})
