@@ -6,11 +6,11 @@
 Trains the same run (the preset's budget) in one process four ways, `--rounds` times each in
 turn, and reports the median run time (compilation excluded, reported apart):
 
-- plain: one compiled program, no host callbacks;
-- progress: the same with the progress callback (what `kl-rl train` shows as a bar), here a
-  no-op function so the terminal does not enter the measurement;
+- plain: the run's usual segments (about 20), nothing reported between them;
+- progress: the same, reporting progress between segments (what `kl-rl train` shows as a bar),
+  here to a no-op function so the terminal does not enter the measurement;
 - segments: the run split at checkpoints (`--checkpoint-every` updates) with no saving, i.e.
-  what the segmenting alone costs;
+  what that other cut costs;
 - checkpoints: the same with orbax saves every `--checkpoint-every` updates into a temporary
   folder (asynchronous; the last save is waited for).
 
@@ -29,7 +29,7 @@ from kl_rl import runner
 
 
 def _once(args, mode: str) -> tuple[float, float]:
-    kwargs = dict(seeds=args.seeds, progress=False)
+    kwargs = dict(seeds=args.seeds, progress=False)  # every device the process has
     if args.total_steps:
         kwargs["total_steps"] = args.total_steps
     if mode == "progress":

@@ -27,9 +27,9 @@ RUNS = {
 EVERY = {"ppo": "3", "trpo": "2", "cem": "2"}
 KILL_AFTER_UPDATE = 7
 
-# Runs the CLI in a process that SIGKILLs itself from inside the compiled run (through the
-# progress callback) once KILL_AFTER_UPDATE updates are done: no cleanup, no flush, mid-segment,
-# possibly while an asynchronous checkpoint save is still writing.
+# Runs the CLI in a process that SIGKILLs itself (from the progress report between two compiled
+# segments) once KILL_AFTER_UPDATE updates are done: no cleanup, no flush, with the next segment
+# already dispatched, possibly while an asynchronous checkpoint save is still writing.
 KILLER = """
 import os, signal, sys
 from kl_rl import cli, runner
@@ -66,8 +66,8 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, algo):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     kill_at = _steps_per_update(algo, RUNS[algo]) * KILL_AFTER_UPDATE
     # Three processes, as a user would run them. The uninterrupted run and the resumed one share
-    # a compilation cache (the resumed run then spends no time compiling); the run to kill has a
-    # host callback, which JAX does not cache, and runs beside the uninterrupted one.
+    # a compilation cache (the resumed run then spends no time compiling); the run to kill
+    # compiles apart, beside the uninterrupted one.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "KL_RL_CACHE_DIR": str(tmp_path / "xla")}
     cli = [sys.executable, "-m", "kl_rl.cli"]
     to_kill = subprocess.Popen(
