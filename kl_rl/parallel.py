@@ -171,8 +171,9 @@ class Programs:
     builds the same programs loads them without tracing or compiling anything. JAX's own
     persistent cache skips XLA's compilation but not the tracing and lowering, about 1.5 s of
     Python for PPO. The file name hashes everything a program depends on: the key, the
-    program and its argument shapes, the layout, kl_rl's source, the JAX version, XLA_FLAGS
-    and the JAX settings that change numerics. The files are pickles: load only your own.
+    program, the layout (which with the key fixes every argument's shape), kl_rl's source,
+    the JAX version, XLA_FLAGS and the JAX settings that change numerics. The files are
+    pickles: load only your own.
     """
 
     def __init__(self, trainer: Trainer, lay: Layout, cache_dir: str | None = None, key: Any = None):
