@@ -33,6 +33,8 @@ class Transition(NamedTuple):
       value: V(obs) from the behaviour critic.
       log_prob: log pi_behaviour(action | obs).
       dist: the behaviour policy's distribution as a pytree (a kl_rl.kl NamedTuple).
+      ref_dist: a frozen reference policy's distribution at obs, for runs with a reference
+        (`kl-rl train --reference`); None otherwise.
     """
 
     obs: jax.Array
@@ -44,6 +46,7 @@ class Transition(NamedTuple):
     value: jax.Array
     log_prob: jax.Array
     dist: Any
+    ref_dist: Any = None
 
 
 @flax.struct.dataclass
@@ -166,6 +169,9 @@ def gae(
     truncated_t: ArrayLike,
     gamma: ArrayLike,
     lambda_: ArrayLike,
+    log_rho_t: ArrayLike | None = None,
+    rho_clip: ArrayLike = 1.0,
+    c_clip: ArrayLike = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438), time-major.
 
@@ -175,6 +181,12 @@ def gae(
     no advantage leaks across an episode boundary, and A_T = 0 past the rollout (its last step
     still bootstraps through delta).
 
+    With `log_rho_t`, the log importance weights log pi(a_t|s_t) - log mu(a_t|s_t) of a target
+    policy pi against the behaviour policy mu that collected the data, this is V-trace
+    (Espeholt et al. 2018, eq. 1, with its lambda): A_t = rho_t delta_t + gamma lambda c_t
+    (1 - done_t) A_{t+1}, rho_t = min(rho_clip, w_t), c_t = min(c_clip, w_t), and the returns
+    v_t + A_t are the V-trace targets v_s. With every weight 1 it is GAE exactly.
+
     Args:
       r_t: rewards [T, ...].
       v_t: V(obs_t) [T, ...].
@@ -183,6 +195,9 @@ def gae(
       truncated_t: bool [T, ...].
       gamma: discount, may be traced.
       lambda_: GAE lambda, may be traced.
+      log_rho_t: optional log importance weights [T, ...] (V-trace).
+      rho_clip: rho-bar, the truncation of the weight on each TD error (V-trace).
+      c_clip: c-bar, the truncation of the weights that carry the trace (V-trace).
 
     Returns:
       (advantages, returns), each [T, ...], with returns = advantages + v_t.
@@ -191,14 +206,20 @@ def gae(
     not_terminated = 1.0 - jnp.asarray(terminated_t).astype(r_t.dtype)
     not_done = 1.0 - jnp.logical_or(terminated_t, truncated_t).astype(r_t.dtype)
     delta_t = r_t + gamma * not_terminated * v_tp1 - v_t
+    if log_rho_t is None:
+        trace_t = not_done
+    else:
+        w_t = jnp.exp(jnp.minimum(jnp.asarray(log_rho_t), 30.0))  # finite for any weight
+        delta_t = jnp.minimum(rho_clip, w_t) * delta_t
+        trace_t = jnp.minimum(c_clip, w_t) * not_done
 
     def step(a_tp1, xs):
-        delta, not_done = xs
-        a_t = delta + gamma * lambda_ * not_done * a_tp1
+        delta, trace = xs
+        a_t = delta + gamma * lambda_ * trace * a_tp1
         return a_t, a_t
 
     a_end = jnp.zeros_like(delta_t[0])
-    _, advantages = jax.lax.scan(step, a_end, (delta_t, not_done), reverse=True)
+    _, advantages = jax.lax.scan(step, a_end, (delta_t, trace_t), reverse=True)
     return advantages, advantages + v_t
 
 

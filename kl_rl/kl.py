@@ -332,3 +332,119 @@ def kl_penalized_reward(
       beta: penalty coefficient.
     """
     return reward - beta * kl_k1(log_prob_ref, log_prob_policy)
+
+
+# KL anchors. The previous iterate (PPO's and VPG's penalties, TRPO's constraint, CEM's trust
+# region) is measured with `kl_old_new` above. A frozen reference policy (RLHF's penalty,
+# kickstarting, fine-tuning on a leash) and the behaviour policy that collected stale data
+# (policy lag, replay) are measured with the functions below.
+
+REF_ESTIMATORS = ("exact", "k1", "k2", "k3")
+REF_DIRECTIONS = ("reverse", "forward")
+REF_PLACEMENTS = ("loss", "reward")
+
+
+def anchor_kl(dist: Distribution, anchor: Distribution, direction: str = "reverse") -> jax.Array:
+    """Exact per-state KL between a policy and an anchor policy.
+
+    Args:
+      dist: the policy pi, batch shape [...].
+      anchor: the anchor pi_ref (or pi_behaviour), same family and batch shape.
+      direction: "reverse" for KL(pi || anchor), mode-seeking, the RLHF penalty (Ziegler et al.
+        2019); "forward" for KL(anchor || pi), mass-covering, the distillation loss of
+        kickstarting (Schmitt et al. 2018) up to the anchor's entropy, which has no gradient.
+    """
+    if direction == "reverse":
+        return kl_divergence(dist, anchor)
+    if direction == "forward":
+        return kl_divergence(anchor, dist)
+    raise ValueError(f"unknown KL direction {direction!r}; use one of {', '.join(REF_DIRECTIONS)}")
+
+
+def anchor_kl_estimate(
+    log_pi: jax.Array, log_anchor: jax.Array, estimator: str, direction: str = "reverse"
+) -> jax.Array:
+    """One-sample estimates of the KL between pi and an anchor, at actions x ~ pi.
+
+    l = log pi(x) - log anchor(x). For the reverse direction KL(pi || anchor):
+    k1 = l (unbiased), k2 = l^2 / 2 (biased, third order in l), k3 = exp(-l) - 1 + l (unbiased,
+    >= 0); Schulman (2020). For the forward direction KL(anchor || pi), weighted by
+    r = anchor(x) / pi(x) = exp(-l): k1 = r log r (unbiased), k3 = r log r - (r - 1) (unbiased,
+    >= 0); k2 has no forward form.
+
+    These are estimates of the value. Used as a loss on samples held fixed, their expected
+    gradients differ (with x ~ pi and l's gradient taken through log pi only): k1 gives zero, k2
+    gives grad KL(pi || anchor), k3 gives grad KL(anchor || pi) (tests/test_kl.py checks each
+    by exact summation). In the reward, k1 through the score function gives grad KL(pi || anchor).
+
+    Args:
+      log_pi: log pi(x) for x drawn from pi (or from the behaviour policy that stands for it).
+      log_anchor: log anchor(x), same shape.
+      estimator: "k1", "k2" or "k3".
+      direction: "reverse" or "forward".
+    """
+    if direction == "reverse":
+        fns = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+    elif direction == "forward":
+        fns = {"k1": _forward_k1, "k3": kl_reverse_k3}
+    else:
+        raise ValueError(f"unknown KL direction {direction!r}; use one of {', '.join(REF_DIRECTIONS)}")
+    if estimator not in fns:
+        raise ValueError(f"no {estimator!r} estimator of the {direction} KL; use one of {', '.join(fns)}")
+    # kl_rl's estimators take (log p, log q) for x ~ q and estimate KL(q || p) (k1, k2, k3) or
+    # KL(p || q) (reverse_k3): here q = pi, the sampling policy, and p = the anchor.
+    return fns[estimator](log_anchor, log_pi)
+
+
+def _forward_k1(log_p: jax.Array, log_q: jax.Array) -> jax.Array:
+    """r log r, r = p(x)/q(x), x ~ q: unbiased for KL(p || q); log r clipped to [-30, 30]."""
+    log_r = jnp.clip(log_p - log_q, -_LOG_RATIO_CLIP, _LOG_RATIO_CLIP)
+    return jnp.exp(log_r) * log_r
+
+
+def anchor_penalty(
+    dist: Distribution,
+    anchor: Distribution,
+    action: jax.Array,
+    estimator: str = "exact",
+    direction: str = "reverse",
+) -> jax.Array:
+    """The per-sample KL term of an anchor penalty: exact per state, or estimated at `action`.
+
+    Args:
+      dist: the policy pi at the batch's states [...].
+      anchor: the anchor at the same states.
+      action: the sampled action of each state [...] (ignored by "exact").
+      estimator: "exact" (`anchor_kl`) or one of "k1", "k2", "k3" (`anchor_kl_estimate`).
+      direction: "reverse" (KL(pi || anchor)) or "forward" (KL(anchor || pi)).
+
+    Returns:
+      [...] values whose mean is the penalty's KL.
+    """
+    if estimator == "exact":
+        return anchor_kl(dist, anchor, direction)
+    return anchor_kl_estimate(dist.log_prob(action), anchor.log_prob(action), estimator, direction)
+
+
+def check_anchor_options(estimator: str, direction: str, placement: str = "loss") -> None:
+    """ValueError naming the fix for an estimator, direction or placement kl_rl has no form of."""
+    if placement not in REF_PLACEMENTS:
+        raise ValueError(f"unknown placement {placement!r}; use one of {', '.join(REF_PLACEMENTS)}")
+    if direction not in REF_DIRECTIONS:
+        raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(REF_DIRECTIONS)}")
+    if estimator not in REF_ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(REF_ESTIMATORS)}")
+    if direction == "forward" and estimator == "k2":
+        raise ValueError("k2 estimates the reverse KL only; use exact, k1 or k3 with the forward direction")
+
+
+def effective_sample_size(log_weights: jax.Array) -> jax.Array:
+    """(sum w)^2 / (n sum w^2) of importance weights w = exp(log_weights), as a fraction in (0, 1].
+
+    Kish's effective sample size over n = log_weights.size samples: 1 when every weight is
+    equal (target policy = behaviour policy), 1/n when one sample carries all the weight.
+    Computed in log space, so weights far from 1 stay finite.
+    """
+    lw = jnp.ravel(log_weights)
+    log_n = jnp.log(jnp.asarray(lw.size, lw.dtype))
+    return jnp.exp(2.0 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2.0 * lw) - log_n)

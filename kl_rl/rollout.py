@@ -98,6 +98,8 @@ def collect(
     normalize_obs: bool,
     value: ValueFn | None = None,
     reward_gamma: jax.Array | None = None,
+    reference: Callable[[jax.Array], Any] | None = None,
+    reward_penalty: Callable[[Any, jax.Array, Any], jax.Array] | None = None,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -115,6 +117,10 @@ def collect(
         per-step work in the loop.
       reward_gamma: None stores raw rewards; a discount stores rewards scaled by the running
         std of the discounted return (`scale_reward`). Episode returns stay unscaled.
+      reference: reference(raw_obs) -> the distribution of a frozen reference policy, which
+        applies its own observation normalizer; recorded as each transition's `ref_dist`.
+      reward_penalty: reward_penalty(dist, action, ref_dist) -> [N], subtracted from the raw
+        reward before any scaling (a KL penalty in the reward, as in RLHF). Needs `reference`.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -128,8 +134,11 @@ def collect(
         obs = observe(obs_norm, env_state.obs, normalize_obs)
         act_key, env_key = keys
         action, log_prob, dist = act(act_key, obs)
+        ref_dist = None if reference is None else reference(env_state.obs)
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
         reward = out.reward
+        if reward_penalty is not None:
+            reward = reward - reward_penalty(dist, action, ref_dist)
         if reward_gamma is not None:
             reward_norm, discounted_return, reward = scale_reward(
                 reward_norm, discounted_return, reward, out.terminated | out.truncated, reward_gamma
@@ -144,6 +153,7 @@ def collect(
             value=jnp.zeros(out.reward.shape, jnp.float32),
             log_prob=log_prob,
             dist=dist,
+            ref_dist=ref_dist,
         )
         carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return)
         return carry, (transition, out.episode_return, out.episode_length)

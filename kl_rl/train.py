@@ -16,8 +16,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from kl_rl import buffer, envs, rollout
+from kl_rl import buffer, envs, kl, normalize, rollout
 from kl_rl.agents import ALGOS
+from kl_rl.agents.common import ref_kl_controller
 
 
 NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual")
@@ -32,6 +33,56 @@ def nonfinite(agent_state: Any, metrics: dict[str, jax.Array]) -> jax.Array:
     return jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))).astype(jnp.float32)
 
 
+class RefSpec(NamedTuple):
+    """What builds a frozen reference policy's network: the algo and config of the run it comes
+    from (static; its parameters are data, in `Reference`)."""
+
+    algo: str
+    config: Any
+
+
+@flax.struct.dataclass
+class Reference:
+    """One item's frozen reference policy: a finished run's agent state for one of its seeds,
+    and the observation normalizer it was trained with."""
+
+    agent: Any
+    obs_norm: normalize.RunningMeanStd
+
+
+@flax.struct.dataclass
+class StartFrom:
+    """Parameters a run starts from instead of fresh ones (`--init-from`, fine-tuning): the
+    agent's `params` and the observation and reward normalizers of the run they come from."""
+
+    params: Any
+    obs_norm: normalize.RunningMeanStd
+    reward_norm: normalize.RunningMeanStd
+
+
+class Setup(NamedTuple):
+    """Per-item data that `init` takes besides the key and config (None: nothing)."""
+
+    reference: Reference | None = None
+    start: StartFrom | None = None
+
+
+@flax.struct.dataclass
+class Anchors:
+    """The policies a run is held near besides the previous iterate, carried between updates.
+
+    Attributes:
+      reference: the frozen reference policy, or None.
+      ref_ctrl: the reference penalty's KL controller state, or None.
+      lagged: a buffer of the agent states of the last `policy_lag` updates; the oldest acts.
+        None without policy lag.
+    """
+
+    reference: Reference | None
+    ref_ctrl: kl.KLControllerState | None
+    lagged: buffer.BufferState | None
+
+
 @flax.struct.dataclass
 class TrainState:
     """The full state of a run between two updates; a checkpoint of it resumes exactly."""
@@ -43,6 +94,8 @@ class TrainState:
     update_count: jax.Array
     last_return: jax.Array
     last_length: jax.Array
+    anchors: Anchors | None = None
+    """Reference policy and policy-lag history; None (no leaves) when a run has neither."""
 
 
 class TrainOutput(NamedTuple):
@@ -71,9 +124,11 @@ class Trainer(NamedTuple):
     restart_envs: Callable[..., TrainState]
     """restart_envs(key, state) -> state with fresh episodes. A host env's own state is not part
     of a checkpoint, so a resumed host run starts new episodes (normalizers and all else kept)."""
+    reference: RefSpec | None = None
+    """The frozen reference policy's network, when the run has one."""
 
 
-def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
+def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = None) -> Trainer:
     """Builds the pure functions of a training run.
 
     Args:
@@ -82,6 +137,10 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
         take a config argument too, which must share these static fields, so traced fields can
         be swept with `vmap`.
       env: what `kl_rl.envs.make` returns: a FuncEnv (the JAX path) or a GymEnv (the host path).
+      reference: the network of a frozen reference policy (same env), whose parameters `init`
+        takes in its `Setup`; the run then records the reference's distribution at every step
+        (`Transition.ref_dist`), penalizes the KL to it (config.ref_kl_*) and logs `kl_ref`, the
+        exact mean KL(pi || pi_ref) over each update's batch, and `ref_beta`.
     """
     make_agent = ALGOS[algo].make
     vec_env = envs.vectorize(env, config.num_envs)
@@ -92,8 +151,20 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
     rollout_steps = config.num_steps or eval_steps
     steps_per_update = config.num_envs * rollout_steps
+    replay = getattr(config, "replay_rollouts", 1)
+    lag = getattr(config, "policy_lag", 0)
+    ref_agent = None if reference is None else ALGOS[reference.algo].make(reference.config, obs_space, action_space)
 
-    def collect(key, agent, agent_state, collector, num_steps, config):
+    def reference_fn(ref: Reference):
+        """raw obs -> the reference's distribution, through its own observation normalizer."""
+
+        def fn(raw_obs):
+            obs = rollout.observe(ref.obs_norm, raw_obs, reference.config.normalize_obs)
+            return ref_agent.policy(ref.agent, obs)
+
+        return fn
+
+    def collect(key, agent, agent_state, collector, num_steps, config, anchors=None):
         """The one collector, acting with `agent_state` as the behaviour policy.
 
         Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
@@ -106,38 +177,102 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
             return agent.value(agent_state, obs)
 
         reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
-        return rollout.collect(key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma)
+        ref_fn = penalty = None
+        if anchors is not None and anchors.reference is not None:
+            ref_fn = reference_fn(anchors.reference)
+            if config.ref_kl_in == "reward":
+                beta = anchors.ref_ctrl.beta
 
-    def init(key: jax.Array, config: Any = config) -> TrainState:
+                def penalty(dist, action, ref_dist):
+                    term = kl.anchor_penalty(dist, ref_dist, action, config.ref_kl_estimator, config.ref_kl_direction)
+                    return beta * term
+
+        return rollout.collect(
+            key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty
+        )
+
+    def init(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
         agent_key, env_key, key = jax.random.split(key, 3)
         agent_state = agent.init(agent_key)
         # The config marks every axis the run is vmapped along (seeds, sweep points), which a
         # host env needs to make one copy per element (see HostVecEnv.reset).
         collector = rollout.init_collector(vec_env.reset(env_key, config), obs_space.shape)
+        setup = setup or Setup()
+        if setup.start is not None:
+            agent_state = agent_state.replace(params=setup.start.params)
+            collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
+        anchors = None
+        if reference is not None or lag:
+            ref = setup.reference
+            if reference is not None and ref is None:
+                # Shapes only (templates of checkpoints); a run is given its reference.
+                ref_agent_state = jax.eval_shape(ref_agent.init, agent_key)
+                ref = Reference(
+                    jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ref_agent_state),
+                    normalize.init(obs_space.shape),
+                )
+            history = None
+            if lag:
+                # Until `lag` updates have passed, the initial policy is the oldest there is.
+                history = buffer.init(lag, agent_state)
+                history = buffer.add_batch(history, jax.tree.map(lambda x: jnp.stack([x] * lag), agent_state))
+            ctrl = ref_kl_controller(config).init() if reference is not None else None
+            anchors = Anchors(reference=ref if reference is not None else None, ref_ctrl=ctrl, lagged=history)
         # The buffer's item is what the collector records for one step: shapes only, nothing runs.
-        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1, config)[1])
+        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1, config, anchors)[1])
         example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
         return TrainState(
             agent=agent_state,
             collector=collector,
-            buffer=buffer.init(rollout_steps, example),
+            buffer=buffer.init(replay * rollout_steps, example),
             key=key,
             update_count=jnp.zeros((), jnp.int32),
             last_return=jnp.full((), jnp.nan, jnp.float32),
             last_length=jnp.full((), jnp.nan, jnp.float32),
+            anchors=anchors,
         )
 
     def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         agent = make_agent(config, obs_space, action_space)
         key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
-        collector = state.collector
+        collector, anchors = state.collector, state.anchors
         if agent.episodic:
             collector = collector._replace(env=vec_env.reset(reset_key, collector.env.env_state))
-        collector, trajectory, episodes = collect(collect_key, agent, state.agent, collector, rollout_steps, config)
-        buf = buffer.add_batch(state.buffer, trajectory)
+        behaviour = state.agent
+        if lag:
+            # The agent state of `lag` updates ago acts (simulated asynchronous actors).
+            behaviour = jax.tree.map(lambda x: x[anchors.lagged.insert_pos], anchors.lagged.data)
+        collector, trajectory, episodes = collect(
+            collect_key, agent, behaviour, collector, rollout_steps, config, anchors
+        )
+        if replay > 1:
+            # The first rollout fills every place of the replay until K rollouts exist.
+            tiled = jax.tree.map(lambda x: jnp.concatenate([x] * replay), trajectory)
+            buf = jax.lax.cond(
+                state.update_count == 0,
+                lambda: buffer.add_batch(state.buffer, tiled),
+                lambda: buffer.add_batch(state.buffer, trajectory),
+            )
+        else:
+            buf = buffer.add_batch(state.buffer, trajectory)
         progress_frac = state.update_count.astype(jnp.float32) / num_updates
-        agent_state, metrics = agent.update(update_key, state.agent, buffer.ordered(buf), progress_frac)
+        data = buffer.ordered(buf)
+        if reference is None:
+            agent_state, metrics = agent.update(update_key, state.agent, data, progress_frac)
+        else:
+            ref_beta = anchors.ref_ctrl.beta
+            agent_state, metrics = agent.update(update_key, state.agent, data, progress_frac, ref_beta)
+            new_dist = agent.policy(agent_state, data.obs)
+            kl_ref = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "reverse"))
+            controlled = kl_ref
+            if config.ref_kl_direction == "forward":
+                controlled = metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
+            ref_ctrl = ref_kl_controller(config).update(anchors.ref_ctrl, controlled, data.reward.size)
+            metrics = {**metrics, "kl_ref": kl_ref, "ref_beta": ref_beta}
+            anchors = anchors.replace(ref_ctrl=ref_ctrl)
+        if lag:
+            anchors = anchors.replace(lagged=buffer.add(anchors.lagged, state.agent))
         ended = episodes.count > 0
         last_return = jnp.where(ended, episodes.return_sum / jnp.maximum(episodes.count, 1), state.last_return)
         last_length = jnp.where(ended, episodes.length_sum / jnp.maximum(episodes.count, 1), state.last_length)
@@ -159,6 +294,7 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
             update_count=update_count,
             last_return=last_return,
             last_length=last_length,
+            anchors=anchors,
         )
         return new_state, metrics
 
@@ -182,9 +318,9 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
             key, policy, eval_env, state.collector.obs_norm, config.normalize_obs, eval_steps, state.collector.env
         )
 
-    def train(key: jax.Array, config: Any = config) -> TrainOutput:
+    def train(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainOutput:
         init_key, eval_key = jax.random.split(key)
-        state = init(init_key, config)
+        state = init(init_key, config, setup)
         state, metrics = run(state, config)
         return TrainOutput(state, metrics, evaluate(eval_key, state, config))
 
@@ -206,6 +342,7 @@ def make_trainer(algo: str, config: Any, env: Any) -> Trainer:
         vec_env=vec_env,
         eval_env=eval_env,
         restart_envs=restart_envs,
+        reference=reference,
     )
 
 

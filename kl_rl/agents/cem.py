@@ -20,6 +20,10 @@ parameters. Each iteration (one update of the training loop):
    next iteration alongside the new samples.
 
 The policy that `evaluate` and the final return use is the search mean mu.
+
+With a frozen reference policy (`kl-rl train --reference`), a member's fitness is its return
+minus ref_kl_coef times its mean exact KL to the reference (in `ref_kl_direction`) over the
+states of its scored episodes.
 """
 
 import math
@@ -91,6 +95,11 @@ class CEMConfig(PolicyConfig):
         if not 0 <= self.keep_elites < self.population_size:
             raise ConfigError(
                 f"--keep-elites must lie in [0, population_size) = [0, {self.population_size}), got {self.keep_elites}"
+            )
+        if self.ref_kl_in != "loss" or self.ref_kl_estimator != "exact":
+            raise ConfigError(
+                "cem subtracts the exact KL to the reference from each member's fitness; "
+                "leave --ref-kl-in loss and --ref-kl-estimator exact"
             )
         for name in ("noise_init", "noise_decay", "trust_kl"):
             value = float(getattr(self, name))
@@ -189,9 +198,18 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
     def value(state: CEMState, obs: jax.Array) -> jax.Array:
         return jnp.zeros(obs.shape[: obs.ndim - obs_ndim], jnp.float32)
 
-    def update(key: jax.Array, state: CEMState, traj, progress: jax.Array):
+    def update(key: jax.Array, state: CEMState, traj, progress: jax.Array, ref_beta=None):
         del progress
         fitness = first_episode_returns(traj).reshape(pop, config.episodes_per_member).mean(axis=1)
+        extra = {}
+        if traj.ref_dist is not None and ref_beta is not None:
+            # Each member's mean KL to the reference over the states of its scored episodes.
+            scored = in_first_episode(traj)
+            per_state = kl.anchor_kl(traj.dist, traj.ref_dist, config.ref_kl_direction)
+            per_env = jnp.sum(jnp.where(scored, per_state, 0.0), axis=0) / jnp.maximum(jnp.sum(scored, axis=0), 1)
+            member_kl = per_env.reshape(pop, config.episodes_per_member).mean(axis=1)
+            fitness = fitness - ref_beta * member_kl
+            extra["member_kl_ref"] = jnp.mean(member_kl)
         # Best first (ties in population order); the elites are the first n of them, selected by
         # weights rather than a slice so that elite_frac can be a traced value.
         order = jnp.argsort(-fitness, stable=True)
@@ -227,6 +245,7 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
             # Env steps inside the scored episodes; env_steps also counts the steps run after
             # an episode ended early, until the rollout's fixed length.
             "scored_steps": jnp.sum(in_first_episode(traj)).astype(jnp.float32),
+            **extra,
         }
         return new_state, metrics
 

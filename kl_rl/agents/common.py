@@ -37,6 +37,25 @@ class PolicyConfig:
     """Evaluate with the distribution's mode instead of sampling."""
     init_log_std: float = 0.0
     """Initial log standard deviation of a Gaussian policy."""
+    ref_kl_coef: float = 0.0
+    """beta of the KL penalty to a frozen reference policy (needs --reference RUN_DIR); the
+    initial value when a controller drives it. kl_ref is logged even at 0."""
+    ref_kl_control: str = static("fixed")
+    """What drives the reference penalty's beta: fixed, adaptive (halve/double around
+    ref_kl_target, PPO paper sec. 4) or proportional (Ziegler et al. 2019)."""
+    ref_kl_target: float = 0.05
+    """KL to the reference that the adaptive and proportional controllers steer towards."""
+    ref_kl_horizon: float = 10_000.0
+    """Horizon of the proportional controller of the reference penalty, in transitions."""
+    ref_kl_in: str = static("loss")
+    """Where the reference penalty goes: loss (a term beta * mean KL in the policy loss) or
+    reward (r_t - beta * KL estimate at the behaviour sample, as in TRL)."""
+    ref_kl_estimator: str = static("exact")
+    """exact (the per-state KL in closed form) or a one-sample estimate at the sampled
+    action: k1, k2 or k3 (Schulman 2020; see kl_rl.kl.anchor_kl_estimate for their gradients)."""
+    ref_kl_direction: str = static("reverse")
+    """reverse: KL(pi || pi_ref), mode-seeking (RLHF); forward: KL(pi_ref || pi),
+    mass-covering (kickstarting's distillation)."""
 
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
         for name in ("eval_episodes", *positive):
@@ -49,6 +68,28 @@ class PolicyConfig:
         if any(w <= 0 for w in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
         networks.resolve_distribution(self.distribution, action_space)
+        self._check_reference()
+
+    def _check_reference(self) -> None:
+        for name in ("ref_kl_coef",):
+            if not float(getattr(self, name)) >= 0.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")
+        for name in ("ref_kl_target", "ref_kl_horizon"):
+            if not float(getattr(self, name)) > 0.0:
+                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(self, name))}")
+        if self.ref_kl_control not in KL_CONTROLS:
+            raise ConfigError(f"unknown --ref-kl-control {self.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
+        try:
+            kl.check_anchor_options(self.ref_kl_estimator, self.ref_kl_direction, self.ref_kl_in)
+        except ValueError as err:
+            raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+
+    def uses_reference_options(self) -> list[str]:
+        """The reference flags set away from their defaults (they need --reference)."""
+        defaults = type(self)()
+        names = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
+                 "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
+        return [n for n in names if getattr(self, n) != getattr(defaults, n)]
 
 
 @flax.struct.dataclass
@@ -105,14 +146,44 @@ class PenalizedConfig(OnPolicyConfig):
     """KL the adaptive and proportional controllers steer beta towards."""
     kl_horizon: float = 10_000.0
     """Horizon of the proportional controller (Ziegler et al. 2019), in transitions."""
+    replay_rollouts: int = static(1)
+    """Update on the last K rollouts (K x num_envs x num_steps transitions); 1 is on-policy.
+    Until K rollouts exist, the first one fills the missing places."""
+    policy_lag: int = static(0)
+    """Actors act with the parameters of this many updates ago (asynchronous actors); 0 acts
+    with the current ones."""
+    is_correction: bool = static(True)
+    """On stale data (replay_rollouts > 1 or policy_lag > 0): truncated importance weights to
+    the behaviour policy in the advantages and value targets (V-trace), the current critic's
+    values, and PPO's clip around the proximal policy (Hilton et al. 2021). Off: the data are
+    used as if on-policy."""
+    rho_clip: float = 1.0
+    """V-trace's rho-bar: the truncation of the importance weight on each TD error, and of
+    the weight of PPO's decoupled objective and VPG's off-policy gradient."""
+    c_clip: float = 1.0
+    """V-trace's c-bar: the truncation of the importance weights that carry the trace."""
+    behaviour_kl_coef: float = 0.0
+    """beta of a penalty beta * KL(pi_behaviour || pi) toward the policy that collected the
+    data, on stale data (on fresh data the behaviour policy is the previous iterate: use
+    --kl-penalty)."""
+
+    @property
+    def stale(self) -> bool:
+        """Whether updates see data from other than the current policy (static)."""
+        return self.replay_rollouts > 1 or self.policy_lag > 0
 
     def _check_on_policy(self, action_space, positive=(), positive_float=()):
-        super()._check_on_policy(action_space, positive, positive_float)
+        super()._check_on_policy(action_space, ("replay_rollouts", *positive), ("rho_clip", "c_clip", *positive_float))
         if self.kl_penalty not in KL_PENALTIES:
             raise ConfigError(f"unknown --kl-penalty {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}")
+        if self.policy_lag < 0:
+            raise ConfigError(f"--policy-lag must be >= 0 updates, got {self.policy_lag}")
+        if not float(self.behaviour_kl_coef) >= 0.0:
+            raise ConfigError(f"--behaviour-kl-coef must be >= 0, got {float(self.behaviour_kl_coef)}")
 
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
+KL_CONTROLS = ("fixed", "adaptive", "proportional")
 
 
 def check_divides(name: str, parts: int, batch_size: int) -> None:
@@ -126,11 +197,33 @@ def check_divides(name: str, parts: int, batch_size: int) -> None:
 
 def kl_controller(config: PenalizedConfig) -> kl.KLController:
     """The controller named by config.kl_penalty ("none" is a fixed beta that is never used)."""
-    if config.kl_penalty == "adaptive":
-        return kl.adaptive_kl_controller(config.kl_coef, config.kl_penalty_target)
-    if config.kl_penalty == "proportional":
-        return kl.proportional_kl_controller(config.kl_coef, config.kl_penalty_target, config.kl_horizon)
-    return kl.fixed_kl_controller(config.kl_coef)
+    return _controller(config.kl_penalty, config.kl_coef, config.kl_penalty_target, config.kl_horizon)
+
+
+def ref_kl_controller(config: PolicyConfig) -> kl.KLController:
+    """The controller of the reference penalty's beta, named by config.ref_kl_control."""
+    return _controller(config.ref_kl_control, config.ref_kl_coef, config.ref_kl_target, config.ref_kl_horizon)
+
+
+def _controller(kind: str, beta: Any, target: Any, horizon: Any) -> kl.KLController:
+    if kind == "adaptive":
+        return kl.adaptive_kl_controller(beta, target)
+    if kind == "proportional":
+        return kl.proportional_kl_controller(beta, target, horizon)
+    return kl.fixed_kl_controller(beta)
+
+
+def add_reference_loss(loss: jax.Array, config: PolicyConfig, dist: Any, traj: buffer.Transition, beta: Any):
+    """`loss` plus beta * mean of the reference penalty's per-sample KL term, when it goes in the loss.
+
+    `loss` itself when the run has no reference (traj.ref_dist is None or beta is None) or the
+    penalty goes in the reward (config.ref_kl_in). The term is exact per state or an estimate at
+    the behaviour action (`kl.anchor_penalty`), in config.ref_kl_direction.
+    """
+    if traj.ref_dist is None or beta is None or config.ref_kl_in != "loss":
+        return loss
+    term = kl.anchor_penalty(dist, traj.ref_dist, traj.action, config.ref_kl_estimator, config.ref_kl_direction)
+    return loss + beta * jnp.mean(term)
 
 
 def normalize_advantages(advantages: jax.Array) -> jax.Array:
@@ -138,19 +231,51 @@ def normalize_advantages(advantages: jax.Array) -> jax.Array:
     return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
 
 
-def advantages_and_returns(value_fn: Callable[[jax.Array], jax.Array], traj: buffer.Transition, config: Any):
+def advantages_and_returns(
+    value_fn: Callable[[jax.Array], jax.Array],
+    traj: buffer.Transition,
+    config: Any,
+    log_rho: jax.Array | None = None,
+):
     """GAE advantages and lambda-returns of a [T, N] trajectory, flattened to [T * N].
 
     The critic is evaluated on each transition's true next observation, so truncated steps
     bootstrap and terminated ones do not (see `buffer.gae`).
 
+    A trajectory of K replayed rollouts ([K * T, N], config.replay_rollouts = K) is estimated
+    rollout by rollout, each bootstrapping at its end as a single rollout does. On stale data
+    with config.is_correction, the values are the current critic's rather than the behaviour
+    critic's stored at collection, and `log_rho` (log pi - log mu per step, [K * T, N]) makes
+    the estimate V-trace (`buffer.gae`).
+
     Returns:
-      (flat trajectory, advantages, returns), each with a leading batch axis of T * N.
+      (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
+      data with correction the trajectory's `value` is the current critic's.
     """
+    stale = getattr(config, "stale", False)
+    if stale and config.is_correction:
+        traj = traj._replace(value=value_fn(traj.obs))
+    else:
+        log_rho = None
     v_tp1 = value_fn(traj.next_obs)
-    advantages, returns = buffer.gae(
-        traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, config.gamma, config.gae_lambda
-    )
+    k = getattr(config, "replay_rollouts", 1)
+    if k == 1:
+        advantages, returns = buffer.gae(
+            traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, config.gamma, config.gae_lambda,
+            log_rho, *((config.rho_clip, config.c_clip) if log_rho is not None else ()),
+        )  # fmt: skip
+    else:
+
+        def per_rollout(x):
+            return x.reshape(k, x.shape[0] // k, *x.shape[1:])
+
+        def one(r, v, v_next, term, trunc, lr):
+            return buffer.gae(r, v, v_next, term, trunc, config.gamma, config.gae_lambda, lr,
+                              *((config.rho_clip, config.c_clip) if lr is not None else ()))  # fmt: skip
+
+        args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
+        advantages, returns = jax.vmap(one)(*(None if a is None else per_rollout(a) for a in args))
+        advantages, returns = (x.reshape(traj.reward.shape) for x in (advantages, returns))
     batch = traj.reward.size
     return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
 

@@ -13,6 +13,14 @@ KL(old || new) exactly from the behaviour distribution recorded in the buffer:
 
 The `kl` metric of every update is exact: the mean KL(old || new) over the whole batch, between
 the behaviour distributions stored in the buffer and the updated policy.
+
+On stale data (`policy_lag` > 0 or `replay_rollouts` > 1) with `is_correction`, the update is
+decoupled PPO (Hilton et al. 2021, "Batch size-invariance for policy optimization"): the clip,
+the KL penalty, target-KL and `kl` are taken around the proximal policy -- the current policy at
+the start of the update -- while the behaviour policy enters only through truncated importance
+weights min(rho_clip, pi_prox / pi_behaviour), on the objective and in V-trace advantages and
+value targets. `kl_behaviour` is the exact mean KL(behaviour || new) and `ess` the effective
+sample size of the weights pi_prox / pi_behaviour.
 """
 
 import flax.struct
@@ -25,6 +33,7 @@ from kl_rl import kl
 from kl_rl.agents.base import Agent
 from kl_rl.agents.common import (
     PenalizedConfig,
+    add_reference_loss,
     actor_critic,
     adam,
     advantages_and_returns,
@@ -82,11 +91,18 @@ class PPOState:
     kl_ctrl: kl.KLControllerState
 
 
-def clipped_surrogate_loss(log_ratio: jax.Array, advantages: jax.Array, clip_eps: jax.Array) -> jax.Array:
-    """-E[min(r A, clip(r, 1 - eps, 1 + eps) A)] with r = exp(log_ratio) (PPO paper, eq. 7)."""
+def clipped_surrogate_loss(
+    log_ratio: jax.Array, advantages: jax.Array, clip_eps: jax.Array, weight: jax.Array | None = None
+) -> jax.Array:
+    """-E[min(r A, clip(r, 1 - eps, 1 + eps) A)] with r = exp(log_ratio) (PPO paper, eq. 7).
+
+    With `weight` w (decoupled PPO, Hilton et al. 2021): -E[w min(r A, clip(r) A)], where r is
+    the ratio to the proximal policy and w the truncated ratio pi_prox / pi_behaviour.
+    """
     ratio = jnp.exp(log_ratio)
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    return -jnp.mean(jnp.minimum(ratio * advantages, clipped * advantages))
+    objective = jnp.minimum(ratio * advantages, clipped * advantages)
+    return -jnp.mean(objective if weight is None else weight * objective)
 
 
 def value_loss(
@@ -118,21 +134,34 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         params = ac.init_params(key)
         return PPOState(params=params, opt_state=optimizer.init(params), kl_ctrl=controller.init())
 
-    def loss_fn(params, batch, beta):
-        traj, advantages, returns = batch
+    stale = config.stale
+    decoupled = stale and config.is_correction
+
+    def loss_fn(params, batch, beta, ref_beta):
+        traj, advantages, returns, prox = batch
         dist = policy_net.apply(params["policy"], traj.obs)
         log_prob = dist.log_prob(traj.action)
-        log_ratio = log_prob - traj.log_prob
+        # The policy the clip and the previous-iterate KL are taken around: the behaviour
+        # policy, or on corrected stale data the proximal one (the policy before this update).
+        if decoupled:
+            anchor_log_prob, anchor_dist = prox
+            weight = jnp.minimum(config.rho_clip, jnp.exp(anchor_log_prob - traj.log_prob))
+        else:
+            anchor_log_prob, anchor_dist, weight = traj.log_prob, traj.dist, None
+        log_ratio = log_prob - anchor_log_prob
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
-        pg_loss = clipped_surrogate_loss(log_ratio, advantages, config.clip_eps)
+        pg_loss = clipped_surrogate_loss(log_ratio, advantages, config.clip_eps, weight)
         value = value_net.apply(params["value"], traj.obs)
         vf_loss = value_loss(value, traj.value, returns, config.clip_eps, config.clip_value)
         entropy = jnp.mean(dist.entropy())
-        approx_kl = jnp.mean(kl.kl_k3(log_prob, traj.log_prob))
+        approx_kl = jnp.mean(kl.kl_k3(log_prob, anchor_log_prob))
         loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
         if use_penalty:
-            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(traj.dist, dist))
+            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(anchor_dist, dist))
+        if stale:
+            loss = loss + kl.kl_penalty_loss(config.behaviour_kl_coef, kl.kl_old_new(traj.dist, dist))
+        loss = add_reference_loss(loss, config, dist, traj, ref_beta)
         aux = {
             "pg_loss": pg_loss,
             "vf_loss": vf_loss,
@@ -142,16 +171,25 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         }
         return loss, aux
 
-    def update(key: jax.Array, state: PPOState, traj, progress: jax.Array):
+    def update(key: jax.Array, state: PPOState, traj, progress: jax.Array, ref_beta=None):
         params = state.params
-        flat = advantages_and_returns(lambda obs: ac.value(state, obs), traj, config)
-        traj, _, returns = flat
+        log_rho = prox_dist = None
+        if stale:
+            prox_dist = policy_net.apply(params["policy"], traj.obs)
+            log_rho = prox_dist.log_prob(traj.action) - traj.log_prob
+        traj, advantages, returns = advantages_and_returns(lambda obs: ac.value(state, obs), traj, config, log_rho)
+        prox = None
+        if stale:
+            batch = returns.shape[0]
+            prox_dist, log_rho = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (prox_dist, log_rho))
+            if decoupled:
+                prox = (log_rho + traj.log_prob, prox_dist)
         lr = config.lr * (1.0 - progress) if config.anneal_lr else config.lr
         beta = state.kl_ctrl.beta
 
         def minibatch_step(carry, minibatch):
             params, opt_state, stopped = carry
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch, beta)
+            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch, beta, ref_beta)
             stopped = stopped | (config.target_kl > 0) & (aux["approx_kl_k3"] > 1.5 * config.target_kl)
             updates, new_opt_state = optimizer.update(grads, opt_state, params)
 
@@ -163,11 +201,12 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
 
         carry = (params, state.opt_state, jnp.asarray(False))
         (params, opt_state, stopped), aux = minibatch_epochs(
-            key, minibatch_step, carry, flat, config.update_epochs, config.num_minibatches
+            key, minibatch_step, carry, (traj, advantages, returns, prox), config.update_epochs, config.num_minibatches
         )
 
         new_dist = policy_net.apply(params["policy"], traj.obs)
-        kl_batch = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
+        kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
+        kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
         kl_ctrl = controller.update(state.kl_ctrl, kl_batch, config.batch_size)
         metrics = {k: jnp.mean(v) for k, v in aux.items() if k != "grad_steps"}
         metrics.update(
@@ -178,6 +217,9 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
             explained_variance=explained_variance(returns, traj.value),
             beta=state.kl_ctrl.beta,
             lr=jnp.asarray(lr, jnp.float32),
+            kl_behaviour=kl_behaviour,
+            # On fresh data the proximal policy is the behaviour policy: every weight is 1.
+            ess=kl.effective_sample_size(log_rho) if stale else jnp.ones((), jnp.float32),
         )
         return PPOState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
 

@@ -1,7 +1,8 @@
 """Trust Region Policy Optimization (Schulman et al. 2015, arXiv:1502.05477).
 
 Each update maximizes the surrogate L(theta) = E[pi_theta(a|s) / pi_old(a|s) A] subject to
-mean KL(pi_old || pi_theta) <= delta over the batch:
+mean KL(pi_old || pi_theta) <= delta over the batch (with a frozen reference policy and its
+penalty in the loss, L(theta) - beta * KL to the reference):
 
 1. g = grad L at theta_old.
 2. Direction x: with `direction="natural"`, conjugate gradient solves (F + damping I) x = g,
@@ -32,6 +33,7 @@ from kl_rl import kl
 from kl_rl.agents.base import Agent
 from kl_rl.agents.common import (
     OnPolicyConfig,
+    add_reference_loss,
     actor_critic,
     adam,
     advantages_and_returns,
@@ -148,7 +150,7 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         params = ac.init_params(key)
         return TRPOState(params=params, opt_state={"value": value_optimizer.init(params["value"])})
 
-    def update(key: jax.Array, state: TRPOState, traj, progress: jax.Array):
+    def update(key: jax.Array, state: TRPOState, traj, progress: jax.Array, ref_beta=None):
         del progress
         traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config)
         if config.normalize_advantages:
@@ -161,6 +163,8 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         def surrogate_and_kl(theta):
             dist = dist_at(theta)
             surr = jnp.mean(jnp.exp(dist.log_prob(traj.action) - traj.log_prob) * advantages)
+            # A reference penalty in the loss is subtracted from the surrogate it maximizes.
+            surr = -add_reference_loss(-surr, config, dist, traj, ref_beta)
             return surr, jnp.mean(kl.kl_old_new(traj.dist, dist))
 
         def surrogate(theta):

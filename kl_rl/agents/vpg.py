@@ -10,6 +10,11 @@ policy step (Spinning Up's choice) the KL term has zero gradient, since KL(pi_ol
 is minimal at theta = theta_old; it shapes the update from the second step on. Its coefficient
 beta can be fixed or set by an adaptive or proportional controller from `kl_rl.kl`, fed the
 exact mean KL(old || new) of each update.
+
+On stale data (`policy_lag` > 0 or `replay_rollouts` > 1) with `is_correction`, the gradient is
+the off-policy policy gradient with truncated weights, -E[min(rho_clip, pi_prox / mu)
+(pi_theta / pi_prox) A] with mu the behaviour policy and pi_prox the policy before the update,
+on V-trace advantages; the KL penalty is taken around pi_prox.
 """
 
 import flax.struct
@@ -21,6 +26,7 @@ from kl_rl import kl
 from kl_rl.agents.base import Agent
 from kl_rl.agents.common import (
     PenalizedConfig,
+    add_reference_loss,
     actor_critic,
     adam,
     advantages_and_returns,
@@ -84,26 +90,50 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         opt_state = {name: optimizer.init(p) for name, p in params.items()}
         return VPGState(params=params, opt_state=opt_state, kl_ctrl=controller.init())
 
-    def policy_loss(params, traj, advantages, beta):
+    stale = config.stale
+    decoupled = stale and config.is_correction
+
+    def policy_loss(params, traj, advantages, beta, ref_beta, prox):
         dist = ac.policy_net.apply(params, traj.obs)
-        pg_loss = -jnp.mean(dist.log_prob(traj.action) * advantages)
+        log_prob = dist.log_prob(traj.action)
+        if decoupled:
+            prox_log_prob, anchor_dist = prox
+            weight = jnp.minimum(config.rho_clip, jnp.exp(prox_log_prob - traj.log_prob))
+            pg_loss = -jnp.mean(weight * jnp.exp(log_prob - prox_log_prob) * advantages)
+        else:
+            anchor_dist = traj.dist
+            pg_loss = -jnp.mean(log_prob * advantages)
         entropy = jnp.mean(dist.entropy())
         loss = pg_loss - config.ent_coef * entropy
         if use_penalty:
-            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(traj.dist, dist))
+            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(anchor_dist, dist))
+        if stale:
+            loss = loss + kl.kl_penalty_loss(config.behaviour_kl_coef, kl.kl_old_new(traj.dist, dist))
+        loss = add_reference_loss(loss, config, dist, traj, ref_beta)
         return loss, pg_loss
 
-    def update(key: jax.Array, state: VPGState, traj, progress: jax.Array):
+    def update(key: jax.Array, state: VPGState, traj, progress: jax.Array, ref_beta=None):
         del progress
         params = state.params
-        traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config)
+        log_rho = prox_dist = prox = None
+        if stale:
+            prox_dist = ac.policy_net.apply(params["policy"], traj.obs)
+            log_rho = prox_dist.log_prob(traj.action) - traj.log_prob
+        traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config, log_rho)
+        if stale:
+            batch = returns.shape[0]
+            prox_dist, log_rho = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (prox_dist, log_rho))
+            if decoupled:
+                prox = (log_rho + traj.log_prob, prox_dist)
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
         beta = state.kl_ctrl.beta
 
         def policy_step(carry, _):
             p, s = carry
-            (_, pg_loss), grads = jax.value_and_grad(policy_loss, has_aux=True)(p, traj, advantages, beta)
+            (_, pg_loss), grads = jax.value_and_grad(policy_loss, has_aux=True)(
+                p, traj, advantages, beta, ref_beta, prox
+            )
             updates, s = optimizer.update(grads, s, p)
             return (apply_step(p, updates, config.lr), s), pg_loss
 
@@ -115,7 +145,8 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
             traj.obs, returns, config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
         new_dist = ac.policy_net.apply(policy_params, traj.obs)
-        kl_batch = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
+        kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
+        kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
         new_state = VPGState(
             params={"policy": policy_params, "value": value_params},
             opt_state={"policy": policy_opt, "value": value_opt},
@@ -128,6 +159,9 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
             "entropy": jnp.mean(new_dist.entropy()),
             "explained_variance": explained_variance(returns, traj.value),
             "beta": beta,
+            "kl_behaviour": kl_behaviour,
+            # On fresh data the policy before the update is the behaviour policy: weights are 1.
+            "ess": kl.effective_sample_size(log_rho) if stale else jnp.ones((), jnp.float32),
         }
         return new_state, metrics
 
