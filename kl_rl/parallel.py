@@ -199,9 +199,12 @@ class Programs:
             return jax.jit(fn, donate_argnums=0)
         return jax.jit(batched(getattr(self.trainer, name), self.layout))
 
-    def prepare(self, keys: jax.Array, configs: Any, lengths: Sequence[int], state: Any = None) -> None:
+    def prepare(
+        self, keys: jax.Array, configs: Any, lengths: Sequence[int], state: Any = None, setup: Any = None
+    ) -> None:
         """Makes every program a run needs, at once: init (unless the run starts from a restored
-        `state`), a segment of each length in `lengths`, and evaluate.
+        `state`), a segment of each length in `lengths`, and evaluate. `setup` is init's per-item
+        `kl_rl.train.Setup` (a reference policy, parameters to start from), or None.
 
         Each comes from the program cache where it can; the others are traced one after another
         and each is compiled by XLA in a thread of its own as soon as it is traced, so on two
@@ -227,7 +230,7 @@ class Programs:
                 for name in ["init", *(n for n in missing if n != "init")]:
                     if name == "init":
                         if "init" in missing:
-                            low = self._jit("init").lower(keys, configs)
+                            low = self._jit("init").lower(keys, configs, setup)
                             futures["init"] = pool.submit(low.compile, self._options("init"))
                             state = low.out_info
                         elif state is None:
@@ -263,8 +266,8 @@ class Programs:
         parts = (self._key, name, where, _environment())
         return self._cache / f"{hashlib.sha256(repr(parts).encode()).hexdigest()}.pkl"
 
-    def init(self, keys: jax.Array, configs: Any) -> Any:
-        return self._call("init", keys, configs)
+    def init(self, keys: jax.Array, configs: Any, setup: Any = None) -> Any:
+        return self._call("init", keys, configs, setup)
 
     def run(self, state: Any, configs: Any, num_updates: int) -> tuple[Any, dict[str, jax.Array]]:
         return self._call(("run", num_updates), state, configs)

@@ -8,6 +8,7 @@
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -27,7 +28,7 @@ from kl_rl import config as config_lib
 from kl_rl import envs, parallel
 from kl_rl.agents import algo_spec
 from kl_rl.presets import preset
-from kl_rl.train import NAN_BY_DESIGN, make_trainer
+from kl_rl.train import NAN_BY_DESIGN, RefSpec, Reference, Setup, StartFrom, make_trainer
 
 
 def resolve_config(
@@ -79,6 +80,9 @@ class RunResult:
     """How many devices the seeds were spread over."""
     compiled_from_cache: bool = False
     """Every program was loaded from kl_rl's program cache: nothing was traced or compiled."""
+    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The identity of the run's reference policy and of the run it started from, as
+    `RunAnchors.records` gives them ({} for a run with neither)."""
 
     @property
     def final_returns(self) -> np.ndarray:
@@ -149,6 +153,7 @@ class RunResult:
             "compiled_from_cache": self.compiled_from_cache,
             **({"vectorization": self.vectorization} if self.env_path == "host" else {}),
             **({"env_time_s": self.env_time_s} if self.env_time_s is not None else {}),
+            **self.anchors,
             **provenance(),
         }
 
@@ -174,14 +179,15 @@ class RunResult:
                 return
             ckpt = Checkpointer(folder)
             num_updates = int(self.metrics["env_steps"].shape[1])
-            record = run_record(self.algo, self.env_id, len(self.seeds), self.config, self.env_path)
+            record = run_record(self.algo, self.env_id, len(self.seeds), self.config, self.env_path, self.anchors)
             ckpt.save(num_updates, self.final_state, self.metrics, record)
             ckpt.wait()
             ckpt.close()
 
         config = run_config(
-            self.algo, self.env_id, self.seeds, self.config, checkpoint_every, self.env_path, self.vectorization
-        )
+            self.algo, self.env_id, self.seeds, self.config, checkpoint_every, self.env_path, self.vectorization,
+            self.anchors,
+        )  # fmt: skip
         return write_run_folder(out_dir, config, self.rows(), self.summary(), save_state)
 
     def config_dict(self) -> dict[str, Any]:
@@ -190,6 +196,7 @@ class RunResult:
             "env": self.env_id,
             "seeds": self.seeds,
             "env_path": self.env_path,
+            **self.anchors,
             **config_lib.to_dict(self.config),
         }
 
@@ -245,9 +252,13 @@ def require_tensorboard() -> Any:
     return SummaryWriter
 
 
-def run_record(algo: str, env: str, seeds: int, config: Any, env_path: str = "jax") -> dict[str, Any]:
-    """What a checkpoint records of its run, checked on resume: algo, env, path, seeds, config."""
-    return {"algo": algo, "env": env, "env_path": env_path, "seeds": seeds, "config": config_lib.to_dict(config)}
+def run_record(
+    algo: str, env: str, seeds: int, config: Any, env_path: str = "jax", anchors: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What a checkpoint records of its run, checked on resume: algo, env, path, seeds, config,
+    and the identity of its reference policy and starting run (`RunAnchors.records`), if any."""
+    record = {"algo": algo, "env": env, "env_path": env_path, "seeds": seeds, "config": config_lib.to_dict(config)}
+    return {**record, **(anchors or {})}
 
 
 def provenance() -> dict[str, Any]:
@@ -338,9 +349,10 @@ def write_run_folder(
 CACHE_ENV = "KL_RL_CACHE_DIR"
 
 
-def program_key(algo: str, env: str, env_path: str, config: Any) -> tuple:
+def program_key(algo: str, env: str, env_path: str, config: Any, anchors: "RunAnchors | None" = None) -> tuple:
     """What names a trainer's programs in the program cache (`kl_rl.parallel.Programs`)."""
-    return (algo, env, env_path, json.dumps(config_lib.to_dict(config), sort_keys=True, default=str))
+    key = (algo, env, env_path, json.dumps(config_lib.to_dict(config), sort_keys=True, default=str))
+    return key if anchors is None or not anchors.records else (*key, anchors.cache_key)
 
 
 def enable_compilation_cache() -> str | None:
@@ -376,6 +388,10 @@ def run(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    reference: str | os.PathLike | dict | None = None,
+    reference_seed: int | None = None,
+    init_from: str | os.PathLike | dict | None = None,
+    anchors: "RunAnchors | None" = None,
     **overrides: Any,
 ) -> RunResult:
     """Trains `seeds` seeds (0 .. seeds-1), spread over the local devices (`kl_rl.parallel`).
@@ -400,6 +416,11 @@ def run(
       vectorization: how the host path steps its copies: "sync", or "async" (one process each).
       devices: how many local devices to use (default all; on CPU see
         `kl_rl.parallel.use_cpu_devices`).
+      reference: a run folder of the same env whose final policy is the frozen reference the
+        config's ref_kl_* penalty pulls toward (`resolve_anchors`); seed s uses its seed s mod n.
+      reference_seed: the reference run's seed that every seed uses instead.
+      init_from: a run folder whose parameters and normalizers the run starts from.
+      anchors: instead of the three above, what `resolve_anchors` made of them.
     """
     from kl_rl.errors import ConfigError
 
@@ -409,7 +430,9 @@ def run(
         raise ConfigError(f"--checkpoint-every must be a non-negative integer, got {checkpoint_every!r}")
     if config is None:
         config = resolve_config(algo, env, config_file, overrides, env_path)
-    trainer = make_trainer(algo, config, envs.make(env, env_path, vectorization))
+    if anchors is None:
+        anchors = resolve_anchors(algo, env, config, reference, reference_seed, init_from, env_path)
+    trainer = make_trainer(algo, config, envs.make(env, env_path, vectorization), anchors.reference)
     lay = parallel.layout(seeds, devices, host_env=trainer.env_path == "host")
     steps_per_update = trainer.steps_per_update * seeds
     cache_dir = enable_compilation_cache()
@@ -429,13 +452,15 @@ def run(
         elif callable(progress) and not first:
             progress(updates_done * steps_per_update)
 
-    record = run_record(algo, env, seeds, config, trainer.env_path)
-    programs = parallel.Programs(trainer, lay, cache_dir, program_key(algo, env, trainer.env_path, config))
+    record = run_record(algo, env, seeds, config, trainer.env_path, anchors.records)
+    key = program_key(algo, env, trainer.env_path, config, anchors)
+    programs = parallel.Programs(trainer, lay, cache_dir, key)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     try:
         state, metrics, eval_returns, wall = train_items(
-            programs, keys, [config] * seeds, report, checkpoint_dir, checkpoint_every, record
-        )
+            programs, keys, [config] * seeds, report, checkpoint_dir, checkpoint_every, record,
+            lambda: anchors.setup(list(range(seeds))),
+        )  # fmt: skip
     finally:
         if bar is not None:
             bar.close()
@@ -458,10 +483,11 @@ def run(
         env_time_s=trainer.vec_env.env_seconds + trainer.eval_env.env_seconds if host else None,
         devices=len(lay.devices),
         compiled_from_cache=programs.loaded == len(programs.compiled),
+        anchors=anchors.records,
     )
 
 
-def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every=0, record=None):
+def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every=0, record=None, setup=None):
     """`train` for a batch of items (seeds, or grid points x seeds) as segments of updates.
 
     Init (or restore), segments of updates, evaluate: each item's key is split as `train`
@@ -475,6 +501,8 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
       configs: one config per item, all sharing the static fields.
       report: optional `report(updates_done, first)`, called once before the first segment
         runs and after each one completes.
+      setup: optional `setup() -> kl_rl.train.Setup` for the items (their reference policy and
+        starting parameters, `RunAnchors.setup`); called only when the run starts afresh.
 
     Once every item has gone non-finite (the `nonfinite` metric), no further segment starts:
     the metrics then stop short of the full run.
@@ -501,11 +529,14 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
         done, history = 0, []
         latest = ckpt.latest() if ckpt is not None else None
         if latest is None:
-            programs.prepare(init_keys, stacked, parallel.segments(num_updates, every))
-            state = programs.init(init_keys, stacked)
+            items_setup = setup() if setup is not None else None
+            items_setup = None if items_setup is None else parallel.pad(items_setup, lay)
+            programs.prepare(init_keys, stacked, parallel.segments(num_updates, every), setup=items_setup)
+            state = programs.init(init_keys, stacked, items_setup)
         else:
             saved = ckpt.record(latest)
-            if {k: saved.get(k) for k in record} != record:
+            other_anchors = ({"reference", "init_from"} & set(saved)) - set(record)
+            if {k: saved.get(k) for k in record} != record or other_anchors:
                 raise ConfigError(
                     f"the checkpoints in {ckpt.directory} are of another run ({saved.get('algo')} on "
                     f"{saved.get('env')}, {saved.get('seeds')} seed(s)); resume with that run's settings"
@@ -565,7 +596,7 @@ def _joined(history: list[Any], lay: Any) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
 
 
-RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization")
+RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization", "reference", "init_from")
 
 
 class RunSpec(NamedTuple):
@@ -579,6 +610,8 @@ class RunSpec(NamedTuple):
     env_path: str
     """The path that ran: "jax" or "host" (folders from before the host path: "jax")."""
     vectorization: str
+    anchors: dict[str, Any]
+    """The records of the run's reference and starting run (`RunAnchors.records`)."""
 
 
 def run_config(
@@ -589,13 +622,15 @@ def run_config(
     checkpoint_every: int,
     env_path: str = "jax",
     vectorization: str = "sync",
+    anchors: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A run folder's config.json: the RUN_KEYS, then the config's fields (`read_run_config` reads it).
 
-    `env_path` is the path that ran ("jax" or "host"), not "auto".
+    `env_path` is the path that ran ("jax" or "host"), not "auto". `anchors` holds the records of
+    a reference policy and a starting run (written only when there are any).
     """
     values = (algo, env, seeds, checkpoint_every, env_path, vectorization)
-    return {**dict(zip(RUN_KEYS, values, strict=True)), **config_lib.to_dict(config)}
+    return {**dict(zip(RUN_KEYS, values, strict=False)), **(anchors or {}), **config_lib.to_dict(config)}
 
 
 def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
@@ -621,7 +656,9 @@ def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
     config = config_lib.build(algo_spec(algo).config, fields)
     env_path, vectorization = saved.get("env_path", "jax"), saved.get("vectorization", "sync")
     config.validate(envs.make(env, env_path, vectorization).action_space)
-    return RunSpec(algo, env, seeds, config, int(saved.get("checkpoint_every", 0)), env_path, vectorization)
+    anchors = {k: saved[k] for k in ("reference", "init_from") if k in saved}
+    every = int(saved.get("checkpoint_every", 0))
+    return RunSpec(algo, env, seeds, config, every, env_path, vectorization, anchors)
 
 
 @dataclasses.dataclass
@@ -696,7 +733,9 @@ def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:
 
     spec = read_run_config(run_dir)
     algo, env, seeds, config = spec.algo, spec.env, spec.seeds, spec.config
-    trainer = make_trainer(algo, config, envs.make(env, spec.env_path, spec.vectorization))
+    ref = spec.anchors.get("reference")
+    ref_spec = None if ref is None else ref_spec_from_record(ref)
+    trainer = make_trainer(algo, config, envs.make(env, spec.env_path, spec.vectorization), ref_spec)
     keys = jax.vmap(jax.random.key)(np.asarray(seeds))
     template = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), keys, config)
     ckpt = Checkpointer(run_dir, read_only=True)
@@ -708,3 +747,222 @@ def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:
     finally:
         ckpt.close()
     return LoadedRun(algo, env, config, seeds, int(update), state, trainer)
+
+
+@dataclasses.dataclass
+class RunAnchors:
+    """A run's frozen reference policy and the run it starts from (`--reference`, `--init-from`).
+
+    Resolved once per command by `resolve_anchors`; `setup` gives each item (a seed, or a grid
+    point's seed) its reference and starting parameters: the source run's seed `s mod n` for
+    item seed s, or `reference_seed`.
+    """
+
+    reference: RefSpec | None = None
+    """The reference policy's network, or None."""
+    records: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """{"reference": ..., "init_from": ...}: the source run folder, its update, the seeds used and
+    the sha256 of its parameters, as config.json, summary.json and the checkpoints keep them."""
+    _reference_run: "LoadedRun | None" = None
+    _start_run: "LoadedRun | None" = None
+    _reference_seed: int | None = None
+
+    @property
+    def cache_key(self) -> tuple:
+        """What the anchors change in the compiled programs: the reference's network, and
+        whether init takes starting parameters."""
+        ref = None if self.reference is None else (self.reference.algo, config_lib.to_dict(self.reference.config))
+        return (json.dumps(ref, sort_keys=True, default=str), "init_from" in self.records)
+
+    def setup(self, item_seeds: list[int]) -> Setup | None:
+        """init's per-item Setup (leading items axis), or None when the run has no anchors.
+
+        A resumed run does not call this: its reference is in its checkpoint.
+        """
+        if self.reference is None and "init_from" not in self.records:
+            return None
+        reference = start = None
+        if self.reference is not None:
+            loaded = self._reference_run or _reload(self.records["reference"], "--reference")
+            picks = [self._reference_seed if self._reference_seed is not None else loaded.seeds[s % len(loaded.seeds)]
+                     for s in item_seeds]  # fmt: skip
+            rows = np.asarray([loaded.seeds.index(p) for p in picks])
+            reference = Reference(
+                agent=jax.tree.map(lambda x: x[rows], loaded.state.agent),
+                obs_norm=jax.tree.map(lambda x: x[rows], loaded.state.collector.obs_norm),
+            )
+        if "init_from" in self.records:
+            loaded = self._start_run or _reload(self.records["init_from"], "--init-from")
+            rows = np.asarray([s % len(loaded.seeds) for s in item_seeds])
+            collector = loaded.state.collector
+            start = StartFrom(
+                params=jax.tree.map(lambda x: x[rows], loaded.state.agent.params),
+                obs_norm=jax.tree.map(lambda x: x[rows], collector.obs_norm),
+                reward_norm=jax.tree.map(lambda x: x[rows], collector.reward_norm),
+            )
+        return Setup(reference=reference, start=start)
+
+
+def ref_spec_from_record(record: dict[str, Any]) -> RefSpec:
+    """The reference network a run folder's "reference" record describes."""
+    return RefSpec(record["algo"], config_lib.build(algo_spec(record["algo"]).config, record["config"]))
+
+
+def params_sha256(tree: Any) -> str:
+    """sha256 of a pytree's arrays (dtype, shape and bytes, leaf by leaf): a run's identity."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(tree):
+        array = np.asarray(leaf)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _source_record(loaded: "LoadedRun", run_dir: Any, tree: Any) -> dict[str, Any]:
+    return {
+        "run": str(Path(run_dir).absolute()),
+        "update": loaded.update,
+        "algo": loaded.algo,
+        "seeds": loaded.seeds,
+        "params_sha256": params_sha256(tree),
+    }
+
+
+def _load_source(run_dir: Any, flag: str, env: str, env_path: str) -> "LoadedRun":
+    """A finished run of `env` to anchor to, or a ConfigError naming the flag and the fix."""
+    from kl_rl.errors import ConfigError
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {str(path)!r} does not exist; give the folder of a kl-rl train run")
+    loaded = load(path)
+    if loaded.env_id != env:
+        raise ConfigError(f"{flag} {str(path)!r} is a run on {loaded.env_id}, not {env}; give a run of {env}")
+    ours = envs.make(env, env_path)
+    theirs = loaded.trainer.vec_env
+    if theirs.observation_space != ours.observation_space or theirs.action_space != ours.action_space:
+        raise ConfigError(
+            f"{flag} {str(path)!r} acts on other spaces ({theirs.observation_space}, {theirs.action_space}) "
+            f"than {env} here ({ours.observation_space}, {ours.action_space}); give a run of the same env"
+        )
+    return loaded
+
+
+def _reload(record: dict[str, Any], flag: str) -> "LoadedRun":
+    """The run a record names, checked to be the one the record was made from."""
+    from kl_rl.errors import ConfigError
+
+    loaded = load(record["run"], record["update"]) if Path(record["run"]).is_dir() else None
+    tree = None if loaded is None else _anchor_tree(loaded, flag)
+    if loaded is None or params_sha256(tree) != record["params_sha256"]:
+        raise ConfigError(
+            f"{flag} {record['run']!r} is gone or has changed since this run began (its parameters' sha256 "
+            "differs); restore that run folder, or start a new run"
+        )
+    return loaded
+
+
+def _anchor_tree(loaded: "LoadedRun", flag: str) -> Any:
+    """What a reference (policy and normalizer) or a starting run (parameters and normalizers) takes."""
+    collector = loaded.state.collector
+    if flag == "--reference":
+        return (loaded.state.agent, collector.obs_norm)
+    return (loaded.state.agent.params, collector.obs_norm, collector.reward_norm)
+
+
+def resolve_anchors(
+    algo: str,
+    env: str,
+    config: Any,
+    reference: str | os.PathLike | dict | None = None,
+    reference_seed: int | None = None,
+    init_from: str | os.PathLike | dict | None = None,
+    env_path: str = "auto",
+) -> RunAnchors:
+    """Loads and checks a run's reference policy and starting parameters.
+
+    Args:
+      algo, env, config: the run's.
+      reference: a run folder of the same env whose final policy is the frozen reference; or
+        the record a run folder keeps of it (resuming), which is reloaded only if needed.
+      reference_seed: the reference run's seed every item uses; default: item seed s uses the
+        reference's seed s mod n.
+      init_from: a run folder of the same env and policy network whose parameters and
+        normalizers the run starts from (item seed s takes its seed s mod n); or its record.
+
+    Raises:
+      ConfigError: a missing folder, another env or spaces, a reference flag without
+        --reference, an algo with no use for a reference, networks that do not match.
+    """
+    from kl_rl.errors import ConfigError
+
+    anchors = RunAnchors(_reference_seed=reference_seed)
+    spec = algo_spec(algo)
+    fields = {f.name for f in dataclasses.fields(spec.config)}
+    if reference is None:
+        if reference_seed is not None:
+            raise ConfigError("--reference-seed needs --reference RUN_DIR")
+        used = config.uses_reference_options() if hasattr(config, "uses_reference_options") else []
+        if used:
+            flags = ", ".join("--" + n.replace("_", "-") for n in used)
+            raise ConfigError(f"{flags} set a penalty toward a reference policy; give it with --reference RUN_DIR")
+    else:
+        if "ref_kl_coef" not in fields:
+            raise ConfigError(f"--algo {algo} has no KL penalty toward a reference; use ppo, vpg, trpo or cem")
+        if isinstance(reference, dict):
+            record = reference
+            anchors.reference = ref_spec_from_record(record)
+            anchors._reference_seed = record.get("reference_seed")
+        else:
+            loaded = _load_source(reference, "--reference", env, env_path)
+            if reference_seed is not None and reference_seed not in loaded.seeds:
+                raise ConfigError(
+                    f"--reference-seed {reference_seed} is not a seed of {str(reference)!r} (it has {loaded.seeds})"
+                )
+            record = _source_record(loaded, reference, _anchor_tree(loaded, "--reference"))
+            record.update(reference_seed=reference_seed, config=config_lib.to_dict(loaded.config))
+            anchors.reference = RefSpec(loaded.algo, loaded.config)
+            anchors._reference_run = loaded
+        anchors.records["reference"] = record
+    if init_from is not None:
+        if isinstance(init_from, dict):
+            anchors.records["init_from"] = init_from
+        else:
+            loaded = _load_source(init_from, "--init-from", env, env_path)
+            _check_start(algo, config, loaded, init_from)
+            anchors.records["init_from"] = _source_record(loaded, init_from, _anchor_tree(loaded, "--init-from"))
+            anchors._start_run = loaded
+    return anchors
+
+
+def _check_start(algo: str, config: Any, loaded: "LoadedRun", run_dir: Any) -> None:
+    """ConfigError unless the run `loaded` has parameters of the shapes this run's agent has."""
+    from kl_rl.errors import ConfigError
+
+    vec = loaded.trainer.vec_env
+    target = jax.eval_shape(algo_spec(algo).make(config, vec.observation_space, vec.action_space).init,
+                            jax.random.key(0))  # fmt: skip
+    source = loaded.state.agent
+    if not hasattr(target, "params") or not hasattr(source, "params"):
+        raise ConfigError(
+            f"--init-from copies an actor-critic's parameters; {algo} from a {loaded.algo} run cannot "
+            "(use ppo, vpg or trpo for both)"
+        )
+    shapes = jax.tree.map(lambda x: x.shape, target.params)
+    theirs = jax.tree.map(lambda x: x.shape[1:], source.params)
+    if shapes != theirs:
+        raise ConfigError(
+            f"--init-from {str(run_dir)!r} has networks of other shapes (hidden sizes "
+            f"{tuple(loaded.config.hidden_sizes)}, this run {tuple(config.hidden_sizes)}); give the same --hidden-sizes"
+        )
+    if (loaded.config.activation, loaded.config.distribution) != (config.activation, config.distribution):
+        raise ConfigError(
+            f"--init-from {str(run_dir)!r} has {loaded.config.activation} networks with a "
+            f"{loaded.config.distribution} policy; give --activation {loaded.config.activation} "
+            f"--distribution {loaded.config.distribution}"
+        )
+    if bool(loaded.config.normalize_obs) != bool(config.normalize_obs):
+        raise ConfigError(
+            f"--init-from {str(run_dir)!r} was trained with normalize_obs={loaded.config.normalize_obs}; "
+            f"its parameters expect that input, so give --normalize-obs {loaded.config.normalize_obs}"
+        )

@@ -364,7 +364,13 @@ def vmap_seeds(fn: Callable, in_axes: Any = 0) -> Callable:
 
     def call(*args):
         axes = in_axes if isinstance(in_axes, tuple | list) else (in_axes,) * len(args)
-        if any(jax.tree.leaves(a)[0].shape[0] != 1 for a, axis in zip(args, axes, strict=True) if axis is not None):
+        # Arguments without arrays (a None setup) say nothing of the batch size.
+        sizes = [
+            jax.tree.leaves(a)[0].shape[0]
+            for a, axis in zip(args, axes, strict=True)
+            if axis is not None and jax.tree.leaves(a)
+        ]
+        if any(size != 1 for size in sizes):
             return batched(*args)
         one = [a if axis is None else jax.tree.map(lambda x: x[0], a) for a, axis in zip(args, axes, strict=True)]
         return jax.tree.map(lambda x: x[None], fn(*one))

@@ -52,8 +52,19 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     parser.add_argument("--config", default=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--devices", default=None)
+    parser.add_argument("--reference", default=None)
+    parser.add_argument("--reference-seed", default=None)
+    parser.add_argument("--init-from", default=None)
     parser.add_argument("-h", "--help", action="store_true")
     return parser
+
+
+def anchor_args(args: argparse.Namespace) -> dict:
+    """--reference, --reference-seed and --init-from as `kl_rl.runner.resolve_anchors` takes them."""
+    from kl_rl import config as config_lib
+
+    seed = None if args.reference_seed is None else config_lib.parse_value("reference_seed", args.reference_seed, int)
+    return {"reference": args.reference, "reference_seed": seed, "init_from": args.init_from}
 
 
 def device_count(text: str | None) -> int | None:

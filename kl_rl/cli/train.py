@@ -4,10 +4,10 @@ import argparse
 import dataclasses
 import json
 
-from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import Diverged, anchor_args, device_count, out_dir, run_overrides, run_parser
 from kl_rl.errors import ConfigError
 
-_RUN_FLAGS = ("--seeds", "--env-path", "--vectorization")
+_RUN_FLAGS = ("--seeds", "--env-path", "--vectorization", "--reference", "--reference-seed", "--init-from")
 """Flags that --resume refuses: they are the run's, read from its folder."""
 
 
@@ -25,7 +25,7 @@ def main(argv: list[str]) -> int:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
             "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] [--devices N] "
-            "[--<hyperparameter> VALUE ...]\n"
+            "[--reference RUN_DIR [--reference-seed S]] [--init-from RUN_DIR] [--<hyperparameter> VALUE ...]\n"
             "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
         )
         print(_help(args.algo))
@@ -41,6 +41,7 @@ def main(argv: list[str]) -> int:
     overrides = run_overrides(args, extra)
     config = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     env_path = envs.resolve_path(args.env, args.env_path)
+    anchors = runner.resolve_anchors(args.algo, args.env, config, env_path=env_path, **anchor_args(args))
     out = out_dir(args, prefix="")
     if args.tensorboard:
         runner.require_tensorboard()
@@ -55,13 +56,13 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
         run_config = runner.run_config(
-            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization
+            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, anchors.records
         )
         (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
     print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
     return _run_and_save(
-        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization
+        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization, anchors
     )
 
 
@@ -78,7 +79,7 @@ def _help(algo: str) -> str:
     return "\n".join(lines)
 
 
-def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization) -> int:
+def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization, anchors) -> int:
     """What a new run and a resumed one share: train, print the table, write the run folder.
 
     Raises:
@@ -89,7 +90,7 @@ def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, en
     result = runner.run(
         algo, env, seeds=seeds, config=config, progress=not args.no_progress,
         checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
-        devices=device_count(args.devices),
+        devices=device_count(args.devices), anchors=anchors,
     )  # fmt: skip
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
@@ -139,8 +140,13 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         f"from update {latest} of {config.num_updates}...",
         flush=True,
     )
+    # The reference is in the checkpoints: its record names the network, nothing is reloaded.
+    records = spec.anchors
+    anchors = runner.resolve_anchors(
+        algo, env, config, records.get("reference"), None, records.get("init_from"), spec.env_path
+    )
     return _run_and_save(
-        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization
+        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization, anchors
     )
 
 
