@@ -14,6 +14,7 @@ Typed PRNG keys are stored as their raw `key_data` and rewrapped on restore.
 """
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -63,16 +64,24 @@ class Checkpointer:
 
     def __init__(self, run_dir: str | Path, max_to_keep: int = 2, read_only: bool = False):
         self.directory = Path(run_dir).absolute() / FOLDER
-        self._manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=None if read_only else max_to_keep,
-                save_interval_steps=0 if read_only else 1,
-                enable_async_checkpointing=True,
-                read_only=read_only,
-                create=not read_only,
-            ),
-        )
+        absl = logging.getLogger("absl")
+        level = absl.level
+        # orbax warns "Given directory is read only" on every read-only open: loading a run (a
+        # reference policy, `kl_rl.runner.load`) is what read-only is for, not a problem to report.
+        absl.setLevel(logging.ERROR if read_only else level)
+        try:
+            self._manager = ocp.CheckpointManager(
+                self.directory,
+                options=ocp.CheckpointManagerOptions(
+                    max_to_keep=None if read_only else max_to_keep,
+                    save_interval_steps=0 if read_only else 1,
+                    enable_async_checkpointing=True,
+                    read_only=read_only,
+                    create=not read_only,
+                ),
+            )
+        finally:
+            absl.setLevel(level)
 
     def save(self, update: int, state: Any, metrics: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         """Starts saving the state after `update` updates; returns once the arrays are copied off."""

@@ -94,6 +94,7 @@ class SweepResult:
     eval_returns: np.ndarray  # [num_points, num_seeds, max eval_episodes], NaN-padded likewise
     num_updates: list[int]  # per grid point (static fields such as num_steps change it)
     programs: list[dict[str, Any]]  # per compiled program: its points, compile and run time
+    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)  # reference / init_from records
 
     @property
     def final_returns(self) -> np.ndarray:
@@ -146,9 +147,10 @@ class SweepResult:
             "compiled_programs": len(self.programs),
             "programs": self.programs,
             "ranking": self.ranking(),
+            **self.anchors,
             **runner.provenance(),
         }
-        return runner.write_run_folder(out_dir, base_config, self.rows(), summary)
+        return runner.write_run_folder(out_dir, {**self.anchors, **base_config}, self.rows(), summary)
 
 
 def _plain(x: Any) -> Any:
@@ -170,6 +172,9 @@ def run_sweep(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    reference: Any = None,
+    reference_seed: int | None = None,
+    init_from: Any = None,
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
@@ -185,6 +190,8 @@ def run_sweep(
       env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
         copies of a whole chunk (points x seeds x num_envs).
       devices: as for `kl_rl.run`: the (point, seed) items of a chunk are spread over them.
+      reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every grid point
+        takes the same reference and starting parameters.
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
@@ -195,12 +202,16 @@ def run_sweep(
     groups: dict[tuple, list[int]] = {}
     for i, config in enumerate(configs):
         groups.setdefault(static_key(config), []).append(i)
+    # A grid point that sets a reference flag without --reference is refused, as a run is.
+    for config in configs[1:] if reference is None else ():
+        runner.resolve_anchors(algo, env, config, env_path=env_path)
+    anchors = runner.resolve_anchors(algo, env, configs[0], reference, reference_seed, init_from, env_path)
     env_obj = envs.make(env, env_path, vectorization)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     cache_dir = runner.enable_compilation_cache()
     outputs: dict[int, Any] = {}
     programs = []
-    trainers = [make_trainer(algo, configs[members[0]], env_obj) for members in groups.values()]
+    trainers = [make_trainer(algo, configs[members[0]], env_obj, anchors.reference) for members in groups.values()]
     total_steps = sum(
         t.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
         for t, m in zip(trainers, groups.values(), strict=True)
@@ -212,7 +223,7 @@ def run_sweep(
         # One layout, and so one set of programs, for every chunk of the group: the last chunk
         # is padded with copies of its final point, which are dropped.
         lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-        key = runner.program_key(algo, env, trainer.env_path, configs[members[0]])
+        key = runner.program_key(algo, env, trainer.env_path, configs[members[0]], anchors)
         group = parallel.Programs(trainer, lay, cache_dir, key)
         run_s = 0.0
         for start in range(0, len(members), size):
@@ -233,7 +244,10 @@ def run_sweep(
 
             item_keys = jnp.tile(keys, size)
             item_configs = [configs[i] for i in padded for _ in range(seeds)]
-            _, metrics, eval_returns, wall = runner.train_items(group, item_keys, item_configs, report)
+            item_seeds = list(range(seeds)) * size
+            _, metrics, eval_returns, wall = runner.train_items(
+                group, item_keys, item_configs, report, setup=lambda item_seeds=item_seeds: anchors.setup(item_seeds)
+            )
             run_s += wall
             done_before += chunk_steps * configs[chunk[0]].num_updates
             for j, i in enumerate(chunk):
@@ -263,6 +277,7 @@ def run_sweep(
         eval_returns=_pad_stack([outputs[i][1] for i in order]),
         num_updates=[configs[i].num_updates for i in order],
         programs=programs,
+        anchors=anchors.records,
     )
 
 

@@ -1,6 +1,6 @@
 """`kl-rl sweep`: a grid of hyperparameters x seeds, ranked by IQM of final return."""
 
-from kl_rl.cli.common import device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import anchor_args, device_count, out_dir, run_overrides, run_parser
 from kl_rl.errors import ConfigError
 
 
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> int:
         args.algo, args.env, grid, seeds, args.config, overrides, chunk_size,
         log=lambda line: print(line, flush=True), progress=not args.no_progress,
         env_path=args.env_path, vectorization=args.vectorization,
-        devices=device_count(args.devices),
+        devices=device_count(args.devices), **anchor_args(args),
     )  # fmt: skip
     print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
     ranking = result.ranking()
