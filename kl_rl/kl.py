@@ -446,5 +446,7 @@ def effective_sample_size(log_weights: jax.Array) -> jax.Array:
     Computed in log space, so weights far from 1 stay finite.
     """
     lw = jnp.ravel(log_weights)
+    # The ratio is invariant to a common factor: centring keeps constant weights at exactly 1.
+    lw = lw - jax.lax.stop_gradient(jnp.max(lw))
     log_n = jnp.log(jnp.asarray(lw.size, lw.dtype))
     return jnp.exp(2.0 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2.0 * lw) - log_n)

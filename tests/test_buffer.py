@@ -213,3 +213,90 @@ def test_discounted_returns_by_hand():
     term, trunc = jnp.array([False, True]), jnp.array([False, False])
     g = buffer.discounted_returns(jnp.array([1.0, 1.0]), jnp.array([0.0, 7.0]), term, trunc, 0.5)
     np.testing.assert_allclose(g, [1.5, 1.0])
+
+
+# --- V-trace (gae with log_rho_t) ---------------------------------------------------------
+
+
+def _vtrace(r, v, v_next, term, trunc, gamma, lam, weights, rho_clip=1.0, c_clip=1.0):
+    log_rho = jnp.log(jnp.asarray(weights, jnp.float32))
+    return buffer.gae(
+        jnp.asarray(r, jnp.float32), jnp.asarray(v, jnp.float32), jnp.asarray(v_next, jnp.float32),
+        jnp.asarray(term), jnp.asarray(trunc), gamma, lam, log_rho_t=log_rho, rho_clip=rho_clip, c_clip=c_clip,
+    )  # fmt: skip
+
+
+def test_vtrace_by_hand():
+    # Espeholt et al. 2018, eq. 1: v_s = V(x_s) + sum_t gamma^(t-s) (prod_{s<=i<t} c_i) rho_t delta_t,
+    # c_i = lambda min(c_bar, w_i), rho_t = min(rho_bar, w_t), weights w = [2, 0.5, 1], bars 1.
+    r, v, v_next = [1.0, 0.5, 2.0], [0.3, 0.8, -0.4], [0.8, -0.4, 1.5]
+    no = [False, False, False]
+    d0 = 1.0 + 0.9 * 0.8 - 0.3  # 1.42
+    d1 = 0.5 + 0.9 * -0.4 - 0.8  # -0.66
+    d2 = 2.0 + 0.9 * 1.5 - -0.4  # 3.75: the rollout's last step bootstraps from v_tp1
+    rho = [1.0, 0.5, 1.0]  # min(1, w)
+    for lam in (1.0, 0.5):
+        c = [lam * 1.0, lam * 0.5, lam * 1.0]  # lambda min(1, w)
+        v2 = -0.4 + rho[2] * d2
+        v1 = 0.8 + rho[1] * d1 + 0.9 * c[1] * rho[2] * d2
+        v0 = 0.3 + rho[0] * d0 + 0.9 * c[0] * rho[1] * d1 + 0.9**2 * c[0] * c[1] * rho[2] * d2
+        adv, ret = _vtrace(r, v, v_next, no, no, 0.9, lam, [2.0, 0.5, 1.0])
+        np.testing.assert_allclose(ret, [v0, v1, v2], rtol=1e-6, atol=1e-6, err_msg=f"lambda {lam}")
+        expected_adv = [v0 - 0.3, v1 - 0.8, v2 + 0.4]
+        np.testing.assert_allclose(adv, expected_adv, rtol=1e-6, atol=1e-6, err_msg=f"lambda {lam}")
+    # The same numbers, summed out: lambda 1 gives v0 = 0.3 + 1.42 + 0.9 * 0.5 * -0.66 + 0.81 * 0.5 * 3.75,
+    # lambda 0.5 gives v0 = 0.3 + 1.42 + 0.9 * 0.5 * 0.5 * -0.66 + 0.81 * 0.5 * 0.25 * 3.75.
+    for lam, v0 in ((1.0, 2.94175), (0.5, 1.9511875)):
+        _, ret = _vtrace(r, v, v_next, no, no, 0.9, lam, [2.0, 0.5, 1.0])
+        assert float(ret[0]) == pytest.approx(v0, rel=1e-6)
+
+
+def test_vtrace_with_unit_weights_is_gae_bit_for_bit():
+    r, v, v_next, term, trunc = _random_rollout(T=7, B=3, seed=2)
+    assert term.any() and trunc.any()
+    for gamma, lam in ((0.99, 0.95), (0.9, 1.0)):
+        expected = _gae(r, v, v_next, term, trunc, gamma, lam)
+        got = _vtrace(r, v, v_next, term, trunc, gamma, lam, np.ones_like(r))  # log w = 0 exactly
+        for a, b in zip(got, expected, strict=True):
+            np.testing.assert_array_equal(a, b)
+    # Not vacuous: weights below 1 do change the result.
+    halves, _ = _vtrace(r, v, v_next, term, trunc, 0.99, 0.95, np.full_like(r, 0.5))
+    assert np.max(np.abs(np.asarray(halves) - np.asarray(expected[0]))) > 0.1
+
+
+def test_vtrace_termination_cuts_the_trace_and_truncation_bootstraps():
+    # gamma 0.9, lambda 1. t=1 terminates, t=2 is truncated, t=3 is cut by the rollout's end.
+    r, v, v_next = [1.0, 2.0, 3.0, 4.0], [0.5, 1.0, 1.5, 2.0], [1.0, 99.0, 5.0, 3.0]
+    term, trunc = [False, True, False, False], [False, False, True, False]
+    w = [0.5, 2.0, 0.8, 1.5]  # rho = c = min(1, w) = [0.5, 1, 0.8, 1]
+    adv, ret = _vtrace(r, v, v_next, term, trunc, 0.9, 1.0, w)
+    d0 = 1.0 + 0.9 * 1.0 - 0.5  # 1.4
+    d1 = 2.0 - 1.0  # terminated: no bootstrap from v_tp1 = 99
+    d2 = 3.0 + 0.9 * 5.0 - 1.5  # truncated: bootstraps from the final observation's value
+    d3 = 4.0 + 0.9 * 3.0 - 2.0  # rollout end: bootstraps from v_tp1
+    expected = [
+        0.5 * d0 + 0.9 * 0.5 * 1.0 * d1,  # the trace stops at the terminated step
+        1.0 * d1,  # nothing from the next episode
+        0.8 * d2,  # nothing from the next episode
+        1.0 * d3,
+    ]
+    np.testing.assert_allclose(adv, expected, rtol=1e-6)
+    np.testing.assert_allclose(ret, np.add(expected, v), rtol=1e-6)
+    # Everything past the terminated step, and v_tp1 there, leaves A_0 and A_1 alone.
+    adv2, _ = _vtrace([1.0, 2.0, -7.0, 0.0], v, [1.0, -1e3, 50.0, 8.0], term, trunc, 0.9, 1.0, [0.5, 2.0, 3.0, 0.1])
+    np.testing.assert_array_equal(adv2[:2], adv[:2])
+
+
+def test_vtrace_rho_clip_above_the_weight_lets_it_through():
+    # T = 2, weights [2, 2], gamma 0.5, lambda 1: d0 = 1 + 0.5 * 2 - 1 = 1, d1 = 3 + 0.5 * 4 - 2 = 3.
+    r, v, v_next, no = [1.0, 3.0], [1.0, 2.0], [2.0, 4.0], [False, False]
+    cases = {
+        # (rho_clip, c_clip): [rho_0 d0 + gamma c_0 rho_1 d1, rho_1 d1]
+        (5.0, 1.0): [2.0 * 1.0 + 0.5 * 1.0 * 2.0 * 3.0, 2.0 * 3.0],  # rho = w = 2, c = 1
+        (5.0, 5.0): [2.0 * 1.0 + 0.5 * 2.0 * 2.0 * 3.0, 2.0 * 3.0],  # c = w = 2 too
+        (1.0, 5.0): [1.0 * 1.0 + 0.5 * 2.0 * 1.0 * 3.0, 1.0 * 3.0],  # rho clipped, c not
+        (1.5, 1.0): [1.5 * 1.0 + 0.5 * 1.0 * 1.5 * 3.0, 1.5 * 3.0],  # rho clipped at 1.5
+    }
+    for (rho_clip, c_clip), expected in cases.items():
+        adv, _ = _vtrace(r, v, v_next, no, no, 0.5, 1.0, [2.0, 2.0], rho_clip, c_clip)
+        np.testing.assert_allclose(adv, expected, rtol=1e-6, err_msg=f"{rho_clip} {c_clip}")

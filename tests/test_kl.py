@@ -468,3 +468,330 @@ def test_penalized_reward_subtracts_beta_kl_policy_ref_in_expectation():
     assert abs(mean - 2.0 * float(kl.kl_divergence(policy, ref))) < 4 * se
     # and not the other direction
     assert abs(mean - 2.0 * float(kl.kl_divergence(ref, policy))) > 10 * se
+
+
+# --- anchors: anchor_kl, anchor_kl_estimate, anchor_penalty -------------------------------
+#
+# Expectations under pi are taken by exact summation over a categorical's actions, or by
+# 40-point Gauss-Hermite quadrature for a 1-D Gaussian, so the checks are exact to float
+# precision rather than up to Monte Carlo noise.
+
+
+_ESTIMATOR_DIRECTIONS = (("k1", "reverse"), ("k2", "reverse"), ("k3", "reverse"), ("k1", "forward"), ("k3", "forward"))
+
+
+def _anchor_logits():
+    """pi and ref logits [4, 5]; row 3 masks action 1 (-inf) in both."""
+    rng = np.random.default_rng(7)
+    pi, ref = 1.5 * rng.normal(size=(2, 4, 5)).astype(np.float32)
+    pi[3, 1] = ref[3, 1] = -np.inf
+    return jnp.asarray(pi), jnp.asarray(ref)
+
+
+def _expect_over_actions(pi_logits, ref_logits, estimator, direction, loss=None):
+    """sum_a pi(a) * f(a) per row, f = anchor_kl_estimate, or loss(l) of l = log pi - log ref.
+
+    The weights pi(a) are stop-gradient (samples held fixed); masked actions (pi(a) = 0, never
+    sampled) are left out of the sum.
+    """
+    log_pi, log_ref = jax.nn.log_softmax(pi_logits), jax.nn.log_softmax(ref_logits)
+    valid = log_pi > -jnp.inf
+    log_pi, log_ref = jnp.where(valid, log_pi, 0.0), jnp.where(valid, log_ref, 0.0)
+    values = kl.anchor_kl_estimate(log_pi, log_ref, estimator, direction) if loss is None else loss(log_pi, log_ref)
+    weights = jax.lax.stop_gradient(jnp.exp(log_pi))
+    return jnp.sum(jnp.where(valid, weights * values, 0.0), axis=-1)
+
+
+def test_anchor_estimators_expectations_are_the_kl_in_their_direction():
+    pi_logits, ref_logits = _anchor_logits()
+    pi, ref = kl.Categorical(pi_logits), kl.Categorical(ref_logits)
+    reverse, forward = kl.kl_divergence(pi, ref), kl.kl_divergence(ref, pi)
+    assert np.all(np.isfinite(reverse)) and np.all(np.isfinite(forward))
+    assert np.all(np.abs(np.asarray(reverse) - np.asarray(forward)) > 0.05)  # directions differ
+    np.testing.assert_array_equal(kl.anchor_kl(pi, ref, "reverse"), reverse)
+    np.testing.assert_array_equal(kl.anchor_kl(pi, ref), reverse)  # reverse is the default
+    np.testing.assert_array_equal(kl.anchor_kl(pi, ref, "forward"), forward)
+    for direction, expected in (("reverse", reverse), ("forward", forward)):
+        for estimator in ("k1", "k3"):
+            got = _expect_over_actions(pi_logits, ref_logits, estimator, direction)
+            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=f"{estimator} {direction}")
+
+
+def test_anchor_forward_k1_is_r_log_r():
+    log_pi = jnp.array([-0.5, -2.0, -1.0, 0.0, -40.0])
+    log_ref = jnp.array([-1.5, -0.25, -1.0, -35.0, 0.0])
+    r = np.exp(np.float64(log_ref) - np.float64(log_pi))
+    expected = r * np.log(r)
+    expected[-1] = np.exp(30.0) * 30.0  # log r = 40 is clipped to 30
+    got = kl.anchor_kl_estimate(log_pi, log_ref, "k1", "forward")
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(kl._forward_k1(log_ref, log_pi), got)
+    # The forward k3 is k1 plus the control variate -(r - 1).
+    k3 = kl.anchor_kl_estimate(log_pi[:4], log_ref[:4], "k3", "forward")
+    np.testing.assert_allclose(k3, expected[:4] - (r[:4] - 1.0), rtol=1e-5, atol=1e-6)
+
+
+def test_anchor_k2_is_biased_only_to_third_order():
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(3)
+        pi_logits = jnp.asarray(rng.normal(size=(3, 5)))
+        noise = jnp.asarray(rng.normal(size=(3, 5)))
+        assert pi_logits.dtype == jnp.float64
+
+        def bias(eps):
+            ref_logits = pi_logits + eps * noise
+            e_k2 = _expect_over_actions(pi_logits, ref_logits, "k2", "reverse")
+            # k2's own definition, sum_a pi(a) (log pi(a) - log ref(a))^2 / 2, in numpy.
+            log_pi = np.asarray(jax.nn.log_softmax(pi_logits))
+            log_ref = np.asarray(jax.nn.log_softmax(ref_logits))
+            own = np.sum(np.exp(log_pi) * 0.5 * np.square(log_pi - log_ref), axis=-1)
+            np.testing.assert_allclose(e_k2, own, rtol=1e-12)
+            true_kl = np.asarray(kl.kl_divergence(kl.Categorical(pi_logits), kl.Categorical(ref_logits)))
+            return np.max(np.abs(np.asarray(e_k2) - true_kl) / true_kl)
+
+        big, medium, small = bias(2.0), bias(1e-1), bias(1e-2)
+        assert small < medium / 5  # relative bias -> 0 linearly in eps: the bias is third order
+        assert medium < 0.1
+        assert big > 0.1  # far from pi, k2 is a biased estimate of KL(pi || ref)
+
+
+def test_anchor_estimators_expected_gradients():
+    pi_logits, ref_logits = _anchor_logits()
+    ref = kl.Categorical(ref_logits)
+
+    # k1 in the reward: the score-function surrogate stop_grad(k1) * log pi, k1 = l.
+    def reinforce(log_pi, log_ref):
+        k1 = kl.anchor_kl_estimate(log_pi, log_ref, "k1", "reverse")
+        return jax.lax.stop_gradient(k1) * log_pi
+
+    @jax.jit
+    def grads(theta):
+        def grad_of(f):
+            return jax.grad(lambda theta: jnp.sum(f(theta)))(theta)
+
+        out = {
+            "reverse": grad_of(lambda t: kl.kl_divergence(kl.Categorical(t), ref)),
+            "forward": grad_of(lambda t: kl.kl_divergence(ref, kl.Categorical(t))),
+            "reward": grad_of(lambda t: _expect_over_actions(t, ref_logits, "", "", reinforce)),
+        }
+        for e in ("k1", "k2", "k3"):
+            out[e] = grad_of(lambda t, e=e: _expect_over_actions(t, ref_logits, e, "reverse"))
+        return out
+
+    g = jax.tree.map(np.asarray, grads(pi_logits))
+    assert all(np.all(np.isfinite(v)) for v in g.values())
+    assert np.max(np.abs(g["reverse"] - g["forward"])) > 0.1  # the two identities differ
+    assert np.max(np.abs(g["reward"])) > 0.1
+    assert g["reverse"][3, 1] == 0.0 and g["forward"][3, 1] == 0.0  # the masked logit
+    # k1 as a loss: E_pi[grad log pi] = 0.
+    np.testing.assert_allclose(g["k1"], 0.0, atol=1e-6)
+    # k2 as a loss: E_pi[l grad log pi] = grad KL(pi || ref).
+    np.testing.assert_allclose(g["k2"], g["reverse"], rtol=1e-5, atol=1e-6)
+    # k3 as a loss: E_pi[(1 - ref / pi) grad log pi] = -E_ref[grad log pi] = grad KL(ref || pi).
+    np.testing.assert_allclose(g["k3"], g["forward"], rtol=1e-5, atol=1e-6)
+    # k1 in the reward (REINFORCE with reward -k1, up to sign): E_pi[l grad log pi].
+    np.testing.assert_allclose(g["reward"], g["reverse"], rtol=1e-5, atol=1e-6)
+
+
+_HERMITE_NODES, _HERMITE_WEIGHTS = np.polynomial.hermite.hermgauss(40)
+
+
+def _gaussian_quadrature(mean, log_std, ref, estimator, direction):
+    """E_{x~pi}[estimate(x)] for 1-D pi = N(mean, exp(log_std)^2), by Gauss-Hermite quadrature.
+
+    The nodes x = mean + sqrt(2) std t are held fixed (stop-gradient), like samples: the
+    gradient flows through log pi(x) only. The weights w / sqrt(pi) are constants.
+    """
+    pi = kl.DiagGaussian(mean, log_std)
+    x = jax.lax.stop_gradient(mean + math.sqrt(2.0) * jnp.exp(log_std) * _HERMITE_NODES[:, None])
+    values = kl.anchor_kl_estimate(pi.log_prob(x), ref.log_prob(x), estimator, direction)
+    return jnp.sum(_HERMITE_WEIGHTS / math.sqrt(math.pi) * values)
+
+
+_GAUSSIAN_PI = (np.array([0.3]), np.log(np.array([0.8])))
+_GAUSSIAN_REF = (np.array([-0.4]), np.log(np.array([0.6])))
+
+
+def test_anchor_estimators_on_gaussians_by_quadrature():
+    with jax.enable_x64(True):
+        mean, log_std = (jnp.asarray(a) for a in _GAUSSIAN_PI)
+        assert mean.dtype == jnp.float64
+        ref = kl.DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
+
+        @jax.jit
+        def values(mean, log_std):
+            pi = kl.DiagGaussian(mean, log_std)
+            out = {"reverse": kl.kl_divergence(pi, ref), "forward": kl.kl_divergence(ref, pi)}
+            for e, d in _ESTIMATOR_DIRECTIONS:
+                out[f"{e} {d}"] = _gaussian_quadrature(mean, log_std, ref, e, d)
+            return out
+
+        v = {k: float(x) for k, x in values(mean, log_std).items()}
+    assert abs(v["reverse"] - v["forward"]) > 0.05
+    # In float64 the 40-point quadrature is good to ~1e-14 here (k1's integrand is a polynomial).
+    for direction in ("reverse", "forward"):
+        for estimator in ("k1", "k3"):
+            assert v[f"{estimator} {direction}"] == pytest.approx(v[direction], rel=1e-9), (estimator, direction)
+    # k2's expectation is its own, E[l^2 / 2], not the KL.
+    assert abs(v["k2 reverse"] - v["reverse"]) > 0.05
+
+
+def test_anchor_estimators_expected_gradients_on_gaussians():
+    with jax.enable_x64(True):
+        theta = tuple(jnp.asarray(a) for a in _GAUSSIAN_PI)
+        ref = kl.DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
+
+        @jax.jit
+        def grads(mean, log_std):
+            def grad_of(f):
+                return jnp.concatenate(jax.grad(f, argnums=(0, 1))(mean, log_std))
+
+            out = {
+                "reverse": grad_of(lambda m, s: kl.kl_divergence(kl.DiagGaussian(m, s), ref)),
+                "forward": grad_of(lambda m, s: kl.kl_divergence(ref, kl.DiagGaussian(m, s))),
+            }
+            for e in ("k1", "k2", "k3"):
+                out[e] = grad_of(lambda m, s, e=e: _gaussian_quadrature(m, s, ref, e, "reverse"))
+            return out
+
+        g = jax.tree.map(np.asarray, grads(*theta))
+    assert g["k1"].dtype == np.float64
+    assert np.min(np.abs(g["reverse"] - g["forward"])) > 0.1  # d/d mean and d/d log_std differ
+    np.testing.assert_allclose(g["k1"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(g["k2"], g["reverse"], rtol=1e-9)
+    np.testing.assert_allclose(g["k3"], g["forward"], rtol=1e-9)
+
+
+def test_anchor_penalty_exact_and_at_the_action():
+    pi_logits, ref_logits = _anchor_logits()
+    gaussians = (
+        kl.DiagGaussian(jnp.array([[0.3, -1.0], [0.0, 2.0]]), jnp.array([[-0.2, 0.1], [0.0, 0.5]])),
+        kl.DiagGaussian(jnp.array([[0.0, -0.5], [1.0, 1.0]]), jnp.array([[0.3, 0.0], [-0.4, 0.2]])),
+        jnp.array([[0.5, -1.2], [0.3, 2.4]]),
+    )
+    categoricals = (kl.Categorical(pi_logits), kl.Categorical(ref_logits), jnp.array([0, 4, 2, 3]))
+
+    @jax.jit
+    def everything(pi, ref, action):
+        log_pi, log_ref = pi.log_prob(action), ref.log_prob(action)
+        out = {
+            "default": kl.anchor_penalty(pi, ref, action),
+            "kl reverse": kl.kl_divergence(pi, ref),
+            "kl forward": kl.kl_divergence(ref, pi),
+            "log_pi": log_pi,
+            "log_ref": log_ref,
+        }
+        for d in ("reverse", "forward"):
+            out["exact " + d] = kl.anchor_penalty(pi, ref, action, "exact", d)
+            out["anchor_kl " + d] = kl.anchor_kl(pi, ref, d)
+        for e, d in _ESTIMATOR_DIRECTIONS:
+            out[f"{e} {d}"] = kl.anchor_penalty(pi, ref, action, e, d)
+            out[f"estimate {e} {d}"] = kl.anchor_kl_estimate(log_pi, log_ref, e, d)
+        return out
+
+    for pi, ref, action in (categoricals, gaussians):
+        v = jax.tree.map(np.asarray, everything(pi, ref, action))
+        assert v["default"].shape == v["log_pi"].shape == (action.shape[0],)
+        assert np.all(np.abs(v["kl reverse"] - v["kl forward"]) > 1e-3)
+        np.testing.assert_array_equal(v["default"], v["kl reverse"])
+        for d in ("reverse", "forward"):
+            np.testing.assert_array_equal(v["exact " + d], v["anchor_kl " + d])
+            np.testing.assert_array_equal(v["exact " + d], v["kl " + d])
+        # At the action: anchor_kl_estimate of (log pi(a), log ref(a)), and by hand from
+        # l = log pi(a) - log ref(a), r = exp(-l).
+        log_ratio = v["log_pi"].astype(np.float64) - v["log_ref"]
+        r = np.exp(-log_ratio)
+        by_hand = {
+            "k1 reverse": log_ratio,
+            "k2 reverse": 0.5 * log_ratio**2,
+            "k3 reverse": r - 1.0 + log_ratio,
+            "k1 forward": r * np.log(r),
+            "k3 forward": r * np.log(r) - (r - 1.0),
+        }
+        for e, d in _ESTIMATOR_DIRECTIONS:
+            key = f"{e} {d}"
+            np.testing.assert_array_equal(v[key], v["estimate " + key])
+            np.testing.assert_allclose(v[key], by_hand[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def test_check_anchor_options():
+    for estimator in kl.REF_ESTIMATORS:
+        for direction in kl.REF_DIRECTIONS:
+            for placement in kl.REF_PLACEMENTS:
+                if (estimator, direction) == ("k2", "forward"):
+                    with pytest.raises(ValueError, match="reverse KL only"):
+                        kl.check_anchor_options(estimator, direction, placement)
+                else:
+                    assert kl.check_anchor_options(estimator, direction, placement) is None
+    assert kl.check_anchor_options("k3", "reverse") is None  # placement defaults to "loss"
+    with pytest.raises(ValueError, match="unknown estimator 'k4'"):
+        kl.check_anchor_options("k4", "reverse")
+    with pytest.raises(ValueError, match="unknown direction 'backward'"):
+        kl.check_anchor_options("k1", "backward")
+    with pytest.raises(ValueError, match="unknown placement 'advantage'"):
+        kl.check_anchor_options("k1", "reverse", "advantage")
+    # The functions that take the options reject the same combinations.
+    x = jnp.zeros(3)
+    with pytest.raises(ValueError, match="no 'k2' estimator of the forward KL"):
+        kl.anchor_kl_estimate(x, x, "k2", "forward")
+    with pytest.raises(ValueError, match="no 'exact' estimator"):
+        kl.anchor_kl_estimate(x, x, "exact", "reverse")
+    with pytest.raises(ValueError, match="unknown KL direction"):
+        kl.anchor_kl_estimate(x, x, "k1", "backward")
+    c = kl.Categorical(jnp.zeros(3))
+    with pytest.raises(ValueError, match="unknown KL direction"):
+        kl.anchor_kl(c, c, "backward")
+
+
+def _ess_float64(log_weights):
+    lw = np.ravel(np.asarray(log_weights, np.float64))
+    w = np.exp(lw - lw.max())
+    return np.sum(w) ** 2 / (lw.size * np.sum(w**2))
+
+
+def test_effective_sample_size():
+    ess = jax.jit(kl.effective_sample_size)
+    rows = jax.jit(jax.vmap(kl.effective_sample_size))
+    rng = np.random.default_rng(0)
+    lw = np.array(
+        [
+            [0.0, 0.0, 0.0, 0.0],
+            [3.7, 3.7, 3.7, 3.7],
+            [0.0, -1000.0, -1000.0, -1000.0],  # one weight carries everything: 1 / n
+            [5.0, -100.0, 5.0, -100.0],  # two equal weights carry everything: 2 / n
+            [500.0, -500.0, 499.0, 0.0],  # exp overflows and underflows float32
+            [-500.0, -500.0, 500.0, -500.0],
+            *(2.0 * rng.normal(size=(3, 4))),
+        ],
+        np.float32,
+    )
+    got = np.asarray(rows(jnp.asarray(lw)))
+    assert got[0] == 1.0
+    assert got[1] == 1.0  # centred before the logsumexps: constant weights give exactly 1
+    assert got[2] == pytest.approx(0.25, rel=1e-6)
+    assert got[3] == pytest.approx(0.5, rel=1e-6)
+    assert np.all(np.isfinite(got))
+    # w / e^500 = [1, 0, 1/e, 0] and [0, 0, 1, 0].
+    expected = (1 + math.exp(-1)) ** 2 / (4 * (1 + math.exp(-2)))
+    assert expected == pytest.approx(_ess_float64(lw[4]), rel=1e-12)
+    assert got[4] == pytest.approx(expected, rel=1e-6)
+    assert got[5] == pytest.approx(0.25, rel=1e-6)
+    # The direct formula (sum w)^2 / (n sum w^2), in float64, on random weights.
+    for row, value in zip(lw[6:], got[6:], strict=True):
+        w = np.exp(row.astype(np.float64))
+        assert value == pytest.approx(np.sum(w) ** 2 / (w.size * np.sum(w**2)), rel=1e-6)
+    # Any shape: n is the total size.
+    assert float(ess(jnp.zeros((3, 4)))) == 1.0
+    lw = (2.0 * rng.normal(size=(3, 5))).astype(np.float32)
+    w = np.exp(lw.astype(np.float64))
+    direct = np.sum(w) ** 2 / (w.size * np.sum(w**2))
+    assert float(ess(jnp.asarray(lw))) == pytest.approx(direct, rel=1e-6)
+
+
+def test_effective_sample_size_is_shift_invariant_to_float_precision():
+    for c in (3.7, 500.0, -500.0):
+        for n in (2, 3, 10):
+            assert float(kl.effective_sample_size(jnp.full(n, c))) == 1.0, (c, n)
+    lw = jnp.array([0.0, -1.0, 0.5, -3.0])
+    shifted = float(kl.effective_sample_size(lw + 500.0))
+    assert shifted == pytest.approx(_ess_float64(lw), rel=1e-6)
