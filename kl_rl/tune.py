@@ -159,6 +159,8 @@ class TuneResult:
     compiled_programs: int
     wall_time_s: float
 
+    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The reference and starting runs' records (`kl_rl.runner.RunAnchors.records`)."""
     @property
     def env_steps(self) -> int:
         """Env steps this worker trained, summed over trials and seeds (padding excluded)."""
@@ -197,6 +199,7 @@ class TuneResult:
             "compiled_programs": self.compiled_programs,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
+            **self.anchors,
             "optuna_version": require_optuna().__version__,
             **runner.provenance(),
         }
@@ -205,7 +208,7 @@ class TuneResult:
         """config.json's content: the search space over the base config."""
         space = {name: describe(d) for name, d in self.space.items()}
         base = config_lib.to_dict(self.base_config)
-        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **base}
+        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **self.anchors, **base}
 
     def save(self, out_dir: Any) -> Path:
         """Writes config.json, metrics.csv (one row per trial) and summary.json, atomically."""
@@ -322,6 +325,7 @@ def _run_group(
     size: int,
     rungs: int,
     bar: _Bar,
+    anchors: Any = None,
 ) -> None:
     """Trains one static group's (trial, config, record) triples as one batch, rung by rung.
 
@@ -342,7 +346,8 @@ def _run_group(
     num_updates = configs[0].num_updates
     plan = segments(num_updates, rungs)
     bar.unit = steps_per_update * len(members) * seeds  # padded trials are not counted
-    states = group.init(init_keys, stacked)
+    setup = None if anchors is None else anchors.setup(list(range(seeds)) * size)
+    states = group.init(init_keys, stacked, None if setup is None else parallel.pad(setup, lay))
     done = 0
     for rung, n in enumerate(plan):
         states, metrics = group.run(states, stacked, n)
@@ -392,6 +397,9 @@ def run_tune(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    reference: Any = None,
+    reference_seed: int | None = None,
+    init_from: Any = None,
 ) -> TuneResult:
     """Runs `trials` trials of a study on seeds 0..seeds-1, `batch_size` trials per batch.
 
@@ -418,6 +426,8 @@ def run_tune(
       env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
         envs from rung to rung (a pruned trial's copies run on with its group).
       devices: as for `kl_rl.run`: a batch's (trial, seed) items are spread over them.
+      reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every trial takes
+        the same reference and starting parameters.
 
     Raises:
       ConfigError: a bad count, base config or storage; all are checked before any training.
@@ -428,6 +438,7 @@ def run_tune(
     optuna = require_optuna()
     overrides = dict(overrides or {})
     base = runner.resolve_config(algo, env, config_file, overrides, env_path)
+    anchors = runner.resolve_anchors(algo, env, base, reference, reference_seed, init_from, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
     env_obj = envs.make(env, env_path, vectorization)
     cache_dir = runner.enable_compilation_cache()
@@ -464,13 +475,13 @@ def run_tune(
                     groups.setdefault(sweep.static_key(config), []).append((trial, config, record))
                 for key, members in groups.items():
                     if key not in programs:
-                        trainer = make_trainer(algo, members[0][1], env_obj)
+                        trainer = make_trainer(algo, members[0][1], env_obj, anchors.reference)
                         lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-                        program_key = runner.program_key(algo, env, trainer.env_path, members[0][1])
+                        program_key = runner.program_key(algo, env, trainer.env_path, members[0][1], anchors)
                         programs[key] = parallel.Programs(trainer, lay, cache_dir, program_key)
                     steps = members[0][1].num_updates * programs[key].trainer.steps_per_update
                     bar.retotal(len(members) * seeds * (steps - budget))
-                    _run_group(study, programs[key], members, keys, size, rungs, bar)
+                    _run_group(study, programs[key], members, keys, size, rungs, bar, anchors)
             finally:
                 # A trial left RUNNING in a shared storage (an error, Ctrl-C) would stay so for good.
                 for trial, record in batch:
@@ -498,6 +509,7 @@ def run_tune(
         space=space,
         seeds=list(range(seeds)),
         base_config=base,
+        anchors=anchors.records,
         trials=records,
         best=_best(study),
         top=[{"number": t.number, "params": t.params, "value": t.value} for t in top],

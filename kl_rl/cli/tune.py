@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from kl_rl.cli.common import device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import anchor_args, device_count, out_dir, run_overrides, run_parser
 from kl_rl.errors import ConfigError
 
 USAGE = (
@@ -84,7 +84,7 @@ def main(argv: list[str]) -> int:
         args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
         startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
         progress=not args.no_progress, env_path=args.env_path, vectorization=args.vectorization,
-        devices=device_count(args.devices),
+        devices=device_count(args.devices), **anchor_args(args),
     )  # fmt: skip
     print(f"storage {tune.redact(storage)}, study {study_name!r}")
     _print_top(result)
