@@ -202,11 +202,63 @@ def stale(budget: str, log=print) -> dict:
     return {"budget": steps, "behaviour_beta": BEHAVIOUR_BETA, "rows": rows_out, "lag4_over_lag0": ratios}
 
 
+def _fmt(stats: dict, digits: int = 0) -> str:
+    lo, hi = stats["ci95"]
+    return f"{stats['iqm']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
+
+
+def tables(folder: Path = RESULTS) -> str:
+    """docs/benchmarks.md's tables, from the studies' result files in `folder`."""
+    out = []
+    path = folder / "anchors-kickstart.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += ["| env | threshold | arm | env steps to threshold: IQM [95% CI] | median | reached "
+                "| final return IQM |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for env, e in r["envs"].items():
+            for arm, a in e["arms"].items():
+                s = a["steps_to_threshold"]
+                out.append(f"| {env} | {e['threshold']:g} | {arm} | {_fmt(s)} | {s['median']:.0f} | "
+                           f"{a['reached']}/{len(s['values'])} | {a['final_return']['iqm']:.1f} |")  # fmt: skip
+            out.append(f"| {env} | | teacher / no teacher, medians | **{e['median_ratio']:.2f}** | | | |")
+        out.append("")
+    path = folder / "anchors-leash.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += ["| ref_kl_coef | final return: IQM [95% CI] | final kl_ref: IQM [95% CI] |", "|---|---|---|"]
+        for row in r["frontier"]:
+            out.append(f"| {row['ref_kl_coef']:g} | {_fmt(row['final_return'], 1)} | {_fmt(row['kl_ref'], 4)} |")
+        out += ["", f"At ref_kl_coef = {r['beta']:g}:", "",
+                "| estimator | placement | final return: IQM [95% CI] | final kl_ref: IQM [95% CI] |",
+                "|---|---|---|---|"]  # fmt: skip
+        for row in r["estimators"]:
+            out.append(f"| {row['estimator']} | {row['placement']} | {_fmt(row['final_return'], 1)} | "
+                       f"{_fmt(row['kl_ref'], 4)} |")  # fmt: skip
+        out.append("")
+    path = folder / "anchors-stale.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += ["| stale data | correction | final return: IQM [95% CI] | median | kl_behaviour (median) "
+                "| ess (median) |", "|---|---|---|---|---|---|"]  # fmt: skip
+        for row in r["rows"]:
+            what = "fresh (lag 0, K = 1)" if row["variant"] == "fresh data" else f"{row['kind']} {row['value']}"
+            out.append(f"| {what} | {row['variant']} | {_fmt(row['final_return'], 1)} | "
+                       f"{row['final_return']['median']:.1f} | {row['kl_behaviour']['median']:.5f} | "
+                       f"{row['ess']['median']:.4f} |")  # fmt: skip
+        ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["lag4_over_lag0"].items())
+        out += ["", f"Median final return at policy lag 4 over lag 0's: {ratios}."]
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("studies", nargs="*", metavar="STUDY", help=f"any of {', '.join(STUDIES)} (default: all)")
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="full")
+    parser.add_argument("--table", action="store_true", help="print docs/benchmarks.md's tables from the results")
     args = parser.parse_args()
+    if args.table:
+        print(tables())
+        return 0
     unknown = [s for s in args.studies if s not in STUDIES]
     if unknown:
         parser.error(f"unknown study {unknown[0]!r}; use any of {', '.join(STUDIES)}")
