@@ -148,10 +148,11 @@ class PenalizedConfig(OnPolicyConfig):
     """Horizon of the proportional controller (Ziegler et al. 2019), in transitions."""
     replay_rollouts: int = static(1)
     """Update on the last K rollouts (K x num_envs x num_steps transitions); 1 is on-policy.
-    Until K rollouts exist, the first one fills the missing places."""
+    Until K rollouts exist, the first one fills the missing places. Replayed observations keep
+    the normalization they were collected with."""
     policy_lag: int = static(0)
-    """Actors act with the parameters of this many updates ago (asynchronous actors); 0 acts
-    with the current ones."""
+    """Actors act with the parameters of this many updates ago (asynchronous actors), on
+    observations normalized with the current moments; 0 acts with the current parameters."""
     is_correction: bool = static(True)
     """On stale data (replay_rollouts > 1 or policy_lag > 0): truncated importance weights to
     the behaviour policy in the advantages and value targets (V-trace), the current critic's
