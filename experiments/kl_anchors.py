@@ -37,6 +37,7 @@ from kl_rl import config as config_lib
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 STUDIES = ("kickstart", "leash", "stale")
+"""The studies run by default; `cost` (the anchors' speed) runs when named."""
 
 BUDGETS = {
     # CI: every code path, a few updates, as few compiled programs as that allows.
@@ -202,6 +203,36 @@ def stale(budget: str, log=print) -> dict:
     return {"budget": steps, "behaviour_beta": BEHAVIOUR_BETA, "rows": rows_out, "lag4_over_lag0": ratios}
 
 
+COST_SETTINGS = {
+    "plain": {},
+    "reference, exact in the loss": {"ref_kl_coef": 0.3},
+    "reference, k1 in the reward": {"ref_kl_coef": 0.3, "ref_kl_in": "reward", "ref_kl_estimator": "k1"},
+    "policy lag 4": {"policy_lag": 4},
+    "replay 2 rollouts": {"replay_rollouts": 2},
+    "replay 4 rollouts": {"replay_rollouts": 4},
+}
+
+
+def cost(budget: str, log=print, rounds: int = 3) -> dict:
+    """Env steps per second of PPO on CartPole-v1 (its preset, 8 seeds) with each anchor on,
+    measured in turns in one process, compile apart, as ratios to the plain run of each round."""
+    b = BUDGETS[budget]
+    reference = _teacher(budget, "CartPole-v1", b["early_steps"], "early-CartPole-v1")
+    seeds, steps = min(b["seeds"], 8), b["stale_steps"]
+    configs = {name: runner.resolve_config("ppo", "CartPole-v1", None, {"total_steps": steps, **settings})
+               for name, settings in COST_SETTINGS.items()}  # fmt: skip
+    rates: dict[str, list[float]] = {name: [] for name in COST_SETTINGS}
+    for _ in range(rounds):
+        for name, config in configs.items():
+            ref = reference if config.ref_kl_coef > 0 else None
+            result = kl_rl.run("ppo", "CartPole-v1", seeds=seeds, config=config, reference=ref)
+            rates[name].append(result.env_steps_per_s)
+        log(", ".join(f"{n} {r[-1]:,.0f}" for n, r in rates.items()))
+    plain = np.asarray(rates["plain"])
+    return {"seeds": seeds, "steps": steps, "rounds": rounds, "env_steps_per_s": rates,
+            "ratio_to_plain": {n: float(np.median(np.asarray(r) / plain)) for n, r in rates.items()}}  # fmt: skip
+
+
 def _fmt(stats: dict, digits: int = 0) -> str:
     lo, hi = stats["ci95"]
     return f"{stats['iqm']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
@@ -246,22 +277,30 @@ def tables(folder: Path = RESULTS) -> str:
                        f"{row['final_return']['median']:.1f} | {row['kl_behaviour']['median']:.5f} | "
                        f"{row['ess']['median']:.4f} |")  # fmt: skip
         ratios = ", ".join(f"{k} {v:.2f}" for k, v in r["lag4_over_lag0"].items())
-        out += ["", f"Median final return at policy lag 4 over lag 0's: {ratios}."]
+        out += ["", f"Median final return at policy lag 4 over lag 0's: {ratios}.", ""]
+    path = folder / "anchors-cost.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += ["| PPO CartPole-v1 | env steps/s (median of rounds) | ratio to plain (median) |", "|---|---|---|"]
+        for name, rates in r["env_steps_per_s"].items():
+            out.append(f"| {name} | {np.median(rates):,.0f} | {r['ratio_to_plain'][name]:.2f} |")
     return "\n".join(out)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("studies", nargs="*", metavar="STUDY", help=f"any of {', '.join(STUDIES)} (default: all)")
+    parser.add_argument(
+        "studies", nargs="*", metavar="STUDY", help=f"any of {', '.join(STUDIES)} (default: all), or cost"
+    )
     parser.add_argument("--budget", choices=tuple(BUDGETS), default="full")
     parser.add_argument("--table", action="store_true", help="print docs/benchmarks.md's tables from the results")
     args = parser.parse_args()
     if args.table:
         print(tables())
         return 0
-    unknown = [s for s in args.studies if s not in STUDIES]
+    unknown = [s for s in args.studies if s not in (*STUDIES, "cost")]
     if unknown:
-        parser.error(f"unknown study {unknown[0]!r}; use any of {', '.join(STUDIES)}")
+        parser.error(f"unknown study {unknown[0]!r}; use any of {', '.join(STUDIES)}, cost")
     parallel.use_cpu_devices()
     for study in args.studies or STUDIES:
         start = time.perf_counter()

@@ -172,8 +172,15 @@ def test_init_from_starts_from_the_runs_parameters_and_normalizer(teacher):
     assert result.anchors["init_from"]["params_sha256"]
 
 
-@pytest.mark.parametrize("algo,flags", [("trpo", ["--vf-minibatches", "4"]), ("cem", ["--population-size", "8"])])
-def test_trpo_and_cem_take_a_reference(teacher, tmp_path, algo, flags):
+@pytest.mark.parametrize(
+    "algo,flags",
+    [
+        ("trpo", ["--vf-minibatches", "4"]),
+        ("vpg", ["--num-envs", "4", "--vf-epochs", "2", "--ref-kl-in", "reward", "--ref-kl-estimator", "k2"]),
+        ("cem", ["--population-size", "8"]),
+    ],
+)
+def test_vpg_trpo_and_cem_take_a_reference(teacher, tmp_path, algo, flags):
     steps = ["--iterations", "3"] if algo == "cem" else ["--total-steps", "2048", "--num-steps", "128"]
     out = tmp_path / algo
     args = ["train", "--algo", algo, "--reference", str(teacher), "--ref-kl-coef", "0.5", "--out", str(out)]
