@@ -42,6 +42,19 @@ from kl_rl.errors import ConfigError
 from kl_rl.train import Trainer, vmap_seeds
 
 AXIS = "items"
+PROGRAM_CACHE_ENV = "KL_RL_PROGRAM_CACHE"
+
+
+def program_cache_enabled() -> bool:
+    """Whether `Programs` keeps and loads serialized executables ($KL_RL_PROGRAM_CACHE=1; off by default).
+
+    Off by default because XLA:CPU (jaxlib 0.10) sometimes loads such an executable whose fused
+    functions it then cannot find when it runs ("NOT_FOUND: Function iota_convert_fusion not
+    found"), depending on the program: seen for VPG on CartPole-v1 and for PPO with policy lag or
+    replay, on the second command. A crash is worse than the 1.5 s of tracing it saves; JAX's own
+    persistent cache (on by default) still skips XLA's compilation.
+    """
+    return os.environ.get(PROGRAM_CACHE_ENV, "").strip().lower() in ("1", "on", "true", "yes")
 _FORCE_FLAG = "xla_force_host_platform_device_count"
 
 
@@ -166,8 +179,9 @@ class Programs:
     Every argument and output is batched along the items axis (padded to `layout.padded`):
     keys, configs (stacked with `stack`), train states.
 
-    With a `cache_dir` and a `key` naming the trainer (algo, env, path, its config), each
-    compiled program is also kept there as a serialized executable, and a later process that
+    With a `cache_dir`, a `key` naming the trainer (algo, env, path, its config) and
+    `program_cache_enabled()` (opt-in, see there), each compiled program is also kept there as a
+    serialized executable, and a later process that
     builds the same programs loads them without tracing or compiling anything. JAX's own
     persistent cache skips XLA's compilation but not the tracing and lowering, about 1.5 s of
     Python for PPO. The file name hashes everything a program depends on: the key, the
@@ -183,7 +197,8 @@ class Programs:
         self.compile_time_s = 0.0
         self.loaded = 0
         """How many of the programs came from `cache_dir`."""
-        self._cache = Path(cache_dir) / "kl_rl" if cache_dir is not None and key is not None else None
+        enabled = cache_dir is not None and key is not None and program_cache_enabled()
+        self._cache = Path(cache_dir) / "kl_rl" if enabled else None
         self._key = key
 
     def _options(self, name: Any) -> dict[str, Any]:

@@ -103,8 +103,8 @@ print(json.dumps({"cached": r.compiled_from_cache, "final": r.final_returns.toli
 """
 
 
-def test_a_second_process_loads_its_programs_from_the_cache(tmp_path):
-    env = {**os.environ, "KL_RL_CACHE_DIR": str(tmp_path / "cache")}
+def test_a_second_process_loads_its_programs_from_the_opt_in_cache(tmp_path):
+    env = {**os.environ, "KL_RL_CACHE_DIR": str(tmp_path / "cache"), parallel.PROGRAM_CACHE_ENV: "1"}
 
     def run():
         proc = subprocess.run([sys.executable, "-c", CACHED], env=env, capture_output=True, text=True, check=False)
@@ -117,7 +117,8 @@ def test_a_second_process_loads_its_programs_from_the_cache(tmp_path):
     assert list((tmp_path / "cache" / "kl_rl").glob("*.pkl"))
 
 
-def test_a_damaged_cache_file_is_a_miss_not_an_error(tmp_path):
+def test_a_damaged_cache_file_is_a_miss_not_an_error(tmp_path, monkeypatch):
+    monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "1")
     small = dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 4)
     from kl_rl import envs, runner
     from kl_rl.train import make_trainer
