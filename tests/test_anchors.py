@@ -166,9 +166,12 @@ def test_init_from_starts_from_the_runs_parameters_and_normalizer(teacher):
             np.testing.assert_array_equal(ours, theirs[t])
         # Adam starts afresh: its moments are zeros.
         assert all(np.all(x == 0) for x in _leaves(state.agent.opt_state) if x.dtype == np.float32)
-    # A fine-tuned run with a vanishing learning rate evaluates as the run it started from.
-    result = kl_rl.run("ppo", "CartPole-v1", seeds=2, init_from=teacher, total_steps=512, lr=1e-9, **SMALL)
-    np.testing.assert_array_equal(result.final_returns, loaded.evaluate().mean(axis=1))
+    # Through the runner: a vanishing learning rate leaves each seed at its source's parameters.
+    result = kl_rl.run("ppo", "CartPole-v1", seeds=3, init_from=teacher, total_steps=256, lr=1e-12, **SMALL)
+    ours_all, theirs_all = _leaves(result.final_state.agent.params), _leaves(loaded.state.agent.params)
+    for s, t in enumerate([0, 1, 0]):
+        for ours, theirs in zip(ours_all, theirs_all, strict=True):
+            np.testing.assert_allclose(ours[s], theirs[t], atol=1e-6)
     assert result.anchors["init_from"]["params_sha256"]
 
 

@@ -59,7 +59,7 @@ def _steps_per_update(algo: str, flags: list[str]) -> int:
     return make_trainer(algo, config, envs.make("CartPole-v1")).steps_per_update * 2
 
 
-@pytest.mark.parametrize("algo", sorted(RUNS))
+@pytest.mark.parametrize("algo", [a if a != "cem" else pytest.param(a, marks=pytest.mark.slow) for a in sorted(RUNS)])
 def test_sigkill_then_resume_is_bit_identical(tmp_path, algo):
     args = ["train", "--algo", algo, "--env", "CartPole-v1", "--seeds", "2", "--checkpoint-every", EVERY[algo]]
     args += RUNS[algo]

@@ -95,6 +95,7 @@ def test_adaptive_penalty_moves_beta_by_the_papers_rule():
             np.testing.assert_allclose(beta[u + 1], 2 * beta[u], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_fixed_penalty_lowers_kl():
     free = _train(lr=3e-3, update_epochs=8)
     penalized = _train(lr=3e-3, update_epochs=8, kl_penalty="fixed", kl_coef=100.0)
@@ -112,6 +113,7 @@ def test_gaussian_policy_on_pendulum_learns_its_log_std_and_normalizes_obs():
     np.testing.assert_allclose(norm.mean[0, :2], 0.0, atol=0.5)  # cos, sin of a spinning pendulum
 
 
+@pytest.mark.slow
 def test_ppo_learns_cartpole_quickly():
     config = dict(total_steps=50_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20,
                   gamma=0.98, gae_lambda=0.8, lr=1e-3, ent_coef=0.0)

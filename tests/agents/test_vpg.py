@@ -1,12 +1,14 @@
 """VPG: the KL penalty to the previous iterate, through the KL module."""
 
 import numpy as np
+import pytest
 
 from .common import train
 
 FIELDS = dict(total_steps=2048, num_envs=4, num_steps=128, lr=3e-2, policy_iters=8, vf_epochs=2)
 
 
+@pytest.mark.slow
 def test_kl_penalty_lowers_the_kl_to_the_previous_iterate():
     free = train("vpg", **FIELDS)
     penalized = train("vpg", kl_penalty="fixed", kl_coef=100.0, **FIELDS)
