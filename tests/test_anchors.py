@@ -97,7 +97,7 @@ def test_kl_ref_falls_as_the_coefficient_rises(teacher, placement):
 
     grid = {"ref_kl_coef": [0.0, 0.3, 3.0]}
     result = sweep.run_sweep(
-        "ppo", "CartPole-v1", grid, seeds=8, overrides={"total_steps": 8192, **SMALL, **placement}, reference=teacher
+        "ppo", "CartPole-v1", grid, seeds=8, overrides={"total_steps": 4096, **SMALL, **placement}, reference=teacher
     )
     final = np.median(np.nanmean(result.metrics["kl_ref"][:, :, -5:], axis=2), axis=1)
     assert final[0] > final[1] > final[2], final

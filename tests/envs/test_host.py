@@ -67,7 +67,7 @@ NORMALIZE = dict(normalize_obs=True, normalize_reward=True)
     [
         ("ppo", FixedStartCartPole),
         ("vpg", FixedStartCartPole),
-        ("trpo", FixedStartPendulum),
+        pytest.param("trpo", FixedStartPendulum, marks=pytest.mark.slow),
         ("cem", FixedStartCartPole),
     ],
 )
@@ -124,6 +124,7 @@ def test_scale_reward_matches_a_numpy_reference():
     np.testing.assert_allclose(np.array(scaled), np.array(expected), rtol=2e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_sync_and_async_vectorization_agree():
     kwargs = dict(seeds=2, total_steps=2 * 2 * 16, num_envs=1, num_steps=16, eval_episodes=1, env_path="host")
     sync = kl_rl.run("ppo", "CartPole-v1", vectorization="sync", **kwargs)
