@@ -281,6 +281,40 @@ def advantages_and_returns(
     return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
 
 
+class Estimates(NamedTuple):
+    """What an actor-critic update learns from, flattened to [B]: `advantages_and_returns`, and on
+    stale data the proximal policy (the policy before this update) against the behaviour one."""
+
+    traj: buffer.Transition
+    advantages: jax.Array
+    returns: jax.Array
+    prox_dist: Any
+    """The proximal policy's distribution at each state; None on fresh data."""
+    log_rho: jax.Array | None
+    """log pi_prox(a) - log mu(a), mu the behaviour policy; None on fresh data."""
+    prox: tuple | None
+    """(log pi_prox(a), prox_dist) on corrected stale data (the anchor of the clip and of the
+    previous-iterate KL); None otherwise."""
+
+
+def estimates(policy_net: networks.Network, policy_params: Any, value_fn: Callable, traj: buffer.Transition,
+              config: Any) -> Estimates:  # fmt: skip
+    """Advantages and returns of a [T, N] trajectory, and on stale data (config.stale) the
+    proximal policy's weights to the behaviour policy, which V-trace uses when
+    config.is_correction."""
+    prox_dist = log_rho = prox = None
+    if config.stale:
+        prox_dist = policy_net.apply(policy_params, traj.obs)
+        log_rho = prox_dist.log_prob(traj.action) - traj.log_prob
+    traj, advantages, returns = advantages_and_returns(value_fn, traj, config, log_rho)
+    if config.stale:
+        batch = returns.shape[0]
+        prox_dist, log_rho = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (prox_dist, log_rho))
+        if config.is_correction:
+            prox = (log_rho + traj.log_prob, prox_dist)
+    return Estimates(traj, advantages, returns, prox_dist, log_rho, prox)
+
+
 def explained_variance(returns: jax.Array, values: jax.Array) -> jax.Array:
     """1 - Var[R - V] / Var[R]: 1 for a perfect critic, 0 for a constant one."""
     return 1.0 - jnp.var(returns - values) / (jnp.var(returns) + 1e-8)

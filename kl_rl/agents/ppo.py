@@ -36,7 +36,7 @@ from kl_rl.agents.common import (
     add_reference_loss,
     actor_critic,
     adam,
-    advantages_and_returns,
+    estimates,
     apply_step,
     check_divides,
     explained_variance,
@@ -173,17 +173,8 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
 
     def update(key: jax.Array, state: PPOState, traj, progress: jax.Array, ref_beta=None):
         params = state.params
-        log_rho = prox_dist = None
-        if stale:
-            prox_dist = policy_net.apply(params["policy"], traj.obs)
-            log_rho = prox_dist.log_prob(traj.action) - traj.log_prob
-        traj, advantages, returns = advantages_and_returns(lambda obs: ac.value(state, obs), traj, config, log_rho)
-        prox = None
-        if stale:
-            batch = returns.shape[0]
-            prox_dist, log_rho = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (prox_dist, log_rho))
-            if decoupled:
-                prox = (log_rho + traj.log_prob, prox_dist)
+        est = estimates(policy_net, params["policy"], lambda obs: ac.value(state, obs), traj, config)
+        traj, advantages, returns, prox_dist, log_rho, prox = est
         lr = config.lr * (1.0 - progress) if config.anneal_lr else config.lr
         beta = state.kl_ctrl.beta
 

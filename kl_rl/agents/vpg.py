@@ -29,7 +29,7 @@ from kl_rl.agents.common import (
     add_reference_loss,
     actor_critic,
     adam,
-    advantages_and_returns,
+    estimates,
     apply_step,
     check_divides,
     explained_variance,
@@ -115,16 +115,8 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
     def update(key: jax.Array, state: VPGState, traj, progress: jax.Array, ref_beta=None):
         del progress
         params = state.params
-        log_rho = prox_dist = prox = None
-        if stale:
-            prox_dist = ac.policy_net.apply(params["policy"], traj.obs)
-            log_rho = prox_dist.log_prob(traj.action) - traj.log_prob
-        traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config, log_rho)
-        if stale:
-            batch = returns.shape[0]
-            prox_dist, log_rho = jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (prox_dist, log_rho))
-            if decoupled:
-                prox = (log_rho + traj.log_prob, prox_dist)
+        est = estimates(ac.policy_net, params["policy"], lambda o: ac.value(state, o), traj, config)
+        traj, advantages, returns, prox_dist, log_rho, prox = est
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
         beta = state.kl_ctrl.beta
