@@ -49,6 +49,14 @@ class Transition(NamedTuple):
     ref_dist: Any = None
 
 
+def in_first_episode(traj: Transition) -> jax.Array:
+    """[T, N] mask of the steps of each env's first episode in a [T, N] trajectory (its last
+    step included): what an episodic agent (CEM, the token-task agents) learns from, since the
+    steps after an env's first episode ends belong to an episode its rollout cuts short."""
+    done = (traj.terminated | traj.truncated).astype(jnp.int32)
+    return (jnp.cumsum(done, axis=0) - done) == 0
+
+
 @flax.struct.dataclass
 class BufferState:
     """A circular buffer's contents.

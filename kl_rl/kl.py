@@ -339,7 +339,7 @@ def kl_penalized_reward(
 # kickstarting, fine-tuning on a leash) and the behaviour policy that collected stale data
 # (policy lag, replay) are measured with the functions below.
 
-REF_ESTIMATORS = ("exact", "k1", "k2", "k3")
+REF_ESTIMATORS = ("exact", "k1", "k2", "k3", "abs")
 REF_DIRECTIONS = ("reverse", "forward")
 REF_PLACEMENTS = ("loss", "reward")
 
@@ -368,7 +368,8 @@ def anchor_kl_estimate(
 
     l = log pi(x) - log anchor(x). For the reverse direction KL(pi || anchor):
     k1 = l (unbiased), k2 = l^2 / 2 (biased, third order in l), k3 = exp(-l) - 1 + l (unbiased,
-    >= 0); Schulman (2020). For the forward direction KL(anchor || pi), weighted by
+    >= 0); Schulman (2020); abs = |l| (TRL's "abs" penalty, biased, >= 0). For the forward
+    direction KL(anchor || pi), weighted by
     r = anchor(x) / pi(x) = exp(-l): k1 = r log r (unbiased), k3 = r log r - (r - 1) (unbiased,
     >= 0); k2 has no forward form.
 
@@ -380,11 +381,11 @@ def anchor_kl_estimate(
     Args:
       log_pi: log pi(x) for x drawn from pi (or from the behaviour policy that stands for it).
       log_anchor: log anchor(x), same shape.
-      estimator: "k1", "k2" or "k3".
+      estimator: "k1", "k2", "k3" or "abs" (reverse only).
       direction: "reverse" or "forward".
     """
     if direction == "reverse":
-        fns = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
+        fns = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3, "abs": lambda log_p, log_q: jnp.abs(log_q - log_p)}
     elif direction == "forward":
         fns = {"k1": _forward_k1, "k3": kl_reverse_k3}
     else:
@@ -434,8 +435,8 @@ def check_anchor_options(estimator: str, direction: str, placement: str = "loss"
         raise ValueError(f"unknown direction {direction!r}; use one of {', '.join(REF_DIRECTIONS)}")
     if estimator not in REF_ESTIMATORS:
         raise ValueError(f"unknown estimator {estimator!r}; use one of {', '.join(REF_ESTIMATORS)}")
-    if direction == "forward" and estimator == "k2":
-        raise ValueError("k2 estimates the reverse KL only; use exact, k1 or k3 with the forward direction")
+    if direction == "forward" and estimator in ("k2", "abs"):
+        raise ValueError(f"{estimator} estimates the reverse KL only; use exact, k1 or k3 with the forward direction")
 
 
 def effective_sample_size(log_weights: jax.Array) -> jax.Array:
@@ -450,3 +451,24 @@ def effective_sample_size(log_weights: jax.Array) -> jax.Array:
     lw = lw - jax.lax.stop_gradient(jnp.max(lw))
     log_n = jnp.log(jnp.asarray(lw.size, lw.dtype))
     return jnp.exp(2.0 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2.0 * lw) - log_n)
+
+
+PREFERENCE_LOSSES = ("sigmoid", "ipo")
+
+
+def preference_loss(log_ratio_chosen: jax.Array, log_ratio_rejected: jax.Array, beta: ArrayLike,
+                    kind: str = "sigmoid") -> jax.Array:  # fmt: skip
+    """The per-pair loss of DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023).
+
+    The implicit reward of a response y is beta * log(pi(y) / pi_ref(y)): the KL-regularized
+    optimum's reward, up to a prompt-only term. With h = log_ratio_chosen - log_ratio_rejected
+    (each log pi(y) - log pi_ref(y), summed over the response's tokens):
+    "sigmoid" (DPO) is -log sigmoid(beta h); "ipo" is (h - 1 / (2 beta))^2, which pulls the
+    margin to a finite target instead of without bound.
+    """
+    h = log_ratio_chosen - log_ratio_rejected
+    if kind == "sigmoid":
+        return -jax.nn.log_sigmoid(beta * h)
+    if kind == "ipo":
+        return jnp.square(h - 1.0 / (2.0 * beta))
+    raise ValueError(f"unknown preference loss {kind!r}; use one of {', '.join(PREFERENCE_LOSSES)}")

@@ -102,10 +102,16 @@ class CategoricalHead(nn.Module):
 
 
 class Network(NamedTuple):
-    """A pure (init, apply) pair: init(key, obs) -> params; apply(params, obs) -> output."""
+    """A pure (init, apply) pair: init(key, obs) -> params; apply(params, obs) -> output.
+
+    A token transformer also has `sequence(params, tokens [..., L]) -> output at every position
+    [..., L, ...]`: by causality, position i's output is what `apply` gives for the buffer whose
+    last token is at i, so one pass scores a whole response.
+    """
 
     init: Callable[[jax.Array, jax.Array], Any]
     apply: Callable[[Any, jax.Array], Any]
+    sequence: Callable[[Any, jax.Array], Any] | None = None
 
 
 def resolve_distribution(distribution: str, action_space: gym.Space) -> str:
@@ -149,3 +155,102 @@ def make_value(hidden_sizes: Sequence[int], activation: str) -> Network:
     """The critic: observation -> scalar value (the trailing unit axis is squeezed)."""
     module = MLP(tuple(hidden_sizes), activation, 1, 1.0)
     return Network(init=module.init, apply=lambda params, obs: module.apply(params, obs)[..., 0])
+
+
+class _Block(nn.Module):
+    """Pre-LayerNorm causal self-attention and a 4x GELU MLP, each in a residual branch (GPT-2)."""
+
+    width: int
+    heads: int
+    out_std: float
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        init, out_init = nn.initializers.normal(0.02), nn.initializers.normal(self.out_std)
+        h = nn.LayerNorm()(x)
+        x = x + nn.MultiHeadDotProductAttention(
+            num_heads=self.heads, qkv_features=self.width, kernel_init=init, out_kernel_init=out_init
+        )(h, h, mask=mask)
+        h = nn.LayerNorm()(x)
+        h = nn.Dense(self.width, kernel_init=out_init)(nn.gelu(nn.Dense(4 * self.width, kernel_init=init)(h)))
+        return x + h
+
+
+class TokenTransformer(nn.Module):
+    """A tiny causal transformer over a token buffer (GPT-2's layout: token and learned position
+    embeddings, pre-LN blocks, a final LayerNorm, a linear head).
+
+    `__call__(obs)` reads the buffer [..., L] (float or int token ids; the prompt holds no PAD)
+    and returns the head's output at the last non-PAD position, which predicts the next token;
+    `all_positions(tokens)` returns it at every position.
+
+    Attributes:
+      vocab_size, length: the token ids and the buffer length L.
+      pad: the PAD id.
+      layers, width, heads: the transformer's shape (width divisible by heads).
+      out_dim: the head's units (the vocabulary for a policy, 1 for a value head).
+    """
+
+    vocab_size: int
+    length: int
+    pad: int
+    layers: int
+    width: int
+    heads: int
+    out_dim: int
+
+    def setup(self) -> None:
+        init = nn.initializers.normal(0.02)
+        self.embed = nn.Embed(self.vocab_size, self.width, embedding_init=init)
+        self.position = self.param("position", init, (self.length, self.width))
+        # GPT-2 scales the residual branches' output layers by 1/sqrt(2 * layers).
+        out_std = 0.02 / np.sqrt(2.0 * self.layers)
+        self.blocks = [_Block(self.width, self.heads, out_std) for _ in range(self.layers)]
+        self.norm = nn.LayerNorm()
+        self.head = nn.Dense(self.out_dim, kernel_init=init)
+
+    def features(self, tokens: jax.Array) -> jax.Array:
+        tokens = jnp.asarray(tokens).astype(jnp.int32)
+        x = self.embed(tokens) + self.position
+        mask = nn.make_causal_mask(tokens)
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def all_positions(self, tokens: jax.Array) -> jax.Array:
+        return self.head(self.features(tokens))
+
+    def __call__(self, obs: jax.Array) -> jax.Array:
+        tokens = jnp.asarray(obs).astype(jnp.int32)
+        x = self.features(tokens)
+        last = jnp.sum(tokens != self.pad, axis=-1) - 1
+        return self.head(jnp.take_along_axis(x, last[..., None, None], axis=-2)[..., 0, :])
+
+
+def make_token_networks(observation_space: gym.Space, action_space: gym.Space, layers: int, width: int,
+                        heads: int) -> tuple[Network, Network]:  # fmt: skip
+    """A token policy (buffer -> Categorical over the next token) and a token critic (buffer ->
+    value), two transformers of the same shape, for a `kl_rl.envs.tasks.TokenSpace`."""
+    if layers <= 0 or width <= 0 or heads <= 0 or width % heads:
+        raise ConfigError(
+            f"--layers, --width and --heads must be positive with width divisible by heads, got "
+            f"{layers}, {width}, {heads}"
+        )
+    shape = dict(
+        vocab_size=int(action_space.n), length=int(observation_space.shape[0]), pad=int(observation_space.pad),
+        layers=layers, width=width, heads=heads,
+    )  # fmt: skip
+    policy = TokenTransformer(out_dim=int(action_space.n), **shape)
+    value = TokenTransformer(out_dim=1, **shape)
+    return (
+        Network(
+            init=policy.init,
+            apply=lambda p, obs: kl.Categorical(logits=policy.apply(p, obs)),
+            sequence=lambda p, tokens: kl.Categorical(logits=policy.apply(p, tokens, method="all_positions")),
+        ),
+        Network(
+            init=value.init,
+            apply=lambda p, obs: value.apply(p, obs)[..., 0],
+            sequence=lambda p, tokens: value.apply(p, tokens, method="all_positions")[..., 0],
+        ),
+    )

@@ -119,6 +119,22 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("trpo", "LunarLander-v3"): dict(
         total_steps=1_000_000, num_envs=8, num_steps=512, gamma=0.999, gae_lambda=0.98, normalize_obs=True
     ),
+    # Token tasks (kl_rl.agents.lm): a 2-layer, width-64 transformer. SFT's budget sets the
+    # reference's quality: 240 updates of 256 oracle answers leave Addition-v0 in the middle of
+    # its learning curve (held-out greedy accuracy 0.36 for seed 0; docs/benchmarks.md). The RL
+    # algorithms start from that reference and are held near it.
+    ("sft", "Addition-v0"): dict(total_steps=61_440, num_envs=256),
+    ("grpo", "Addition-v0"): dict(
+        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
+    ),
+    # The same budget (responses, batch, passes) for the others, untuned beyond their defaults.
+    ("rloo", "Addition-v0"): dict(
+        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
+    ),
+    ("ppo-lm", "Addition-v0"): dict(total_steps=102_400, num_envs=256, lr=3e-4, eval_every=25),
+    ("dpo", "Addition-v0"): dict(
+        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
+    ),
 }
 
 

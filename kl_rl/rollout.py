@@ -13,7 +13,7 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 
-from kl_rl import normalize
+from kl_rl import buffer, normalize
 from kl_rl.buffer import Transition
 from kl_rl.envs.vector import VecEnv, VecEnvState
 
@@ -100,6 +100,7 @@ def collect(
     reward_gamma: jax.Array | None = None,
     reference: Callable[[jax.Array], Any] | None = None,
     reward_penalty: Callable[[Any, jax.Array, Any], jax.Array] | None = None,
+    first_episode_only: bool = False,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -121,6 +122,8 @@ def collect(
         applies its own observation normalizer; recorded as each transition's `ref_dist`.
       reward_penalty: reward_penalty(dist, action, ref_dist) -> [N], subtracted from the raw
         reward before any scaling (a KL penalty in the reward, as in RLHF). Needs `reference`.
+      first_episode_only: count only each env's first episode of the rollout in the episode
+        statistics (an episodic agent's rollout starts from reset envs and learns from those).
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -164,6 +167,8 @@ def collect(
     if value is not None:
         trajectory = trajectory._replace(value=value(trajectory.obs))
     done = trajectory.terminated | trajectory.truncated
+    if first_episode_only:
+        done = done & buffer.in_first_episode(trajectory)
     stats = EpisodeStats(
         return_sum=jnp.sum(jnp.where(done, returns, 0.0)),
         length_sum=jnp.sum(jnp.where(done, lengths, 0)).astype(jnp.float32),

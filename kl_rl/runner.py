@@ -27,6 +27,7 @@ import kl_rl
 from kl_rl import config as config_lib
 from kl_rl import envs, parallel
 from kl_rl.agents import algo_spec
+from kl_rl.errors import ConfigError
 from kl_rl.presets import preset
 from kl_rl.train import NAN_BY_DESIGN, RefSpec, Reference, Setup, StartFrom, make_trainer
 
@@ -50,8 +51,25 @@ def resolve_config(
         values.update(config_lib.load_file(config_file))
     values.update(overrides or {})
     config = config_lib.build(spec.config, values)
+    check_task_algo(algo, env_id, env)
     config.validate(env.action_space)
+    if envs.is_token_space(env.observation_space) and config.eval_episodes > env.held_out_size:
+        raise ConfigError(
+            f"--eval-episodes {config.eval_episodes} exceeds {env_id}'s {env.held_out_size} held-out problems; "
+            f"use at most {env.held_out_size}"
+        )
     return config
+
+
+def check_task_algo(algo: str, env_id: str, env: Any) -> None:
+    """ConfigError unless a token-task algo meets a token task, and a control algo a control env."""
+    from kl_rl.agents import SEQUENCE_ALGOS
+
+    task = envs.is_token_space(env.observation_space)
+    if task and algo not in SEQUENCE_ALGOS:
+        raise ConfigError(f"{env_id} is a token task; train it with --algo {' | '.join(SEQUENCE_ALGOS)}")
+    if algo in SEQUENCE_ALGOS and not task:
+        raise ConfigError(f"--algo {algo} trains on token tasks ({', '.join(envs.TASK_IDS)}), not {env_id}")
 
 
 @dataclasses.dataclass
@@ -111,7 +129,10 @@ class RunResult:
         and no eval_return: what came after is nan, and its final policy is meaningless.
         """
         first = ["env_steps", "episode_return", "episode_length", "kl", "entropy", "pg_loss", "vf_loss"]
-        names = [k for k in first if k in self.metrics] + sorted(k for k in self.metrics if k not in first)
+        names = [k for k in first if k in self.metrics] + sorted(
+            k for k in self.metrics if k not in first and k != "eval_return"
+        )
+        points = self.metrics.get("eval_return")
         num_updates = self.metrics[names[0]].shape[1]
         out = []
         for s, (seed, diverged) in enumerate(zip(self.seeds, self.diverged, strict=True)):
@@ -119,7 +140,12 @@ class RunResult:
                 row = {"seed": seed, "update": u + 1}
                 row.update({k: _scalar(self.metrics[k][s, u]) for k in names})
                 last = u == num_updates - 1 and diverged is None
-                row["eval_return"] = _scalar(self.final_returns[s]) if last else None
+                if last:
+                    row["eval_return"] = _scalar(self.final_returns[s])
+                elif points is not None and np.isfinite(points[s, u]):
+                    row["eval_return"] = _scalar(points[s, u])  # an evaluation point
+                else:
+                    row["eval_return"] = None
                 out.append(row)
         return out
 
@@ -518,6 +544,9 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
     init_keys, eval_keys = (parallel.pad(k, lay) for k in jax.vmap(jax.random.split, out_axes=1)(keys))
     stacked = parallel.pad(parallel.stack(configs), lay)
     report = report or (lambda updates_done, first: None)
+    # Evaluation points (config.eval_every, token tasks) end segments, as checkpoints do.
+    eval_every = getattr(configs[0], "eval_every", 0)
+    step = math.gcd(every, eval_every) if every and eval_every else (every or eval_every)
     compile_before = programs.compile_time_s
     start = time.perf_counter()
     ckpt = None
@@ -531,7 +560,7 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
         if latest is None:
             items_setup = setup() if setup is not None else None
             items_setup = None if items_setup is None else parallel.pad(items_setup, lay)
-            programs.prepare(init_keys, stacked, parallel.segments(num_updates, every), setup=items_setup)
+            programs.prepare(init_keys, stacked, parallel.segments(num_updates, step), setup=items_setup)
             state = programs.init(init_keys, stacked, items_setup)
         else:
             saved = ckpt.record(latest)
@@ -546,14 +575,14 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
             template = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(configs), *x.shape), x.dtype), one)
             state, saved_metrics = ckpt.restore(latest, template)
             state = parallel.pad(state, lay)
-            programs.prepare(init_keys, stacked, parallel.segments(num_updates - latest, every), state)
+            programs.prepare(init_keys, stacked, parallel.segments(num_updates - latest, step), state)
             if trainer.env_path == "host":
                 # The gymnasium envs' own state is not in the checkpoint: start new episodes.
                 restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, latest))(init_keys)
                 state = programs.restart_envs(restart_keys, state)
             done, history = latest, [saved_metrics]
         # Without checkpoints every run is cut the same way, so progress or not, the same bits.
-        plan = parallel.segments(num_updates - done, every)
+        plan = parallel.segments(num_updates - done, step)
         save_every = every or num_updates
         report(done, True)
         pending = None  # the last dispatched segment's metrics and the updates done after it
@@ -569,6 +598,13 @@ def train_items(programs, keys, configs, report=None, checkpoint_dir=None, every
         for n in plan:
             state, metrics = programs.run(state, stacked, n)
             done += n
+            if eval_every:
+                # The held-out score of the policy at this point, in the segment's last row.
+                scores = np.full((lay.items, n), np.nan, np.float32)
+                if done % eval_every == 0 and done < num_updates:
+                    point_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(eval_keys, done)
+                    scores[:, -1] = np.asarray(programs.evaluate(point_keys, state, stacked))[: lay.items].mean(axis=1)
+                metrics = {**metrics, "eval_return": scores}
             history.append(metrics)
             if ckpt is not None and (done % save_every == 0 or done == num_updates):
                 ckpt.save(done, parallel.unpad(state, lay), _joined(history, lay), record)

@@ -21,7 +21,7 @@ from kl_rl.agents import ALGOS
 from kl_rl.agents.common import ref_kl_controller
 
 
-NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual")
+NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual", "eval_return")
 """Metrics that are NaN in a healthy run: the episode statistics until the first episode ends
 (see `last_return`), and TRPO's `cg_residual` with direction "gradient", which solves nothing."""
 
@@ -143,8 +143,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         exact mean KL(pi || pi_ref) over each update's batch, and `ref_beta`.
     """
     make_agent = ALGOS[algo].make
-    vec_env = envs.vectorize(env, config.num_envs)
-    eval_env = envs.vectorize(env, config.eval_episodes)
+    vec_env = envs.vectorize(env, config.num_envs, group_size=getattr(config, "group_size", 1))
+    eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
     eval_steps = eval_env.max_episode_steps or 1000
@@ -154,6 +154,9 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     replay = getattr(config, "replay_rollouts", 1)
     lag = getattr(config, "policy_lag", 0)
     ref_agent = None if reference is None else ALGOS[reference.algo].make(reference.config, obs_space, action_space)
+    # An episodic agent learns from each env's first episode of a rollout: its episode statistics
+    # count those only (token tasks; CEM keeps counting every episode that ends, as before).
+    first_episodes = envs.is_token_space(obs_space)
 
     def reference_fn(ref: Reference):
         """raw obs -> the reference's distribution, through its own observation normalizer."""
@@ -187,9 +190,34 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
                     term = kl.anchor_penalty(dist, ref_dist, action, config.ref_kl_estimator, config.ref_kl_direction)
                     return beta * term
 
+        if ref_fn is not None and ref_agent.score_responses is not None:
+            # A token task's reference scores each whole response in one causal pass after the
+            # rollout (the same distributions a per-step call gives, at 1/H of the work).
+            collector, trajectory, episodes = rollout.collect(
+                key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma,
+                first_episode_only=first_episodes,
+            )  # fmt: skip
+            return collector, score_reference(anchors.reference, trajectory, penalty), episodes
         return rollout.collect(
-            key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty
-        )
+            key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
+            first_episode_only=first_episodes,
+        )  # fmt: skip
+
+    def score_reference(ref: Reference, trajectory, penalty):
+        """A token task's [T, N] trajectory with the reference's distribution at each step of
+        each env's first response (`ref_dist`), and the reward penalty (if any) subtracted there.
+        Steps after an env's first response (which episodic agents mask out) get no penalty."""
+        valid = buffer.in_first_episode(trajectory)
+        prompt = trajectory.obs[0, :, : obs_space.prompt_length]
+        response = jnp.where(valid, trajectory.action, obs_space.pad).T.astype(prompt.dtype)
+        steps = response.shape[1]  # the response length, or fewer (init's shape probe)
+        response = jnp.pad(response, ((0, 0), (0, obs_space.response_length - steps)), constant_values=obs_space.pad)
+        ref_dist = ref_agent.score_responses(ref.agent, jnp.concatenate([prompt, response], axis=-1))
+        ref_dist = jax.tree.map(lambda x: jnp.swapaxes(x[:, :steps], 0, 1), ref_dist)
+        reward = trajectory.reward
+        if penalty is not None:
+            reward = reward - jnp.where(valid, penalty(trajectory.dist, trajectory.action, ref_dist), 0.0)
+        return trajectory._replace(ref_dist=ref_dist, reward=reward)
 
     def init(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
@@ -202,6 +230,10 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         if setup.start is not None:
             agent_state = agent_state.replace(params=setup.start.params)
             collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
+        elif getattr(config, "init_from_reference", False) and setup.reference is not None:
+            # RLHF's start: the policy is the reference (an SFT run); anything else starts fresh.
+            params = {**agent_state.params, "policy": setup.reference.agent.params["policy"]}
+            agent_state = agent_state.replace(params=params)
         anchors = None
         if reference is not None or lag:
             ref = setup.reference
@@ -263,11 +295,17 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         else:
             ref_beta = anchors.ref_ctrl.beta
             agent_state, metrics = agent.update(update_key, state.agent, data, progress_frac, ref_beta)
-            new_dist = agent.policy(agent_state, data.obs)
-            kl_ref = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "reverse"))
+            if "kl_ref" in metrics:
+                # The agent measured it its own way (token tasks: summed over each response).
+                kl_ref = metrics["kl_ref"]
+            else:
+                new_dist = agent.policy(agent_state, data.obs)
+                kl_ref = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "reverse"))
             controlled = kl_ref
             if config.ref_kl_direction == "forward":
-                controlled = metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
+                if "kl_ref_forward" not in metrics:
+                    metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
+                controlled = metrics["kl_ref_forward"]
             ref_ctrl = ref_kl_controller(config).update(anchors.ref_ctrl, controlled, data.reward.size)
             metrics = {**metrics, "kl_ref": kl_ref, "ref_beta": ref_beta}
             anchors = anchors.replace(ref_ctrl=ref_ctrl)

@@ -5,6 +5,7 @@ from typing import NamedTuple
 
 from kl_rl.agents.base import Agent
 from kl_rl.agents.cem import CEMConfig, cem
+from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTConfig, dpo, grpo, ppo_lm, rloo, sft
 from kl_rl.agents.ppo import PPOConfig, ppo
 from kl_rl.agents.trpo import TRPOConfig, trpo
 from kl_rl.agents.vpg import VPGConfig, vpg
@@ -22,10 +23,18 @@ ALGOS: dict[str, AlgoSpec] = {
     "vpg": AlgoSpec(VPGConfig, vpg),
     "trpo": AlgoSpec(TRPOConfig, trpo),
     "cem": AlgoSpec(CEMConfig, cem),
+    "sft": AlgoSpec(SFTConfig, sft),
+    "grpo": AlgoSpec(GRPOConfig, grpo),
+    "rloo": AlgoSpec(RLOOConfig, rloo),
+    "ppo-lm": AlgoSpec(PPOLMConfig, ppo_lm),
+    "dpo": AlgoSpec(DPOConfig, dpo),
 }
+SEQUENCE_ALGOS: tuple[str, ...] = ("sft", "grpo", "rloo", "ppo-lm", "dpo")
+"""The algorithms of the token tasks (`kl_rl.agents.lm`); the others train on control envs."""
 
 __all__ = [
     "ALGOS",
+    "SEQUENCE_ALGOS",
     "Agent",
     "AlgoSpec",
     "CEMConfig",

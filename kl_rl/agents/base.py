@@ -23,6 +23,9 @@ class Agent(NamedTuple):
         this update (for annealing); metrics is a dict of scalars.
       episodic: if True, every rollout starts from freshly reset envs (CEM scores each
         population member on whole episodes); otherwise episodes run on across rollouts.
+      score_responses: token-task agents only: score_responses(state, tokens [N, P + H]) ->
+        the policy's distribution at each response position [N, H, ...], in one causal pass
+        (what `policy` gives at each step of generating the response); None otherwise.
     """
 
     init: Callable[[jax.Array], Any]
@@ -31,3 +34,4 @@ class Agent(NamedTuple):
     policy: Callable[[Any, jax.Array], Any]
     update: Callable[[jax.Array, Any, Transition, jax.Array], tuple[Any, dict[str, jax.Array]]]
     episodic: bool = False
+    score_responses: Callable[[Any, jax.Array], Any] | None = None

@@ -117,10 +117,7 @@ class CEMState:
     iteration: jax.Array
 
 
-def in_first_episode(traj) -> jax.Array:
-    """[T, N] mask of the steps of each env's first episode (its last step included)."""
-    done = (traj.terminated | traj.truncated).astype(jnp.int32)
-    return (jnp.cumsum(done, axis=0) - done) == 0
+in_first_episode = buffer.in_first_episode
 
 
 def first_episode_returns(traj) -> jax.Array:

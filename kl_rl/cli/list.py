@@ -12,6 +12,8 @@ def main(argv: list[str]) -> int:
     if argv:
         raise ConfigError(f"kl-rl list takes no arguments, got {' '.join(argv)!r}")
     print("algos:   " + ", ".join(sorted(ALGOS)))
-    print("envs:    " + ", ".join(envs.ENV_IDS) + " (JAX ports); any other gymnasium id runs host-side")
+    ports = [e for e in envs.ENV_IDS if e not in envs.TASK_IDS]
+    print("envs:    " + ", ".join(ports) + " (JAX ports); any other gymnasium id runs host-side")
+    print("tasks:   " + ", ".join(envs.TASK_IDS) + " (verifiable token tasks, JAX)")
     print("presets: " + ", ".join(f"{a}/{e}" for a, e in sorted(PRESETS)))
     return 0

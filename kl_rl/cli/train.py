@@ -155,7 +155,10 @@ def _print_table(result) -> None:
     last_train = result.metrics["episode_return"][:, -1]
     summary = result.summary()
     print(f"\n{result.algo} on {result.env_id}: {len(result.seeds)} seed(s) x {result.total_env_steps:,} env steps")
-    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {'kl':>10} {'entropy':>9}")
+    metrics = result.metrics
+    # Token tasks show the KL to the reference (summed over the response); other runs KL(old || new).
+    kl_col = "kl_ref" if "response_length" in metrics and "kl_ref" in metrics else "kl"
+    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {kl_col:>10} {'entropy':>9}")
     for i, (seed, diverged) in enumerate(zip(result.seeds, summary["diverged"], strict=True)):
         if diverged is not None:
             # A row of nan says nothing; where it went wrong does.
@@ -163,7 +166,7 @@ def _print_table(result) -> None:
             continue
         print(
             f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f} "
-            f"{result.metrics['kl'][i, -1]:>10.5f} {result.metrics['entropy'][i, -1]:>9.4f}"
+            f"{metrics[kl_col][i, -1] if kl_col in metrics else float('nan'):>10.5f} {metrics['entropy'][i, -1]:>9.4f}"
         )
     median, iqm = summary["final_return_median"], summary["final_return_iqm"]
     stats = f"{'-':>13}   IQM -" if median is None else f"{median:>13.2f}   IQM {iqm:.2f}"

@@ -22,14 +22,17 @@ from kl_rl.envs.classic import (
     Pendulum,
     PendulumParams,
 )
+from kl_rl.envs.tasks import TASKS, HeldOutVecEnv, SequenceTask, TokenSpace, is_token_space
 from kl_rl.envs.host import VECTORIZATION_MODES, GymEnv, HostVecEnv, check_vectorization
 from kl_rl.envs.vector import StepOut, VecEnv, VecEnvState
 from kl_rl.errors import ConfigError
 
 _REGISTRY: dict[str, type[FuncEnv]] = {
-    cls.id: cls for cls in (Acrobot, CartPole, MountainCar, MountainCarContinuous, Pendulum)
+    cls.id: cls for cls in (Acrobot, CartPole, MountainCar, MountainCarContinuous, Pendulum, *TASKS)
 }
 ENV_IDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
+TASK_IDS: tuple[str, ...] = tuple(sorted(cls.id for cls in TASKS))
+"""The verifiable token tasks (`kl_rl.envs.tasks`), among ENV_IDS."""
 
 
 ENV_PATHS = ("auto", "jax", "host")
@@ -70,9 +73,18 @@ def path_of(env: FuncEnv | GymEnv) -> str:
     return "host" if isinstance(env, GymEnv) else "jax"
 
 
-def vectorize(env: FuncEnv | GymEnv, num_envs: int) -> VecEnv | HostVecEnv:
-    """`num_envs` copies of `env` on its path, behind one interface (reset, step, spaces)."""
-    return HostVecEnv(env, num_envs) if isinstance(env, GymEnv) else VecEnv(env, num_envs)
+def vectorize(env: FuncEnv | GymEnv, num_envs: int, evaluation: bool = False, group_size: int = 1) -> VecEnv | HostVecEnv:
+    """`num_envs` copies of `env` on its path, behind one interface (reset, step, spaces).
+
+    With `evaluation`, a sequence task's copies reset to its held-out problems in order, with
+    the format reward off (`kl_rl.envs.tasks.HeldOutVecEnv`); other envs ignore it. With
+    `group_size` G > 1, each G consecutive copies reset to the same initial state (JAX path).
+    """
+    if isinstance(env, GymEnv):
+        return HostVecEnv(env, num_envs)
+    if evaluation and isinstance(env, SequenceTask):
+        return HeldOutVecEnv(env, num_envs)
+    return VecEnv(env, num_envs, group_size=group_size)
 
 
 __all__ = [
@@ -91,9 +103,13 @@ __all__ = [
     "MountainCarParams",
     "Pendulum",
     "PendulumParams",
+    "SequenceTask",
     "StepOut",
+    "TASK_IDS",
+    "TokenSpace",
     "VecEnv",
     "VecEnvState",
+    "is_token_space",
     "make",
     "path_of",
     "resolve_path",

@@ -69,11 +69,18 @@ class VecEnv:
       max_episode_steps: time limit; None takes `env.max_episode_steps` if the env has one,
         and otherwise there is no time limit.
       params: env params; None takes `env.default_params`.
+      group_size: G; `reset` starts each run of G consecutive envs from the same initial state
+        (GRPO's G samples per prompt). The envs then step with their own keys, and an episode
+        that ends mid-rollout restarts on its own.
     """
 
-    def __init__(self, env: FuncEnv, num_envs: int, max_episode_steps: int | None = None, params: Any = None):
+    def __init__(self, env: FuncEnv, num_envs: int, max_episode_steps: int | None = None, params: Any = None,
+                 group_size: int = 1):  # fmt: skip
         self.env = env
         self.num_envs = int(num_envs)
+        self.group_size = int(group_size)
+        if self.group_size < 1 or self.num_envs % self.group_size:
+            raise ValueError(f"group size {group_size} must divide the {num_envs} envs")
         self.max_episode_steps = (
             max_episode_steps if max_episode_steps is not None else getattr(env, "max_episode_steps", None)
         )
@@ -106,7 +113,10 @@ class VecEnv:
           The state of the N envs at time 0.
         """
         del batch_like
-        env_state, obs = self._initial(*self._keys(key, 2))
+        init_keys, obs_keys = self._keys(key, 2)
+        if self.group_size > 1:
+            init_keys = jnp.repeat(init_keys[:: self.group_size], self.group_size, axis=0)
+        env_state, obs = self._initial(init_keys, obs_keys)
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 

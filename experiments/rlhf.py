@@ -1,0 +1,291 @@
+"""RLHF in miniature: SFT, then GRPO, PPO with token KL, RLOO and online DPO on Addition-v0.
+
+    python experiments/rlhf.py --budget full              # every study (about an hour on 2 cores)
+    python experiments/rlhf.py learn --budget full        # one study
+    python experiments/rlhf.py --table                    # docs/benchmarks.md's tables
+
+- learn: the reference is `kl-rl train --algo sft --env Addition-v0` at its preset (seed 0).
+  Each RL algorithm then runs at its preset from that reference (`--reference`), 8 seeds in one
+  process, timed as `kl-rl train` times it (wall, compile). final_return is the held-out greedy
+  accuracy (512 problems).
+- leash: GRPO at three betas (k3 in the loss): kl_ref at the end falls as beta rises.
+- frontier: the reward-KL frontier of GRPO, PPO-LM, RLOO and online DPO over beta (final
+  held-out accuracy against final kl_ref), IQMs with bootstrap CIs.
+- estimators: GRPO with k1, k3 and exact in the loss, and k1, k3 and exact in the reward.
+- direction: what the forward-KL gradient of k3-in-loss does to the answer distribution
+  against the reverse-KL gradient (exact in the loss): per-token entropy, the probability of
+  the greedy answer, and pass@k of the final policies on the held-out problems.
+
+Every run is saved under runs/rlhf_<budget>/ (git-ignored); at the full budget a folder already
+there is read back instead of rerun. Summaries go to experiments/results/rlhf-<study>.json
+(full budget), which docs/benchmarks.md reports and notebooks/05_rlhf_in_miniature.ipynb draws.
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pandas as pd
+
+import kl_rl
+from kl_rl import analysis, envs, parallel, rollout, runner, sweep
+from kl_rl import config as config_lib
+from kl_rl.envs.tasks import HeldOutVecEnv, pass_at_k
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+ENV = "Addition-v0"
+ALGOS = ("grpo", "ppo-lm", "rloo", "dpo")
+STUDIES = ("learn", "leash", "frontier", "estimators", "direction")
+
+BUDGETS = {
+    # CI: every code path at a few updates of a tiny batch.
+    "small": {"seeds": 2, "sft_steps": 2_048, "steps": 128, "num_envs": 32, "eval_episodes": 64,
+              "leash_betas": (0.0, 1.0), "betas": (0.0, 1.0), "study_steps": 128, "algos": ("grpo", "dpo"),
+              "estimators": ("k3",), "placements": ("loss",), "pass_k": (1, 2), "pass_n": 4},
+    # The published numbers: 8 seeds at the presets (learn); the studies at a shorter budget.
+    "full": {"seeds": 8, "sft_steps": None, "steps": None, "num_envs": None, "eval_episodes": None,
+             "leash_betas": (0.01, 0.1, 1.0), "betas": (0.01, 0.1, 1.0), "study_steps": 25_600,
+             "algos": ALGOS, "estimators": ("k1", "k3", "exact"), "placements": ("loss", "reward"),
+             "pass_k": (1, 4, 16), "pass_n": 16},
+}  # fmt: skip
+
+
+def runs_dir(budget: str) -> Path:
+    return ROOT / "runs" / f"rlhf_{budget}"
+
+
+def _overrides(budget: str, algo: str, steps_key: str = "steps") -> dict:
+    """What the budget changes in an algo's preset (nothing at the full budget's learn study)."""
+    b = BUDGETS[budget]
+    out = {}
+    if b[steps_key] is not None:
+        out["total_steps"] = b[steps_key]
+    if b["num_envs"] is not None:
+        group = runner.resolve_config(algo, ENV).group_size
+        out.update(num_envs=max(b["num_envs"], 2 * group), eval_episodes=b["eval_episodes"], eval_every=0)
+    return out
+
+
+def reference(budget: str, log=print) -> Path:
+    """The SFT run every RL run starts from and is held near (seed 0, its preset)."""
+    folder = runs_dir(budget) / "sft"
+    if not (budget == "full" and (folder / "summary.json").exists()):
+        b = BUDGETS[budget]
+        overrides = {} if b["sft_steps"] is None else {"total_steps": b["sft_steps"], "eval_episodes": b["eval_episodes"]}
+        result = kl_rl.run("sft", ENV, seeds=1, **overrides)
+        result.save(folder)
+        log(f"sft: held-out greedy accuracy {result.final_returns[0]:.3f}, wall {result.wall_time_s:.1f}s")
+    return folder
+
+
+def _sweep(budget: str, name: str, algo: str, grid: dict, overrides: dict, log=print) -> pd.DataFrame:
+    """One sweep from the reference, saved as runs/rlhf_<budget>/<name>, read back as a tidy table."""
+    folder = runs_dir(budget) / name
+    if not (budget == "full" and (folder / "summary.json").exists()):
+        start = time.perf_counter()
+        seeds = BUDGETS[budget]["seeds"]
+        result = sweep.run_sweep(algo, ENV, grid, seeds, overrides=overrides, log=log, reference=reference(budget, log))
+        base = config_lib.to_dict(runner.resolve_config(algo, ENV, None, overrides))
+        result.save(folder, {"algo": algo, "env": ENV, "seeds": seeds, **base})
+        log(f"{name}: {len(result.points)} point(s) x {seeds} seeds in {time.perf_counter() - start:.0f}s")
+    return analysis.load(folder)
+
+
+def ci(values) -> dict:
+    """IQM and median of per-seed values, with the IQM's percentile-bootstrap 95% CI."""
+    values = np.asarray(values, np.float64)
+    lo, hi = sweep.bootstrap_iqm_ci(values) if np.all(np.isfinite(values)) else (float("nan"), float("nan"))
+    return {"iqm": runner.iqm(values), "ci95": [lo, hi], "median": float(np.median(values)),
+            "values": [float(v) for v in values]}  # fmt: skip
+
+
+def final(df: pd.DataFrame, metric: str) -> pd.Series:
+    """Per seed, `metric` at the last update (eval_return: the final held-out accuracy)."""
+    last = df[df["update"] == df["update"].max()]
+    return last.groupby("seed")[metric].first()
+
+
+def learn(budget: str, log=print) -> dict:
+    """Each algo at its preset from the SFT reference: held-out accuracy, wall and compile time."""
+    ref = reference(budget, log)
+    out = {"reference": json.loads((ref / "summary.json").read_text())["final_return"][0], "algos": {}}
+    for algo in BUDGETS[budget]["algos"]:
+        folder = runs_dir(budget) / f"learn-{algo}"
+        if not (budget == "full" and (folder / "summary.json").exists()):
+            result = kl_rl.run(algo, ENV, seeds=BUDGETS[budget]["seeds"], reference=str(ref), **_overrides(budget, algo))
+            result.save(folder)
+        summary = json.loads((folder / "summary.json").read_text())
+        df = analysis.load(folder)
+        points = df.dropna(subset=["eval_return"])
+        curve = points.groupby("update")["eval_return"].median()
+        out["algos"][algo] = {
+            "final_return": ci(summary["final_return"]),
+            "kl_ref": ci(final(df, "kl_ref")),
+            "wall_s": summary["wall_time_s"],
+            "compile_s": summary.get("compile_time_s"),
+            "total_s": summary["wall_time_s"] + (summary.get("compile_time_s") or 0.0),
+            "responses": int(runner.resolve_config(algo, ENV, None, _overrides(budget, algo)).total_steps),
+            "median_curve": {int(k): float(v) for k, v in curve.items()},
+        }
+        a = out["algos"][algo]
+        log(f"{algo}: median accuracy {a['final_return']['median']:.3f}, {a['total_s']:.0f}s with compile")
+    return out
+
+
+def _frontier(df: pd.DataFrame, key: str) -> list[dict]:
+    rows = []
+    for value, part in df.groupby(key):
+        rows.append({key: float(value), "accuracy": ci(final(part, "eval_return")), "kl_ref": ci(final(part, "kl_ref"))})
+    return rows
+
+
+def leash(budget: str, log=print) -> dict:
+    """GRPO's final kl_ref and accuracy at three betas (k3 in the loss)."""
+    betas = list(BUDGETS[budget]["leash_betas"])
+    df = _sweep(budget, "leash", "grpo", {"ref_kl_coef": betas}, _overrides(budget, "grpo", "study_steps"), log)
+    rows = _frontier(df, "ref_kl_coef")
+    medians = [r["kl_ref"]["median"] for r in rows]
+    return {"rows": rows, "kl_ref_falls": bool(all(a > b for a, b in zip(medians, medians[1:])))}
+
+
+def frontier(budget: str, log=print) -> dict:
+    """Accuracy against kl_ref over beta, for each algo at its own placement of the KL."""
+    out = {}
+    for algo in BUDGETS[budget]["algos"]:
+        df = _sweep(budget, f"frontier-{algo}", algo, {"ref_kl_coef": list(BUDGETS[budget]["betas"])},
+                    _overrides(budget, algo, "study_steps"), log)  # fmt: skip
+        out[algo] = _frontier(df, "ref_kl_coef")
+    return {"frontier": out}
+
+
+def estimators(budget: str, log=print) -> dict:
+    """GRPO at beta 0.1 with each estimator in the loss and in the reward."""
+    b = BUDGETS[budget]
+    grid = {"ref_kl_estimator": list(b["estimators"]), "ref_kl_in": list(b["placements"])}
+    df = _sweep(budget, "estimators", "grpo", grid, {**_overrides(budget, "grpo", "study_steps"), "ref_kl_coef": 0.1}, log)
+    rows = []
+    for (est, where), part in df.groupby(["ref_kl_estimator", "ref_kl_in"]):
+        rows.append({"estimator": est, "placement": where, "accuracy": ci(final(part, "eval_return")),
+                     "kl_ref": ci(final(part, "kl_ref")), "entropy": ci(final(part, "entropy"))})  # fmt: skip
+    return {"beta": 0.1, "estimators": rows}
+
+
+def answer_stats(run_dir: Path, budget: str, seeds: list[int]) -> dict:
+    """Per seed of a run: greedy accuracy, pass@k from n samples per held-out problem, the mean
+    probability the policy gives its greedy answer, and the per-token entropy along it."""
+    b = BUDGETS[budget]
+    loaded = runner.load(run_dir)
+    env = envs.make(ENV)
+    problems = loaded.config.eval_episodes
+    n = b["pass_n"]
+    sampler = HeldOutVecEnv(env, problems * n, repeat=n)
+    greedy_env = HeldOutVecEnv(env, problems)
+    out = {"pass_at": {str(k): [] for k in b["pass_k"]}, "greedy": [], "p_greedy": [], "entropy": []}
+    for seed in seeds:
+        state = loaded.seed_state(seed)
+        agent = loaded._agent()
+
+        def sample(k, obs, state=state, agent=agent):
+            return agent.policy(state, obs).sample(k)
+
+        def greedy(k, obs, state=state, agent=agent):
+            return agent.policy(state, obs).mode()
+
+        hits = rollout.evaluate(jax.random.key(seed), sample, sampler, None, False, env.response_length)
+        correct = np.asarray(hits).reshape(problems, n).sum(axis=1)
+        for k in b["pass_k"]:
+            out["pass_at"][str(k)].append(float(np.mean(pass_at_k(n, correct, k))))
+        out["greedy"].append(float(np.mean(rollout.evaluate(jax.random.key(0), greedy, greedy_env, None, False,
+                                                            env.response_length))))  # fmt: skip
+        # Along the greedy answer: its probability (product over tokens) and the entropy per token.
+        stats = greedy_answer_stats(agent, state, greedy_env, env)
+        out["p_greedy"].append(stats[0])
+        out["entropy"].append(stats[1])
+    return out
+
+
+def greedy_answer_stats(agent, state, vec_env, env) -> tuple[float, float]:
+    """Mean over problems of the greedy answer's probability and of the per-token entropy."""
+    vstate = vec_env.reset(jax.random.key(0))
+    log_p = np.zeros(vec_env.num_envs)
+    ent, count = np.zeros(vec_env.num_envs), np.zeros(vec_env.num_envs)
+    running = np.ones(vec_env.num_envs, bool)
+    for t in range(env.response_length):
+        dist = agent.policy(state, vstate.obs)
+        action = dist.mode()
+        log_p += np.where(running, np.asarray(dist.log_prob(action)), 0.0)
+        ent += np.where(running, np.asarray(dist.entropy()), 0.0)
+        count += running
+        vstate, out = vec_env.step(jax.random.key(t), vstate, action)
+        running &= ~np.asarray(out.terminated | out.truncated)
+    return float(np.mean(np.exp(log_p))), float(np.mean(ent / np.maximum(count, 1)))
+
+
+def direction(budget: str, log=print) -> dict:
+    """k3 in the loss (its gradient is the forward KL's) against exact in the loss (reverse)."""
+    b = BUDGETS[budget]
+    ref = reference(budget, log)
+    out = {"beta": 1.0, "reference": answer_stats(ref, budget, [0]), "variants": {}}
+    for est in ("k3", "exact"):
+        folder = runs_dir(budget) / f"direction-{est}"
+        if not (budget == "full" and (folder / "summary.json").exists()):
+            overrides = {**_overrides(budget, "grpo", "study_steps"), "ref_kl_coef": 1.0, "ref_kl_estimator": est}
+            kl_rl.run("grpo", ENV, seeds=b["seeds"], reference=str(ref), **overrides).save(folder)
+        out["variants"][est] = answer_stats(folder, budget, list(range(b["seeds"])))
+        log(f"direction {est}: pass@k {out['variants'][est]['pass_at']}")
+    return out
+
+
+def tables(folder: Path = RESULTS) -> str:
+    """docs/benchmarks.md's RLHF tables, from the full-budget results."""
+    out = []
+    path = folder / "rlhf-learn.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += [f"SFT reference (seed 0) held-out greedy accuracy: {r['reference']:.3f}", "",
+                "| algo | responses | median accuracy (8 seeds) | IQM [95% CI] | final kl_ref (median) | wall + compile |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for algo, a in r["algos"].items():
+            f = a["final_return"]
+            out.append(f"| {algo} | {a['responses']:,} | {f['median']:.3f} | {f['iqm']:.3f} [{f['ci95'][0]:.3f}, "
+                       f"{f['ci95'][1]:.3f}] | {a['kl_ref']['median']:.3f} | {a['wall_s']:.0f} + {a['compile_s']:.0f} s |")  # fmt: skip
+    path = folder / "rlhf-leash.json"
+    if path.exists():
+        r = json.loads(path.read_text())
+        out += ["", "| GRPO beta | final kl_ref (median) | accuracy (median) |", "|---|---|---|"]
+        for row in r["rows"]:
+            out.append(f"| {row['ref_kl_coef']:g} | {row['kl_ref']['median']:.3f} | {row['accuracy']['median']:.3f} |")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("studies", nargs="*", metavar="STUDY", help=f"any of {', '.join(STUDIES)} (default: all)")
+    parser.add_argument("--budget", choices=tuple(BUDGETS), default="full")
+    parser.add_argument("--table", action="store_true", help="print docs/benchmarks.md's tables from the results")
+    args = parser.parse_args()
+    if args.table:
+        print(tables())
+        return 0
+    unknown = [s for s in args.studies if s not in STUDIES]
+    if unknown:
+        parser.error(f"unknown study {unknown[0]!r}; use any of {', '.join(STUDIES)}")
+    parallel.use_cpu_devices()
+    for study in args.studies or STUDIES:
+        start = time.perf_counter()
+        result = {"study": study, "budget": args.budget, **globals()[study](args.budget)}
+        result["wall_s"] = time.perf_counter() - start
+        if args.budget == "full":
+            RESULTS.mkdir(parents=True, exist_ok=True)
+            (RESULTS / f"rlhf-{study}.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k not in ("frontier", "estimators", "variants")}, indent=1)[:2000])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
