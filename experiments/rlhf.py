@@ -9,6 +9,9 @@
   process, timed as `kl-rl train` times it (wall, compile). final_return is the held-out greedy
   accuracy (512 problems).
 - leash: GRPO at three betas (k3 in the loss): kl_ref at the end falls as beta rises.
+
+The studies below `learn` run 64 updates (16,384 responses) per seed, a quarter of the presets'
+budget, so that all of them fit in about half an hour on 2 cores.
 - frontier: the reward-KL frontier of GRPO, PPO-LM, RLOO and online DPO over beta (final
   held-out accuracy against final kl_ref), IQMs with bootstrap CIs.
 - estimators: GRPO with k1, k3 and exact in the loss, and k1, k3 and exact in the reward.
@@ -22,12 +25,14 @@ there is read back instead of rerun. Summaries go to experiments/results/rlhf-<s
 """
 
 import argparse
+import itertools
 import json
 import sys
 import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
@@ -45,12 +50,14 @@ STUDIES = ("learn", "leash", "frontier", "estimators", "direction")
 BUDGETS = {
     # CI: every code path at a few updates of a tiny batch.
     "small": {"seeds": 2, "sft_steps": 2_048, "steps": 128, "num_envs": 32, "eval_episodes": 64,
-              "leash_betas": (0.0, 1.0), "betas": (0.0, 1.0), "study_steps": 128, "algos": ("grpo", "dpo"),
+              "leash_betas": (0.0, 1.0), "betas": (0.0, 1.0), "study_steps": 128, "algos": ("grpo",),
+              "frontier_algos": ("grpo",), "net": {"layers": 1, "width": 32, "heads": 2},
               "estimators": ("k3",), "placements": ("loss",), "pass_k": (1, 2), "pass_n": 4},
     # The published numbers: 8 seeds at the presets (learn); the studies at a shorter budget.
     "full": {"seeds": 8, "sft_steps": None, "steps": None, "num_envs": None, "eval_episodes": None,
-             "leash_betas": (0.01, 0.1, 1.0), "betas": (0.01, 0.1, 1.0), "study_steps": 25_600,
-             "algos": ALGOS, "estimators": ("k1", "k3", "exact"), "placements": ("loss", "reward"),
+             "leash_betas": (0.01, 0.1, 1.0), "betas": (0.01, 0.1, 1.0), "study_steps": 16_384,
+             "algos": ALGOS, "frontier_algos": ALGOS, "estimators": ("k1", "k3", "exact"),
+             "placements": ("loss", "reward"), "net": {},
              "pass_k": (1, 4, 16), "pass_n": 16},
 }  # fmt: skip
 
@@ -62,7 +69,7 @@ def runs_dir(budget: str) -> Path:
 def _overrides(budget: str, algo: str, steps_key: str = "steps") -> dict:
     """What the budget changes in an algo's preset (nothing at the full budget's learn study)."""
     b = BUDGETS[budget]
-    out = {}
+    out = dict(b["net"])
     if b[steps_key] is not None:
         out["total_steps"] = b[steps_key]
     if b["num_envs"] is not None:
@@ -71,12 +78,19 @@ def _overrides(budget: str, algo: str, steps_key: str = "steps") -> dict:
     return out
 
 
+_MADE: set[str] = set()
+"""The budgets whose reference this process has trained (the small one is retrained once per process)."""
+
+
 def reference(budget: str, log=print) -> Path:
     """The SFT run every RL run starts from and is held near (seed 0, its preset)."""
     folder = runs_dir(budget) / "sft"
-    if not (budget == "full" and (folder / "summary.json").exists()):
+    if budget not in _MADE and not (budget == "full" and (folder / "summary.json").exists()):
+        _MADE.add(budget)
         b = BUDGETS[budget]
-        overrides = {} if b["sft_steps"] is None else {"total_steps": b["sft_steps"], "eval_episodes": b["eval_episodes"]}
+        overrides = dict(b["net"])
+        if b["sft_steps"] is not None:
+            overrides.update(total_steps=b["sft_steps"], eval_episodes=b["eval_episodes"])
         result = kl_rl.run("sft", ENV, seeds=1, **overrides)
         result.save(folder)
         log(f"sft: held-out greedy accuracy {result.final_returns[0]:.3f}, wall {result.wall_time_s:.1f}s")
@@ -117,7 +131,9 @@ def learn(budget: str, log=print) -> dict:
     for algo in BUDGETS[budget]["algos"]:
         folder = runs_dir(budget) / f"learn-{algo}"
         if not (budget == "full" and (folder / "summary.json").exists()):
-            result = kl_rl.run(algo, ENV, seeds=BUDGETS[budget]["seeds"], reference=str(ref), **_overrides(budget, algo))
+            result = kl_rl.run(
+                algo, ENV, seeds=BUDGETS[budget]["seeds"], reference=str(ref), **_overrides(budget, algo)
+            )
             result.save(folder)
         summary = json.loads((folder / "summary.json").read_text())
         df = analysis.load(folder)
@@ -140,7 +156,9 @@ def learn(budget: str, log=print) -> dict:
 def _frontier(df: pd.DataFrame, key: str) -> list[dict]:
     rows = []
     for value, part in df.groupby(key):
-        rows.append({key: float(value), "accuracy": ci(final(part, "eval_return")), "kl_ref": ci(final(part, "kl_ref"))})
+        rows.append(
+            {key: float(value), "accuracy": ci(final(part, "eval_return")), "kl_ref": ci(final(part, "kl_ref"))}
+        )
     return rows
 
 
@@ -150,13 +168,16 @@ def leash(budget: str, log=print) -> dict:
     df = _sweep(budget, "leash", "grpo", {"ref_kl_coef": betas}, _overrides(budget, "grpo", "study_steps"), log)
     rows = _frontier(df, "ref_kl_coef")
     medians = [r["kl_ref"]["median"] for r in rows]
-    return {"rows": rows, "kl_ref_falls": bool(all(a > b for a, b in zip(medians, medians[1:])))}
+    return {"rows": rows, "kl_ref_falls": bool(all(a > b for a, b in itertools.pairwise(medians)))}
 
 
 def frontier(budget: str, log=print) -> dict:
     """Accuracy against kl_ref over beta, for each algo at its own placement of the KL."""
     out = {}
-    for algo in BUDGETS[budget]["algos"]:
+    for algo in BUDGETS[budget]["frontier_algos"]:
+        if algo == "grpo" and BUDGETS[budget]["betas"] == BUDGETS[budget]["leash_betas"]:
+            out[algo] = leash(budget, log)["rows"]  # the same sweep
+            continue
         df = _sweep(budget, f"frontier-{algo}", algo, {"ref_kl_coef": list(BUDGETS[budget]["betas"])},
                     _overrides(budget, algo, "study_steps"), log)  # fmt: skip
         out[algo] = _frontier(df, "ref_kl_coef")
@@ -167,7 +188,9 @@ def estimators(budget: str, log=print) -> dict:
     """GRPO at beta 0.1 with each estimator in the loss and in the reward."""
     b = BUDGETS[budget]
     grid = {"ref_kl_estimator": list(b["estimators"]), "ref_kl_in": list(b["placements"])}
-    df = _sweep(budget, "estimators", "grpo", grid, {**_overrides(budget, "grpo", "study_steps"), "ref_kl_coef": 0.1}, log)
+    df = _sweep(
+        budget, "estimators", "grpo", grid, {**_overrides(budget, "grpo", "study_steps"), "ref_kl_coef": 0.1}, log
+    )
     rows = []
     for (est, where), part in df.groupby(["ref_kl_estimator", "ref_kl_in"]):
         rows.append({"estimator": est, "placement": where, "accuracy": ci(final(part, "eval_return")),
@@ -180,50 +203,49 @@ def answer_stats(run_dir: Path, budget: str, seeds: list[int]) -> dict:
     probability the policy gives its greedy answer, and the per-token entropy along it."""
     b = BUDGETS[budget]
     loaded = runner.load(run_dir)
+    agent = loaded._agent()
     env = envs.make(ENV)
-    problems = loaded.config.eval_episodes
-    n = b["pass_n"]
+    problems, n = loaded.config.eval_episodes, b["pass_n"]
     sampler = HeldOutVecEnv(env, problems * n, repeat=n)
     greedy_env = HeldOutVecEnv(env, problems)
-    out = {"pass_at": {str(k): [] for k in b["pass_k"]}, "greedy": [], "p_greedy": [], "entropy": []}
-    for seed in seeds:
-        state = loaded.seed_state(seed)
-        agent = loaded._agent()
 
-        def sample(k, obs, state=state, agent=agent):
+    @jax.jit
+    def measure(state, key):
+        def sample(k, obs):
             return agent.policy(state, obs).sample(k)
 
-        def greedy(k, obs, state=state, agent=agent):
+        def greedy(k, obs):
             return agent.policy(state, obs).mode()
 
-        hits = rollout.evaluate(jax.random.key(seed), sample, sampler, None, False, env.response_length)
+        hits = rollout.evaluate(key, sample, sampler, None, False, env.response_length)
+        greedy_hits = rollout.evaluate(key, greedy, greedy_env, None, False, env.response_length)
+
+        # Along the greedy answer: its probability (product over tokens) and the entropy per token.
+        def step(carry, k):
+            vstate, log_p, ent, count, running = carry
+            dist = agent.policy(state, vstate.obs)
+            action = dist.mode()
+            log_p = log_p + jnp.where(running, dist.log_prob(action), 0.0)
+            ent = ent + jnp.where(running, dist.entropy(), 0.0)
+            count = count + running
+            vstate, out = greedy_env.step(k, vstate, action)
+            return (vstate, log_p, ent, count, running & ~(out.terminated | out.truncated)), None
+
+        zeros = jnp.zeros(problems)
+        init = (greedy_env.reset(key), zeros, zeros, zeros, jnp.ones(problems, bool))
+        (_, log_p, ent, count, _), _ = jax.lax.scan(step, init, jax.random.split(key, env.response_length))
+        return hits, jnp.mean(greedy_hits), jnp.mean(jnp.exp(log_p)), jnp.mean(ent / jnp.maximum(count, 1))
+
+    out = {"pass_at": {str(k): [] for k in b["pass_k"]}, "greedy": [], "p_greedy": [], "entropy": []}
+    for seed in seeds:
+        hits, greedy_acc, p_greedy, entropy = measure(loaded.seed_state(seed).agent, jax.random.key(seed))
         correct = np.asarray(hits).reshape(problems, n).sum(axis=1)
         for k in b["pass_k"]:
             out["pass_at"][str(k)].append(float(np.mean(pass_at_k(n, correct, k))))
-        out["greedy"].append(float(np.mean(rollout.evaluate(jax.random.key(0), greedy, greedy_env, None, False,
-                                                            env.response_length))))  # fmt: skip
-        # Along the greedy answer: its probability (product over tokens) and the entropy per token.
-        stats = greedy_answer_stats(agent, state, greedy_env, env)
-        out["p_greedy"].append(stats[0])
-        out["entropy"].append(stats[1])
+        out["greedy"].append(float(greedy_acc))
+        out["p_greedy"].append(float(p_greedy))
+        out["entropy"].append(float(entropy))
     return out
-
-
-def greedy_answer_stats(agent, state, vec_env, env) -> tuple[float, float]:
-    """Mean over problems of the greedy answer's probability and of the per-token entropy."""
-    vstate = vec_env.reset(jax.random.key(0))
-    log_p = np.zeros(vec_env.num_envs)
-    ent, count = np.zeros(vec_env.num_envs), np.zeros(vec_env.num_envs)
-    running = np.ones(vec_env.num_envs, bool)
-    for t in range(env.response_length):
-        dist = agent.policy(state, vstate.obs)
-        action = dist.mode()
-        log_p += np.where(running, np.asarray(dist.log_prob(action)), 0.0)
-        ent += np.where(running, np.asarray(dist.entropy()), 0.0)
-        count += running
-        vstate, out = vec_env.step(jax.random.key(t), vstate, action)
-        running &= ~np.asarray(out.terminated | out.truncated)
-    return float(np.mean(np.exp(log_p))), float(np.mean(ent / np.maximum(count, 1)))
 
 
 def direction(budget: str, log=print) -> dict:
@@ -241,25 +263,56 @@ def direction(budget: str, log=print) -> dict:
     return out
 
 
+def _iqm_ci(stat: dict, spec: str = ".3f") -> str:
+    lo, hi = stat["ci95"]
+    return f"{stat['iqm']:{spec}} [{lo:{spec}}, {hi:{spec}}]"
+
+
 def tables(folder: Path = RESULTS) -> str:
     """docs/benchmarks.md's RLHF tables, from the full-budget results."""
     out = []
-    path = folder / "rlhf-learn.json"
-    if path.exists():
-        r = json.loads(path.read_text())
-        out += [f"SFT reference (seed 0) held-out greedy accuracy: {r['reference']:.3f}", "",
-                "| algo | responses | median accuracy (8 seeds) | IQM [95% CI] | final kl_ref (median) | wall + compile |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
+
+    def load(study):
+        path = folder / f"rlhf-{study}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    if r := load("learn"):
+        out += [f"SFT reference (seed 0): held-out greedy accuracy {r['reference']:.3f}", "",
+                "| algo | responses per seed | median accuracy | IQM [95% CI] | min .. max | final kl_ref (median) |"
+                " wall + compile, 8 seeds |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for algo, a in r["algos"].items():
             f = a["final_return"]
-            out.append(f"| {algo} | {a['responses']:,} | {f['median']:.3f} | {f['iqm']:.3f} [{f['ci95'][0]:.3f}, "
-                       f"{f['ci95'][1]:.3f}] | {a['kl_ref']['median']:.3f} | {a['wall_s']:.0f} + {a['compile_s']:.0f} s |")  # fmt: skip
-    path = folder / "rlhf-leash.json"
-    if path.exists():
-        r = json.loads(path.read_text())
-        out += ["", "| GRPO beta | final kl_ref (median) | accuracy (median) |", "|---|---|---|"]
+            out.append(f"| {algo} | {a['responses']:,} | **{f['median']:.3f}** | {_iqm_ci(f)} | "
+                       f"{min(f['values']):.3f} .. {max(f['values']):.3f} | {a['kl_ref']['median']:.2f} | "
+                       f"{a['wall_s']:.0f} + {a['compile_s']:.0f} s |")  # fmt: skip
+    if r := load("leash"):
+        out += ["", "| GRPO beta (k3 in the loss) | final kl_ref: median, IQM [95% CI] | accuracy: median |",
+                "|---|---|---|"]  # fmt: skip
         for row in r["rows"]:
-            out.append(f"| {row['ref_kl_coef']:g} | {row['kl_ref']['median']:.3f} | {row['accuracy']['median']:.3f} |")
+            k = row["kl_ref"]
+            acc = row["accuracy"]["median"]
+            out.append(f"| {row['ref_kl_coef']:g} | {k['median']:.3f}, {_iqm_ci(k)} | {acc:.3f} |")
+    if r := load("frontier"):
+        out += ["", "| algo | beta | accuracy IQM [95% CI] | kl_ref IQM [95% CI] |", "|---|---|---|---|"]
+        for algo, rows in r["frontier"].items():
+            for row in rows:
+                cells = f"{_iqm_ci(row['accuracy'])} | {_iqm_ci(row['kl_ref'])}"
+                out.append(f"| {algo} | {row['ref_kl_coef']:g} | {cells} |")
+    if r := load("estimators"):
+        out += ["", f"| GRPO, beta {r['beta']:g}: estimator | placement | accuracy IQM [95% CI] | kl_ref IQM [95% CI] |"
+                " entropy (median) |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in r["estimators"]:
+            out.append(f"| {row['estimator']} | {row['placement']} | {_iqm_ci(row['accuracy'])} | "
+                       f"{_iqm_ci(row['kl_ref'])} | {row['entropy']['median']:.3f} |")  # fmt: skip
+    if r := load("direction"):
+        ks = list(r["reference"]["pass_at"])
+        out += ["", "| GRPO, beta 1 | greedy accuracy | " + " | ".join(f"pass@{k}" for k in ks)
+                + " | P(greedy answer) | entropy per token |", "|---" * (4 + len(ks)) + "|"]  # fmt: skip
+        named = [("reference (SFT)", r["reference"]), *[(f"{k} in the loss", x) for k, x in r["variants"].items()]]
+        for name, v in named:
+            cells = [np.median(v["greedy"])] + [np.median(v["pass_at"][k]) for k in ks]
+            cells += [np.median(v["p_greedy"]), np.median(v["entropy"])]
+            out.append(f"| {name} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     return "\n".join(out)
 
 
@@ -283,7 +336,11 @@ def main() -> int:
         if args.budget == "full":
             RESULTS.mkdir(parents=True, exist_ok=True)
             (RESULTS / f"rlhf-{study}.json").write_text(json.dumps(result, indent=2) + "\n")
-        print(json.dumps({k: v for k, v in result.items() if k not in ("frontier", "estimators", "variants")}, indent=1)[:2000])
+        print(
+            json.dumps({k: v for k, v in result.items() if k not in ("frontier", "estimators", "variants")}, indent=1)[
+                :2000
+            ]
+        )
     return 0
 
 

@@ -242,11 +242,14 @@ def make_token_networks(observation_space: gym.Space, action_space: gym.Space, l
     )  # fmt: skip
     policy = TokenTransformer(out_dim=int(action_space.n), **shape)
     value = TokenTransformer(out_dim=1, **shape)
+    # PAD is not a token a response can hold: the policy never emits it (its logit is -inf), so
+    # the buffer's non-PAD count is always the position of the next token.
+    allowed = jnp.arange(int(action_space.n)) != shape["pad"]
     return (
         Network(
             init=policy.init,
-            apply=lambda p, obs: kl.Categorical(logits=policy.apply(p, obs)),
-            sequence=lambda p, tokens: kl.Categorical(logits=policy.apply(p, tokens, method="all_positions")),
+            apply=lambda p, obs: kl.categorical(policy.apply(p, obs), allowed),
+            sequence=lambda p, tokens: kl.categorical(policy.apply(p, tokens, method="all_positions"), allowed),
         ),
         Network(
             init=value.init,

@@ -132,8 +132,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
     ),
     ("ppo-lm", "Addition-v0"): dict(total_steps=102_400, num_envs=256, lr=3e-4, eval_every=25),
+    # Online DPO: lr 3e-4 collapses it (kl_ref past 15 nats, accuracy 0 in 100 updates); 3e-5 learns.
     ("dpo", "Addition-v0"): dict(
-        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
+        total_steps=102_400, num_envs=256, group_size=8, lr=3e-5, update_epochs=2, num_minibatches=2, eval_every=25
     ),
 }
 

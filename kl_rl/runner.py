@@ -936,6 +936,8 @@ def resolve_anchors(
     spec = algo_spec(algo)
     fields = {f.name for f in dataclasses.fields(spec.config)}
     if reference is None:
+        if algo == "dpo":
+            raise ConfigError("online DPO needs --reference RUN_DIR: its implicit reward is beta log(pi / pi_ref)")
         if reference_seed is not None:
             raise ConfigError("--reference-seed needs --reference RUN_DIR")
         used = config.uses_reference_options() if hasattr(config, "uses_reference_options") else []
@@ -959,6 +961,8 @@ def resolve_anchors(
             record.update(reference_seed=reference_seed, config=config_lib.to_dict(loaded.config))
             anchors.reference = RefSpec(loaded.algo, loaded.config)
             anchors._reference_run = loaded
+            if getattr(config, "init_from_reference", False):
+                _check_policy_start(algo, config, loaded, reference)
         anchors.records["reference"] = record
     if init_from is not None:
         if isinstance(init_from, dict):
@@ -969,6 +973,22 @@ def resolve_anchors(
             anchors.records["init_from"] = _source_record(loaded, init_from, _anchor_tree(loaded, "--init-from"))
             anchors._start_run = loaded
     return anchors
+
+
+def _check_policy_start(algo: str, config: Any, loaded: "LoadedRun", run_dir: Any) -> None:
+    """ConfigError unless a token-task agent can start from the reference's policy (same shapes)."""
+    vec = loaded.trainer.vec_env
+    target = jax.eval_shape(algo_spec(algo).make(config, vec.observation_space, vec.action_space).init,
+                            jax.random.key(0))  # fmt: skip
+    source = getattr(loaded.state.agent, "params", {})
+    mine = jax.tree.map(lambda x: x.shape, target.params["policy"])
+    if "policy" not in source or jax.tree.map(lambda x: x.shape[1:], source["policy"]) != mine:
+        c = loaded.config
+        raise ConfigError(
+            f"--reference {str(run_dir)!r} has another policy network (layers {getattr(c, 'layers', '-')}, width "
+            f"{getattr(c, 'width', '-')}, heads {getattr(c, 'heads', '-')}); give the same --layers/--width/--heads "
+            "or --init-from-reference false"
+        )
 
 
 def _check_start(algo: str, config: Any, loaded: "LoadedRun", run_dir: Any) -> None:

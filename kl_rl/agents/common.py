@@ -51,8 +51,10 @@ class PolicyConfig:
     """Where the reference penalty goes: loss (a term beta * mean KL in the policy loss) or
     reward (r_t - beta * KL estimate at the behaviour sample, as in TRL)."""
     ref_kl_estimator: str = static("exact")
-    """exact (the per-state KL in closed form) or a one-sample estimate at the sampled
-    action: k1, k2 or k3 (Schulman 2020; see kl_rl.kl.anchor_kl_estimate for their gradients)."""
+    """exact (the per-state KL in closed form) or a one-sample estimate at the sampled action
+    (Schulman 2020), l = log pi - log pi_ref: k1 = l, k2 = l^2/2, k3 = exp(-l) - 1 + l, abs = |l|.
+    Expected gradients in the loss: k1 zero, k2 grad KL(pi || pi_ref), k3 grad KL(pi_ref || pi)
+    (forward); k1 in the reward: grad KL(pi || pi_ref) (kl_rl.kl.anchor_kl_estimate)."""
     ref_kl_direction: str = static("reverse")
     """reverse: KL(pi || pi_ref), mode-seeking (RLHF); forward: KL(pi_ref || pi),
     mass-covering (kickstarting's distillation)."""

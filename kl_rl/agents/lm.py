@@ -148,11 +148,14 @@ class SequenceConfig(PenalizedConfig):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
         for name in positive_float:
             if not float(getattr(self, name)) > 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {float(getattr(self, name))}")
+                value = float(getattr(self, name))
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
         if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
             raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
         if self.total_steps < self.num_envs:
-            raise ConfigError(f"--total-steps {self.total_steps} responses is less than one batch of --num-envs {self.num_envs}")
+            raise ConfigError(
+                f"--total-steps {self.total_steps} responses is less than one batch of --num-envs {self.num_envs}"
+            )
         if self.kl_penalty not in ("none", "fixed", "adaptive", "proportional"):
             raise ConfigError(f"unknown --kl-penalty {self.kl_penalty!r}; use none, fixed, adaptive or proportional")
         self._check_reference()
@@ -251,7 +254,7 @@ class Responses(NamedTuple):
     """A batch of responses, one per env, leading axis N (from a [T, N] episodic trajectory).
 
     tokens: [N, P + H] the prompt and the response (PAD after EOS); action, mask: [N, H] the
-    response tokens and 1.0 where a token was generated; reward: [N, H] the rewards the agent
+    response tokens (0 past the response) and 1.0 where a token was generated; reward: [N, H] the rewards the agent
     learns from (with any KL penalty the collector put in them); log_prob, dist: the behaviour
     policy's; ref_dist: the reference's at each token, or None; value: [N, H] the behaviour
     critic's."""
@@ -270,8 +273,11 @@ def responses(traj: buffer.Transition, prompt_length: int, pad: int) -> Response
     """Each env's first response in a [T, N] trajectory, as [N, ...] arrays."""
     valid = buffer.in_first_episode(traj)
     mask = valid.astype(jnp.float32).T
-    action = jnp.where(valid, traj.action, pad).T
-    tokens = jnp.concatenate([traj.obs[0, :, :prompt_length], action.astype(traj.obs.dtype)], axis=-1)
+    response = jnp.where(valid, traj.action, pad).T
+    tokens = jnp.concatenate([traj.obs[0, :, :prompt_length], response.astype(traj.obs.dtype)], axis=-1)
+    # Past the response, `action` holds token 0, which every policy can emit (PAD it cannot), so
+    # log-probs there stay finite; the mask drops them.
+    action = jnp.where(valid, traj.action, 0).T
 
     def per_env(x):
         return None if x is None else jnp.swapaxes(x, 0, 1)
@@ -290,6 +296,7 @@ def responses(traj: buffer.Transition, prompt_length: int, pad: int) -> Response
 
 def masked_mean(x: jax.Array, mask: jax.Array, norm: str) -> jax.Array:
     """The mean of per-token x [n, H] over the mask, by `loss_norm` (see SequenceConfig)."""
+    x = jnp.where(mask > 0, x, 0.0)
     if norm == "sequence":
         return jnp.mean(jnp.sum(x * mask, -1) / jnp.maximum(jnp.sum(mask, -1), 1.0))
     if norm == "token":
@@ -366,7 +373,7 @@ def sequence_agent(kind: str):
             if kind == "sft":
                 # Teacher forcing: the oracle acts, and its distribution is a point mass.
                 action = task.oracle_action(obs)
-                dist = kl.categorical(jnp.zeros(obs.shape[:-1] + (action_space.n,)),
+                dist = kl.categorical(jnp.zeros((*obs.shape[:-1], action_space.n)),
                                       jax.nn.one_hot(action, action_space.n) > 0)  # fmt: skip
                 return action, jnp.zeros(action.shape, jnp.float32), dist
             dist = policy(state, obs)
@@ -404,7 +411,7 @@ def sequence_agent(kind: str):
                 return loss, aux
             if kind == "dpo":
                 ref_log_prob = b.ref_dist.log_prob(b.action)
-                log_ratio = jnp.sum((log_prob - ref_log_prob) * b.mask, -1).reshape(-1, config.group_size)
+                log_ratio = jnp.sum(jnp.where(b.mask > 0, log_prob - ref_log_prob, 0.0), -1).reshape(-1, config.group_size)
                 chosen_i, rejected_i, has_pair = adv  # per group
                 chosen = jnp.take_along_axis(log_ratio, chosen_i[:, None], -1)[:, 0]
                 rejected = jnp.take_along_axis(log_ratio, rejected_i[:, None], -1)[:, 0]
@@ -447,7 +454,7 @@ def sequence_agent(kind: str):
             if ref_beta is not None and b.ref_dist is not None and config.ref_kl_in == "reward":
                 # What the collector subtracted, added back for the `reward` metric.
                 pen = kl.anchor_penalty(b.dist, b.ref_dist, b.action, config.ref_kl_estimator, config.ref_kl_direction)
-                raw = raw + ref_beta * pen * b.mask
+                raw = raw + ref_beta * jnp.where(b.mask > 0, pen, 0.0)
             seq_reward = jnp.sum(b.reward, -1)
             returns = jnp.zeros_like(b.reward)
             if kind == "sft":
@@ -500,11 +507,11 @@ def sequence_agent(kind: str):
             if critic:
                 metrics["explained_variance"] = explained_variance(returns * b.mask, b.value * b.mask)
             if b.ref_dist is not None:
-                per_token = kl.anchor_kl(new_dist, b.ref_dist, "reverse")
-                metrics["kl_ref"] = jnp.mean(jnp.sum(per_token * b.mask, -1))
+                per_token = jnp.where(b.mask > 0, kl.anchor_kl(new_dist, b.ref_dist, "reverse"), 0.0)
+                metrics["kl_ref"] = jnp.mean(jnp.sum(per_token, -1))
                 if config.ref_kl_direction == "forward":
-                    forward = kl.anchor_kl(new_dist, b.ref_dist, "forward")
-                    metrics["kl_ref_forward"] = jnp.mean(jnp.sum(forward * b.mask, -1))
+                    forward = jnp.where(b.mask > 0, kl.anchor_kl(new_dist, b.ref_dist, "forward"), 0.0)
+                    metrics["kl_ref_forward"] = jnp.mean(jnp.sum(forward, -1))
             kl_ctrl = controller.update(state.kl_ctrl, kl_prev, jnp.sum(b.mask))
             return LMState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
 

@@ -73,7 +73,9 @@ def path_of(env: FuncEnv | GymEnv) -> str:
     return "host" if isinstance(env, GymEnv) else "jax"
 
 
-def vectorize(env: FuncEnv | GymEnv, num_envs: int, evaluation: bool = False, group_size: int = 1) -> VecEnv | HostVecEnv:
+def vectorize(
+    env: FuncEnv | GymEnv, num_envs: int, evaluation: bool = False, group_size: int = 1
+) -> VecEnv | HostVecEnv:
     """`num_envs` copies of `env` on its path, behind one interface (reset, step, spaces).
 
     With `evaluation`, a sequence task's copies reset to its held-out problems in order, with
@@ -90,6 +92,7 @@ def vectorize(env: FuncEnv | GymEnv, num_envs: int, evaluation: bool = False, gr
 __all__ = [
     "ENV_IDS",
     "ENV_PATHS",
+    "TASK_IDS",
     "VECTORIZATION_MODES",
     "Acrobot",
     "AcrobotParams",
@@ -105,7 +108,6 @@ __all__ = [
     "PendulumParams",
     "SequenceTask",
     "StepOut",
-    "TASK_IDS",
     "TokenSpace",
     "VecEnv",
     "VecEnvState",

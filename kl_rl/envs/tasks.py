@@ -277,7 +277,7 @@ class HeldOutVecEnv(VecEnv):
         del key, batch_like
         index = jnp.arange(self.num_envs, dtype=jnp.int32) // self.repeat
         env_state = jax.vmap(self.env.initial_held_out)(index)
-        obs = jax.vmap(lambda s: self.env.observation(s))(env_state)
+        obs = jax.vmap(self.env.observation)(env_state)
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs.astype(jnp.float32), zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
@@ -287,4 +287,5 @@ def pass_at_k(num_samples: int, num_correct: Any, k: int) -> np.ndarray:
     c = np.asarray(num_correct, np.int64)
     if not 1 <= k <= num_samples:
         raise ValueError(f"pass@k needs 1 <= k <= samples per problem, got k={k} with {num_samples} samples")
-    return np.asarray([1.0 - math.comb(num_samples - int(ci), k) / math.comb(num_samples, k) for ci in c.ravel()]).reshape(c.shape)
+    values = [1.0 - math.comb(num_samples - int(ci), k) / math.comb(num_samples, k) for ci in c.ravel()]
+    return np.asarray(values).reshape(c.shape)
