@@ -10,8 +10,9 @@
   accuracy (512 problems).
 - leash: GRPO at three betas (k3 in the loss): kl_ref at the end falls as beta rises.
 
-The studies below `learn` run 64 updates (16,384 responses) per seed, a quarter of the presets'
-budget, so that all of them fit in about half an hour on 2 cores.
+The studies after `learn` run 64 updates (16,384 responses) per seed, 16% of the presets'
+budget; leash with 8 seeds, frontier, estimators and direction with 4, so that all of them fit
+in about half an hour on 2 cores.
 - frontier: the reward-KL frontier of GRPO, PPO-LM, RLOO and online DPO over beta (final
   held-out accuracy against final kl_ref), IQMs with bootstrap CIs.
 - estimators: GRPO with k1, k3 and exact in the loss, and k1, k3 and exact in the reward.
@@ -27,6 +28,7 @@ there is read back instead of rerun. Summaries go to experiments/results/rlhf-<s
 import argparse
 import itertools
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,12 +51,12 @@ STUDIES = ("learn", "leash", "frontier", "estimators", "direction")
 
 BUDGETS = {
     # CI: every code path at a few updates of a tiny batch.
-    "small": {"seeds": 2, "sft_steps": 2_048, "steps": 128, "num_envs": 32, "eval_episodes": 64,
+    "small": {"seeds": 2, "study_seeds": 2, "sft_steps": 2_048, "steps": 128, "num_envs": 32, "eval_episodes": 64,
               "leash_betas": (0.0, 1.0), "betas": (0.0, 1.0), "study_steps": 128, "algos": ("grpo",),
               "frontier_algos": ("grpo",), "net": {"layers": 1, "width": 32, "heads": 2},
               "estimators": ("k3",), "placements": ("loss",), "pass_k": (1, 2), "pass_n": 4},
     # The published numbers: 8 seeds at the presets (learn); the studies at a shorter budget.
-    "full": {"seeds": 8, "sft_steps": None, "steps": None, "num_envs": None, "eval_episodes": None,
+    "full": {"seeds": 8, "study_seeds": 4, "sft_steps": None, "steps": None, "num_envs": None, "eval_episodes": None,
              "leash_betas": (0.01, 0.1, 1.0), "betas": (0.01, 0.1, 1.0), "study_steps": 16_384,
              "algos": ALGOS, "frontier_algos": ALGOS, "estimators": ("k1", "k3", "exact"),
              "placements": ("loss", "reward"), "net": {},
@@ -78,6 +80,12 @@ def _overrides(budget: str, algo: str, steps_key: str = "steps") -> dict:
     return out
 
 
+def _fresh(folder: Path) -> Path:
+    """`folder`, emptied: a run rerun at the small budget must not keep an older run's checkpoints."""
+    shutil.rmtree(folder, ignore_errors=True)
+    return folder
+
+
 _MADE: set[str] = set()
 """The budgets whose reference this process has trained (the small one is retrained once per process)."""
 
@@ -92,20 +100,21 @@ def reference(budget: str, log=print) -> Path:
         if b["sft_steps"] is not None:
             overrides.update(total_steps=b["sft_steps"], eval_episodes=b["eval_episodes"])
         result = kl_rl.run("sft", ENV, seeds=1, **overrides)
-        result.save(folder)
+        result.save(_fresh(folder))
         log(f"sft: held-out greedy accuracy {result.final_returns[0]:.3f}, wall {result.wall_time_s:.1f}s")
     return folder
 
 
-def _sweep(budget: str, name: str, algo: str, grid: dict, overrides: dict, log=print) -> pd.DataFrame:
+def _sweep(budget: str, name: str, algo: str, grid: dict, overrides: dict, log=print,
+           seeds_key: str = "study_seeds") -> pd.DataFrame:  # fmt: skip
     """One sweep from the reference, saved as runs/rlhf_<budget>/<name>, read back as a tidy table."""
     folder = runs_dir(budget) / name
     if not (budget == "full" and (folder / "summary.json").exists()):
         start = time.perf_counter()
-        seeds = BUDGETS[budget]["seeds"]
+        seeds = BUDGETS[budget][seeds_key]
         result = sweep.run_sweep(algo, ENV, grid, seeds, overrides=overrides, log=log, reference=reference(budget, log))
         base = config_lib.to_dict(runner.resolve_config(algo, ENV, None, overrides))
-        result.save(folder, {"algo": algo, "env": ENV, "seeds": seeds, **base})
+        result.save(_fresh(folder), {"algo": algo, "env": ENV, "seeds": seeds, **base})
         log(f"{name}: {len(result.points)} point(s) x {seeds} seeds in {time.perf_counter() - start:.0f}s")
     return analysis.load(folder)
 
@@ -134,7 +143,7 @@ def learn(budget: str, log=print) -> dict:
             result = kl_rl.run(
                 algo, ENV, seeds=BUDGETS[budget]["seeds"], reference=str(ref), **_overrides(budget, algo)
             )
-            result.save(folder)
+            result.save(_fresh(folder))
         summary = json.loads((folder / "summary.json").read_text())
         df = analysis.load(folder)
         points = df.dropna(subset=["eval_return"])
@@ -165,7 +174,8 @@ def _frontier(df: pd.DataFrame, key: str) -> list[dict]:
 def leash(budget: str, log=print) -> dict:
     """GRPO's final kl_ref and accuracy at three betas (k3 in the loss)."""
     betas = list(BUDGETS[budget]["leash_betas"])
-    df = _sweep(budget, "leash", "grpo", {"ref_kl_coef": betas}, _overrides(budget, "grpo", "study_steps"), log)
+    overrides = _overrides(budget, "grpo", "study_steps")
+    df = _sweep(budget, "leash", "grpo", {"ref_kl_coef": betas}, overrides, log, seeds_key="seeds")
     rows = _frontier(df, "ref_kl_coef")
     medians = [r["kl_ref"]["median"] for r in rows]
     return {"rows": rows, "kl_ref_falls": bool(all(a > b for a, b in itertools.pairwise(medians)))}
@@ -257,8 +267,8 @@ def direction(budget: str, log=print) -> dict:
         folder = runs_dir(budget) / f"direction-{est}"
         if not (budget == "full" and (folder / "summary.json").exists()):
             overrides = {**_overrides(budget, "grpo", "study_steps"), "ref_kl_coef": 1.0, "ref_kl_estimator": est}
-            kl_rl.run("grpo", ENV, seeds=b["seeds"], reference=str(ref), **overrides).save(folder)
-        out["variants"][est] = answer_stats(folder, budget, list(range(b["seeds"])))
+            kl_rl.run("grpo", ENV, seeds=b["study_seeds"], reference=str(ref), **overrides).save(_fresh(folder))
+        out["variants"][est] = answer_stats(folder, budget, list(range(b["study_seeds"])))
         log(f"direction {est}: pass@k {out['variants'][est]['pass_at']}")
     return out
 

@@ -144,6 +144,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     """
     make_agent = ALGOS[algo].make
     vec_env = envs.vectorize(env, config.num_envs, group_size=getattr(config, "group_size", 1))
+    if envs.is_token_space(vec_env.observation_space):
+        vec_env.params = envs.tasks.TaskParams(format_reward=config.format_reward)
     eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
@@ -299,11 +301,11 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
                 # The agent measured it its own way (token tasks: summed over each response).
                 kl_ref = metrics["kl_ref"]
             else:
-                new_dist = agent.policy(agent_state, data.obs)
-                kl_ref = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "reverse"))
+                kl_ref = jnp.mean(kl.anchor_kl(agent.policy(agent_state, data.obs), data.ref_dist, "reverse"))
             controlled = kl_ref
             if config.ref_kl_direction == "forward":
                 if "kl_ref_forward" not in metrics:
+                    new_dist = agent.policy(agent_state, data.obs)
                     metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
                 controlled = metrics["kl_ref_forward"]
             ref_ctrl = ref_kl_controller(config).update(anchors.ref_ctrl, controlled, data.reward.size)

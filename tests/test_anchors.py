@@ -19,6 +19,9 @@ from kl_rl.agents import PPOConfig
 from kl_rl.cli import main
 from kl_rl.train import make_trainer
 
+# Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_anchors")
+
 SMALL = {"num_envs": 4, "num_steps": 64, "update_epochs": 2, "num_minibatches": 2}
 
 

@@ -15,6 +15,9 @@ import pytest
 from kl_rl import checkpoint, runner
 from kl_rl.cli import main
 
+# Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_checkpoint")
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Small runs of 8 updates. PPO checkpoints every 3 (so its last segment is shorter), the others
@@ -33,6 +36,7 @@ KILL_AFTER_UPDATE = 7
 KILLER = """
 import os, signal, sys
 from kl_rl import cli, runner
+
 real_run = runner.run
 def run(*args, **kwargs):
     def progress(env_steps):

@@ -16,6 +16,9 @@ from kl_rl import cli, tune  # noqa: E402
 from kl_rl.cli import tune as tune_cli  # noqa: E402
 from kl_rl.errors import ConfigError  # noqa: E402
 
+# Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
+pytestmark = pytest.mark.xdist_group("test_tune")
+
 # 8 updates of 4 envs x 64 steps, so 2 rungs of 4 updates (1024 env steps) each.
 BASE = dict(total_steps=2048, num_envs=4, num_steps=64, num_minibatches=1, update_epochs=2)
 GOOD = {"lr": 1e-3, "clip_eps": 0.2}

@@ -91,6 +91,9 @@ class SequenceConfig(PenalizedConfig):
     """Passes over each batch (GRPO's mu)."""
     num_minibatches: int = static(1)
     """Minibatches per pass; must divide the prompts (groups) of a batch."""
+    format_reward: float = static(0.0)
+    """Reward the task adds at EOS to any well-formed response (digits, then EOS), right or
+    wrong, in training only: evaluation scores exact answers."""
     eval_every: int = static(0)
     """Updates between held-out evaluations logged as eval_return (greedy accuracy); 0: only
     the final one."""
@@ -411,7 +414,8 @@ def sequence_agent(kind: str):
                 return loss, aux
             if kind == "dpo":
                 ref_log_prob = b.ref_dist.log_prob(b.action)
-                log_ratio = jnp.sum(jnp.where(b.mask > 0, log_prob - ref_log_prob, 0.0), -1).reshape(-1, config.group_size)
+                per_token = jnp.where(b.mask > 0, log_prob - ref_log_prob, 0.0)
+                log_ratio = jnp.sum(per_token, -1).reshape(-1, config.group_size)
                 chosen_i, rejected_i, has_pair = adv  # per group
                 chosen = jnp.take_along_axis(log_ratio, chosen_i[:, None], -1)[:, 0]
                 rejected = jnp.take_along_axis(log_ratio, rejected_i[:, None], -1)[:, 0]

@@ -169,17 +169,20 @@ def test_state_and_outputs_have_the_documented_shapes_and_dtypes():
 def test_make_knows_the_ids_and_lists_them_for_an_unknown_one():
     assert envs.ENV_IDS == (
         "Acrobot-v1",
+        "Addition-v0",
         "CartPole-v1",
         "MountainCar-v0",
         "MountainCarContinuous-v0",
         "Pendulum-v1",
+        "Sort-v0",
     )
+    assert envs.TASK_IDS == ("Addition-v0", "Sort-v0")
     assert all(envs.make(env_id).id == env_id for env_id in envs.ENV_IDS)
     assert envs.make("CartPole-v1") is not envs.make("CartPole-v1")
     with pytest.raises(ConfigError) as excinfo:
         envs.make("Foo-v0")
     assert str(excinfo.value).startswith(
-        "unknown env 'Foo-v0': not a kl_rl JAX port (Acrobot-v1, CartPole-v1, MountainCar-v0, "
-        "MountainCarContinuous-v0, Pendulum-v1) and gymnasium cannot make it ("
+        "unknown env 'Foo-v0': not a kl_rl JAX port (Acrobot-v1, Addition-v0, CartPole-v1, MountainCar-v0, "
+        "MountainCarContinuous-v0, Pendulum-v1, Sort-v0) and gymnasium cannot make it ("
     )
     assert "\n" not in str(excinfo.value)
