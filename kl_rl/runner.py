@@ -945,8 +945,11 @@ def resolve_anchors(
             flags = ", ".join("--" + n.replace("_", "-") for n in used)
             raise ConfigError(f"{flags} set a penalty toward a reference policy; give it with --reference RUN_DIR")
     else:
-        if "ref_kl_coef" not in fields:
-            raise ConfigError(f"--algo {algo} has no KL penalty toward a reference; use ppo, vpg, trpo or cem")
+        if "ref_kl_coef" not in fields or algo == "sft":
+            raise ConfigError(
+                f"--algo {algo} has no KL penalty toward a reference; use ppo, vpg, trpo, cem, grpo, rloo, ppo-lm "
+                "or dpo"
+            )
         if isinstance(reference, dict):
             record = reference
             anchors.reference = ref_spec_from_record(record)
