@@ -1,12 +1,12 @@
 """RLHF in miniature: SFT, then GRPO, PPO with token KL, RLOO and online DPO on Addition-v0.
 
-    python experiments/rlhf.py --budget full              # every study (about an hour on 2 cores)
+    python experiments/rlhf.py --budget full              # every study (about 40 min on 2 cores)
     python experiments/rlhf.py learn --budget full        # one study
     python experiments/rlhf.py --table                    # docs/benchmarks.md's tables
 
 - learn: the reference is `kl-rl train --algo sft --env Addition-v0` at its preset (seed 0).
-  Each RL algorithm then runs at its preset from that reference (`--reference`), 8 seeds in one
-  process, timed as `kl-rl train` times it (wall, compile). final_return is the held-out greedy
+  Each RL algorithm then runs at its preset from that reference (`--reference`), its seeds in
+  one process, timed as `kl-rl train` times it (wall, compile). final_return is the held-out greedy
   accuracy (512 problems).
 - leash: GRPO at three betas (k3 in the loss): kl_ref at the end falls as beta rises.
 

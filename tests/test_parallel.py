@@ -62,6 +62,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_a_seed_gives_the_same_bits_alone_beside_others_and_on_any_device_count():
     # A fresh process: the device count is fixed when JAX starts.
     code = CONTRACT.format(tests=os.path.dirname(__file__))

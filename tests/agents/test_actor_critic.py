@@ -46,6 +46,7 @@ def test_seeds_run_under_vmap_with_finite_metrics(algo):
     assert out.eval_returns.shape == (2, 16)
 
 
+@pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_one_seed_runs_unbatched_and_its_checkpointed_segments_agree(tmp_path):
     """A single seed skips the size-1 vmap (`train.vmap_seeds`), on both of the runner's paths."""
     import kl_rl

@@ -48,6 +48,7 @@ def _train(env_id="CartPole-v1", seeds=1, **overrides):
     return jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, config)
 
 
+@pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_same_key_gives_identical_bits():
     a, b = _train(seeds=2), _train(seeds=2)
     leaves_a = jax.tree.leaves((a.metrics, a.eval_returns, a.state.agent))

@@ -65,8 +65,8 @@ NORMALIZE = dict(normalize_obs=True, normalize_reward=True)
 @pytest.mark.parametrize(
     "algo, cls",
     [
-        ("ppo", FixedStartCartPole),
-        ("vpg", FixedStartCartPole),
+        pytest.param("ppo", FixedStartCartPole, marks=pytest.mark.slow),
+        pytest.param("vpg", FixedStartCartPole, marks=pytest.mark.slow),
         pytest.param("trpo", FixedStartPendulum, marks=pytest.mark.slow),
         ("cem", FixedStartCartPole),
     ],
@@ -135,6 +135,7 @@ def test_sync_and_async_vectorization_agree():
     assert 0 < sync.env_time_s < sync.wall_time_s
 
 
+@pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_host_run_resumes_with_its_normalizers(tmp_path):
     """A host run's checkpoint holds both normalizers; resuming continues them (and new episodes)."""
     kwargs = dict(seeds=2, total_steps=3 * 2 * 16, num_envs=2, num_steps=16, eval_episodes=2, **NORMALIZE)
@@ -222,6 +223,7 @@ def test_missing_extra_names_it(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_host_sweep_matches_a_separate_run_of_its_second_point():
     """One vector env holds points x seeds x envs copies; each point's copies are its own."""
     from kl_rl import sweep
