@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from kl_rl import buffer, envs, kl, normalize, rollout
 from kl_rl.agents import ALGOS
 from kl_rl.agents.common import ref_kl_controller
+from kl_rl.agents.lm import response_tokens
 
 
 NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual", "eval_return")
@@ -209,12 +210,10 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         """A token task's [T, N] trajectory with the reference's distribution at each step of
         each env's first response (`ref_dist`), and the reward penalty (if any) subtracted there.
         Steps after an env's first response (which episodic agents mask out) get no penalty."""
-        valid = buffer.in_first_episode(trajectory)
-        prompt = trajectory.obs[0, :, : obs_space.prompt_length]
-        response = jnp.where(valid, trajectory.action, obs_space.pad).T.astype(prompt.dtype)
-        steps = response.shape[1]  # the response length, or fewer (init's shape probe)
-        response = jnp.pad(response, ((0, 0), (0, obs_space.response_length - steps)), constant_values=obs_space.pad)
-        ref_dist = ref_agent.score_responses(ref.agent, jnp.concatenate([prompt, response], axis=-1))
+        valid, tokens = response_tokens(trajectory, obs_space.prompt_length, obs_space.pad)
+        steps = valid.shape[0]  # the response length, or fewer (init's shape probe)
+        tokens = jnp.pad(tokens, ((0, 0), (0, obs_space.response_length - steps)), constant_values=obs_space.pad)
+        ref_dist = ref_agent.score_responses(ref.agent, tokens)
         ref_dist = jax.tree.map(lambda x: jnp.swapaxes(x[:, :steps], 0, 1), ref_dist)
         reward = trajectory.reward
         if penalty is not None:

@@ -272,12 +272,18 @@ class Responses(NamedTuple):
     value: jax.Array
 
 
+def response_tokens(traj: buffer.Transition, prompt_length: int, pad: int) -> tuple[jax.Array, jax.Array]:
+    """([T, N] mask of each env's first episode, [N, P + T] its prompt and response, PAD after EOS)
+    of an episodic [T, N] trajectory: the buffers a causal pass scores whole."""
+    valid = buffer.in_first_episode(traj)
+    response = jnp.where(valid, traj.action, pad).T.astype(traj.obs.dtype)
+    return valid, jnp.concatenate([traj.obs[0, :, :prompt_length], response], axis=-1)
+
+
 def responses(traj: buffer.Transition, prompt_length: int, pad: int) -> Responses:
     """Each env's first response in a [T, N] trajectory, as [N, ...] arrays."""
-    valid = buffer.in_first_episode(traj)
+    valid, tokens = response_tokens(traj, prompt_length, pad)
     mask = valid.astype(jnp.float32).T
-    response = jnp.where(valid, traj.action, pad).T
-    tokens = jnp.concatenate([traj.obs[0, :, :prompt_length], response.astype(traj.obs.dtype)], axis=-1)
     # Past the response, `action` holds token 0, which every policy can emit (PAD it cannot), so
     # log-probs there stay finite; the mask drops them.
     action = jnp.where(valid, traj.action, 0).T
