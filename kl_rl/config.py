@@ -77,7 +77,8 @@ def parse_value(name: str, text: Any, typ: Any) -> Any:
     value = _convert(name, text, typ)
     # float() accepts inf and nan in many spellings, but no hyperparameter can take them: a run
     # with one trains to a table of nan.
-    if any(isinstance(v, float) and not math.isfinite(v) for v in (value if isinstance(value, tuple) else (value,))):
+    items = tuple(value.values()) if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
+    if any(isinstance(v, float) and not math.isfinite(v) for v in items):
         raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {text}")
     return value
 
@@ -118,6 +119,17 @@ def _convert(name: str, text: Any, typ: Any) -> Any:
             if isinstance(text, str):
                 items = [t for t in text.replace("(", "").replace(")", "").split(",") if t.strip()]
             return tuple(_convert(name, t, typing.get_args(typ)[0]) for t in items)
+        if origin is dict:
+            items = text
+            if isinstance(text, str):
+                pairs = [t.partition("=") for t in text.split(",") if t.strip()]
+                if any(not sep for _, sep, _ in pairs):
+                    raise ValueError
+                items = {k.strip(): v for k, _, v in pairs}
+            if not isinstance(items, dict):
+                raise ValueError
+            value_type = typing.get_args(typ)[1]
+            return {str(k): _convert(f"env.{k}", v, value_type) for k, v in items.items()}
         if origin in (types.UnionType, typing.Union):
             return _convert(name, text, next(a for a in typing.get_args(typ) if a is not type(None)))
     except (ValueError, TypeError, StopIteration):
@@ -150,13 +162,23 @@ def load_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+ENV_PREFIX = "env."
+"""Names like "env.gravity" set one entry of a config's `env_params`."""
+
+
 def build(cls: type, values: dict[str, Any]) -> Any:
     """Makes a `cls` config from a dict of raw values (strings or parsed), checking every name."""
     types_ = _field_types(cls)
     known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
+    env_params: dict[str, Any] = {}
     for raw_name, raw in values.items():
         name = str(raw_name).replace("-", "_")
+        if name.startswith(ENV_PREFIX) and "env_params" in known:
+            # --env.NAME VALUE: one env param (its name keeps its spelling: Brax paths have dots).
+            param = str(raw_name)[len(ENV_PREFIX) :]
+            env_params[param] = parse_value(f"env.{param}", raw, float)
+            continue
         if name not in known:
             close = [k for k in sorted(known) if k.split("_")[0] in name or name.split("_")[0] in k]
             hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close[:3])}?" if close else ""
@@ -164,6 +186,8 @@ def build(cls: type, values: dict[str, Any]) -> Any:
                 f"unknown hyperparameter {raw_name!r} for {cls.__name__}{hint} (see kl-rl train --algo ... --help)"
             )
         kwargs[name] = parse_value(name, raw, types_[name])
+    if env_params:
+        kwargs["env_params"] = {**kwargs.get("env_params", {}), **env_params}
     return cls(**kwargs)
 
 
@@ -176,5 +200,7 @@ def to_dict(config: Any) -> dict[str, Any]:
             value = value.tolist()
         if isinstance(value, tuple):
             value = list(value)
+        if isinstance(value, dict):
+            value = {k: v.tolist() if hasattr(v, "tolist") else v for k, v in value.items()}
         out[f.name] = value
     return out

@@ -8,7 +8,24 @@ from typing import Any
 
 MUJOCO_IDS = ("HalfCheetah-v5", "Hopper-v5", "Walker2d-v5")
 
+MINATAR_IDS = tuple(f"gymnax/{g}-MinAtar" for g in ("Asterix", "Breakout", "Freeway", "Seaquest", "SpaceInvaders"))
+
+# PureJaxRL's MinAtar settings (examples/brax_minatar.ipynb, "briefly tuned ... on Gymnax's
+# MinAtar environments"): 64 envs x 128 steps, 4 epochs x 8 minibatches, lr 5e-3 annealed, relu
+# 64-64 on the flattened image, clipped value loss, 1e7 steps.
+PUREJAXRL_MINATAR = dict(
+    total_steps=10_000_000,
+    num_envs=64,
+    num_steps=128,
+    update_epochs=4,
+    num_minibatches=8,
+    lr=5e-3,
+    activation="relu",
+    clip_value=True,
+)
+
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    **{("ppo", env_id): dict(PUREJAXRL_MINATAR) for env_id in MINATAR_IDS},
     # rl-baselines3-zoo's tuned CartPole settings (8 envs x 32 steps, one 256-minibatch, 20 epochs).
     ("ppo", "CartPole-v1"): dict(
         total_steps=100_000,

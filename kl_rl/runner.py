@@ -53,12 +53,23 @@ def resolve_config(
     config = config_lib.build(spec.config, values)
     check_task_algo(algo, env_id, env)
     config.validate(env.action_space)
+    check_env_params(env, env_id, config)
     if envs.is_token_space(env.observation_space) and config.eval_episodes > env.held_out_size:
         raise ConfigError(
             f"--eval-episodes {config.eval_episodes} exceeds {env_id}'s {env.held_out_size} held-out problems; "
             f"use at most {env.held_out_size}"
         )
     return config
+
+
+def check_env_params(env: Any, env_id: str, config: Any) -> None:
+    """ConfigError for env params a host env cannot take or `env` does not have."""
+    overrides = getattr(config, "env_params", None)
+    if not overrides:
+        return
+    if envs.path_of(env) == "host":
+        raise ConfigError(f"--env.NAME params are set inside JAX; {env_id} runs on the host path (use a JAX env)")
+    envs.check_env_params(env, env_id, overrides)
 
 
 def check_task_algo(algo: str, env_id: str, env: Any) -> None:

@@ -49,6 +49,11 @@ def parse_grid(algo: str, items: list[str]) -> dict[str, list[Any]]:
         values = [v.strip() for v in text.split(",")]
         if not sep or not name or not all(values):
             raise ConfigError(f"malformed --grid item {item!r}; write NAME=V1,V2,... (e.g. lr=3e-4,1e-3)")
+        if name.startswith(config_lib.ENV_PREFIX):  # env.NAME: an env param, traced like a hyperparameter
+            if name in grid:
+                raise ConfigError(f"--grid names {name!r} twice; give all its values in one item")
+            grid[name] = [config_lib.parse_value(name, v, float) for v in values]
+            continue
         if name not in names:
             raise ConfigError(f"unknown hyperparameter {name!r} for {cls.__name__} in --grid (see kl-rl train --help)")
         if name in grid:

@@ -151,6 +151,13 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
     eval_steps = eval_env.max_episode_steps or 1000
+
+    def envs_for(config):
+        """The training and evaluation envs with `config.env_params` (traced) swapped in."""
+        overrides = getattr(config, "env_params", None)
+        if not overrides:
+            return vec_env, eval_env
+        return vec_env.with_params(overrides), eval_env.with_params(overrides)
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
     rollout_steps = config.num_steps or eval_steps
     steps_per_update = config.num_envs * rollout_steps
@@ -197,12 +204,12 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             # A token task's reference scores each whole response in one causal pass after the
             # rollout (the same distributions a per-step call gives, at 1/H of the work).
             collector, trajectory, episodes = rollout.collect(
-                key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma,
+                key, act, envs_for(config)[0], collector, num_steps, config.normalize_obs, value, reward_gamma,
                 first_episode_only=first_episodes,
             )  # fmt: skip
             return collector, score_reference(anchors.reference, trajectory, penalty), episodes
         return rollout.collect(
-            key, act, vec_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
+            key, act, envs_for(config)[0], collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
             first_episode_only=first_episodes,
         )  # fmt: skip
 
@@ -226,7 +233,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         agent_state = agent.init(agent_key)
         # The config marks every axis the run is vmapped along (seeds, sweep points), which a
         # host env needs to make one copy per element (see HostVecEnv.reset).
-        collector = rollout.init_collector(vec_env.reset(env_key, config), obs_space.shape)
+        collector = rollout.init_collector(envs_for(config)[0].reset(env_key, config), obs_space.shape)
         setup = setup or Setup()
         if setup.start is not None:
             agent_state = agent_state.replace(params=setup.start.params)
@@ -271,7 +278,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
         collector, anchors = state.collector, state.anchors
         if agent.episodic:
-            collector = collector._replace(env=vec_env.reset(reset_key, collector.env.env_state))
+            collector = collector._replace(env=envs_for(config)[0].reset(reset_key, collector.env.env_state))
         behaviour = state.agent
         if lag:
             # The agent state of `lag` updates ago acts (simulated asynchronous actors).
@@ -354,7 +361,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             return dist.mode() if config.eval_deterministic else dist.sample(k)
 
         return rollout.evaluate(
-            key, policy, eval_env, state.collector.obs_norm, config.normalize_obs, eval_steps, state.collector.env
+            key, policy, envs_for(config)[1], state.collector.obs_norm, config.normalize_obs, eval_steps, state.collector.env
         )
 
     def train(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainOutput:
@@ -366,7 +373,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     def restart_envs(key: jax.Array, state: TrainState) -> TrainState:
         collector = state.collector
         collector = collector._replace(
-            env=vec_env.reset(key, collector.env.env_state),
+            env=envs_for(config)[0].reset(key, collector.env.env_state),
             discounted_return=jnp.zeros_like(collector.discounted_return),
         )
         return state.replace(collector=collector)

@@ -58,6 +58,10 @@ class PolicyConfig:
     ref_kl_direction: str = static("reverse")
     """reverse: KL(pi || pi_ref), mode-seeking (RLHF); forward: KL(pi_ref || pi),
     mass-covering (kickstarting's distillation)."""
+    env_params: dict[str, float] = flax.struct.field(default_factory=dict)
+    """Overrides of the env's own parameters, by name: a port's constants (CartPole's gravity),
+    gymnax's EnvParams fields (max_steps_in_episode), Brax System paths (opt.timestep). Traced,
+    so a sweep or vmap can vary them. On the CLI: --env.NAME VALUE; in --grid: env.NAME=V1,V2."""
 
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
         for name in ("eval_episodes", *positive):

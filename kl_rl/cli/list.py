@@ -1,4 +1,4 @@
-"""`kl-rl list`: the algos, JAX-ported envs and presets."""
+"""`kl-rl list`: the algos, JAX-ported envs, installed env families and presets."""
 
 from kl_rl.errors import ConfigError
 
@@ -15,5 +15,12 @@ def main(argv: list[str]) -> int:
     ports = [e for e in envs.ENV_IDS if e not in envs.TASK_IDS]
     print("envs:    " + ", ".join(ports) + " (JAX ports); any other gymnasium id runs host-side")
     print("tasks:   " + ", ".join(envs.TASK_IDS) + " (verifiable token tasks, JAX)")
+    installed = envs.installed_families()
+    for name, family in envs.FAMILIES.items():
+        if name in installed:
+            ids = installed[name]
+            print((name + ':').ljust(8) + ' ' + ", ".join(f"{name}/{i}" for i in ids))
+        else:
+            print((name + ':').ljust(8) + ' ' + f"not installed: pip install 'kl_rl[{family.extra}]'")
     print("presets: " + ", ".join(f"{a}/{e}" for a, e in sorted(PRESETS)))
     return 0

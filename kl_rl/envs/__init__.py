@@ -6,6 +6,11 @@ Example::
     vec = kl_rl.envs.vectorize(env, num_envs=8)  # VecEnv: vmap + autoreset + time limit
     env = kl_rl.envs.make("HalfCheetah-v5")  # no JAX port: a GymEnv, the host-side path
     vec = kl_rl.envs.vectorize(env, num_envs=8)  # HostVecEnv: gymnasium.make_vec on the host
+    env = kl_rl.envs.make("gymnax/Breakout-MinAtar")  # a JAX-native family's env (a StepEnv)
+    vec = kl_rl.envs.vectorize(env, num_envs=8)  # the same VecEnv: a run is one XLA program
+
+The families (gymnax, Brax and Brax's MJX pipeline) are optional extras; see
+`kl_rl.envs.families` for how each one's autoreset and time limit are handled.
 """
 
 from gymnasium.experimental.functional import FuncEnv
@@ -22,9 +27,10 @@ from kl_rl.envs.classic import (
     Pendulum,
     PendulumParams,
 )
+from kl_rl.envs.families import FAMILIES, check_env_params, family_of, installed_families, make_family_env
 from kl_rl.envs.tasks import TASKS, HeldOutVecEnv, SequenceTask, TokenSpace, is_token_space
 from kl_rl.envs.host import VECTORIZATION_MODES, GymEnv, HostVecEnv, check_vectorization
-from kl_rl.envs.vector import StepOut, VecEnv, VecEnvState
+from kl_rl.envs.vector import StepEnv, StepOut, VecEnv, VecEnvState, param_names
 from kl_rl.errors import ConfigError
 
 _REGISTRY: dict[str, type[FuncEnv]] = {
@@ -39,11 +45,14 @@ ENV_PATHS = ("auto", "jax", "host")
 """auto: the JAX port where there is one, else the host; jax: the port or an error; host: gymnasium."""
 
 
-def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEnv | GymEnv:
-    """The env named `env_id`: its JAX port (a FuncEnv) or a `GymEnv` that runs on the host.
+def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEnv | StepEnv | GymEnv:
+    """The env named `env_id`: its JAX port (a FuncEnv), a JAX-native family's env (a StepEnv),
+    or a `GymEnv` that runs on the host.
 
     Args:
-      env_id: one of `ENV_IDS`, or any gymnasium id (with "module:Id", the module is imported).
+      env_id: one of `ENV_IDS`; a family's id, "gymnax/NAME", "brax/NAME", "brax-positional/NAME",
+        "brax-spring/NAME" or "mjx/NAME" (`kl_rl.envs.families`); or any gymnasium id (with
+        "module:Id", the module is imported).
       path: one of `ENV_PATHS`.
       vectorization: how the host path steps its copies, "sync" or "async" (processes).
 
@@ -53,6 +62,8 @@ def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEn
     """
     check_vectorization(vectorization)
     if resolve_path(env_id, path) == "jax":
+        if family_of(env_id) is not None:
+            return make_family_env(env_id)
         return _REGISTRY[env_id]()
     return GymEnv(env_id, vectorization)
 
@@ -61,6 +72,11 @@ def resolve_path(env_id: str, path: str = "auto") -> str:
     """The path `make(env_id, path)` takes: "jax" or "host" (ConfigError for a bad combination)."""
     if path not in ENV_PATHS:
         raise ConfigError(f"unknown --env-path {path!r}; use one of {', '.join(ENV_PATHS)}")
+    family = family_of(env_id)
+    if family is not None:
+        if path == "host":
+            raise ConfigError(f"{env_id} is a {family.name} env, which runs inside JAX; use --env-path auto or jax")
+        return "jax"
     if env_id in _REGISTRY and path != "host":
         return "jax"
     if path == "jax":
@@ -92,6 +108,7 @@ def vectorize(
 __all__ = [
     "ENV_IDS",
     "ENV_PATHS",
+    "FAMILIES",
     "TASK_IDS",
     "VECTORIZATION_MODES",
     "Acrobot",
@@ -107,12 +124,17 @@ __all__ = [
     "Pendulum",
     "PendulumParams",
     "SequenceTask",
+    "StepEnv",
     "StepOut",
     "TokenSpace",
     "VecEnv",
     "VecEnvState",
+    "check_env_params",
+    "family_of",
+    "installed_families",
     "is_token_space",
     "make",
+    "param_names",
     "path_of",
     "resolve_path",
     "vectorize",

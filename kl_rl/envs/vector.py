@@ -4,8 +4,14 @@ gymnasium's own `FunctionalJaxVectorEnv.step` freezes every sub-env on a step wh
 them resets; here each env resets independently with `jnp.where`. Termination (a terminal MDP
 state: never bootstrap) and truncation (the time limit: bootstrap from `final_obs`) stay
 distinct, and the true next observation of every transition is returned beside the reset one.
+
+Two shapes of env are vectorized here: a gymnasium `FuncEnv` (kl_rl's ports, the token tasks),
+and a `StepEnv`, an env given as a pure `reset` and `step` (the adapters of the JAX-native
+families in `kl_rl.envs.families`: gymnax, Brax). Both share the autoreset, the time limit and
+the episode bookkeeping (`advance`).
 """
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import flax.struct
@@ -55,6 +61,47 @@ class StepOut(NamedTuple):
     episode_length: jax.Array
 
 
+class StepEnv:
+    """An env as two pure functions of one copy, the shape gymnax and Brax give their envs.
+
+    `VecEnv` vmaps them, resets the copies whose episode ended, and counts episodes. Per copy and
+    step it splits the copy's key into a step key and a reset key (gymnax's own `step` does the
+    same), so a `StepEnv` stepped by `VecEnv` and the family's own autoresetting `step` see the
+    same keys.
+
+    Attributes:
+      id: the env's id, e.g. "gymnax/Breakout-MinAtar".
+      observation_space, action_space: gymnasium spaces of one copy.
+      max_episode_steps: the time limit (None: none).
+      time_limit_in_step: True where `step` reports the time limit itself (its `truncated`), so
+        `VecEnv` adds none of its own; False where `VecEnv` truncates at `max_episode_steps`.
+      default_params: the env's parameters (a pytree), which `reset` and `step` take.
+    """
+
+    id: str
+    observation_space: Any
+    action_space: Any
+    max_episode_steps: int | None = None
+    time_limit_in_step: bool = False
+    default_params: Any = None
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[Any, jax.Array]:
+        """(state, observation) of a fresh episode."""
+        raise NotImplementedError
+
+    def step(self, key: jax.Array, state: Any, action: jax.Array, params: Any) -> tuple[Any, ...]:
+        """(next state, true next observation, reward, terminated, truncated): no autoreset."""
+        raise NotImplementedError
+
+    def with_params(self, params: Any, overrides: dict[str, Any]) -> Any:
+        """`params` with the named entries replaced (traced values welcome)."""
+        raise NotImplementedError
+
+    def param_names(self) -> tuple[str, ...]:
+        """The names `with_params` accepts."""
+        raise NotImplementedError
+
+
 def _where(done: jax.Array, if_done: jax.Array, otherwise: jax.Array) -> jax.Array:
     """`jnp.where` with the [N] mask `done` broadcast over the trailing axes."""
     return jnp.where(done.reshape(done.shape + (1,) * (jnp.ndim(otherwise) - 1)), if_done, otherwise)
@@ -64,7 +111,8 @@ class VecEnv:
     """N copies of a FuncEnv stepped in lockstep under vmap, with autoreset and a time limit.
 
     Args:
-      env: any FuncEnv (kl_rl's ports, gymnasium's phys2d envs, your own).
+      env: any FuncEnv (kl_rl's ports, gymnasium's phys2d envs, your own), or a `StepEnv` (the
+        adapted env families).
       num_envs: N.
       max_episode_steps: time limit; None takes `env.max_episode_steps` if the env has one,
         and otherwise there is no time limit.
@@ -74,7 +122,7 @@ class VecEnv:
         that ends mid-rollout restarts on its own.
     """
 
-    def __init__(self, env: FuncEnv, num_envs: int, max_episode_steps: int | None = None, params: Any = None,
+    def __init__(self, env: FuncEnv | StepEnv, num_envs: int, max_episode_steps: int | None = None, params: Any = None,
                  group_size: int = 1):  # fmt: skip
         self.env = env
         self.num_envs = int(num_envs)
@@ -102,6 +150,16 @@ class VecEnv:
         obs = jax.vmap(lambda s, k: env.observation(s, k, params))(state, obs_keys)
         return state, jnp.asarray(obs, jnp.float32)
 
+    def with_params(self, overrides: dict[str, Any]) -> "VecEnv":
+        """A copy whose env params have the named entries replaced (values may be traced: a
+        config's `env_params`). No overrides: this VecEnv itself, params untouched."""
+        if not overrides:
+            return self
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.params = env_params_with(self.env, self.params, overrides)
+        return copy
+
     def reset(self, key: jax.Array, batch_like: Any = ()) -> VecEnvState:
         """Starts fresh episodes in all N envs.
 
@@ -113,6 +171,14 @@ class VecEnv:
           The state of the N envs at time 0.
         """
         del batch_like
+        if isinstance(self.env, StepEnv):
+            keys = jax.random.split(key, self.num_envs)
+            if self.group_size > 1:
+                keys = jnp.repeat(keys[:: self.group_size], self.group_size, axis=0)
+            params = self.params
+            env_state, obs = jax.vmap(lambda k: self.env.reset(k, params))(keys)
+            zeros = jnp.zeros(self.num_envs, jnp.int32)
+            return VecEnvState(env_state, jnp.asarray(obs, jnp.float32), zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
         init_keys, obs_keys = self._keys(key, 2)
         if self.group_size > 1:
             init_keys = jnp.repeat(init_keys[:: self.group_size], self.group_size, axis=0)
@@ -131,6 +197,8 @@ class VecEnv:
         Returns:
           The next state, whose `obs` is the one to act on, and the transition's `StepOut`.
         """
+        if isinstance(self.env, StepEnv):
+            return self._step_env_step(key, state, action)
         env, params = self.env, self.params
         transition_keys, reward_keys, terminal_keys, obs_keys, init_keys, init_obs_keys = self._keys(key, 6)
         # Params are closed over, not mapped: they stay Python scalars where the env has them.
@@ -158,6 +226,53 @@ class VecEnv:
             state.env_state,
         )
         return advance(state, env_state, reward, terminated, truncated, final_obs, reset_obs)
+
+    def _step_env_step(self, key: jax.Array, state: VecEnvState, action: jax.Array) -> tuple[VecEnvState, StepOut]:
+        env, params = self.env, self.params
+
+        def one(k, s, a):
+            step_key, reset_key = jax.random.split(k)
+            nxt, obs, reward, terminated, truncated = env.step(step_key, s, a, params)
+            reset_state, reset_obs = env.reset(reset_key, params)
+            return nxt, obs, reward, terminated, truncated, reset_state, reset_obs
+
+        keys = jax.random.split(key, self.num_envs)
+        nxt, final_obs, reward, terminated, truncated, reset_state, reset_obs = jax.vmap(one)(
+            keys, state.env_state, action
+        )
+        terminated, truncated = jnp.asarray(terminated, bool), jnp.asarray(truncated, bool)
+        if not env.time_limit_in_step and self.max_episode_steps is not None:
+            truncated = truncated | (state.time + 1 >= self.max_episode_steps)
+        done = terminated | truncated
+        env_state = jax.tree.map(
+            lambda reset, n, old: _where(done, reset, n).astype(old.dtype), reset_state, nxt, state.env_state
+        )
+        return advance(state, env_state, reward, terminated, truncated, final_obs, reset_obs)
+
+
+def env_params_with(env: Any, params: Any, overrides: dict[str, Any]) -> Any:
+    """`params` of `env` with the entries named in `overrides` replaced, each cast to the dtype
+    of the value it replaces (so an int param stays an int when swept as a traced float)."""
+    if isinstance(env, StepEnv):
+        return env.with_params(params, overrides)
+    if params is None or not dataclasses.is_dataclass(params):
+        raise ValueError(f"{getattr(env, 'id', type(env).__name__)} has no params to override")
+    cast = {}
+    for name, value in overrides.items():
+        old = getattr(params, name)
+        dtype = jnp.int32 if isinstance(old, int) and not isinstance(old, bool) else jnp.result_type(old)
+        cast[name] = jnp.asarray(value).astype(dtype)
+    return params.replace(**cast)
+
+
+def param_names(env: Any) -> tuple[str, ...]:
+    """The names `env_params_with` accepts for `env` (a StepEnv lists its own)."""
+    if isinstance(env, StepEnv):
+        return env.param_names()
+    params = getattr(env, "default_params", None)
+    if params is None or not dataclasses.is_dataclass(params):
+        return ()
+    return tuple(f.name for f in dataclasses.fields(params))
 
 
 def advance(
