@@ -105,7 +105,10 @@ def learn(name: str) -> dict:
 
 
 def table() -> None:
-    print("| check | algo | env | seeds | steps/seed | median final [95% CI] | IQM [95% CI] | train return (last) | wall + compile |")
+    print(
+        "| check | algo | env | seeds | steps/seed | median final [95% CI] | IQM [95% CI] | train return (last) "
+        "| wall + compile |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name in CHECKS:
         path = RESULTS / f"families-{name}.json"

@@ -200,16 +200,17 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
                     term = kl.anchor_penalty(dist, ref_dist, action, config.ref_kl_estimator, config.ref_kl_direction)
                     return beta * term
 
+        train_env = envs_for(config)[0]
         if ref_fn is not None and ref_agent.score_responses is not None:
             # A token task's reference scores each whole response in one causal pass after the
             # rollout (the same distributions a per-step call gives, at 1/H of the work).
             collector, trajectory, episodes = rollout.collect(
-                key, act, envs_for(config)[0], collector, num_steps, config.normalize_obs, value, reward_gamma,
+                key, act, train_env, collector, num_steps, config.normalize_obs, value, reward_gamma,
                 first_episode_only=first_episodes,
             )  # fmt: skip
             return collector, score_reference(anchors.reference, trajectory, penalty), episodes
         return rollout.collect(
-            key, act, envs_for(config)[0], collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
+            key, act, train_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
             first_episode_only=first_episodes,
         )  # fmt: skip
 
@@ -361,7 +362,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             return dist.mode() if config.eval_deterministic else dist.sample(k)
 
         return rollout.evaluate(
-            key, policy, envs_for(config)[1], state.collector.obs_norm, config.normalize_obs, eval_steps, state.collector.env
+            key, policy, envs_for(config)[1], state.collector.obs_norm, config.normalize_obs, eval_steps,
+            state.collector.env,
         )
 
     def train(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainOutput:

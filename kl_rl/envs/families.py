@@ -245,7 +245,9 @@ def make_family_env(env_id: str) -> StepEnv:
     assert family is not None, env_id
     name = env_id.partition("/")[2]
     if not family.installed():
-        raise ConfigError(f"{env_id} needs {family.module}, which is not installed: pip install 'kl_rl[{family.extra}]'")
+        raise ConfigError(
+            f"{env_id} needs {family.module}, which is not installed: pip install 'kl_rl[{family.extra}]'"
+        )
     if name in GYMNAX_LEFT_OUT and family.name == "gymnax":
         raise ConfigError(f"{env_id} is not adapted: {GYMNAX_LEFT_OUT[name]} (kl_rl never downloads at run time)")
     ids = family.ids()

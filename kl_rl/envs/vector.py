@@ -178,7 +178,8 @@ class VecEnv:
             params = self.params
             env_state, obs = jax.vmap(lambda k: self.env.reset(k, params))(keys)
             zeros = jnp.zeros(self.num_envs, jnp.int32)
-            return VecEnvState(env_state, jnp.asarray(obs, jnp.float32), zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
+            returns = jnp.zeros(self.num_envs, jnp.float32)
+            return VecEnvState(env_state, jnp.asarray(obs, jnp.float32), zeros, returns, zeros)
         init_keys, obs_keys = self._keys(key, 2)
         if self.group_size > 1:
             init_keys = jnp.repeat(init_keys[:: self.group_size], self.group_size, axis=0)
