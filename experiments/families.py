@@ -27,11 +27,11 @@ RESULTS = Path(__file__).parent / "results"
 # name: (algo, env, seeds, overrides, what it is compared with)
 CHECKS = {
     "ppo-breakout": (
-        "ppo", "gymnax/Breakout-MinAtar", 8, {},
+        "ppo", "gymnax/Breakout-MinAtar", 16, {},
         "PureJaxRL's published curve (README, minatar_plot): about 40 at 1e7 steps (band about 30-55)",
     ),
     "ppo-spaceinvaders": (
-        "ppo", "gymnax/SpaceInvaders-MinAtar", 4, {},
+        "ppo", "gymnax/SpaceInvaders-MinAtar", 8, {},
         "PureJaxRL's notebook runs these settings on SpaceInvaders; no published curve",
     ),
     "trpo-breakout": (

@@ -15,6 +15,10 @@ at its time. --paired instead runs both in the anchor's process, in turns (see t
 
     python experiments/throughput.py --paired --seeds 1 --repeats 20 \\
         --anchor-python /work/anchors/venv/bin/python --purejaxrl-dir /work/anchors/purejaxrl
+
+--env gymnax/CartPole-v1 or gymnax/Breakout-MinAtar puts kl_rl on the gymnax adapter
+(`kl_rl.envs.families`) against PureJaxRL on the same gymnax env; for a MinAtar game both sides
+run PureJaxRL's MinAtar settings (64 envs, 8 minibatches, lr 5e-3, relu).
 """
 
 import argparse
@@ -52,13 +56,26 @@ PUREJAXRL_DEFAULTS = dict(
 )
 
 
-def compile_kl_rl(seeds: int, total_steps: int):
+# PureJaxRL's MinAtar settings on top of its defaults (examples/brax_minatar.ipynb), for both sides
+# when the env is a MinAtar game.
+PUREJAXRL_MINATAR = dict(num_envs=64, num_minibatches=8, lr=5e-3, activation="relu")
+
+
+def purejaxrl_config(env: str, total_steps: int) -> PPOConfig:
+    """PureJaxRL's PPO config for `env` (its CartPole defaults, or its MinAtar settings)."""
+    minatar = PUREJAXRL_MINATAR if "MinAtar" in env else {}
+    return PPOConfig(**{**PUREJAXRL_DEFAULTS, **minatar, "total_steps": total_steps})
+
+
+def compile_kl_rl(seeds: int, total_steps: int, env: str = "CartPole-v1"):
     """Compiles kl_rl's PPO at PureJaxRL's config as `kl_rl.run` runs it (its segments, over
     every local device); returns (run, compile_s, env_steps). No program cache: a cold compile.
 
-    `run()` returns a `TrainOutput`. The programs are compiled (and run once) here."""
-    config = PPOConfig(**{**PUREJAXRL_DEFAULTS, "total_steps": total_steps})
-    trainer = make_trainer("ppo", config, envs.make("CartPole-v1"))
+    `env` is kl_rl's env id: its own CartPole-v1 port, or a gymnax id through the gymnax adapter
+    ("gymnax/CartPole-v1", "gymnax/Breakout-MinAtar"). `run()` returns a `TrainOutput`. The
+    programs are compiled (and run once) here."""
+    config = purejaxrl_config(env, total_steps)
+    trainer = make_trainer("ppo", config, envs.make(env))
     programs = parallel.Programs(trainer, parallel.layout(seeds))
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
 
@@ -78,7 +95,8 @@ def timed(fn):
 def run_anchor(args) -> dict:
     script = Path(__file__).parent / "anchors" / "purejaxrl_ppo.py"
     cmd = [args.anchor_python or sys.executable, str(script), "--purejaxrl-dir", args.purejaxrl_dir,
-           "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps)]
+           "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps),
+           "--env", args.env.removeprefix("gymnax/"), "--kl-rl-env", args.env]
     cmd += ["--paired-kl-rl"] if args.paired else []
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -96,6 +114,10 @@ def main() -> int:
     parser.add_argument("--anchor-python", default=None)
     parser.add_argument("--purejaxrl-dir", default=None)
     parser.add_argument("--paired", action="store_true", help="time both in one process, in turns")
+    parser.add_argument(
+        "--env", default="CartPole-v1",
+        help="kl_rl's env: CartPole-v1 (its port) or gymnax/NAME (the adapter); PureJaxRL runs gymnax's NAME",
+    )  # fmt: skip
     args = parser.parse_args()
     parallel.use_cpu_devices()  # as the kl-rl CLI does, before JAX starts
     if args.paired:
@@ -104,7 +126,7 @@ def main() -> int:
         for line in run_anchor(args):
             print(json.dumps(line))
         return 0
-    run, compile_s, steps = compile_kl_rl(args.seeds, args.total_steps)
+    run, compile_s, steps = compile_kl_rl(args.seeds, args.total_steps, args.env)
     ours, theirs, anchor = [], [], None
     for _ in range(args.rounds if args.purejaxrl_dir else 1):
         for _ in range(args.repeats):
@@ -116,6 +138,7 @@ def main() -> int:
     result = {
         "impl": "kl_rl",
         "seeds": args.seeds,
+        "env": args.env,
         "env_steps": steps,
         "compile_s": round(compile_s, 2),
         "run_s": [round(t, 3) for t in ours],

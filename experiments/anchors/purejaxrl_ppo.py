@@ -201,6 +201,8 @@ def main() -> int:
     parser.add_argument("--total-timesteps", type=float, default=5e5, help="env steps per agent")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of the compiled program")
     parser.add_argument("--paired-kl-rl", action="store_true", help="also time kl_rl, in turns with PureJaxRL")
+    parser.add_argument("--env", default="CartPole-v1", help="gymnax env PureJaxRL trains on")
+    parser.add_argument("--kl-rl-env", default="CartPole-v1", help="kl_rl's env id in --paired-kl-rl")
     args = parser.parse_args()
     if not math.isfinite(args.total_timesteps):
         return fail("--total-timesteps must be a finite number")
@@ -216,6 +218,9 @@ def main() -> int:
     config = dict(main_config if main_config is not None else FALLBACK_CONFIG)
     config["DEBUG"] = False
     config["TOTAL_TIMESTEPS"] = args.total_timesteps
+    config["ENV_NAME"] = args.env
+    if "MinAtar" in args.env:  # PureJaxRL's MinAtar settings (examples/brax_minatar.ipynb)
+        config.update(LR=5e-3, NUM_ENVS=64, NUM_MINIBATCHES=8, ACTIVATION="relu")
     batch = config["NUM_ENVS"] * config["NUM_STEPS"]
     num_updates = int(args.total_timesteps) // batch
     if num_updates < 1:
@@ -261,7 +266,8 @@ def main() -> int:
     if args.paired_kl_rl:
         import throughput
 
-        run_kl_rl, kl_compile_s, kl_steps = throughput.compile_kl_rl(args.seeds, int(args.total_timesteps))
+        steps = int(args.total_timesteps)
+        run_kl_rl, kl_compile_s, kl_steps = throughput.compile_kl_rl(args.seeds, steps, args.kl_rl_env)
         # One untimed run of each first, so neither pays for first-call work inside the pairs.
         kl_out = run_kl_rl()
         run_purejaxrl()
@@ -286,6 +292,7 @@ def main() -> int:
         json.dumps(
             {
                 "impl": "purejaxrl",
+                "env": args.env,
                 "seeds": args.seeds,
                 "total_timesteps": total,
                 "compile_s": round(compile_s, 3),
