@@ -1,4 +1,4 @@
-"""Adapters for the JAX-native env families: gymnax and Brax (with Brax's MJX pipeline).
+"""Adapters for the JAX-native env families: gymnax, Brax (with Brax's MJX pipeline) and navix.
 
 An id names its family: ``gymnax/Breakout-MinAtar``, ``brax/hopper``, ``mjx/hopper``. Each
 adapter is a `kl_rl.envs.vector.StepEnv`, so the one `VecEnv` gives it vmap, autoreset, the time
@@ -23,10 +23,17 @@ How each family's own autoreset and time limit are handled:
   `max_episode_steps` = 1000 (Brax's training default); `terminated` is the env's own `done`
   (Hopper, Walker2d, Ant and Humanoid end when unhealthy).
 
+- **navix** (`navix/...`). Its `step` autoresets lazily: the call after a done step returns the
+  reset timestep, a transition whose action is ignored. The adapter turns that off: it calls
+  navix's `_step` (the transition itself) and `reset`, and `VecEnv` resets in the same step with
+  a fresh key. The time limit is navix's (`max_steps`, 100 as `navix.make` sets it): `truncated`
+  and `terminated` are its step types 1 and 2. Observations are flattened to float32.
+
 Env params (a config's `env_params`, `--env.NAME VALUE` on the CLI) are traced, so `vmap` can
 sweep or randomize them: gymnax's `EnvParams` fields by name (e.g. ``max_steps_in_episode``),
 and Brax `System` fields by dotted path (e.g. ``opt.timestep``, ``dof.damping``; a scalar fills
-an array field). gymnax's `MNISTBandit-bsuite` is left out: it downloads MNIST when made.
+an array field). navix's env fields are all static, so it has none. gymnax's
+`MNISTBandit-bsuite` is left out: it downloads MNIST when made.
 """
 
 import copy
@@ -169,6 +176,46 @@ class BraxEnv(StepEnv):
         return params.tree_replace({k: _cast_like(leaf(k), v) for k, v in overrides.items()})
 
 
+class NavixEnv(StepEnv):
+    """A navix grid world as a `StepEnv` (see the module docstring).
+
+    Args:
+      name: a navix id, e.g. "Navix-DoorKey-5x5-v0" (made with navix's defaults: `max_steps` 100).
+    """
+
+    time_limit_in_step = True
+
+    def __init__(self, name: str):
+        import navix
+
+        self.family_env = navix.make(name)
+        self.id = f"navix/{name}"
+        obs_space, act_space = self.family_env.observation_space, self.family_env.action_space
+        size = int(np.prod(obs_space.shape))
+        self.observation_space = spaces.Box(
+            np.full(size, float(obs_space.minimum), np.float32), np.full(size, float(obs_space.maximum), np.float32)
+        )
+        self.action_space = spaces.Discrete(int(act_space.maximum) + 1)
+        self.max_episode_steps = int(self.family_env.max_steps)
+        self.default_params = None
+
+    def reset(self, key: jax.Array, params: Any) -> tuple[Any, jax.Array]:
+        timestep = self.family_env.reset(key)
+        return timestep, jnp.asarray(timestep.observation, jnp.float32).reshape(-1)
+
+    def step(self, key: jax.Array, state: Any, action: jax.Array, params: Any) -> tuple[Any, ...]:
+        del key  # navix keeps its own key in the state
+        nxt = self.family_env._step(state, jnp.asarray(action, jnp.int32))
+        obs = jnp.asarray(nxt.observation, jnp.float32).reshape(-1)
+        return nxt, obs, jnp.asarray(nxt.reward, jnp.float32), nxt.step_type == 2, nxt.step_type == 1
+
+    def param_names(self) -> tuple[str, ...]:
+        return ()  # navix's env fields are static (pytree_node=False): nothing to trace
+
+    def with_params(self, params: Any, overrides: dict[str, Any]) -> Any:
+        raise ValueError("navix envs have no traced params")
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
     """An env family kl_rl adapts.
@@ -195,6 +242,12 @@ def _gymnax_ids() -> tuple[str, ...]:
     import gymnax
 
     return tuple(n for n in gymnax.registered_envs if n not in GYMNAX_LEFT_OUT)
+
+
+def _navix_ids() -> tuple[str, ...]:
+    import navix
+
+    return tuple(navix.registry())
 
 
 def _brax_envs() -> Any:
@@ -225,6 +278,7 @@ FAMILIES: dict[str, Family] = {
         _brax_family("brax-positional", "positional", "brax"),
         _brax_family("brax-spring", "spring", "brax"),
         _brax_family("mjx", "mjx", "mjx"),
+        Family("navix", "navix", "navix", _navix_ids, NavixEnv),
     )
 }
 
