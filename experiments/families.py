@@ -31,7 +31,7 @@ CHECKS = {
         "PureJaxRL's published curve (README, minatar_plot): about 40 at 1e7 steps (band about 30-55)",
     ),
     "ppo-spaceinvaders": (
-        "ppo", "gymnax/SpaceInvaders-MinAtar", 8, {},
+        "ppo", "gymnax/SpaceInvaders-MinAtar", 4, {},
         "PureJaxRL's notebook runs these settings on SpaceInvaders; no published curve",
     ),
     "trpo-breakout": (

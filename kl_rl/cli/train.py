@@ -75,7 +75,8 @@ def _help(algo: str) -> str:
     lines = [f"hyperparameters of --algo {algo} (static ones change the compiled program's shapes):"]
     for f in dataclasses.fields(cls):
         kind = "static" if config_lib.is_static(cls, f.name) else "traced"
-        lines.append(f"  --{f.name.replace('_', '-'):<22} {kind:<6} default {f.default!r}: {docs.get(f.name, '')}")
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        lines.append(f"  --{f.name.replace('_', '-'):<22} {kind:<6} default {default!r}: {docs.get(f.name, '')}")
     return "\n".join(lines)
 
 
