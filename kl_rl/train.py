@@ -150,7 +150,6 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
-    eval_steps = eval_env.max_episode_steps or 1000
 
     def envs_for(config):
         """The training and evaluation envs with `config.env_params` (traced) swapped in."""
@@ -158,6 +157,10 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         if not overrides:
             return vec_env, eval_env
         return vec_env.with_params(overrides), eval_env.with_params(overrides)
+
+    # The evaluation's length: the env's time limit under this config's params (gymnax's
+    # max_steps_in_episode is one; a sweep over it evaluates at the first point's limit).
+    eval_steps = envs_for(config)[1].max_episode_steps or 1000
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
     rollout_steps = config.num_steps or eval_steps
     steps_per_update = config.num_envs * rollout_steps

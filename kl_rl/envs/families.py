@@ -33,7 +33,9 @@ Env params (a config's `env_params`, `--env.NAME VALUE` on the CLI) are traced, 
 sweep or randomize them: gymnax's `EnvParams` fields by name (e.g. ``max_steps_in_episode``),
 and Brax `System` fields by dotted path (e.g. ``opt.timestep``, ``dof.damping``; a scalar fills
 an array field). navix's env fields are all static, so it has none. gymnax's
-`MNISTBandit-bsuite` is left out: it downloads MNIST when made.
+`MNISTBandit-bsuite` is left out (it downloads MNIST when made), and so are Brax's `fast` (a
+test stand-in with no System) and `swimmer` (Brax 0.14's fluid model calls `jnp.clip(a_min=...)`,
+which current JAX rejects).
 """
 
 import copy
@@ -53,6 +55,10 @@ from kl_rl.envs.vector import StepEnv
 from kl_rl.errors import ConfigError
 
 GYMNAX_LEFT_OUT = {"MNISTBandit-bsuite": "it downloads MNIST when made"}
+BRAX_LEFT_OUT = {
+    "fast": "it is Brax's test stand-in, with no physical System",
+    "swimmer": "Brax 0.14's fluid model calls jnp.clip(a_min=...), which this JAX no longer accepts",
+}
 BRAX_EPISODE_STEPS = 1000
 """The time limit of a Brax env: Brax's training default (`episode_length=1000`)."""
 
@@ -63,8 +69,27 @@ def _cast_like(old: Any, value: Any) -> jax.Array:
     return jnp.broadcast_to(jnp.asarray(value).astype(old.dtype), old.shape)
 
 
+def _observation_box(space: Any, shape: tuple[int, ...], flatten: bool) -> spaces.Box:
+    """A float32 Box of the observations' real `shape` (flattened), bounded by the family's space
+    where its bounds fit that shape (gymnax's FrozenLake declares Discrete(16) for [1] floats)."""
+    kind = type(space).__name__
+    low, high = -np.inf, np.inf
+    if kind == "Discrete":
+        low, high = 0.0, float(space.n - 1)
+    elif kind == "Box":
+        low, high = np.asarray(space.low, np.float32), np.asarray(space.high, np.float32)
+    try:
+        low = np.broadcast_to(np.asarray(low, np.float32), shape)
+        high = np.broadcast_to(np.asarray(high, np.float32), shape)
+    except ValueError:
+        low, high = np.full(shape, -np.inf, np.float32), np.full(shape, np.inf, np.float32)
+    if flatten:
+        low, high = low.reshape(-1), high.reshape(-1)
+    return spaces.Box(low, high, dtype=np.float32)
+
+
 def _gymnasium_space(space: Any, flatten: bool) -> spaces.Space:
-    """A gymnasium space for a gymnax (or Brax-shaped) space."""
+    """A gymnasium space for a gymnax action space."""
     kind = type(space).__name__
     if kind == "Discrete":
         return spaces.Discrete(int(space.n))
@@ -87,6 +112,7 @@ class GymnaxEnv(StepEnv):
     """
 
     time_limit_in_step = True
+    time_limit_param = "max_steps_in_episode"
 
     def __init__(self, name: str, flatten: bool = True):
         import gymnax
@@ -95,7 +121,8 @@ class GymnaxEnv(StepEnv):
         self.id = f"gymnax/{name}"
         self.flatten = flatten
         self.default_params = params
-        self.observation_space = _gymnasium_space(self.family_env.observation_space(params), flatten)
+        obs = jax.eval_shape(lambda k: self.family_env.reset_env(k, params)[0], jax.random.key(0))
+        self.observation_space = _observation_box(self.family_env.observation_space(params), obs.shape, flatten)
         self.action_space = _gymnasium_space(self.family_env.action_space(params), False)
         self.max_episode_steps = int(params.max_steps_in_episode)
 
@@ -137,7 +164,9 @@ class BraxEnv(StepEnv):
         self.id = f"{family}/{name}"
         self.backend = backend
         self.default_params = self.family_env.sys
-        inf = np.full(self.family_env.observation_size, np.inf, np.float32)
+        # Brax's `observation_size` runs a reset op by op (seconds); its shape is all that is needed.
+        obs = jax.eval_shape(self.family_env.reset, jax.random.key(0)).obs
+        inf = np.full(obs.shape[-1], np.inf, np.float32)
         self.observation_space = spaces.Box(-inf, inf, dtype=np.float32)
         ones = np.ones(self.family_env.action_size, np.float32)
         self.action_space = spaces.Box(-ones, ones, dtype=np.float32)
@@ -259,7 +288,7 @@ def _brax_envs() -> Any:
 
 
 def _brax_ids() -> tuple[str, ...]:
-    return tuple(sorted(_brax_envs()._envs))
+    return tuple(sorted(n for n in _brax_envs()._envs if n not in BRAX_LEFT_OUT))
 
 
 def _brax_family(name: str, backend: str, extra: str) -> Family:
@@ -302,8 +331,9 @@ def make_family_env(env_id: str) -> StepEnv:
         raise ConfigError(
             f"{env_id} needs {family.module}, which is not installed: pip install 'kl_rl[{family.extra}]'"
         )
-    if name in GYMNAX_LEFT_OUT and family.name == "gymnax":
-        raise ConfigError(f"{env_id} is not adapted: {GYMNAX_LEFT_OUT[name]} (kl_rl never downloads at run time)")
+    left_out = GYMNAX_LEFT_OUT if family.name == "gymnax" else BRAX_LEFT_OUT if family.module == "brax" else {}
+    if name in left_out:
+        raise ConfigError(f"{env_id} is not adapted: {left_out[name]}")
     ids = family.ids()
     if name not in ids:
         raise ConfigError(f"{family.name} has no env {name!r}; its envs: {', '.join(ids)}")

@@ -158,6 +158,14 @@ class VecEnv:
         copy = object.__new__(type(self))
         copy.__dict__.update(self.__dict__)
         copy.params = env_params_with(self.env, self.params, overrides)
+        # A family whose time limit is a param (gymnax's max_steps_in_episode): a concrete new
+        # limit is also the evaluation's length. A traced one cannot size a loop; it keeps the old.
+        limit = overrides.get(getattr(self.env, "time_limit_param", None))
+        if limit is not None:
+            try:
+                copy.max_episode_steps = int(limit)
+            except jax.errors.ConcretizationTypeError:
+                pass
         return copy
 
     def reset(self, key: jax.Array, batch_like: Any = ()) -> VecEnvState:
