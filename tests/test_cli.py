@@ -13,6 +13,7 @@ import pytest
 
 import kl_rl
 from kl_rl.cli import main
+from cli_checks import assert_one_line_error
 
 PACKAGE = Path(kl_rl.__file__).parent
 LIBRARY = sorted(
@@ -31,17 +32,6 @@ def existing_run(tmp_path):
     out.mkdir()
     (out / "summary.json").write_text('{"keep": true}')
     return out
-
-
-def _assert_one_line_error(capsys, code, *needles):
-    captured = capsys.readouterr()
-    assert code == 2
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("kl-rl: error: ")
-    assert "Traceback" not in captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize(
@@ -67,7 +57,7 @@ def _assert_one_line_error(capsys, code, *needles):
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_folder(capsys, existing_run, args, needles):
     code = main(["train", "--out", str(existing_run), *args])
-    _assert_one_line_error(capsys, code, *needles)
+    assert_one_line_error(capsys, code, *needles)
     assert [p.name for p in existing_run.iterdir()] == ["summary.json"]
     assert json.loads((existing_run / "summary.json").read_text()) == {"keep": True}
 
@@ -75,19 +65,19 @@ def test_bad_input_is_one_line_exit_2_and_leaves_the_folder(capsys, existing_run
 def test_malformed_config_file(capsys, tmp_path, existing_run):
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: [1, 2\n")
-    _assert_one_line_error(capsys, main(["train", "--out", str(existing_run), "--config", str(bad)]), "not valid")
+    assert_one_line_error(capsys, main(["train", "--out", str(existing_run), "--config", str(bad)]), "not valid")
     wrong = tmp_path / "wrong.toml"
     wrong.write_text("learning_rat = 3\n")
-    _assert_one_line_error(capsys, main(["train", "--config", str(wrong)]), "unknown hyperparameter")
+    assert_one_line_error(capsys, main(["train", "--config", str(wrong)]), "unknown hyperparameter")
 
 
 def test_non_finite_values_from_a_file_or_a_grid_are_one_line_errors(capsys, tmp_path):
     infinite = tmp_path / "inf.yaml"
     infinite.write_text("ent_coef: .inf\n")
     code = main(["train", "--config", str(infinite)])
-    _assert_one_line_error(capsys, code, "--ent-coef must be a finite number, got inf")
+    assert_one_line_error(capsys, code, "--ent-coef must be a finite number, got inf")
     code = main(["sweep", "--grid", "lr=3e-4,nan", "--out", str(tmp_path / "sweep")])
-    _assert_one_line_error(capsys, code, "--lr must be a finite number, got nan")
+    assert_one_line_error(capsys, code, "--lr must be a finite number, got nan")
     assert not (tmp_path / "sweep").exists()
 
 
@@ -225,7 +215,7 @@ def test_a_diverging_run_writes_its_folder_then_says_where_in_one_line_with_exit
 
 def test_total_steps_on_an_iteration_counted_algo_is_a_one_line_error(capsys):
     code = main(["train", "--algo", "cem", "--total-steps", "1000"])
-    _assert_one_line_error(capsys, code, "--total-steps does not apply to cem", "--iterations")
+    assert_one_line_error(capsys, code, "--total-steps does not apply to cem", "--iterations")
 
 
 def _is_cli(name: str) -> bool:

@@ -21,6 +21,7 @@ from kl_rl import envs
 from kl_rl.cli import main
 from kl_rl.envs import VecEnv, families
 from kl_rl.sweep import run_sweep
+from cli_checks import assert_one_line_error
 
 HAS_GYMNAX = importlib.util.find_spec("gymnax") is not None
 HAS_BRAX = importlib.util.find_spec("brax") is not None
@@ -370,17 +371,6 @@ def test_brax_system_params_change_the_trajectory_and_can_be_traced():
 # -- CLI and bad input -------------------------------------------------------------------------
 
 
-def _assert_one_line_error(capsys, code, *needles):
-    captured = capsys.readouterr()
-    assert code == 2
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1, captured.err
-    assert lines[0].startswith("kl-rl: error: ")
-    assert "Traceback" not in captured.err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-
-
 @needs_gymnax
 @pytest.mark.parametrize(
     "args, needles",
@@ -392,7 +382,7 @@ def _assert_one_line_error(capsys, code, *needles):
 )
 def test_bad_family_input_is_one_line_exit_2(capsys, tmp_path, args, needles):
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", *args])
-    _assert_one_line_error(capsys, code, *needles)
+    assert_one_line_error(capsys, code, *needles)
     assert not (tmp_path / "run").exists()
 
 
@@ -402,15 +392,15 @@ def test_bad_family_input_is_one_line_exit_2(capsys, tmp_path, args, needles):
 )
 def test_brax_envs_left_out_or_unknown_are_one_line_exit_2(capsys, tmp_path, env_id, needle):
     code = main(["train", "--out", str(tmp_path / "run"), "--no-progress", "--env", env_id])
-    _assert_one_line_error(capsys, code, needle)
+    assert_one_line_error(capsys, code, needle)
 
 
 def test_a_missing_extra_names_the_pip_install(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(families.Family, "installed", lambda self: False)
     code = main(["train", "--out", str(tmp_path / "run"), "--env", "gymnax/CartPole-v1"])
-    _assert_one_line_error(capsys, code, "gymnax/CartPole-v1 needs gymnax", "pip install 'kl_rl[gymnax]'")
+    assert_one_line_error(capsys, code, "gymnax/CartPole-v1 needs gymnax", "pip install 'kl_rl[gymnax]'")
     code = main(["train", "--out", str(tmp_path / "run"), "--env", "mjx/hopper"])
-    _assert_one_line_error(capsys, code, "pip install 'kl_rl[mjx]'")
+    assert_one_line_error(capsys, code, "pip install 'kl_rl[mjx]'")
     assert main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert any(line.startswith("gymnax:") and "not installed: pip install 'kl_rl[gymnax]'" in line for line in lines)
