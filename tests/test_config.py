@@ -17,7 +17,15 @@ def test_traced_fields_are_leaves_and_static_fields_are_structure():
     config = PPOConfig()
     leaves = jax.tree.leaves(config)
     traced = [f.name for f in dataclasses.fields(PPOConfig) if not config_lib.is_static(PPOConfig, f.name)]
-    assert len(leaves) == len(traced)
+    # Every traced field is one leaf, but env_params: a dict with one leaf per env param (none by default).
+    assert len(leaves) == len(traced) - 1
+    with_params = config.replace(env_params={"gravity": 9.8, "tau": 0.02})
+    assert len(jax.tree.leaves(with_params)) == len(traced) + 1
+    # The env params' names are structure and their values leaves: a sweep over values is one program.
+    assert jax.tree.structure(with_params) == jax.tree.structure(
+        with_params.replace(env_params={"gravity": 20.0, "tau": 0.01})
+    )
+    assert jax.tree.structure(with_params) != jax.tree.structure(config)
     for name in ("lr", "clip_eps", "gamma", "gae_lambda", "ent_coef", "vf_coef", "target_kl", "kl_coef"):
         assert name in traced
     for name in ("num_envs", "num_steps", "hidden_sizes", "update_epochs", "num_minibatches", "total_steps"):
