@@ -11,6 +11,7 @@ families in `kl_rl.envs.families`: gymnax, Brax). Both share the autoreset, the 
 the episode bookkeeping (`advance`).
 """
 
+import contextlib
 import dataclasses
 from typing import Any, NamedTuple
 
@@ -162,10 +163,8 @@ class VecEnv:
         # limit is also the evaluation's length. A traced one cannot size a loop; it keeps the old.
         limit = overrides.get(getattr(self.env, "time_limit_param", None))
         if limit is not None:
-            try:
+            with contextlib.suppress(jax.errors.ConcretizationTypeError):
                 copy.max_episode_steps = int(limit)
-            except jax.errors.ConcretizationTypeError:
-                pass
         return copy
 
     def reset(self, key: jax.Array, batch_like: Any = ()) -> VecEnvState:
