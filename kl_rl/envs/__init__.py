@@ -9,7 +9,7 @@ Example::
     env = kl_rl.envs.make("gymnax/Breakout-MinAtar")  # a JAX-native family's env (a StepEnv)
     vec = kl_rl.envs.vectorize(env, num_envs=8)  # the same VecEnv: a run is one XLA program
 
-The families (gymnax, Brax and Brax's MJX pipeline) are optional extras; see
+The families (gymnax, Brax, Brax's MJX pipeline and navix) are optional extras; see
 `kl_rl.envs.families` for how each one's autoreset and time limit are handled.
 """
 
@@ -51,7 +51,7 @@ def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEn
 
     Args:
       env_id: one of `ENV_IDS`; a family's id, "gymnax/NAME", "brax/NAME", "brax-positional/NAME",
-        "brax-spring/NAME" or "mjx/NAME" (`kl_rl.envs.families`); or any gymnasium id (with
+        "brax-spring/NAME", "mjx/NAME" or "navix/NAME" (`kl_rl.envs.families`); or any gymnasium id (with
         "module:Id", the module is imported).
       path: one of `ENV_PATHS`.
       vectorization: how the host path steps its copies, "sync" or "async" (processes).

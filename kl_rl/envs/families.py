@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 from gymnasium import spaces
 
-from kl_rl.envs.vector import StepEnv
+from kl_rl.envs.vector import StepEnv, cast_like, param_names
 from kl_rl.errors import ConfigError
 
 GYMNAX_LEFT_OUT = {"MNISTBandit-bsuite": "it downloads MNIST when made"}
@@ -61,12 +61,6 @@ BRAX_LEFT_OUT = {
 }
 BRAX_EPISODE_STEPS = 1000
 """The time limit of a Brax env: Brax's training default (`episode_length=1000`)."""
-
-
-def _cast_like(old: Any, value: Any) -> jax.Array:
-    """`value` as an array of `old`'s dtype and shape (a scalar fills an array field)."""
-    old = jnp.asarray(old)
-    return jnp.broadcast_to(jnp.asarray(value).astype(old.dtype), old.shape)
 
 
 def _observation_box(space: Any, shape: tuple[int, ...], flatten: bool) -> spaces.Box:
@@ -88,7 +82,7 @@ def _observation_box(space: Any, shape: tuple[int, ...], flatten: bool) -> space
     return spaces.Box(low, high, dtype=np.float32)
 
 
-def _gymnasium_space(space: Any, flatten: bool) -> spaces.Space:
+def _action_space(space: Any) -> spaces.Space:
     """A gymnasium space for a gymnax action space."""
     kind = type(space).__name__
     if kind == "Discrete":
@@ -97,8 +91,6 @@ def _gymnasium_space(space: Any, flatten: bool) -> spaces.Space:
         shape = tuple(int(d) for d in space.shape)
         low = np.broadcast_to(np.asarray(space.low, np.float32), shape)
         high = np.broadcast_to(np.asarray(space.high, np.float32), shape)
-        if flatten:
-            low, high = low.reshape(-1), high.reshape(-1)
         return spaces.Box(low, high, dtype=np.float32)
     raise ConfigError(f"kl_rl does not support gymnax {kind} spaces")
 
@@ -123,7 +115,7 @@ class GymnaxEnv(StepEnv):
         self.default_params = params
         obs = jax.eval_shape(lambda k: self.family_env.reset_env(k, params)[0], jax.random.key(0))
         self.observation_space = _observation_box(self.family_env.observation_space(params), obs.shape, flatten)
-        self.action_space = _gymnasium_space(self.family_env.action_space(params), False)
+        self.action_space = _action_space(self.family_env.action_space(params))
         self.max_episode_steps = int(params.max_steps_in_episode)
 
     def _obs(self, obs: jax.Array) -> jax.Array:
@@ -145,7 +137,7 @@ class GymnaxEnv(StepEnv):
         return tuple(f.name for f in dataclasses.fields(self.default_params))
 
     def with_params(self, params: Any, overrides: dict[str, Any]) -> Any:
-        return params.replace(**{k: _cast_like(getattr(params, k), v) for k, v in overrides.items()})
+        return params.replace(**{k: cast_like(getattr(params, k), v) for k, v in overrides.items()})
 
 
 class BraxEnv(StepEnv):
@@ -202,7 +194,7 @@ class BraxEnv(StepEnv):
                 node = getattr(node, part)
             return node
 
-        return params.tree_replace({k: _cast_like(leaf(k), v) for k, v in overrides.items()})
+        return params.tree_replace({k: cast_like(leaf(k), v) for k, v in overrides.items()})
 
 
 class NavixEnv(StepEnv):
@@ -347,8 +339,6 @@ def installed_families() -> dict[str, tuple[str, ...]]:
 
 def check_env_params(env: Any, env_id: str, overrides: dict[str, Any]) -> None:
     """ConfigError naming the first override `env` has no param for."""
-    from kl_rl.envs.vector import param_names
-
     names = param_names(env)
     for name in overrides:
         if name not in names:

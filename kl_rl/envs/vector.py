@@ -7,7 +7,7 @@ distinct, and the true next observation of every transition is returned beside t
 
 Two shapes of env are vectorized here: a gymnasium `FuncEnv` (kl_rl's ports, the token tasks),
 and a `StepEnv`, an env given as a pure `reset` and `step` (the adapters of the JAX-native
-families in `kl_rl.envs.families`: gymnax, Brax). Both share the autoreset, the time limit and
+families in `kl_rl.envs.families`: gymnax, Brax, navix). Both share the autoreset, the time limit and
 the episode bookkeeping (`advance`).
 """
 
@@ -184,13 +184,12 @@ class VecEnv:
                 keys = jnp.repeat(keys[:: self.group_size], self.group_size, axis=0)
             params = self.params
             env_state, obs = jax.vmap(lambda k: self.env.reset(k, params))(keys)
-            zeros = jnp.zeros(self.num_envs, jnp.int32)
-            returns = jnp.zeros(self.num_envs, jnp.float32)
-            return VecEnvState(env_state, jnp.asarray(obs, jnp.float32), zeros, returns, zeros)
-        init_keys, obs_keys = self._keys(key, 2)
-        if self.group_size > 1:
-            init_keys = jnp.repeat(init_keys[:: self.group_size], self.group_size, axis=0)
-        env_state, obs = self._initial(init_keys, obs_keys)
+            obs = jnp.asarray(obs, jnp.float32)
+        else:
+            init_keys, obs_keys = self._keys(key, 2)
+            if self.group_size > 1:
+                init_keys = jnp.repeat(init_keys[:: self.group_size], self.group_size, axis=0)
+            env_state, obs = self._initial(init_keys, obs_keys)
         zeros = jnp.zeros(self.num_envs, jnp.int32)
         return VecEnvState(env_state, obs, zeros, jnp.zeros(self.num_envs, jnp.float32), zeros)
 
@@ -260,17 +259,19 @@ class VecEnv:
 
 def env_params_with(env: Any, params: Any, overrides: dict[str, Any]) -> Any:
     """`params` of `env` with the entries named in `overrides` replaced, each cast to the dtype
-    of the value it replaces (so an int param stays an int when swept as a traced float)."""
+    and shape of the value it replaces (`cast_like`)."""
     if isinstance(env, StepEnv):
         return env.with_params(params, overrides)
     if params is None or not dataclasses.is_dataclass(params):
         raise ValueError(f"{getattr(env, 'id', type(env).__name__)} has no params to override")
-    cast = {}
-    for name, value in overrides.items():
-        old = getattr(params, name)
-        dtype = jnp.int32 if isinstance(old, int) and not isinstance(old, bool) else jnp.result_type(old)
-        cast[name] = jnp.asarray(value).astype(dtype)
-    return params.replace(**cast)
+    return params.replace(**{name: cast_like(getattr(params, name), value) for name, value in overrides.items()})
+
+
+def cast_like(old: Any, value: Any) -> jax.Array:
+    """`value` as an array of `old`'s dtype and shape (an int param stays an int when swept as a
+    traced float; a scalar fills an array field)."""
+    old = jnp.asarray(old)
+    return jnp.broadcast_to(jnp.asarray(value).astype(old.dtype), old.shape)
 
 
 def param_names(env: Any) -> tuple[str, ...]:
