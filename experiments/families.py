@@ -61,14 +61,14 @@ def median_ci(x: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, 
 
 def learn(name: str) -> dict:
     import kl_rl
-    from kl_rl import runner, sweep
+    from kl_rl import runfolder, stats
 
     algo, env, seeds, overrides, compare = CHECKS[name]
     start = time.perf_counter()
     result = kl_rl.run(algo, env, seeds=seeds, progress=True, **overrides)
     finals = np.asarray(result.final_returns, np.float64)
     curve = np.nanmedian(np.asarray(result.metrics["episode_return"], np.float64), axis=0)
-    iqm_low, iqm_high = sweep.bootstrap_iqm_ci(finals)
+    iqm_low, iqm_high = stats.bootstrap_iqm_ci(finals)
     med_low, med_high = median_ci(finals)
     steps = np.asarray(result.metrics["env_steps"][0])
     record = {
@@ -81,7 +81,7 @@ def learn(name: str) -> dict:
         "final_returns": [round(float(v), 3) for v in finals],
         "median": float(np.median(finals)),
         "median_ci95": [med_low, med_high],
-        "iqm": runner.iqm(finals),
+        "iqm": stats.iqm(finals),
         "iqm_ci95": [iqm_low, iqm_high],
         "train_return_last": float(curve[-1]),
         "curve_steps": steps[:: max(1, len(steps) // 50)].tolist(),
@@ -91,7 +91,7 @@ def learn(name: str) -> dict:
         "process_s": round(time.perf_counter() - start, 1),
         "env_steps_per_s": round(result.env_steps_per_s),
         "compared_with": compare,
-        "provenance": runner.provenance(),
+        "provenance": runfolder.provenance(),
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"families-{name}.json").write_text(json.dumps(record, indent=1) + "\n")

@@ -31,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 import kl_rl
-from kl_rl import analysis, parallel, runner, sweep
+from kl_rl import analysis, parallel, resolve, stats, sweep
 from kl_rl import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +82,7 @@ def _sweep(budget: str, name: str, env: str, grid: dict, overrides: dict, log=pr
         start = time.perf_counter()
         seeds = BUDGETS[budget]["seeds"]
         result = sweep.run_sweep("ppo", env, grid, seeds, overrides=overrides, log=log, **anchors)
-        base = config_lib.to_dict(runner.resolve_config("ppo", env, None, overrides))
+        base = config_lib.to_dict(resolve.resolve_config("ppo", env, None, overrides))
         result.save(folder, {"algo": "ppo", "env": env, "seeds": seeds, **base})
         log(f"{name}: {len(result.points)} point(s) x {seeds} seeds in {time.perf_counter() - start:.0f}s")
     return analysis.load(folder)
@@ -108,8 +108,8 @@ def ci(values, level: float = 0.95) -> dict:
     """IQM and median of per-seed values, with the IQM's percentile-bootstrap 95% CI."""
     values = np.asarray(values, np.float64)
     finite = values[np.isfinite(values)]
-    lo, hi = sweep.bootstrap_iqm_ci(values) if len(finite) == len(values) else (float("nan"), float("nan"))
-    return {"iqm": runner.iqm(values), "ci95": [lo, hi], "median": float(np.median(values)),
+    lo, hi = stats.bootstrap_iqm_ci(values) if len(finite) == len(values) else (float("nan"), float("nan"))
+    return {"iqm": stats.iqm(values), "ci95": [lo, hi], "median": float(np.median(values)),
             "values": [float(v) for v in values]}  # fmt: skip
 
 
@@ -227,7 +227,7 @@ def cost(budget: str, log=print, rounds: int = 3) -> dict:
     b = BUDGETS[budget]
     reference = _teacher(budget, "CartPole-v1", b["early_steps"], "early-CartPole-v1")
     seeds, steps = min(b["seeds"], 8), b["stale_steps"]
-    configs = {name: runner.resolve_config("ppo", "CartPole-v1", None, {"total_steps": steps, **settings})
+    configs = {name: resolve.resolve_config("ppo", "CartPole-v1", None, {"total_steps": steps, **settings})
                for name, settings in COST_SETTINGS.items()}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in COST_SETTINGS}
     for _ in range(rounds):

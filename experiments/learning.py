@@ -88,7 +88,7 @@ def bench(algo: str, env: str, seeds: int, overrides: dict, out: Path) -> None:
         "env_steps": result.total_env_steps,
         "updates": int(result.metrics["env_steps"].shape[1]),
         "final_return_median": float(np.median(final)),
-        "final_return_iqm": float(kl_rl.runner.iqm(final)),
+        "final_return_iqm": float(kl_rl.stats.iqm(final)),
         "final_return_min": float(final.min()),
         "final_return_max": float(final.max()),
         "final_returns": [round(float(x), 2) for x in final],

@@ -25,7 +25,7 @@ from pathlib import Path
 from unittest import mock
 
 import kl_rl
-from kl_rl import runner
+from kl_rl import resolve
 
 
 def _once(args, mode: str) -> tuple[float, float]:
@@ -63,7 +63,7 @@ def main() -> None:
             times[mode].append(wall)
             compile_s[mode].append(comp)
             print(f"round {r + 1} {mode:<12} run {wall:6.2f} s   compile {comp:5.1f} s", flush=True)
-    config = runner.resolve_config(
+    config = resolve.resolve_config(
         args.algo, args.env, overrides={"total_steps": args.total_steps} if args.total_steps else None
     )
     out = {

@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 
 import kl_rl
-from kl_rl import analysis, envs, parallel, rollout, runner, sweep
+from kl_rl import analysis, envs, parallel, resolve, rollout, runfolder, stats, sweep
 from kl_rl import config as config_lib
 from kl_rl.envs.tasks import HeldOutVecEnv, pass_at_k
 
@@ -78,7 +78,7 @@ def _overrides(budget: str, algo: str, steps_key: str = "steps") -> dict:
     if b[steps_key] is not None:
         out["total_steps"] = b[steps_key]
     if b["num_envs"] is not None:
-        group = runner.resolve_config(algo, ENV).group_size
+        group = resolve.resolve_config(algo, ENV).group_size
         out.update(num_envs=max(b["num_envs"], 2 * group), eval_episodes=b["eval_episodes"], eval_every=0)
     return out
 
@@ -116,7 +116,7 @@ def _sweep(budget: str, name: str, algo: str, grid: dict, overrides: dict, log=p
         start = time.perf_counter()
         seeds = BUDGETS[budget][seeds_key]
         result = sweep.run_sweep(algo, ENV, grid, seeds, overrides=overrides, log=log, reference=reference(budget, log))
-        base = config_lib.to_dict(runner.resolve_config(algo, ENV, None, overrides))
+        base = config_lib.to_dict(resolve.resolve_config(algo, ENV, None, overrides))
         result.save(_fresh(folder), {"algo": algo, "env": ENV, "seeds": seeds, **base})
         log(f"{name}: {len(result.points)} point(s) x {seeds} seeds in {time.perf_counter() - start:.0f}s")
     return analysis.load(folder)
@@ -125,8 +125,8 @@ def _sweep(budget: str, name: str, algo: str, grid: dict, overrides: dict, log=p
 def ci(values) -> dict:
     """IQM and median of per-seed values, with the IQM's percentile-bootstrap 95% CI."""
     values = np.asarray(values, np.float64)
-    lo, hi = sweep.bootstrap_iqm_ci(values) if np.all(np.isfinite(values)) else (float("nan"), float("nan"))
-    return {"iqm": runner.iqm(values), "ci95": [lo, hi], "median": float(np.median(values)),
+    lo, hi = stats.bootstrap_iqm_ci(values) if np.all(np.isfinite(values)) else (float("nan"), float("nan"))
+    return {"iqm": stats.iqm(values), "ci95": [lo, hi], "median": float(np.median(values)),
             "values": [float(v) for v in values]}  # fmt: skip
 
 
@@ -158,7 +158,7 @@ def learn(budget: str, log=print) -> dict:
             "wall_s": summary["wall_time_s"],
             "compile_s": summary.get("compile_time_s"),
             "total_s": summary["wall_time_s"] + (summary.get("compile_time_s") or 0.0),
-            "responses": int(runner.resolve_config(algo, ENV, None, _overrides(budget, algo)).total_steps),
+            "responses": int(resolve.resolve_config(algo, ENV, None, _overrides(budget, algo)).total_steps),
             "median_curve": {int(k): float(v) for k, v in curve.items()},
         }
         a = out["algos"][algo]
@@ -216,7 +216,7 @@ def answer_stats(run_dir: Path, budget: str, seeds: list[int]) -> dict:
     """Per seed of a run: greedy accuracy, pass@k from n samples per held-out problem, the mean
     probability the policy gives its greedy answer, and the per-token entropy along it."""
     b = BUDGETS[budget]
-    loaded = runner.load(run_dir)
+    loaded = runfolder.load(run_dir)
     agent = loaded._agent()
     env = envs.make(ENV)
     problems, n = loaded.config.eval_episodes, b["pass_n"]

@@ -32,7 +32,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from kl_rl import envs, parallel, runner
+from kl_rl import envs, parallel, pipeline
 from kl_rl.agents import PPOConfig
 from kl_rl.train import TrainOutput, make_trainer
 
@@ -76,11 +76,13 @@ def compile_kl_rl(seeds: int, total_steps: int, env: str = "CartPole-v1"):
     programs are compiled (and run once) here."""
     config = purejaxrl_config(env, total_steps)
     trainer = make_trainer("ppo", config, envs.make(env))
-    programs = parallel.Programs(trainer, parallel.layout(seeds))
+    lay = parallel.layout(seeds)
+    programs = parallel.Programs(trainer, lay)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
 
     def run():
-        return TrainOutput(*runner.train_items(programs, keys, [config] * seeds)[:3])
+        out = pipeline.execute(pipeline.Group(trainer, lay, programs), keys, [config] * seeds)
+        return TrainOutput(out.state, out.metrics, out.eval_returns)
 
     run()
     return run, programs.compile_time_s, seeds * config.num_updates * config.batch_size

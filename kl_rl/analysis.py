@@ -24,6 +24,7 @@ from typing import Any, NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike
 
+from kl_rl import stats
 from kl_rl.errors import ConfigError
 
 try:
@@ -265,20 +266,10 @@ def iqm(scores: ArrayLike) -> np.ndarray:
     """Interquartile mean: the mean of the middle 50% of all runs' scores pooled across tasks.
 
     With N pooled scores the cut points sit at N/4 and 3N/4; a score straddling one counts with
-    the fraction of it inside, so the IQM is defined for any N (the same weights as
-    `kl_rl.runner.iqm`). [..., runs, tasks] -> [...].
+    the fraction of it inside (`kl_rl.stats.iqm`, which this pools for). [..., runs, tasks] -> [...].
     """
     x = _scores(scores)
-    pooled = np.sort(x.reshape(*x.shape[:-2], -1), axis=-1)
-    return pooled @ _iqm_weights(pooled.shape[-1])
-
-
-def _iqm_weights(n: int) -> np.ndarray:
-    """[n] weights of the sorted scores: 1 inside [n/4, 3n/4], the inside fraction at the cuts, summing to 1."""
-    lo, hi = n * 0.25, n * 0.75
-    rank = np.arange(n)
-    weights = np.clip(np.minimum(rank + 1, hi) - np.maximum(rank, lo), 0.0, 1.0)
-    return weights / weights.sum()
+    return np.asarray(stats.iqm(x.reshape(*x.shape[:-2], -1)))
 
 
 def optimality_gap(scores: ArrayLike, gamma: float = 1.0) -> np.ndarray:

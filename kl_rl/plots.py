@@ -437,6 +437,33 @@ def _with_config(df: pd.DataFrame) -> pd.DataFrame:
     return df.assign(config=names.where(train, points))
 
 
+def _finite_runs(df: pd.DataFrame, log: Callable[[str], None]) -> pd.DataFrame:
+    """`df` without the runs (a folder's (point, seed)) that went non-finite, each named through `log`.
+
+    A diverged run's rows end at its first non-finite update (`nonfinite` set there), and its
+    curves would end in nan; the finite runs are drawn without it.
+
+    Raises:
+      ConfigError: every run diverged, so nothing is left to draw.
+    """
+    if "nonfinite" not in df:
+        return df
+    keys = ["path", "point", "seed"]
+    bad = df.groupby(keys, sort=True, dropna=False)["nonfinite"].max().gt(0)
+    if not bad.any():
+        return df
+    dropped = bad[bad].index
+    for path, point, seed in dropped:
+        rows = df[(df["path"] == path) & (df["point"].eq(point) | (df["point"].isna() & pd.isna(point)))
+                  & (df["seed"] == seed)]  # fmt: skip
+        update = int(rows.loc[rows["nonfinite"].gt(0), "update"].min())
+        log(f"left out {rows['config'].iloc[0]} seed {seed} of {path}: diverged at update {update}")
+    keep = ~df.set_index(keys).index.isin(dropped)
+    if not keep.any():
+        raise ConfigError("every run of these folders diverged (non-finite values); there is nothing to plot")
+    return df[keep]
+
+
 def _file_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text)
 
@@ -450,7 +477,7 @@ def figures(df: pd.DataFrame, log: Callable[[str], None] | None = None) -> Itera
         so no comparison figures are made.
     """
     log = log or (lambda line: None)
-    df = _with_config(df)
+    df = _finite_runs(_with_config(df), log)
     hue = ["config"]
     yield "learning_curves", learning_curves(df, hue=hue)
     if df["wall_time_s"].notna().any():

@@ -6,14 +6,15 @@
 Traced hyperparameters (learning rate, clip, gamma, lambda, coefficients, KL targets, delta, ...)
 are array leaves of the config, so every grid point that shares the static fields (shapes, loop
 counts, switches) runs through one set of compiled programs: the (grid point, seed) pairs are
-the items of one batch (`kl_rl.parallel`), each with its own config, spread over the local
+the items of one batch (`kl_rl.pipeline`), each with its own config, spread over the local
 devices as `kl_rl.run` spreads seeds. Grid points that differ in a static field (num_envs,
 num_steps, hidden_sizes, population_size, ...) fall into separate groups, each compiled once.
 A group larger than `chunk_size` runs in chunks through the same compiled programs (the last
 chunk padded with copies of its final config, which are dropped).
 
-On CPU a (point, seed)'s result is the same bits as `kl_rl.run` of that config and seed, whatever
-else the sweep holds and however many devices it runs on.
+A (point, seed) that goes non-finite is recorded with its update (`SweepResult.diverged`), and its
+point is not ranked as a number. On CPU a (point, seed)'s result is the same bits as `kl_rl.run`
+of that config and seed, whatever else the sweep holds and however many devices it runs on.
 """
 
 import dataclasses
@@ -26,10 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, parallel, runner
+from kl_rl import envs, pipeline, resolve, runfolder, sources, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
-from kl_rl.train import make_trainer
 
 
 def parse_grid(algo: str, items: list[str]) -> dict[str, list[Any]]:
@@ -48,18 +48,20 @@ def parse_grid(algo: str, items: list[str]) -> dict[str, list[Any]]:
         name = name.strip().lstrip("-").replace("-", "_")
         values = [v.strip() for v in text.split(",")]
         if not sep or not name or not all(values):
-            raise ConfigError(f"malformed --grid item {item!r}; write NAME=V1,V2,... (e.g. lr=3e-4,1e-3)")
+            raise ConfigError(f"malformed {{grid}} item {item!r}; write NAME=V1,V2,... (e.g. lr=3e-4,1e-3)", "grid")
         if name.startswith(config_lib.ENV_PREFIX):  # env.NAME: an env param, traced like a hyperparameter
             if name in grid:
-                raise ConfigError(f"--grid names {name!r} twice; give all its values in one item")
+                raise ConfigError(f"{{grid}} names {name!r} twice; give all its values in one item", "grid")
             grid[name] = [config_lib.parse_value(name, v, float) for v in values]
             continue
         if name not in names:
-            raise ConfigError(f"unknown hyperparameter {name!r} for {cls.__name__} in --grid (see kl-rl train --help)")
+            raise ConfigError(
+                f"unknown hyperparameter {name!r} for {cls.__name__} in {{grid}} (see kl-rl train --help)", "grid"
+            )
         if name in grid:
-            raise ConfigError(f"--grid names {name!r} twice; give all its values in one item")
+            raise ConfigError(f"{{grid}} names {name!r} twice; give all its values in one item", "grid")
         if name in ("total_steps", "iterations"):
-            raise ConfigError(f"--grid cannot vary {name}; sweep one budget at a time")
+            raise ConfigError(f"{{grid}} cannot vary {name}; sweep one budget at a time", "grid")
         grid[name] = [config_lib.parse_value(name, v.replace(":", ","), types[name]) for v in values]
     return grid
 
@@ -68,22 +70,6 @@ def expand(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the grid's values, in row-major order of the grid's names."""
     names = list(grid)
     return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*(grid[n] for n in names))]
-
-
-def static_key(config: Any) -> tuple:
-    """The values of a config's static fields: configs sharing it share one compiled program."""
-    cls = type(config)
-    fields = dataclasses.fields(cls)
-    return tuple((f.name, getattr(config, f.name)) for f in fields if config_lib.is_static(cls, f.name))
-
-
-def bootstrap_iqm_ci(x: np.ndarray, reps: int = 2000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:
-    """Percentile bootstrap confidence interval of the IQM, resampling seeds with replacement."""
-    x = np.asarray(x, np.float64)
-    rng = np.random.default_rng(seed)
-    samples = [runner.iqm(x[rng.integers(0, len(x), len(x))]) for _ in range(reps)]
-    lo, hi = np.quantile(samples, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return float(lo), float(hi)
 
 
 @dataclasses.dataclass
@@ -95,54 +81,97 @@ class SweepResult:
     grid: dict[str, list[Any]]
     points: list[dict[str, Any]]
     seeds: list[int]
-    metrics: dict[str, np.ndarray]  # each [num_points, num_seeds, max updates], NaN past a point's own
-    eval_returns: np.ndarray  # [num_points, num_seeds, max eval_episodes], NaN-padded likewise
-    num_updates: list[int]  # per grid point (static fields such as num_steps change it)
-    programs: list[dict[str, Any]]  # per compiled program: its points, compile and run time
-    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)  # reference / init_from records
+    metrics: dict[str, np.ndarray]
+    """Each [num_points, num_seeds, max updates], NaN past a point's own updates."""
+    eval_returns: np.ndarray
+    """[num_points, num_seeds, max eval_episodes], NaN past a point's own episodes."""
+    num_updates: list[int]
+    """Per grid point (static fields such as num_steps change it)."""
+    programs: list[dict[str, Any]]
+    """Per compiled group: its points, compile and run time."""
+    diverged: list[list[int | None]] = dataclasses.field(default_factory=list)
+    """[num_points][num_seeds]: the first update that went non-finite (`kl_rl.divergence`), or None."""
+    eval_episodes: list[int] = dataclasses.field(default_factory=list)
+    """Per grid point, its evaluation episodes."""
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
+
+    def __post_init__(self):
+        self.diverged = self.diverged or [[None] * len(self.seeds) for _ in self.points]
+        self.eval_episodes = self.eval_episodes or [self.eval_returns.shape[-1]] * len(self.points)
 
     @property
     def final_returns(self) -> np.ndarray:
-        """[num_points, num_seeds] mean evaluation return of each final policy."""
-        return np.nanmean(self.eval_returns, axis=-1)
+        """[num_points, num_seeds] mean evaluation return of each final policy; NaN where a seed diverged."""
+        out = np.array([self.eval_returns[p, :, :n].mean(axis=-1) for p, n in enumerate(self.eval_episodes)])
+        out[np.array([[d is not None for d in row] for row in self.diverged], bool).reshape(out.shape)] = np.nan
+        return out
+
+    def diverged_items(self) -> list[dict[str, Any]]:
+        """Every (point, seed) that went non-finite, with its first non-finite update, in point order."""
+        return [{"point": p, "seed": self.seeds[s], "update": u}
+                for p, row in enumerate(self.diverged) for s, u in enumerate(row) if u is not None]  # fmt: skip
 
     def rows(self) -> list[dict[str, Any]]:
-        """The tidy table: one row per grid point, seed and update, hyperparameters as columns."""
+        """The tidy table: one row per grid point, seed and update, hyperparameters as columns.
+
+        A diverged (point, seed) has rows up to and including its first non-finite update, and
+        no eval_return, as a run's metrics.csv does.
+        """
         names = sorted(self.metrics)
+        final = self.final_returns
         rows = []
         for p, point in enumerate(self.points):
             num_updates = self.num_updates[p]
             for s, seed in enumerate(self.seeds):
-                for u in range(num_updates):
+                diverged = self.diverged[p][s]
+                for u in range(diverged or num_updates):
                     row = {"point": p, **{k: _plain(v) for k, v in point.items()}, "seed": seed, "update": u + 1}
                     # A metric named like a swept hyperparameter (PPO's annealed `lr`) gets a suffix.
                     for name in names:
                         row[name + ("_metric" if name in point else "")] = _plain(self.metrics[name][p, s, u])
-                    row["eval_return"] = _plain(self.final_returns[p, s]) if u == num_updates - 1 else None
+                    last = u == num_updates - 1 and diverged is None
+                    row["eval_return"] = _plain(final[p, s]) if last else None
                     rows.append(row)
         return rows
 
     def ranking(self) -> list[dict[str, Any]]:
-        """Grid points ranked by the IQM of final return over seeds (ties by mean), best first, with 95% CIs."""
-        ranked = []
+        """Grid points ranked by the IQM of final return over seeds (ties by mean), best first, with 95% CIs.
+
+        A point any of whose seeds diverged is not ranked as a number: it follows the ranked
+        points with `diverged` ([{"seed", "update"}]) and no IQM, CI, median or mean.
+        """
+        final = self.final_returns
+        ranked, unranked = [], []
         for p, point in enumerate(self.points):
-            final = self.final_returns[p]
-            lo, hi = bootstrap_iqm_ci(final)
+            row = {"point": p, **{k: _plain(v) for k, v in point.items()}}
+            diverged = [{"seed": self.seeds[s], "update": u} for s, u in enumerate(self.diverged[p]) if u is not None]
+            returns = [None if np.isnan(x) else float(x) for x in final[p]]
+            if diverged:
+                none = {
+                    "final_return_iqm": None,
+                    "iqm_ci95": None,
+                    "final_return_median": None,
+                    "final_return_mean": None,
+                }
+                unranked.append({**row, **none, "final_return": returns, "diverged": diverged})
+                continue
+            lo, hi = stats.bootstrap_iqm_ci(final[p])
             ranked.append(
                 {
-                    "point": p,
-                    **{k: _plain(v) for k, v in point.items()},
-                    "final_return_iqm": runner.iqm(final),
+                    **row,
+                    "final_return_iqm": stats.iqm(final[p]),
                     "iqm_ci95": [lo, hi],
-                    "final_return_median": float(np.median(final)),
-                    "final_return_mean": float(np.mean(final)),
-                    "final_return": [float(x) for x in final],
+                    "final_return_median": float(np.median(final[p])),
+                    "final_return_mean": float(np.mean(final[p])),
+                    "final_return": returns,
                 }
             )
-        return sorted(ranked, key=lambda r: (-r["final_return_iqm"], -r["final_return_mean"]))
+        return sorted(ranked, key=lambda r: (-r["final_return_iqm"], -r["final_return_mean"])) + unranked
 
     def save(self, out_dir: Any, base_config: dict[str, Any]) -> Any:
         """Writes config.json, metrics.csv (the tidy table) and summary.json (the ranking), atomically."""
+        diverged = self.diverged_items()
         summary = {
             "algo": self.algo,
             "env": self.env_id,
@@ -152,16 +181,18 @@ class SweepResult:
             "compiled_programs": len(self.programs),
             "programs": self.programs,
             "ranking": self.ranking(),
-            **self.anchors,
-            **runner.provenance(),
+            "diverged": diverged,
+            "diverged_points": len({d["point"] for d in diverged}),
+            **self.sources,
+            **runfolder.provenance(),
         }
-        return runner.write_run_folder(out_dir, {**self.anchors, **base_config}, self.rows(), summary)
+        return runfolder.write_run_folder(out_dir, {**self.sources, **base_config}, self.rows(), summary)
 
 
 def _plain(x: Any) -> Any:
     if isinstance(x, tuple):
         return ":".join(str(v) for v in x)
-    return runner._scalar(x)
+    return runfolder.plain(x)
 
 
 def run_sweep(
@@ -173,7 +204,7 @@ def run_sweep(
     overrides: dict[str, Any] | None = None,
     chunk_size: int = 64,
     log: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
@@ -183,6 +214,9 @@ def run_sweep(
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
+    A (point, seed) that goes non-finite is recorded in `SweepResult.diverged` with its update,
+    and its point is not ranked as a number.
+
     Args:
       algo, env: names as for `kl_rl.run`.
       grid: {hyperparameter: values}; combinations are taken in full.
@@ -190,8 +224,8 @@ def run_sweep(
       config_file, overrides: the base config under the grid (preset < file < overrides < grid).
       chunk_size: most grid points one program call runs at once (memory bound).
       log: optional function receiving one line per compiled program.
-      progress: show a tqdm bar of env steps (all grid points and seeds), opened after the
-        first compilation and advanced from inside the compiled programs.
+      progress: optional `progress(env_steps_done, env_steps_total)` over all grid points and
+        seeds, called once the first programs are compiled and after each segment.
       env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
         copies of a whole chunk (points x seeds x num_envs).
       devices: as for `kl_rl.run`: the (point, seed) items of a chunk are spread over them.
@@ -199,90 +233,75 @@ def run_sweep(
         takes the same reference and starting parameters.
     """
     if not isinstance(seeds, int) or seeds <= 0:
-        raise ConfigError(f"--seeds must be a positive integer, got {seeds!r}")
-    if chunk_size <= 0:
-        raise ConfigError(f"--chunk-size must be a positive integer, got {chunk_size}")
+        raise ConfigError(f"{{seeds}} must be a positive integer, got {seeds!r}", "seeds")
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ConfigError(f"{{chunk_size}} must be a positive integer, got {chunk_size!r}", "chunk_size")
     points = expand(grid)
-    configs = [runner.resolve_config(algo, env, config_file, {**(overrides or {}), **p}, env_path) for p in points]
-    groups: dict[tuple, list[int]] = {}
-    for i, config in enumerate(configs):
-        groups.setdefault(static_key(config), []).append(i)
-    # A grid point that sets a reference flag without --reference is refused, as a run is.
+    configs = [resolve.resolve_config(algo, env, config_file, {**(overrides or {}), **p}, env_path) for p in points]
+    groups = resolve.group_by_static(configs)
+    # A grid point that sets a reference option without a reference is refused, as a run is.
     for config in configs[1:] if reference is None else ():
-        runner.resolve_anchors(algo, env, config, env_path=env_path)
-    anchors = runner.resolve_anchors(algo, env, configs[0], reference, reference_seed, init_from, env_path)
+        sources.resolve_sources(algo, env, config, env_path=env_path)
+    run_sources = sources.resolve_sources(algo, env, configs[0], reference, reference_seed, init_from, env_path)
     env_obj = envs.make(env, env_path, vectorization)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
-    cache_dir = runner.enable_compilation_cache()
+    log = log or (lambda line: None)
+    # One layout, and so one set of programs, for every chunk of a group: the last chunk is
+    # padded with copies of its final point, which are dropped.
+    built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds, devices)
+             for m in groups.values()]  # fmt: skip
+    total = sum(g.trainer.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
+                for g, m in zip(built, groups.values(), strict=True))  # fmt: skip
     outputs: dict[int, Any] = {}
     programs = []
-    trainers = [make_trainer(algo, configs[members[0]], env_obj, anchors.reference) for members in groups.values()]
-    total_steps = sum(
-        t.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
-        for t, m in zip(trainers, groups.values(), strict=True)
-    )
-    bar = None
     done_before = 0  # env steps of the chunks already finished
-    for trainer, members in zip(trainers, groups.values(), strict=True):
-        size = min(chunk_size, len(members))
-        # One layout, and so one set of programs, for every chunk of the group: the last chunk
-        # is padded with copies of its final point, which are dropped.
-        lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-        key = runner.program_key(algo, env, trainer.env_path, configs[members[0]], anchors)
-        group = parallel.Programs(trainer, lay, cache_dir, key)
+    for group, members in zip(built, groups.values(), strict=True):
+        size = group.layout.items // seeds
         run_s = 0.0
-        for start in range(0, len(members), size):
-            chunk = members[start : start + size]
-            padded = chunk + [chunk[-1]] * (size - len(chunk))
-            # Items are (point, seed) pairs, point-major; padded points run but are not counted.
-            chunk_steps = trainer.steps_per_update * len(chunk) * seeds
+        try:
+            for start in range(0, len(members), size):
+                chunk = members[start : start + size]
+                padded = chunk + [chunk[-1]] * (size - len(chunk))
+                # Items are (point, seed) pairs, point-major; padded points run but are not counted.
+                chunk_steps = group.trainer.steps_per_update * len(chunk) * seeds
 
-            def report(updates_done, first, chunk_steps=chunk_steps, before=done_before):
-                nonlocal bar
-                if not progress:
-                    return
-                if bar is None:
-                    from tqdm.auto import tqdm
+                def report(updates_done, chunk_steps=chunk_steps, before=done_before):
+                    if progress is not None:
+                        progress(before + updates_done * chunk_steps, total)
 
-                    bar = tqdm(total=total_steps, unit="step", unit_scale=True, desc=f"sweep {algo} {env}")
-                bar.update(before + updates_done * chunk_steps - bar.n)
-
-            item_keys = jnp.tile(keys, size)
-            item_configs = [configs[i] for i in padded for _ in range(seeds)]
-            item_seeds = list(range(seeds)) * size
-            _, metrics, eval_returns, wall = runner.train_items(
-                group, item_keys, item_configs, report, setup=lambda item_seeds=item_seeds: anchors.setup(item_seeds)
-            )
-            run_s += wall
-            done_before += chunk_steps * configs[chunk[0]].num_updates
-            for j, i in enumerate(chunk):
-                rows = slice(j * seeds, (j + 1) * seeds)
-                outputs[i] = ({k: v[rows] for k, v in metrics.items()}, eval_returns[rows])
+                item_seeds = list(range(seeds)) * size
+                outcome = pipeline.execute(
+                    group, jnp.tile(keys, size), [configs[i] for i in padded for _ in range(seeds)], report,
+                    setup=lambda item_seeds=item_seeds: run_sources.setup(item_seeds),
+                )  # fmt: skip
+                run_s += outcome.wall_time_s
+                done_before += chunk_steps * configs[chunk[0]].num_updates
+                for j, i in enumerate(chunk):
+                    rows = slice(j * seeds, (j + 1) * seeds)
+                    metrics = {k: v[rows] for k, v in outcome.metrics.items()}
+                    outputs[i] = (metrics, outcome.eval_returns[rows], outcome.diverged[rows])
+        finally:
+            group.close()
         programs.append({"points": members, "compile_time_s": group.compile_time_s, "run_time_s": run_s})
-        if log is not None:
-            if bar is not None:
-                bar.clear()  # the log line goes above the bar instead of through it
-            log(
-                f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
-                f"on {len(lay.devices)} device(s), compiled once in {group.compile_time_s:.1f}s, ran in {run_s:.1f}s"
-            )
-            if bar is not None:
-                bar.refresh()
-    if bar is not None:
-        bar.close()
+        log(
+            f"program {len(programs)}/{len(groups)}: {len(members)} grid point(s) x {seeds} seed(s) "
+            f"on {len(group.layout.devices)} device(s), compiled once in {group.compile_time_s:.1f}s, "
+            f"ran in {run_s:.1f}s"
+        )
     order = range(len(points))
-    metrics = {name: _pad_stack([outputs[i][0][name] for i in order]) for name in outputs[0][0]}
     return SweepResult(
         algo=algo,
         env_id=env,
         grid=grid,
         points=points,
         seeds=list(range(seeds)),
-        metrics=metrics,
+        metrics={name: _pad_stack([outputs[i][0][name] for i in order]) for name in outputs[0][0]},
         eval_returns=_pad_stack([outputs[i][1] for i in order]),
         num_updates=[configs[i].num_updates for i in order],
         programs=programs,
-        anchors=anchors.records,
+        diverged=[outputs[i][2] for i in order],
+        eval_episodes=[configs[i].eval_episodes for i in order],
+        sources=run_sources.records,
     )
 
 

@@ -20,18 +20,7 @@ from kl_rl import buffer, envs, kl, normalize, rollout
 from kl_rl.agents import ALGOS
 from kl_rl.agents.common import ref_kl_controller
 from kl_rl.agents.lm import response_tokens
-
-
-NAN_BY_DESIGN = ("episode_return", "episode_length", "cg_residual", "eval_return")
-"""Metrics that are NaN in a healthy run: the episode statistics until the first episode ends
-(see `last_return`), and TRPO's `cg_residual` with direction "gradient", which solves nothing."""
-
-
-def nonfinite(agent_state: Any, metrics: dict[str, jax.Array]) -> jax.Array:
-    """1.0 if a float leaf of the agent's state or a metric (NAN_BY_DESIGN aside) is inf or nan, else 0.0."""
-    checked = (agent_state, {k: v for k, v in metrics.items() if k not in NAN_BY_DESIGN})
-    floats = [x for x in jax.tree.leaves(checked) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.logical_not(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))).astype(jnp.float32)
+from kl_rl.divergence import nonfinite
 
 
 class RefSpec(NamedTuple):
@@ -334,7 +323,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             "episodes": episodes.count,
             **metrics,
         }
-        # Whether this update left the run finite; kl_rl.runner.first_nonfinite reads it.
+        # Whether this update left the run finite; kl_rl.divergence.first_nonfinite reads it.
         metrics["nonfinite"] = nonfinite(agent_state, metrics)
         new_state = TrainState(
             agent=agent_state,

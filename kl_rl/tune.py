@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, parallel, runner, sweep
+from kl_rl import divergence, envs, pipeline, resolve, runfolder, sources, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -96,7 +96,7 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
             if not all(values):
                 raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
             parsed = [config_lib.parse_value(name, v.replace(":", ",") if is_tuple else v, typ) for v in values]
-            space[name] = distributions.CategoricalDistribution([sweep._plain(v) for v in parsed])
+            space[name] = distributions.CategoricalDistribution([_choice(v) for v in parsed])
             continue
         parts = [p.strip() for p in text.split(":")]
         log = parts[0] == "log"
@@ -116,6 +116,11 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
         kind = distributions.IntDistribution if typ is int else distributions.FloatDistribution
         space[name] = kind(low, high, log=log)
     return space
+
+
+def _choice(value: Any) -> Any:
+    """A categorical choice as Optuna keeps it: a scalar (a tuple as "64:64")."""
+    return ":".join(str(v) for v in value) if isinstance(value, tuple) else value
 
 
 def describe(distribution: Any) -> str:
@@ -149,7 +154,8 @@ class TuneResult:
     trials: list[dict[str, Any]]
     """This worker's trials in the order asked: number, state, params, value, final_return (per
     seed, None unless complete), pruned_at_env_steps (None unless pruned), env_steps (per seed,
-    those its group trained: a pruned trial's group may go on), error (FAIL only)."""
+    those its group trained: a pruned trial's group may go on), error (FAIL only), diverged
+    ([{"seed", "update"}], a trial whose seeds went non-finite: FAIL in the study)."""
     best: dict[str, Any] | None
     """{"number", "params", "value"} of the study's best complete trial, any worker's; None if none."""
     top: list[dict[str, Any]]
@@ -158,9 +164,13 @@ class TuneResult:
     """Trials of the whole study by state (COMPLETE, PRUNED, FAIL, RUNNING, ...)."""
     compiled_programs: int
     wall_time_s: float
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
 
-    anchors: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The reference and starting runs' records (`kl_rl.runner.RunAnchors.records`)."""
+    def diverged_items(self) -> list[dict[str, Any]]:
+        """Every (trial, seed) of this worker that went non-finite, with its first non-finite update."""
+        return [{"trial": t["number"], **d} for t in self.trials for d in t.get("diverged", [])]
+
     @property
     def env_steps(self) -> int:
         """Env steps this worker trained, summed over trials and seeds (padding excluded)."""
@@ -178,7 +188,7 @@ class TuneResult:
                     **{name: t["params"].get(name) for name in self.space},
                     "value": t["value"],
                     "final_return_mean": float(np.mean(final)) if final else None,
-                    "final_return_iqm": runner.iqm(final) if final else None,
+                    "final_return_iqm": stats.iqm(final) if final else None,
                     "pruned_at_env_steps": t["pruned_at_env_steps"],
                 }
             )
@@ -196,23 +206,24 @@ class TuneResult:
             "top": self.top,
             "study_trials": self.study_counts,
             "trials": self.trials,
+            "diverged": self.diverged_items(),
             "compiled_programs": self.compiled_programs,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
-            **self.anchors,
+            **self.sources,
             "optuna_version": require_optuna().__version__,
-            **runner.provenance(),
+            **runfolder.provenance(),
         }
 
     def config_dict(self) -> dict[str, Any]:
         """config.json's content: the search space over the base config."""
         space = {name: describe(d) for name, d in self.space.items()}
         base = config_lib.to_dict(self.base_config)
-        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **self.anchors, **base}
+        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **self.sources, **base}
 
     def save(self, out_dir: Any) -> Path:
         """Writes config.json, metrics.csv (one row per trial) and summary.json, atomically."""
-        return runner.write_run_folder(out_dir, self.config_dict(), self.rows(), self.summary())
+        return runfolder.write_run_folder(out_dir, self.config_dict(), self.rows(), self.summary())
 
 
 def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 0, startup_trials: int = 10) -> Any:
@@ -270,112 +281,89 @@ def _racing(err: Exception) -> bool:
     return type(err).__name__ == "IntegrityError" or "already exists" in text or "database is locked" in text
 
 
-class _Bar:
-    """An optional tqdm bar of env steps summed over trials and seeds (a no-op when disabled).
-
-    Its total starts at trials x seeds x the base config's budget and moves when a trial trains
-    more or less than that (a space over num_steps, a failed config, a pruned group stopping).
-    """
-
-    def __init__(self, enabled: bool, total: int, desc: str):
-        self.bar = None
-        if enabled:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="step", unit_scale=True, desc=desc)
-        self.base = 0  # env steps done before the running segment
-        self.unit = 0  # env steps per update of the running segment, over its real trials and seeds
-
-    def finish_segment(self, num_updates: int) -> None:
-        """Moves the bar by a finished segment (a rung) of `num_updates` updates."""
-        self.base += num_updates * self.unit
-        if self.bar is not None:
-            self.bar.update(self.base - self.bar.n)
-
-    def retotal(self, delta: int) -> None:
-        if self.bar is not None and delta:
-            self.bar.total += delta
-            self.bar.refresh()
-
-    def log(self, log: Callable[[str], None], line: str) -> None:
-        """Prints `line` above the bar instead of through it."""
-        if self.bar is not None:
-            self.bar.clear()
-        log(line)
-        if self.bar is not None:
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def segments(num_updates: int, rungs: int) -> list[int]:
+def rungs_plan(num_updates: int, rungs: int) -> list[int]:
     """Update counts of the rungs: equal segments, the remainder added to the last."""
     rungs = min(rungs, num_updates)
     size = num_updates // rungs
     return [size] * (rungs - 1) + [num_updates - size * (rungs - 1)]
 
 
-def _run_group(
-    study: Any,
-    group: parallel.Programs,
-    members: list[tuple[Any, Any, dict[str, Any]]],
-    keys: tuple[jax.Array, jax.Array],
-    size: int,
-    rungs: int,
-    bar: _Bar,
-    anchors: Any = None,
-) -> None:
-    """Trains one static group's (trial, config, record) triples as one batch, rung by rung.
+class Pruner(pipeline.Hook):
+    """Tuning's hook between rungs: each running trial reports its training return and may be
+    pruned; a trial any of whose seeds went non-finite fails. The batch stops once no trial runs.
 
-    The batch's items are (trial, seed) pairs, trial-major, padded to `size` trials. After each
-    rung every running trial reports its training return and may be pruned; the group stops
-    once all are pruned. Survivors are evaluated and told their value. Each outcome and the env
-    steps its group trained are written into the trial's record.
+    Args:
+      study: the Optuna study.
+      members: the group's (trial, config, record) triples, trial-major; the batch holds
+        `seeds` items per trial and may hold padding after them.
+      seeds: items per trial.
+      steps_per_update: env steps of one update of one item.
     """
-    optuna = require_optuna()
-    init_keys, eval_keys = keys
-    seeds = init_keys.shape[0]
-    configs = [c for _, c, _ in members]
-    padded = configs + [configs[-1]] * (size - len(configs))
-    lay = group.layout
-    stacked = parallel.pad(parallel.stack([c for c in padded for _ in range(seeds)]), lay)
-    init_keys, eval_keys = (parallel.pad(jnp.tile(k, size), lay) for k in (init_keys, eval_keys))
-    steps_per_update = group.trainer.steps_per_update
-    num_updates = configs[0].num_updates
-    plan = segments(num_updates, rungs)
-    bar.unit = steps_per_update * len(members) * seeds  # padded trials are not counted
-    setup = None if anchors is None else anchors.setup(list(range(seeds)) * size)
-    states = group.init(init_keys, stacked, None if setup is None else parallel.pad(setup, lay))
-    done = 0
-    for rung, n in enumerate(plan):
-        states, metrics = group.run(states, stacked, n)
-        latest = np.asarray(parallel.unpad(metrics["episode_return"], lay))[:, -1].reshape(size, seeds)
-        done += n
-        bar.finish_segment(n)
-        env_steps = done * steps_per_update
-        for j, (trial, _, record) in enumerate(members):
-            # Every member ran these steps: a pruned trial's slot runs on with its group.
+
+    def __init__(self, study: Any, members: list, seeds: int, steps_per_update: int):
+        self.study, self.members, self.seeds = study, members, seeds
+        self.steps_per_update = steps_per_update
+
+    def after_segment(self, segment: pipeline.Segment) -> bool:
+        optuna = require_optuna()
+        n = len(self.members) * self.seeds
+        metrics = {k: np.asarray(v)[:n] for k, v in segment.metrics.items()}
+        latest = metrics["episode_return"][:, -1].reshape(-1, self.seeds)
+        diverged = divergence.first_nonfinite(metrics)
+        first_update = segment.done - metrics["episode_return"].shape[1]
+        env_steps = segment.done * self.steps_per_update
+        last = segment.done == segment.num_updates
+        for j, (trial, _, record) in enumerate(self.members):
+            # Every member ran these steps: a pruned or failed trial's slot runs on with its group.
             record["env_steps"] = env_steps
             if record["state"] != "RUNNING":
+                continue
+            bad = [(s, first_update + u) for s, u in enumerate(diverged[j * self.seeds : (j + 1) * self.seeds])
+                   if u is not None]  # fmt: skip
+            if bad:
+                seed, update = bad[0]
+                error = f"diverged: seed {seed} at update {update} (non-finite values)"
+                trial.set_user_attr("error", error)
+                self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                record.update(state="FAIL", error=error, diverged=[{"seed": s, "update": u} for s, u in bad])
                 continue
             finite = latest[j][np.isfinite(latest[j])]  # NaN until a seed's first episode ends
             if finite.size:
                 trial.report(float(finite.mean()), step=env_steps)
-            if rung < len(plan) - 1 and trial.should_prune():
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            if not last and trial.should_prune():
+                self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 record.update(state="PRUNED", pruned_at_env_steps=env_steps)
-        if all(record["state"] == "PRUNED" for _, _, record in members):
-            bar.retotal(-(num_updates - done) * bar.unit)
-            return
-    returns = np.asarray(parallel.unpad(group.evaluate(eval_keys, states, stacked), lay))
-    returns = returns.mean(axis=-1).reshape(size, seeds)
-    for j, (trial, _, record) in enumerate(members):
-        if record["state"] == "RUNNING":
-            value = float(returns[j].mean())
-            study.tell(trial, value)
-            record.update(state="COMPLETE", value=value, final_return=[float(x) for x in returns[j]])
+        return all(record["state"] != "RUNNING" for _, _, record in self.members)
+
+
+def _run_group(study: Any, group: pipeline.Group, members: list, keys: jax.Array, size: int, rungs: int,
+               progress: Callable[[int], None], run_sources: Any) -> int:  # fmt: skip
+    """Trains one static group's (trial, config, record) triples as one batch, rung by rung.
+
+    The batch's items are (trial, seed) pairs, trial-major, padded to `size` trials. Survivors
+    are evaluated and told their value. Each outcome and the env steps its group trained are
+    written into the trial's record.
+
+    Returns:
+      The updates the group ran (fewer than its budget when every trial was pruned or failed).
+    """
+    seeds = keys.shape[0]
+    configs = [c for _, c, _ in members]
+    padded = configs + [configs[-1]] * (size - len(configs))
+    pruner = Pruner(study, members, seeds, group.trainer.steps_per_update)
+    outcome = pipeline.execute(
+        group, jnp.tile(keys, size), [c for c in padded for _ in range(seeds)], progress,
+        setup=lambda: run_sources.setup(list(range(seeds)) * size), hooks=[pruner],
+        plan=rungs_plan(configs[0].num_updates, rungs),
+    )  # fmt: skip
+    if outcome.eval_returns is not None:
+        returns = outcome.eval_returns.mean(axis=-1).reshape(size, seeds)
+        for j, (trial, _, record) in enumerate(members):
+            if record["state"] == "RUNNING":
+                value = float(returns[j].mean())
+                study.tell(trial, value)
+                record.update(state="COMPLETE", value=value, final_return=[float(x) for x in returns[j]])
+    return next(iter(outcome.metrics.values())).shape[1]
 
 
 def run_tune(
@@ -393,7 +381,7 @@ def run_tune(
     sampler_seed: int | None = 0,
     startup_trials: int = 10,
     log: Callable[[str], None] | None = None,
-    progress: bool = False,
+    progress: Callable[[int, int], None] | None = None,
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
@@ -422,7 +410,7 @@ def run_tune(
       config_file, overrides: the base config under the space (preset < file < overrides < params).
       rungs: segments of training, each followed by a report to the pruner.
       log: optional function receiving one line per batch, and one per failed trial.
-      progress: show a tqdm bar of env steps over all trials and seeds.
+      progress: optional `progress(env_steps_done, env_steps_total)` over all trials and seeds.
       env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
         envs from rung to rung (a pruned trial's copies run on with its group).
       devices: as for `kl_rl.run`: a batch's (trial, seed) items are spread over them.
@@ -434,26 +422,26 @@ def run_tune(
     """
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}", name)
     optuna = require_optuna()
     overrides = dict(overrides or {})
-    base = runner.resolve_config(algo, env, config_file, overrides, env_path)
-    anchors = runner.resolve_anchors(algo, env, base, reference, reference_seed, init_from, env_path)
+    base = resolve.resolve_config(algo, env, config_file, overrides, env_path)
+    run_sources = sources.resolve_sources(algo, env, base, reference, reference_seed, init_from, env_path)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
     env_obj = envs.make(env, env_path, vectorization)
-    cache_dir = runner.enable_compilation_cache()
-    split = jax.vmap(jax.random.split)(jax.vmap(jax.random.key)(np.arange(seeds)))  # as train: init, eval
-    keys = (split[:, 0], split[:, 1])
+    keys = jax.vmap(jax.random.key)(np.arange(seeds))
     size = batch_size  # every group is padded to this many trials, so its programs serve every batch
-    budget = base.num_updates * make_trainer(algo, base, env_obj).steps_per_update
-    bar = _Bar(progress, trials * seeds * budget, f"tune {algo} {env}")
     log = log or (lambda line: None)
-    programs: dict[tuple, parallel.Programs] = {}
+    groups_built: dict[tuple, pipeline.Group] = {}
     records: list[dict[str, Any]] = []
+    # Env steps over all trials and seeds: the total moves when a trial trains more or less than
+    # the base config's budget (a space over num_steps, a failed config, a group stopped early).
+    budget = base.num_updates * make_trainer(algo, base, env_obj).steps_per_update
+    steps = {"done": 0, "total": trials * seeds * budget}
     start = time.perf_counter()
     try:
         for batch_start in range(0, trials, batch_size):
-            compiled_before = sum(len(p.compiled) for p in programs.values())
+            compiled_before = sum(len(g.programs.compiled) for g in groups_built.values())
             batch: list[tuple[Any, dict[str, Any]]] = []  # (trial, its record), as asked
             groups: dict[tuple, list[tuple[Any, Any, dict[str, Any]]]] = {}  # static key -> its trials
             try:
@@ -464,41 +452,52 @@ def run_tune(
                 for trial, record in batch:
                     try:
                         params = to_overrides(algo, trial.params)
-                        config = runner.resolve_config(algo, env, config_file, {**overrides, **params}, env_path)
+                        config = resolve.resolve_config(algo, env, config_file, {**overrides, **params}, env_path)
                     except ConfigError as err:
                         trial.set_user_attr("error", str(err))
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
                         record.update(state="FAIL", error=str(err))
-                        bar.retotal(-seeds * budget)
-                        bar.log(log, f"trial {trial.number} failed: {err}")
+                        steps["total"] -= seeds * budget
+                        log(f"trial {trial.number} failed: {err}")
                         continue
-                    groups.setdefault(sweep.static_key(config), []).append((trial, config, record))
+                    groups.setdefault(resolve.static_key(config), []).append((trial, config, record))
                 for key, members in groups.items():
-                    if key not in programs:
-                        trainer = make_trainer(algo, members[0][1], env_obj, anchors.reference)
-                        lay = parallel.layout(size * seeds, devices, host_env=trainer.env_path == "host")
-                        program_key = runner.program_key(algo, env, trainer.env_path, members[0][1], anchors)
-                        programs[key] = parallel.Programs(trainer, lay, cache_dir, program_key)
-                    steps = members[0][1].num_updates * programs[key].trainer.steps_per_update
-                    bar.retotal(len(members) * seeds * (steps - budget))
-                    _run_group(study, programs[key], members, keys, size, rungs, bar, anchors)
+                    if key not in groups_built:
+                        groups_built[key] = pipeline.group(algo, env, env_obj, members[0][1], run_sources, size * seeds,
+                                                           devices)  # fmt: skip
+                    group = groups_built[key]
+                    num_updates = members[0][1].num_updates
+                    unit = group.trainer.steps_per_update * len(members) * seeds  # padded trials not counted
+                    steps["total"] += len(members) * seeds * (num_updates * group.trainer.steps_per_update - budget)
+                    before = steps["done"]
+
+                    def report(updates_done, before=before, unit=unit):
+                        steps["done"] = before + updates_done * unit
+                        if progress is not None:
+                            progress(steps["done"], steps["total"])
+
+                    ran = _run_group(study, group, members, keys, size, rungs, report, run_sources)
+                    steps["total"] -= (num_updates - ran) * unit
+                    for trial, _, record in members:
+                        if "diverged" in record:
+                            log(f"trial {trial.number} failed: {record['error']}")
             finally:
                 # A trial left RUNNING in a shared storage (an error, Ctrl-C) would stay so for good.
                 for trial, record in batch:
                     if record["state"] == "RUNNING":
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
                         record.update(state="FAIL", error="interrupted")
-            compiled = sum(len(p.compiled) for p in programs.values()) - compiled_before
+            compiled = sum(len(g.programs.compiled) for g in groups_built.values()) - compiled_before
             best = _best(study)
             best_text = f"best value {best['value']:.2f} (trial {best['number']})" if best else "no complete trial yet"
             outcome = ", ".join(f"{n} {s.lower()}" for s, n in _counts([r for _, r in batch]).items())
-            bar.log(
-                log,
+            log(
                 f"batch {batch_start // batch_size + 1}/{-(-trials // batch_size)}: {len(batch)} trial(s) x "
                 f"{seeds} seed(s) in {len(groups)} group(s), {compiled} program(s) compiled: {outcome}; {best_text}",
             )
     finally:
-        bar.close()
+        for group in groups_built.values():
+            group.close()
     finished = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     top = sorted(finished, key=lambda t: -t.value)[:TOP]
     return TuneResult(
@@ -509,12 +508,12 @@ def run_tune(
         space=space,
         seeds=list(range(seeds)),
         base_config=base,
-        anchors=anchors.records,
+        sources=run_sources.records,
         trials=records,
         best=_best(study),
         top=[{"number": t.number, "params": t.params, "value": t.value} for t in top],
         study_counts=_counts([{"state": t.state.name} for t in study.get_trials(deepcopy=False)]),
-        compiled_programs=sum(len(p.compiled) for p in programs.values()),
+        compiled_programs=sum(len(g.programs.compiled) for g in groups_built.values()),
         wall_time_s=time.perf_counter() - start,
     )
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import kl_rl
-from kl_rl import envs, kl, runner
+from kl_rl import envs, kl, runfolder, runner, sources
 from kl_rl.agents import PPOConfig
 from kl_rl.cli import main
 from kl_rl.train import make_trainer
@@ -44,7 +44,7 @@ def _leaves(tree):
 
 def test_a_reference_is_recorded_and_each_seed_learns_against_its_own(teacher, tmp_path):
     result = kl_rl.run("ppo", "CartPole-v1", seeds=3, reference=teacher, total_steps=2048, ref_kl_coef=0.0, **SMALL)
-    loaded = runner.load(teacher)
+    loaded = runfolder.load(teacher)
     # Seed s holds the reference's seed s mod 2, parameters and normalizer both.
     ref = result.final_state.anchors.reference
     for s, t in enumerate([0, 1, 0]):
@@ -52,7 +52,7 @@ def test_a_reference_is_recorded_and_each_seed_learns_against_its_own(teacher, t
             np.testing.assert_array_equal(ours[s], theirs[t])
     record = result.anchors["reference"]
     assert record["run"] == str(teacher.absolute()) and record["update"] == loaded.update
-    assert record["params_sha256"] == runner.params_sha256((loaded.state.agent, loaded.state.collector.obs_norm))
+    assert record["params_sha256"] == sources.params_sha256((loaded.state.agent, loaded.state.collector.obs_norm))
     # kl_ref is logged at coefficient 0, and it is the exact mean KL(pi || pi_ref) of the batch.
     assert np.all(result.metrics["ref_beta"] == 0.0)
     assert np.all(np.isfinite(result.metrics["kl_ref"])) and np.all(result.metrics["kl_ref"] > 0)
@@ -63,7 +63,7 @@ def test_a_reference_is_recorded_and_each_seed_learns_against_its_own(teacher, t
 
 def test_kl_ref_is_the_exact_kl_of_the_updated_policy_on_the_batch(teacher):
     config = PPOConfig(total_steps=512, ref_kl_coef=0.1, **SMALL)
-    anchors = runner.resolve_anchors("ppo", "CartPole-v1", config, reference=teacher)
+    anchors = sources.resolve_sources("ppo", "CartPole-v1", config, reference=teacher)
     trainer = make_trainer("ppo", config, envs.make("CartPole-v1"), anchors.reference)
     setup = jax.tree.map(lambda x: x[0], anchors.setup([0]))
     state, metrics = jax.jit(lambda s: trainer.run(s, config, 1))(trainer.init(jax.random.key(0), config, setup))
@@ -73,14 +73,14 @@ def test_kl_ref_is_the_exact_kl_of_the_updated_policy_on_the_batch(teacher):
     np.testing.assert_allclose(metrics["kl_ref"][0], want, rtol=1e-5)
     # The recorded reference distribution is the teacher's policy on the raw observation,
     # through the teacher's own normalizer (this student does not normalize).
-    loaded = runner.load(teacher)
+    loaded = runfolder.load(teacher)
     raw = data.obs[:3, 0]
     np.testing.assert_allclose(data.ref_dist.logits[:3, 0], loaded.dist(raw, seed=0).logits, rtol=1e-5, atol=1e-6)
 
 
 def test_a_reward_penalty_is_beta_times_the_estimate_at_the_behaviour_sample(teacher):
     config = PPOConfig(total_steps=512, ref_kl_coef=0.25, ref_kl_in="reward", ref_kl_estimator="k1", **SMALL)
-    anchors = runner.resolve_anchors("ppo", "CartPole-v1", config, reference=teacher)
+    anchors = sources.resolve_sources("ppo", "CartPole-v1", config, reference=teacher)
     trainer = make_trainer("ppo", config, envs.make("CartPole-v1"), anchors.reference)
     setup = jax.tree.map(lambda x: x[0], anchors.setup([0]))
     state, _ = jax.jit(lambda s: trainer.run(s, config, 1))(trainer.init(jax.random.key(0), config, setup))
@@ -159,9 +159,9 @@ def test_corrected_stale_runs_learn_cartpole():
 
 def test_init_from_starts_from_the_runs_parameters_and_normalizer(teacher):
     config = PPOConfig(total_steps=512, **SMALL)
-    anchors = runner.resolve_anchors("ppo", "CartPole-v1", config, init_from=teacher)
+    anchors = sources.resolve_sources("ppo", "CartPole-v1", config, init_from=teacher)
     trainer = make_trainer("ppo", config, envs.make("CartPole-v1"), anchors.reference)
-    loaded = runner.load(teacher)
+    loaded = runfolder.load(teacher)
     setup = anchors.setup([0, 1, 2])
     for i, t in enumerate([0, 1, 0]):
         state = trainer.init(jax.random.key(i), config, jax.tree.map(lambda x, i=i: x[i], setup))

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from kl_rl import checkpoint, runner
+from kl_rl import checkpoint, resolve, runfolder
 from kl_rl.cli import main
 
 # Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
@@ -59,7 +59,7 @@ def _steps_per_update(algo: str, flags: list[str]) -> int:
     from kl_rl.cli.common import parse_overrides
     from kl_rl.train import make_trainer
 
-    config = runner.resolve_config(algo, "CartPole-v1", None, parse_overrides(flags))
+    config = resolve.resolve_config(algo, "CartPole-v1", None, parse_overrides(flags))
     return make_trainer(algo, config, envs.make("CartPole-v1")).steps_per_update * 2
 
 
@@ -103,7 +103,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, algo):
     assert (whole / "metrics.csv").read_text() == (killed / "metrics.csv").read_text()
     a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, killed))
     assert a["final_return"] == b["final_return"]
-    a, b = runner.load(whole), runner.load(killed)
+    a, b = runfolder.load(whole), runfolder.load(killed)
     assert a.update == b.update == 8
     for x, y in zip(_leaves(a.state), _leaves(b.state), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -176,7 +176,7 @@ def test_resume_errors_are_one_line_and_touch_nothing(tmp_path, capsys, plain_ru
 def test_a_plain_run_folder_loads_for_evaluation_with_its_normalizer(plain_run):
     out = plain_run
     summary = json.loads((out / "summary.json").read_text())
-    loaded = runner.load(out)
+    loaded = runfolder.load(out)
     assert loaded.config.normalize_obs
     norm = jax.tree.map(np.asarray, loaded.state.collector.obs_norm)
     assert np.all(norm.count > 1000) and np.any(norm.mean != 0)
@@ -212,7 +212,7 @@ def _events(folder: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_event_files_hold_the_metrics(tmp_path):
-    result = runner.RunResult(
+    result = runfolder.RunResult(
         algo="ppo",
         env_id="CartPole-v1",
         config=None,

@@ -151,10 +151,13 @@ def test_progress_reports_env_steps_and_the_bar_runs(tmp_path, capsys):
 
     seen = []
     result = kl_rl.run(
-        "ppo", "CartPole-v1", seeds=2, progress=seen.append, total_steps=2048, num_envs=4, num_steps=64, update_epochs=1
-    )
-    assert seen == sorted(seen) and seen[-1] == 2 * result.total_env_steps
-    assert all(isinstance(n, int) for n in seen)
+        "ppo", "CartPole-v1", seeds=2, progress=lambda done, total: seen.append((done, total)),
+        total_steps=2048, num_envs=4, num_steps=64, update_epochs=1,
+    )  # fmt: skip
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[0] == 0 and done[-1] == 2 * result.total_env_steps
+    assert {t for _, t in seen} == {2 * result.total_env_steps}
+    assert all(isinstance(n, int) for n in done)
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), *[a for a in FAST if a != "--no-progress"]]) == 0
     assert "step" in capsys.readouterr().err  # tqdm writes the bar to stderr

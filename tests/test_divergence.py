@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from kl_rl import runner
+from kl_rl import divergence, runfolder
 
 
 def _metrics(seeds=2, updates=6):
@@ -18,22 +18,22 @@ def test_first_nonfinite_is_the_first_bad_update_per_seed():
     metrics = _metrics()
     metrics["kl"][1, 4] = np.nan  # update 5 of seed 1
     metrics["kl"][1, 5] = np.inf
-    assert runner.first_nonfinite(metrics) == [None, 5]
+    assert divergence.first_nonfinite(metrics) == [None, 5]
     metrics["kl"][0, 2] = -np.inf
-    assert runner.first_nonfinite(metrics) == [3, 5]
+    assert divergence.first_nonfinite(metrics) == [3, 5]
 
 
 def test_first_nonfinite_reads_the_training_loops_flag():
     metrics = _metrics(seeds=3)
     metrics["nonfinite"] = np.zeros((3, 6), np.float32)
     metrics["nonfinite"][2, [1, 3]] = 1.0  # parameters went nan, no metric shows it
-    assert runner.first_nonfinite(metrics) == [None, None, 2]
+    assert divergence.first_nonfinite(metrics) == [None, None, 2]
 
 
 def test_a_diverged_seed_keeps_its_rows_to_the_bad_update_and_leaves_the_statistics():
     metrics = _metrics(seeds=3)
     metrics["kl"][1, 2:] = np.nan  # seed 1 diverges at update 3
-    result = runner.RunResult(
+    result = runfolder.RunResult(
         algo="ppo",
         env_id="CartPole-v1",
         config=None,

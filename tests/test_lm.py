@@ -16,12 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kl_rl import buffer, envs, kl, networks, runner
+from kl_rl import buffer, envs, kl, networks, resolve, runner, sources
 from kl_rl.agents import ALGOS, lm
 from kl_rl.cli import main
 from kl_rl.envs.tasks import EOS, PAD
 from kl_rl.errors import ConfigError
-from kl_rl.train import NAN_BY_DESIGN, make_trainer
+from kl_rl.divergence import NAN_BY_DESIGN
+from kl_rl.train import make_trainer
 
 # Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_lm")
@@ -310,12 +311,12 @@ def _one_update_each(folder, algos, dpo=False):
     from a policy moved away from the reference on rewards rewritten by `_dpo_batch`."""
     made = {}
     for algo in algos:
-        config = runner.resolve_config(algo, ENV, None, {**TINY, "total_steps": 16, "eval_every": 0,
+        config = resolve.resolve_config(algo, ENV, None, {**TINY, "total_steps": 16, "eval_every": 0,
                                                          **ALGO_OVERRIDES[algo]})  # fmt: skip
-        anchors = runner.resolve_anchors(algo, ENV, config, reference=folder)
+        anchors = sources.resolve_sources(algo, ENV, config, reference=folder)
         trainer = make_trainer(algo, config, envs.make(ENV), anchors.reference)
         made[algo] = (config, trainer, jax.tree.map(lambda x: x[0], anchors.setup([0])))
-    dpo_config = runner.resolve_config("dpo", ENV, None, {**TINY, "total_steps": 16, **DPO_OVERRIDES})
+    dpo_config = resolve.resolve_config("dpo", ENV, None, {**TINY, "total_steps": 16, **DPO_OVERRIDES})
     dpo_agent = ALGOS["dpo"].make(dpo_config, ADD.observation_space, ADD.action_space)
     noise = _random_params(_token_networks()[0], 5, scale=0.1)
 
@@ -551,9 +552,9 @@ def test_a_mismatched_algo_and_env_is_one_line_and_exit_2(tmp_path, capsys, algo
     assert err.startswith("kl-rl: error: ") and message in err and len(err.splitlines()) == 1, err
     assert not out.exists()
     with pytest.raises(ConfigError, match="token"):
-        runner.check_task_algo(algo, env, envs.make(env))
-    runner.check_task_algo("grpo", "Sort-v0", envs.make("Sort-v0"))  # a match passes
-    runner.check_task_algo("ppo", "CartPole-v1", envs.make("CartPole-v1"))
+        resolve.check_task_algo(algo, env, envs.make(env))
+    resolve.check_task_algo("grpo", "Sort-v0", envs.make("Sort-v0"))  # a match passes
+    resolve.check_task_algo("ppo", "CartPole-v1", envs.make("CartPole-v1"))
 
 
 def test_online_dpo_without_a_reference_and_a_reference_of_another_shape_are_one_line_and_exit_2(sft, tmp_path, capsys):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import kl_rl
-from kl_rl import checkpoint, parallel, sweep
+from kl_rl import checkpoint, parallel, pipeline, resolve, sweep
 from kl_rl.errors import ConfigError
 
 # 60 PPO updates and 50 TRPO updates of a few env steps each. TRPO is the sensitive one: a vmap
@@ -121,20 +121,21 @@ def test_a_second_process_loads_its_programs_from_the_opt_in_cache(tmp_path):
 def test_a_damaged_cache_file_is_a_miss_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "1")
     small = dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 4)
-    from kl_rl import envs, runner
+    from kl_rl import envs
     from kl_rl.train import make_trainer
 
-    config = runner.resolve_config("ppo", "CartPole-v1", None, small)
+    config = resolve.resolve_config("ppo", "CartPole-v1", None, small)
     trainer = make_trainer("ppo", config, envs.make("CartPole-v1"))
     lay = parallel.layout(1)
-    key = runner.program_key("ppo", "CartPole-v1", "jax", config)
+    key = pipeline.program_key("ppo", "CartPole-v1", "jax", config)
     keys = jax.vmap(jax.random.key)(np.arange(1))
     first = parallel.Programs(trainer, lay, str(tmp_path), key)
-    want = runner.train_items(first, keys, [config])[2]
+    want = pipeline.execute(pipeline.Group(trainer, lay, first), keys, [config]).eval_returns
     for path in (tmp_path / "kl_rl").glob("*.pkl"):
         path.write_bytes(b"not a program")
     again = parallel.Programs(trainer, lay, str(tmp_path), key)
-    np.testing.assert_array_equal(runner.train_items(again, keys, [config])[2], want)
+    got = pipeline.execute(pipeline.Group(trainer, lay, again), keys, [config]).eval_returns
+    np.testing.assert_array_equal(got, want)
     assert again.loaded == 0 and len(again.compiled) == 3
 
 

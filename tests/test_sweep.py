@@ -22,8 +22,8 @@ def test_parse_grid_types_values_and_tuples():
 @pytest.mark.parametrize(
     "items, needle",
     [
-        (["lr"], "malformed --grid item"),
-        (["lr=1e-3,"], "malformed --grid item"),
+        (["lr"], "malformed grid item"),
+        (["lr=1e-3,"], "malformed grid item"),
         (["lerning_rate=1e-3"], "unknown hyperparameter"),
         (["lr=fast"], "--lr expects float"),
         (["lr=1e-3", "lr=3e-4"], "twice"),

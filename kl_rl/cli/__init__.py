@@ -21,7 +21,8 @@ compiled program), sync or async across processes. --env-path host forces it for
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
 run has succeeded. A run that went non-finite (inf or nan) still writes its folder, then says at
-which update in one line on stderr, exit code 3.
+which update in one line on stderr, exit code 3; so do a sweep any of whose grid points diverged
+and a tune any of whose trials did (those points are not ranked, those trials are told FAIL).
 """
 
 # Annotations stay unevaluated: importing the command module `list` binds that name in this
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             expose_cpu_devices(rest)
         return COMMANDS[command](rest)
     except ConfigError as err:
-        print(f"kl-rl: error: {err}", file=sys.stderr)
+        print(f"kl-rl: error: {err.as_flags()}", file=sys.stderr)
         return EXIT_USAGE
     except Diverged as err:
         print(f"kl-rl: error: {err}", file=sys.stderr)

@@ -59,8 +59,8 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     return parser
 
 
-def anchor_args(args: argparse.Namespace) -> dict:
-    """--reference, --reference-seed and --init-from as `kl_rl.runner.resolve_anchors` takes them."""
+def source_args(args: argparse.Namespace) -> dict:
+    """--reference, --reference-seed and --init-from as `kl_rl.sources.resolve_sources` takes them."""
     from kl_rl import config as config_lib
 
     seed = None if args.reference_seed is None else config_lib.parse_value("reference_seed", args.reference_seed, int)

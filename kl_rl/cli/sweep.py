@@ -1,12 +1,13 @@
 """`kl-rl sweep`: a grid of hyperparameters x seeds, ranked by IQM of final return."""
 
-from kl_rl.cli.common import anchor_args, device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser, source_args
+from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
 
 def main(argv: list[str]) -> int:
     """`kl-rl sweep ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
-    from kl_rl import cli, envs, runner, sweep
+    from kl_rl import cli, envs, resolve, sweep
     from kl_rl import config as config_lib
 
     parser = run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
@@ -27,23 +28,28 @@ def main(argv: list[str]) -> int:
     chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
     overrides = run_overrides(args, extra)
     grid = sweep.parse_grid(args.algo, args.grid)
-    base = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    base = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     out = out_dir(args, prefix="sweep-")
     points = len(sweep.expand(grid))
     print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
-    result = sweep.run_sweep(
-        args.algo, args.env, grid, seeds, args.config, overrides, chunk_size,
-        log=lambda line: print(line, flush=True), progress=not args.no_progress,
-        env_path=args.env_path, vectorization=args.vectorization,
-        devices=device_count(args.devices), **anchor_args(args),
-    )  # fmt: skip
+    with Bar(f"sweep {args.algo} {args.env}", enabled=not args.no_progress) as bar:
+        result = sweep.run_sweep(
+            args.algo, args.env, grid, seeds, args.config, overrides, chunk_size, log=bar.log, progress=bar,
+            env_path=args.env_path, vectorization=args.vectorization,
+            devices=device_count(args.devices), **source_args(args),
+        )  # fmt: skip
     print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
     ranking = result.ranking()
     names = list(grid)
     print("rank " + " ".join(f"{n:>14}" for n in names) + "   IQM final_return  95% CI")
     for rank, row in enumerate(ranking, 1):
-        lo, hi = row["iqm_ci95"]
         values = " ".join(f"{row[n]!s:>14}" for n in names)
+        if row.get("diverged"):
+            first = row["diverged"][0]
+            print(f"{'-':>4} {values}   diverged: {len(row['diverged'])} of {seeds} seed(s), "
+                  f"seed {first['seed']} first at update {first['update']}")  # fmt: skip
+            continue
+        lo, hi = row["iqm_ci95"]
         print(f"{rank:>4} {values}   {row['final_return_iqm']:>16.2f}  [{lo:.2f}, {hi:.2f}]")
     env_path = envs.resolve_path(args.env, args.env_path)
     run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path}
@@ -51,4 +57,14 @@ def main(argv: list[str]) -> int:
         run["vectorization"] = args.vectorization
     result.save(out, {**run, **config_lib.to_dict(base)})
     print(f"sweep folder: {out}")
+    diverged = result.diverged_items()
+    if diverged:
+        first = diverged[0]
+        point = ", ".join(f"{k}={sweep._plain(v)}" for k, v in result.points[first["point"]].items())
+        points = len({d["point"] for d in diverged})
+        raise Diverged(
+            f"grid point {first['point']} ({point}) diverged: seed {first['seed']} at update {first['update']} of "
+            f"{result.num_updates[first['point']]} (non-finite values); {points} of {len(result.points)} point(s) "
+            f"diverged and are not ranked; the sweep folder {out} holds their metrics up to then"
+        )
     return 0

@@ -4,7 +4,8 @@ import argparse
 import dataclasses
 import json
 
-from kl_rl.cli.common import Diverged, anchor_args, device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser, source_args
+from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
 _RUN_FLAGS = ("--seeds", "--env-path", "--vectorization", "--reference", "--reference-seed", "--init-from")
@@ -14,7 +15,7 @@ _RUN_FLAGS = ("--seeds", "--env-path", "--vectorization", "--reference", "--refe
 def main(argv: list[str]) -> int:
     """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
     from kl_rl import config as config_lib
-    from kl_rl import envs, runner
+    from kl_rl import envs, resolve, runfolder, sources
 
     parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -39,12 +40,12 @@ def main(argv: list[str]) -> int:
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
     overrides = run_overrides(args, extra)
-    config = runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    config = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     env_path = envs.resolve_path(args.env, args.env_path)
-    anchors = runner.resolve_anchors(args.algo, args.env, config, env_path=env_path, **anchor_args(args))
+    run_sources = sources.resolve_sources(args.algo, args.env, config, env_path=env_path, **source_args(args))
     out = out_dir(args, prefix="")
     if args.tensorboard:
-        runner.require_tensorboard()
+        runfolder.require_tensorboard()
     checkpoint_dir = None
     if every:
         # Checkpoints go into the run folder while it trains, so it must not hold another run.
@@ -55,14 +56,14 @@ def main(argv: list[str]) -> int:
             )
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
-        run_config = runner.run_config(
-            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, anchors.records
+        run_config = runfolder.run_config(
+            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, run_sources.records
         )
         (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
     print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
     return _run_and_save(
-        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization, anchors
+        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization, run_sources
     )
 
 
@@ -80,7 +81,7 @@ def _help(algo: str) -> str:
     return "\n".join(lines)
 
 
-def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization, anchors) -> int:
+def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization, sources) -> int:
     """What a new run and a resumed one share: train, print the table, write the run folder.
 
     Raises:
@@ -88,11 +89,12 @@ def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, en
     """
     from kl_rl import runner
 
-    result = runner.run(
-        algo, env, seeds=seeds, config=config, progress=not args.no_progress,
-        checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
-        devices=device_count(args.devices), anchors=anchors,
-    )  # fmt: skip
+    with Bar(f"{algo} {env}", enabled=not args.no_progress) as bar:
+        result = runner.run(
+            algo, env, seeds=seeds, config=config, progress=bar,
+            checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
+            devices=device_count(args.devices), run_sources=sources,
+        )  # fmt: skip
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
     print(f"run folder: {out}")
@@ -110,10 +112,10 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
     from pathlib import Path
 
-    from kl_rl import runner
+    from kl_rl import runfolder, sources
 
     run_dir = Path(args.resume)
-    spec = runner.read_run_config(run_dir)
+    spec = runfolder.read_run_config(run_dir)
     algo, env, seeds, config, every = spec.algo, spec.env, spec.seeds, spec.config, spec.checkpoint_every
     given = {"--algo": (args.algo, algo), "--env": (args.env, env)}
     for flag, (value, saved) in given.items():
@@ -130,7 +132,7 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
     if args.tensorboard:
-        runner.require_tensorboard()
+        runfolder.require_tensorboard()
     from kl_rl.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir, read_only=True)
@@ -142,12 +144,12 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         flush=True,
     )
     # The reference is in the checkpoints: its record names the network, nothing is reloaded.
-    records = spec.anchors
-    anchors = runner.resolve_anchors(
+    records = spec.sources
+    run_sources = sources.resolve_sources(
         algo, env, config, records.get("reference"), None, records.get("init_from"), spec.env_path
     )
     return _run_and_save(
-        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization, anchors
+        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization, run_sources
     )
 
 

@@ -2,7 +2,8 @@
 
 from typing import Any
 
-from kl_rl.cli.common import anchor_args, device_count, out_dir, run_overrides, run_parser
+from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser, source_args
+from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
 USAGE = (
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from kl_rl import config as config_lib
-    from kl_rl import runner, tune
+    from kl_rl import resolve, tune
 
     parser = run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
     parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
@@ -66,7 +67,7 @@ def main(argv: list[str]) -> int:
         sampler_seed = config_lib.parse_value("sampler_seed", args.sampler_seed, int)
     overrides = run_overrides(args, extra)
     space = tune.parse_space(args.algo, args.space)
-    runner.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
+    resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     out = out_dir(args, prefix="tune-")
     storage = args.storage
     if storage is None:
@@ -79,17 +80,25 @@ def main(argv: list[str]) -> int:
         f"x {counts['seeds']} seed(s); study {study_name!r} in {tune.redact(storage)} (sampler seed {sampler_seed})",
         flush=True,
     )
-    result = tune.run_tune(
-        args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
-        args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
-        startup_trials=counts["startup_trials"], log=lambda line: print(line, flush=True),
-        progress=not args.no_progress, env_path=args.env_path, vectorization=args.vectorization,
-        devices=device_count(args.devices), **anchor_args(args),
-    )  # fmt: skip
+    with Bar(f"tune {args.algo} {args.env}", enabled=not args.no_progress) as bar:
+        result = tune.run_tune(
+            args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
+            args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
+            startup_trials=counts["startup_trials"], log=bar.log, progress=bar, env_path=args.env_path,
+            vectorization=args.vectorization, devices=device_count(args.devices), **source_args(args),
+        )  # fmt: skip
     print(f"storage {tune.redact(storage)}, study {study_name!r}")
     _print_top(result)
     result.save(out)
     print(f"tune folder: {out}")
+    diverged = result.diverged_items()
+    if diverged:
+        first = diverged[0]
+        trials = len({d["trial"] for d in diverged})
+        raise Diverged(
+            f"trial {first['trial']} diverged: seed {first['seed']} at update {first['update']} (non-finite values); "
+            f"{trials} of {len(result.trials)} trial(s) diverged and were told FAIL; the tune folder {out} records them"
+        )
     return 0
 
 

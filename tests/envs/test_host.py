@@ -143,7 +143,7 @@ def test_host_run_resumes_with_its_normalizers(tmp_path):
     folder = tmp_path / "run"
     first = kl_rl.run("ppo", "CartPole-v1", env_path="host", checkpoint_dir=folder, checkpoint_every=1, **kwargs)
     first.save(folder, checkpoint_every=1)
-    loaded = kl_rl.runner.load(folder, update=2)  # the two newest checkpoints are kept
+    loaded = kl_rl.load(folder, update=2)  # the two newest checkpoints are kept
     assert loaded.trainer.env_path == "host"
     np.testing.assert_allclose(loaded.state.collector.obs_norm.count, 1e-4 + 2 * 2 * 16)
     np.testing.assert_allclose(loaded.state.collector.reward_norm.count, 1e-4 + 2 * 2 * 16)
@@ -171,7 +171,7 @@ def test_mujoco_run_folder_records_the_host_path(tmp_path, capsys):
     assert config["env_path"] == summary["env_path"] == "host"
     assert config["normalize_reward"] is True  # the preset
     assert 0 < summary["env_time_s"] < summary["wall_time_s"]
-    loaded = kl_rl.runner.load(out)
+    loaded = kl_rl.load(out)
     action = np.asarray(loaded.act(np.zeros((3, 17), np.float32)))
     assert action.shape == (3, 6) and np.all(np.abs(action) <= 1.0)
 

@@ -1,0 +1,305 @@
+"""The one pipeline under `kl_rl.run`, `kl_rl.sweep.run_sweep` and `kl_rl.tune.run_tune`.
+
+    plan          every item's config (`kl_rl.resolve`) and the run's sources (`kl_rl.sources`);
+                  items whose static fields agree form a group (`resolve.group_by_static`)
+    programs      a group's trainer, its layout over the local devices and its compiled
+                  programs, cached under `program_key` (`group`)
+    segments      a batch of the group's items: init (or resume), segments of updates, the
+                  final evaluation, with hooks between segments (`execute`)
+
+An item is one run of `train`: a seed, a (grid point, seed) or a (trial, seed). The drivers
+differ only in their items and hooks: a run checkpoints (`Checkpoints`), a sweep runs its groups
+in chunks, tuning prunes between rungs. Progress goes to a callback; divergence is tracked for
+every item the same way (`kl_rl.divergence`), and a batch whose items have all diverged stops.
+"""
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from kl_rl import config as config_lib
+from kl_rl import parallel
+from kl_rl.divergence import first_nonfinite
+from kl_rl.errors import ConfigError
+from kl_rl.train import Trainer, make_trainer
+
+CACHE_ENV = "KL_RL_CACHE_DIR"
+
+
+def enable_compilation_cache() -> str | None:
+    """Turns on JAX's persistent compilation cache, so rerunning a config skips XLA compilation.
+
+    The folder is $KL_RL_CACHE_DIR, else ~/.cache/kl_rl/xla; KL_RL_CACHE_DIR=off disables it.
+    A cache folder the user already gave JAX (jax_compilation_cache_dir) is left as it is.
+    Programs of every size are kept (JAX's default skips those compiled in under a second),
+    and kl_rl keeps its own serialized programs in a `kl_rl` subfolder (`parallel.Programs`).
+
+    Returns:
+      The cache folder in use, or None when disabled.
+    """
+    if jax.config.jax_compilation_cache_dir:
+        return jax.config.jax_compilation_cache_dir
+    path = os.environ.get(CACHE_ENV, str(Path.home() / ".cache" / "kl_rl" / "xla"))
+    if path.strip().lower() in ("", "0", "off", "false", "none"):
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def program_key(algo: str, env: str, env_path: str, config: Any, sources: Any = None) -> tuple:
+    """What names a trainer's programs in the program cache (`kl_rl.parallel.Programs`)."""
+    key = (algo, env, env_path, json.dumps(config_lib.to_dict(config), sort_keys=True, default=str))
+    return key if sources is None or not sources.records else (*key, sources.cache_key)
+
+
+class Group(NamedTuple):
+    """One static group's trainer, its layout over the devices, and its compiled programs.
+
+    Every batch of the group (a sweep's chunks, tuning's batches) runs through these programs;
+    a batch holds exactly `layout.items` items (pad short ones with copies of their last item).
+    `group(...)` builds one for a command.
+    """
+
+    trainer: Trainer
+    layout: parallel.Layout
+    programs: parallel.Programs
+
+    @property
+    def compile_time_s(self) -> float:
+        return self.programs.compile_time_s
+
+    def close(self) -> None:
+        """Closes the host-side envs (gymnasium's vector envs, their worker processes)."""
+        for vec in (self.trainer.vec_env, self.trainer.eval_env):
+            if hasattr(vec, "close"):
+                vec.close()
+
+
+def group(algo: str, env_id: str, env: Any, config: Any, sources: Any, items: int, devices: Any = None) -> Group:
+    """The `Group` of `config`'s static fields for batches of `items` items.
+
+    Args:
+      algo, env_id: the run's names; `env` what `kl_rl.envs.make` made of them.
+      config: one config of the group (its static fields fix the programs).
+      sources: the run's `kl_rl.sources.RunSources`.
+      items: the items of every batch.
+      devices: a device count or list, or None for every local device (`parallel.layout`).
+    """
+    trainer = make_trainer(algo, config, env, sources.reference)
+    lay = parallel.layout(items, devices, host_env=trainer.env_path == "host")
+    key = program_key(algo, env_id, trainer.env_path, config, sources)
+    return Group(trainer, lay, parallel.Programs(trainer, lay, enable_compilation_cache(), key))
+
+
+class Segment(NamedTuple):
+    """What a hook sees after each segment of a batch."""
+
+    done: int
+    """Updates done by every item."""
+    num_updates: int
+    """Updates of the whole run."""
+    state: Any
+    """The train states, padded items axis leading (device arrays)."""
+    metrics: dict[str, Any]
+    """This segment's metrics, [padded items, updates of the segment] (device arrays)."""
+    history: list[dict[str, Any]]
+    """Every segment's metrics so far, this one last (`joined` makes them one table)."""
+    layout: parallel.Layout
+    """The batch's layout (`parallel.unpad` drops its padding)."""
+
+
+class Hook:
+    """Acts between the segments of a batch. A driver's hooks run in the order it gives them."""
+
+    def after_segment(self, segment: Segment) -> bool:
+        """Called once a segment has been dispatched; True stops the batch (no evaluation follows)."""
+        return False
+
+
+class Checkpoints(Hook):
+    """The checkpoint writer: saves the state every `every` updates (0: only the last) and resumes.
+
+    Args:
+      directory: the run folder (`<directory>/checkpoints/<update>`).
+      every: updates between checkpoints.
+      record: what the checkpoints record of their run (`kl_rl.runfolder.run_record`); a
+        checkpoint of another run is refused on resume.
+    """
+
+    def __init__(self, directory: str | os.PathLike, every: int, record: dict[str, Any]):
+        from kl_rl.checkpoint import Checkpointer  # orbax: 0.3 s of imports a plain run need not pay
+
+        self.every = every
+        self.record = record
+        self.checkpointer = Checkpointer(directory)
+
+    def resume(self, group: Group, keys: jax.Array, configs: Sequence[Any]) -> tuple[Any, int, list] | None:
+        """(state, updates done, [saved metrics]) from the newest checkpoint, or None for a fresh start.
+
+        Raises:
+          ConfigError: the checkpoints are of another run.
+        """
+        ckpt = self.checkpointer
+        latest = ckpt.latest()
+        if latest is None:
+            return None
+        saved = ckpt.record(latest)
+        other_sources = ({"reference", "init_from"} & set(saved)) - set(self.record)
+        if {k: saved.get(k) for k in self.record} != self.record or other_sources:
+            raise ConfigError(
+                f"the checkpoints in {ckpt.directory} are of another run ({saved.get('algo')} on "
+                f"{saved.get('env')}, {saved.get('seeds')} seed(s)); resume with that run's settings"
+            )
+        # A resumed run needs init's shapes only, not a compiled init.
+        one = jax.eval_shape(group.trainer.init, keys[0], configs[0])
+        template = jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(configs), *x.shape), x.dtype), one)
+        state, saved_metrics = ckpt.restore(latest, template)
+        return state, latest, [saved_metrics]
+
+    def after_segment(self, segment: Segment) -> bool:
+        every = self.every or segment.num_updates
+        if segment.done % every == 0 or segment.done == segment.num_updates:
+            lay = segment.layout
+            self.checkpointer.save(segment.done, parallel.unpad(segment.state, lay), joined(segment.history, lay),
+                                   self.record)  # fmt: skip
+        return False
+
+    def close(self) -> None:
+        """Waits for every started save, then closes the checkpointer."""
+        try:
+            self.checkpointer.wait()
+        finally:
+            self.checkpointer.close()
+
+
+class Outcome(NamedTuple):
+    """A batch's results, real items only (padding dropped), items axis leading."""
+
+    state: Any
+    metrics: dict[str, np.ndarray]
+    """[items, updates] per metric; fewer updates if the batch stopped early."""
+    eval_returns: np.ndarray | None
+    """[items, eval_episodes] returns of the final policies; None if a hook stopped the batch."""
+    wall_time_s: float
+    """The batch's time without compilation."""
+    diverged: list[int | None]
+    """Per item, the first update that went non-finite (`kl_rl.divergence.first_nonfinite`), or None."""
+
+
+def execute(
+    group: Group,
+    keys: jax.Array,
+    configs: Sequence[Any],
+    progress: Callable[[int], None] | None = None,
+    setup: Callable[[], Any] | None = None,
+    checkpoints: Checkpoints | None = None,
+    hooks: Sequence[Hook] = (),
+    plan: Sequence[int] | None = None,
+) -> Outcome:
+    """Runs one batch of a group's items: init (or resume), segments of updates, evaluate.
+
+    Each item's key is split as `train` splits it, so an item's result is `train(key, config)`'s.
+
+    Args:
+      group: the group's programs; its layout holds len(keys) items.
+      keys: [items] PRNG keys.
+      configs: one config per item, all sharing the group's static fields.
+      progress: optional `progress(updates_done)`, called once the programs are compiled and
+        after each segment completes.
+      setup: optional `setup() -> kl_rl.train.Setup` for the items (their reference policy and
+        starting parameters, `RunSources.setup`); called only when the batch starts afresh.
+      checkpoints: the checkpoint writer; the batch resumes from its newest checkpoint.
+      hooks: run after each segment, after the checkpoint writer; one returning True stops the batch.
+      plan: the segments' update counts; default: cut at checkpoints and evaluation points, else
+        about 20 equal segments (`parallel.segments`).
+
+    Returns:
+      The batch's `Outcome`. Once every item has gone non-finite no further segment starts.
+    """
+    programs, lay, trainer = group.programs, group.layout, group.trainer
+    num_updates = configs[0].num_updates
+    init_keys, eval_keys = (parallel.pad(k, lay) for k in jax.vmap(jax.random.split, out_axes=1)(keys))
+    stacked = parallel.pad(parallel.stack(configs), lay)
+    report = progress or (lambda updates_done: None)
+    # Evaluation points (config.eval_every, token tasks) end segments, as checkpoints do.
+    eval_every = getattr(configs[0], "eval_every", 0)
+    every = checkpoints.every if checkpoints is not None else 0
+    step = math.gcd(every, eval_every) if every and eval_every else (every or eval_every)
+    compile_before = programs.compile_time_s
+    start = time.perf_counter()
+    hooks = ([checkpoints] if checkpoints is not None else []) + list(hooks)
+    try:
+        done, history = 0, []
+        resumed = checkpoints.resume(group, keys, configs) if checkpoints is not None else None
+        if resumed is None:
+            items_setup = setup() if setup is not None else None
+            items_setup = None if items_setup is None else parallel.pad(items_setup, lay)
+            programs.prepare(init_keys, stacked, plan or parallel.segments(num_updates, step), setup=items_setup)
+            state = programs.init(init_keys, stacked, items_setup)
+        else:
+            state, done, history = resumed
+            state = parallel.pad(state, lay)
+            programs.prepare(init_keys, stacked, plan or parallel.segments(num_updates - done, step), state)
+            if trainer.env_path == "host":
+                # The gymnasium envs' own state is not in the checkpoint: start new episodes.
+                restart_keys = jax.vmap(lambda k: jax.random.fold_in(k, done))(init_keys)
+                state = programs.restart_envs(restart_keys, state)
+        # Without checkpoints every run is cut the same way, so progress or not, the same bits.
+        lengths = plan or parallel.segments(num_updates - done, step)
+        report(done)
+        pending = None  # the last dispatched segment's metrics and the updates done after it
+        diverged = np.zeros(lay.items, bool)
+
+        def finish(segment_metrics, updates_done) -> bool:
+            """Waits for a segment, reports it; True once every item has gone non-finite."""
+            flags = np.asarray(segment_metrics["nonfinite"])[: lay.items]
+            report(updates_done)
+            diverged[:] |= flags.any(axis=1)
+            return bool(diverged.all())
+
+        stopped = False
+        for n in lengths:
+            state, metrics = programs.run(state, stacked, n)
+            done += n
+            if eval_every:
+                # The held-out score of the policy at this point, in the segment's last row.
+                scores = np.full((lay.items, n), np.nan, np.float32)
+                if done % eval_every == 0 and done < num_updates:
+                    point_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(eval_keys, done)
+                    scores[:, -1] = np.asarray(programs.evaluate(point_keys, state, stacked))[: lay.items].mean(axis=1)
+                metrics = {**metrics, "eval_return": scores}
+            history.append(metrics)
+            segment = Segment(done, num_updates, state, metrics, history, lay)
+            stops = [hook.after_segment(segment) for hook in hooks]  # every hook runs, whatever the others say
+            stopped = any(stops)
+            # The next segment is already dispatched when the previous one is waited for.
+            all_diverged = pending is not None and finish(*pending)
+            pending = (metrics, done)
+            if stopped or all_diverged:
+                break  # a hook stopped the batch, or every item diverged: what follows would be NaN too
+        if pending is not None:
+            finish(*pending)
+        eval_returns = None
+        if not stopped:
+            returns = jax.block_until_ready(programs.evaluate(eval_keys, state, stacked))
+            eval_returns = np.asarray(parallel.unpad(returns, lay))
+        wall = time.perf_counter() - start - (programs.compile_time_s - compile_before)
+        metrics = joined(history, lay)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    return Outcome(parallel.unpad(state, lay), metrics, eval_returns, wall, first_nonfinite(metrics))
+
+
+def joined(history: list[Any], lay: parallel.Layout) -> dict[str, np.ndarray]:
+    """Per-segment metrics (device or host arrays) as one host dict of [items, updates] arrays."""
+    parts = [{k: np.asarray(v)[: lay.items] for k, v in h.items()} for h in history]
+    return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}
