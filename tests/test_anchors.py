@@ -50,7 +50,7 @@ def test_a_reference_is_recorded_and_each_seed_learns_against_its_own(teacher, t
     for s, t in enumerate([0, 1, 0]):
         for ours, theirs in zip(_leaves(ref.agent), _leaves(loaded.state.agent), strict=True):
             np.testing.assert_array_equal(ours[s], theirs[t])
-    record = result.anchors["reference"]
+    record = result.sources["reference"]
     assert record["run"] == str(teacher.absolute()) and record["update"] == loaded.update
     assert record["params_sha256"] == sources.params_sha256((loaded.state.agent, loaded.state.collector.obs_norm))
     # kl_ref is logged at coefficient 0, and it is the exact mean KL(pi || pi_ref) of the batch.
@@ -175,7 +175,7 @@ def test_init_from_starts_from_the_runs_parameters_and_normalizer(teacher):
     for s, t in enumerate([0, 1, 0]):
         for ours, theirs in zip(ours_all, theirs_all, strict=True):
             np.testing.assert_allclose(ours[s], theirs[t], atol=1e-6)
-    assert result.anchors["init_from"]["params_sha256"]
+    assert result.sources["init_from"]["params_sha256"]
 
 
 @pytest.mark.parametrize(
@@ -215,7 +215,7 @@ def test_a_resumed_run_keeps_its_reference_even_when_the_folder_is_gone(teacher,
     real_run = runner.run
 
     def stopping_run(*a, **kw):
-        def progress(env_steps):
+        def progress(env_steps, total):
             if env_steps >= 4 * 512 * 2:
                 raise Stop
         return real_run(*a, **{**kw, "progress": progress})
