@@ -35,7 +35,8 @@ from kl_rl.agents import algo_spec
 from kl_rl.stats import iqm
 from kl_rl.divergence import first_nonfinite
 from kl_rl.errors import ConfigError
-from kl_rl.train import RefSpec, make_trainer
+from kl_rl.reference import RefSpec
+from kl_rl.train import make_trainer
 
 
 @dataclasses.dataclass

@@ -24,7 +24,8 @@ from kl_rl import envs
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.runfolder import LoadedRun, load, ref_spec_from_record
-from kl_rl.train import RefSpec, Reference, Setup, StartFrom
+from kl_rl.reference import RefSpec, Reference
+from kl_rl.train import Setup, StartFrom
 
 
 @dataclasses.dataclass

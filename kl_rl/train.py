@@ -17,27 +17,11 @@ import jax
 import jax.numpy as jnp
 
 from kl_rl import buffer, envs, kl, normalize, rollout
+from kl_rl import reference as reference_lib
 from kl_rl.agents import ALGOS
-from kl_rl.agents.common import ref_kl_controller
-from kl_rl.agents.lm import response_tokens
 from kl_rl.divergence import nonfinite
-
-
-class RefSpec(NamedTuple):
-    """What builds a frozen reference policy's network: the algo and config of the run it comes
-    from (static; its parameters are data, in `Reference`)."""
-
-    algo: str
-    config: Any
-
-
-@flax.struct.dataclass
-class Reference:
-    """One item's frozen reference policy: a finished run's agent state for one of its seeds,
-    and the observation normalizer it was trained with."""
-
-    agent: Any
-    obs_norm: normalize.RunningMeanStd
+from kl_rl.reference import Reference, RefSpec
+from kl_rl.staleness import Staleness
 
 
 @flax.struct.dataclass
@@ -129,8 +113,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
       env: what `kl_rl.envs.make` returns: a FuncEnv (the JAX path) or a GymEnv (the host path).
       reference: the network of a frozen reference policy (same env), whose parameters `init`
         takes in its `Setup`; the run then records the reference's distribution at every step
-        (`Transition.ref_dist`), penalizes the KL to it (config.ref_kl_*) and logs `kl_ref`, the
-        exact mean KL(pi || pi_ref) over each update's batch, and `ref_beta`.
+        (`Transition.ref_dist`), penalizes the KL to it (config.ref_kl_*) and logs `kl_ref` and
+        `ref_beta` (`kl_rl.reference`).
     """
     make_agent = ALGOS[algo].make
     vec_env = envs.vectorize(env, config.num_envs, group_size=getattr(config, "group_size", 1))
@@ -139,6 +123,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
     obs_space, action_space = vec_env.observation_space, vec_env.action_space
     num_updates = config.num_updates
+    stale = Staleness(lag=getattr(config, "policy_lag", 0), replay=getattr(config, "replay_rollouts", 1))
+    ref = None if reference is None else reference_lib.anchor(reference, obs_space, action_space)
 
     def envs_for(config):
         """The training and evaluation envs with `config.env_params` (traced) swapped in."""
@@ -153,72 +139,30 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
     rollout_steps = config.num_steps or eval_steps
     steps_per_update = config.num_envs * rollout_steps
-    replay = getattr(config, "replay_rollouts", 1)
-    lag = getattr(config, "policy_lag", 0)
-    ref_agent = None if reference is None else ALGOS[reference.algo].make(reference.config, obs_space, action_space)
-    # An episodic agent learns from each env's first episode of a rollout: its episode statistics
-    # count those only (token tasks; CEM keeps counting every episode that ends, as before).
-    first_episodes = envs.is_token_space(obs_space)
-
-    def reference_fn(ref: Reference):
-        """raw obs -> the reference's distribution, through its own observation normalizer."""
-
-        def fn(raw_obs):
-            obs = rollout.observe(ref.obs_norm, raw_obs, reference.config.normalize_obs)
-            return ref_agent.policy(ref.agent, obs)
-
-        return fn
 
     def collect(key, agent, agent_state, collector, num_steps, config, anchors=None):
         """The one collector, acting with `agent_state` as the behaviour policy.
 
         Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
         shares this trainer."""
-
-        def act(k, obs):
-            return agent.act(k, agent_state, obs)
-
-        def value(obs):
-            return agent.value(agent_state, obs)
-
         reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
         ref_fn = penalty = None
         if anchors is not None and anchors.reference is not None:
-            ref_fn = reference_fn(anchors.reference)
-            if config.ref_kl_in == "reward":
-                beta = anchors.ref_ctrl.beta
-
-                def penalty(dist, action, ref_dist):
-                    term = kl.anchor_penalty(dist, ref_dist, action, config.ref_kl_estimator, config.ref_kl_direction)
-                    return beta * term
-
-        train_env = envs_for(config)[0]
-        if ref_fn is not None and ref_agent.score_responses is not None:
-            # A token task's reference scores each whole response in one causal pass after the
-            # rollout (the same distributions a per-step call gives, at 1/H of the work).
-            collector, trajectory, episodes = rollout.collect(
-                key, act, train_env, collector, num_steps, config.normalize_obs, value, reward_gamma,
-                first_episode_only=first_episodes,
-            )  # fmt: skip
-            return collector, score_reference(anchors.reference, trajectory, penalty), episodes
-        return rollout.collect(
-            key, act, train_env, collector, num_steps, config.normalize_obs, value, reward_gamma, ref_fn, penalty,
-            first_episode_only=first_episodes,
+            ref_fn, penalty = ref.behaviour(anchors.reference, anchors.ref_ctrl, config)
+        # A token-task agent scores whole responses and learns from each env's first episode,
+        # so its episode statistics count those only (CEM counts every episode that ends).
+        whole_responses = agent.score_responses is not None
+        scored = ref_fn is not None and ref.score is not None
+        collector, trajectory, episodes = rollout.collect(
+            key, lambda k, obs: agent.act(k, agent_state, obs), envs_for(config)[0], collector, num_steps,
+            config.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
+            None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
         )  # fmt: skip
-
-    def score_reference(ref: Reference, trajectory, penalty):
-        """A token task's [T, N] trajectory with the reference's distribution at each step of
-        each env's first response (`ref_dist`), and the reward penalty (if any) subtracted there.
-        Steps after an env's first response (which episodic agents mask out) get no penalty."""
-        valid, tokens = response_tokens(trajectory, obs_space.prompt_length, obs_space.pad)
-        steps = valid.shape[0]  # the response length, or fewer (init's shape probe)
-        tokens = jnp.pad(tokens, ((0, 0), (0, obs_space.response_length - steps)), constant_values=obs_space.pad)
-        ref_dist = ref_agent.score_responses(ref.agent, tokens)
-        ref_dist = jax.tree.map(lambda x: jnp.swapaxes(x[:, :steps], 0, 1), ref_dist)
-        reward = trajectory.reward
-        if penalty is not None:
-            reward = reward - jnp.where(valid, penalty(trajectory.dist, trajectory.action, ref_dist), 0.0)
-        return trajectory._replace(ref_dist=ref_dist, reward=reward)
+        if scored:
+            # One causal pass per response after the rollout: the distributions a per-step call
+            # gives, at 1/H of the work.
+            trajectory = ref.score(anchors.reference, trajectory, penalty)
+        return collector, trajectory, episodes
 
     def init(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainState:
         agent = make_agent(config, obs_space, action_space)
@@ -236,29 +180,16 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             params = {**agent_state.params, "policy": setup.reference.agent.params["policy"]}
             agent_state = agent_state.replace(params=params)
         anchors = None
-        if reference is not None or lag:
-            ref = setup.reference
-            if reference is not None and ref is None:
-                # Shapes only (templates of checkpoints); a run is given its reference.
-                ref_agent_state = jax.eval_shape(ref_agent.init, agent_key)
-                ref = Reference(
-                    jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), ref_agent_state),
-                    normalize.init(obs_space.shape),
-                )
-            history = None
-            if lag:
-                # Until `lag` updates have passed, the initial policy is the oldest there is.
-                history = buffer.init(lag, agent_state)
-                history = buffer.add_batch(history, jax.tree.map(lambda x: jnp.stack([x] * lag), agent_state))
-            ctrl = ref_kl_controller(config).init() if reference is not None else None
-            anchors = Anchors(reference=ref if reference is not None else None, ref_ctrl=ctrl, lagged=history)
+        if ref is not None or stale.lag:
+            reference_state, ctrl = ref.init(setup.reference, agent_key, config) if ref is not None else (None, None)
+            anchors = Anchors(reference=reference_state, ref_ctrl=ctrl, lagged=stale.init_lag(agent_state))
         # The buffer's item is what the collector records for one step: shapes only, nothing runs.
         one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1, config, anchors)[1])
         example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
         return TrainState(
             agent=agent_state,
             collector=collector,
-            buffer=buffer.init(replay * rollout_steps, example),
+            buffer=buffer.init(stale.capacity(rollout_steps), example),
             key=key,
             update_count=jnp.zeros((), jnp.int32),
             last_return=jnp.full((), jnp.nan, jnp.float32),
@@ -267,55 +198,28 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         )
 
     def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        """Collect with the behaviour policy, add to the buffer, update the agent, step the anchors."""
         agent = make_agent(config, obs_space, action_space)
         key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
         collector, anchors = state.collector, state.anchors
         if agent.episodic:
             collector = collector._replace(env=envs_for(config)[0].reset(reset_key, collector.env.env_state))
-        behaviour = state.agent
-        if lag:
-            # The agent state of `lag` updates ago acts (simulated asynchronous actors).
-            behaviour = jax.tree.map(lambda x: x[anchors.lagged.insert_pos], anchors.lagged.data)
-        collector, trajectory, episodes = collect(
-            collect_key, agent, behaviour, collector, rollout_steps, config, anchors
-        )
-        if replay > 1:
-            # The first rollout fills every place of the replay until K rollouts exist.
-            tiled = jax.tree.map(lambda x: jnp.concatenate([x] * replay), trajectory)
-            buf = jax.lax.cond(
-                state.update_count == 0,
-                lambda: buffer.add_batch(state.buffer, tiled),
-                lambda: buffer.add_batch(state.buffer, trajectory),
-            )
-        else:
-            buf = buffer.add_batch(state.buffer, trajectory)
-        progress_frac = state.update_count.astype(jnp.float32) / num_updates
+        behaviour = stale.behaviour(anchors and anchors.lagged, state.agent)
+        collector, trajectory, episodes = collect(collect_key, agent, behaviour, collector, rollout_steps, config,
+                                                  anchors)  # fmt: skip
+        buf = stale.add(state.buffer, trajectory, state.update_count)
         data = buffer.ordered(buf)
-        if reference is None:
-            agent_state, metrics = agent.update(update_key, state.agent, data, progress_frac)
+        progress = state.update_count.astype(jnp.float32) / num_updates
+        if ref is None:
+            agent_state, metrics = agent.update(update_key, state.agent, data, progress)
         else:
-            ref_beta = anchors.ref_ctrl.beta
-            agent_state, metrics = agent.update(update_key, state.agent, data, progress_frac, ref_beta)
-            if "kl_ref" in metrics:
-                # The agent measured it its own way (token tasks: summed over each response).
-                kl_ref = metrics["kl_ref"]
-            else:
-                kl_ref = jnp.mean(kl.anchor_kl(agent.policy(agent_state, data.obs), data.ref_dist, "reverse"))
-            controlled = kl_ref
-            if config.ref_kl_direction == "forward":
-                if "kl_ref_forward" not in metrics:
-                    new_dist = agent.policy(agent_state, data.obs)
-                    metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
-                controlled = metrics["kl_ref_forward"]
-            ref_ctrl = ref_kl_controller(config).update(anchors.ref_ctrl, controlled, data.reward.size)
-            metrics = {**metrics, "kl_ref": kl_ref, "ref_beta": ref_beta}
-            anchors = anchors.replace(ref_ctrl=ref_ctrl)
-        if lag:
-            anchors = anchors.replace(lagged=buffer.add(anchors.lagged, state.agent))
-        ended = episodes.count > 0
-        last_return = jnp.where(ended, episodes.return_sum / jnp.maximum(episodes.count, 1), state.last_return)
-        last_length = jnp.where(ended, episodes.length_sum / jnp.maximum(episodes.count, 1), state.last_length)
+            agent_state, metrics = agent.update(update_key, state.agent, data, progress, anchors.ref_ctrl.beta)
+            ctrl, metrics = ref.after_update(anchors.ref_ctrl, config, agent, agent_state, data, metrics)
+            anchors = anchors.replace(ref_ctrl=ctrl)
+        if stale.lag:
+            anchors = anchors.replace(lagged=stale.push(anchors.lagged, state.agent))
         update_count = state.update_count + 1
+        last_return, last_length = episode_means(episodes, state.last_return, state.last_length)
         metrics = {
             "env_steps": update_count * steps_per_update,
             "episode_return": last_return,
@@ -325,16 +229,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         }
         # Whether this update left the run finite; kl_rl.divergence.first_nonfinite reads it.
         metrics["nonfinite"] = nonfinite(agent_state, metrics)
-        new_state = TrainState(
-            agent=agent_state,
-            collector=collector,
-            buffer=buf,
-            key=key,
-            update_count=update_count,
-            last_return=last_return,
-            last_length=last_length,
-            anchors=anchors,
-        )
+        new_state = TrainState(agent_state, collector, buf, key, update_count, last_return, last_length, anchors)
         return new_state, metrics
 
     def run(state: TrainState, config: Any = config, num_updates: int = num_updates):
@@ -384,6 +279,14 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         restart_envs=restart_envs,
         reference=reference,
     )
+
+
+def episode_means(episodes: rollout.EpisodeStats, last_return: jax.Array, last_length: jax.Array):
+    """The mean return and length of the episodes that ended in a rollout; the last ones if none did."""
+    ended = episodes.count > 0
+    count = jnp.maximum(episodes.count, 1)
+    return (jnp.where(ended, episodes.return_sum / count, last_return),
+            jnp.where(ended, episodes.length_sum / count, last_length))  # fmt: skip
 
 
 def vmap_seeds(fn: Callable, in_axes: Any = 0) -> Callable:
