@@ -102,6 +102,34 @@ class Trainer(NamedTuple):
     """The frozen reference policy's network, when the run has one."""
 
 
+class Loop(NamedTuple):
+    """What a run's steps close over: fixed by `make_trainer` from the algo, the static config
+    fields, the env and the reference network. The steps below are pure functions of it."""
+
+    make_agent: Callable[..., Any]
+    vec_env: Any
+    eval_env: Any
+    num_updates: int
+    rollout_steps: int
+    """Steps of each env per rollout (num_steps, or one whole time limit when it is 0)."""
+    steps_per_update: int
+    """Env steps one update collects (num_envs x rollout_steps)."""
+    eval_steps: int
+    stale: Staleness
+    ref: reference_lib.RefAnchor | None
+
+    def agent(self, config: Any) -> Any:
+        """The agent of this config (its traced fields are the config's, so a sweep shares the loop)."""
+        return self.make_agent(config, self.vec_env.observation_space, self.vec_env.action_space)
+
+    def envs(self, config: Any) -> tuple[Any, Any]:
+        """The training and evaluation envs with `config.env_params` (traced) swapped in."""
+        overrides = getattr(config, "env_params", None)
+        if not overrides:
+            return self.vec_env, self.eval_env
+        return self.vec_env.with_params(overrides), self.eval_env.with_params(overrides)
+
+
 def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = None) -> Trainer:
     """Builds the pure functions of a training run.
 
@@ -116,142 +144,35 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         (`Transition.ref_dist`), penalizes the KL to it (config.ref_kl_*) and logs `kl_ref` and
         `ref_beta` (`kl_rl.reference`).
     """
-    make_agent = ALGOS[algo].make
     vec_env = envs.vectorize(env, config.num_envs, group_size=getattr(config, "group_size", 1))
     if envs.is_token_space(vec_env.observation_space):
         vec_env.params = envs.tasks.TaskParams(format_reward=config.format_reward)
     eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
-    obs_space, action_space = vec_env.observation_space, vec_env.action_space
-    num_updates = config.num_updates
+    spaces = (vec_env.observation_space, vec_env.action_space)
+    ref = None if reference is None else reference_lib.anchor(reference, *spaces)
     stale = Staleness(lag=getattr(config, "policy_lag", 0), replay=getattr(config, "replay_rollouts", 1))
-    ref = None if reference is None else reference_lib.anchor(reference, obs_space, action_space)
-
-    def envs_for(config):
-        """The training and evaluation envs with `config.env_params` (traced) swapped in."""
-        overrides = getattr(config, "env_params", None)
-        if not overrides:
-            return vec_env, eval_env
-        return vec_env.with_params(overrides), eval_env.with_params(overrides)
-
+    loop = Loop(ALGOS[algo].make, vec_env, eval_env, config.num_updates, 0, 0, 0, stale, ref)
     # The evaluation's length: the env's time limit under this config's params (gymnax's
     # max_steps_in_episode is one; a sweep over it evaluates at the first point's limit).
-    eval_steps = envs_for(config)[1].max_episode_steps or 1000
+    eval_steps = loop.envs(config)[1].max_episode_steps or 1000
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
     rollout_steps = config.num_steps or eval_steps
-    steps_per_update = config.num_envs * rollout_steps
-
-    def collect(key, agent, agent_state, collector, num_steps, config, anchors=None):
-        """The one collector, acting with `agent_state` as the behaviour policy.
-
-        Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
-        shares this trainer."""
-        reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
-        ref_fn = penalty = None
-        if anchors is not None and anchors.reference is not None:
-            ref_fn, penalty = ref.behaviour(anchors.reference, anchors.ref_ctrl, config)
-        # A token-task agent scores whole responses and learns from each env's first episode,
-        # so its episode statistics count those only (CEM counts every episode that ends).
-        whole_responses = agent.score_responses is not None
-        scored = ref_fn is not None and ref.score is not None
-        collector, trajectory, episodes = rollout.collect(
-            key, lambda k, obs: agent.act(k, agent_state, obs), envs_for(config)[0], collector, num_steps,
-            config.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
-            None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
-        )  # fmt: skip
-        if scored:
-            # One causal pass per response after the rollout: the distributions a per-step call
-            # gives, at 1/H of the work.
-            trajectory = ref.score(anchors.reference, trajectory, penalty)
-        return collector, trajectory, episodes
+    loop = loop._replace(rollout_steps=rollout_steps, steps_per_update=config.num_envs * rollout_steps,
+                         eval_steps=eval_steps)  # fmt: skip
 
     def init(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainState:
-        agent = make_agent(config, obs_space, action_space)
-        agent_key, env_key, key = jax.random.split(key, 3)
-        agent_state = agent.init(agent_key)
-        # The config marks every axis the run is vmapped along (seeds, sweep points), which a
-        # host env needs to make one copy per element (see HostVecEnv.reset).
-        collector = rollout.init_collector(envs_for(config)[0].reset(env_key, config), obs_space.shape)
-        setup = setup or Setup()
-        if setup.start is not None:
-            agent_state = agent_state.replace(params=setup.start.params)
-            collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
-        elif getattr(config, "init_from_reference", False) and setup.reference is not None:
-            # RLHF's start: the policy is the reference (an SFT run); anything else starts fresh.
-            params = {**agent_state.params, "policy": setup.reference.agent.params["policy"]}
-            agent_state = agent_state.replace(params=params)
-        anchors = None
-        if ref is not None or stale.lag:
-            reference_state, ctrl = ref.init(setup.reference, agent_key, config) if ref is not None else (None, None)
-            anchors = Anchors(reference=reference_state, ref_ctrl=ctrl, lagged=stale.init_lag(agent_state))
-        # The buffer's item is what the collector records for one step: shapes only, nothing runs.
-        one_step = jax.eval_shape(lambda: collect(key, agent, agent_state, collector, 1, config, anchors)[1])
-        example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
-        return TrainState(
-            agent=agent_state,
-            collector=collector,
-            buffer=buffer.init(stale.capacity(rollout_steps), example),
-            key=key,
-            update_count=jnp.zeros((), jnp.int32),
-            last_return=jnp.full((), jnp.nan, jnp.float32),
-            last_length=jnp.full((), jnp.nan, jnp.float32),
-            anchors=anchors,
-        )
+        return init_state(loop, key, config, setup or Setup())
 
-    def update_step(state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
-        """Collect with the behaviour policy, add to the buffer, update the agent, step the anchors."""
-        agent = make_agent(config, obs_space, action_space)
-        key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
-        collector, anchors = state.collector, state.anchors
-        if agent.episodic:
-            collector = collector._replace(env=envs_for(config)[0].reset(reset_key, collector.env.env_state))
-        behaviour = stale.behaviour(anchors and anchors.lagged, state.agent)
-        collector, trajectory, episodes = collect(collect_key, agent, behaviour, collector, rollout_steps, config,
-                                                  anchors)  # fmt: skip
-        buf = stale.add(state.buffer, trajectory, state.update_count)
-        data = buffer.ordered(buf)
-        progress = state.update_count.astype(jnp.float32) / num_updates
-        if ref is None:
-            agent_state, metrics = agent.update(update_key, state.agent, data, progress)
-        else:
-            agent_state, metrics = agent.update(update_key, state.agent, data, progress, anchors.ref_ctrl.beta)
-            ctrl, metrics = ref.after_update(anchors.ref_ctrl, config, agent, agent_state, data, metrics)
-            anchors = anchors.replace(ref_ctrl=ctrl)
-        if stale.lag:
-            anchors = anchors.replace(lagged=stale.push(anchors.lagged, state.agent))
-        update_count = state.update_count + 1
-        last_return, last_length = episode_means(episodes, state.last_return, state.last_length)
-        metrics = {
-            "env_steps": update_count * steps_per_update,
-            "episode_return": last_return,
-            "episode_length": last_length,
-            "episodes": episodes.count,
-            **metrics,
-        }
-        # Whether this update left the run finite; kl_rl.divergence.first_nonfinite reads it.
-        metrics["nonfinite"] = nonfinite(agent_state, metrics)
-        new_state = TrainState(agent_state, collector, buf, key, update_count, last_return, last_length, anchors)
-        return new_state, metrics
-
-    def run(state: TrainState, config: Any = config, num_updates: int = num_updates):
+    def run(state: TrainState, config: Any = config, num_updates: int = loop.num_updates):
         """Runs `num_updates` updates (static) and stacks their metrics.
 
         A run split into segments of updates (progress, checkpoints) calls this once per segment.
         It holds no host callback, so JAX's persistent cache keeps its compiled program.
         """
-        return jax.lax.scan(lambda s, _: update_step(s, config), state, length=num_updates)
+        return jax.lax.scan(lambda s, _: update_step(loop, s, config), state, length=num_updates)
 
     def evaluate(key: jax.Array, state: TrainState, config: Any = config) -> jax.Array:
-        """Returns of `eval_episodes` episodes of the current policy, one per env."""
-        agent = make_agent(config, obs_space, action_space)
-
-        def policy(k, obs):
-            dist = agent.policy(state.agent, obs)
-            return dist.mode() if config.eval_deterministic else dist.sample(k)
-
-        return rollout.evaluate(
-            key, policy, envs_for(config)[1], state.collector.obs_norm, config.normalize_obs, eval_steps,
-            state.collector.env,
-        )
+        return evaluate_policy(loop, key, state, config)
 
     def train(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainOutput:
         init_key, eval_key = jax.random.split(key)
@@ -261,24 +182,122 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
 
     def restart_envs(key: jax.Array, state: TrainState) -> TrainState:
         collector = state.collector
-        collector = collector._replace(
-            env=envs_for(config)[0].reset(key, collector.env.env_state),
-            discounted_return=jnp.zeros_like(collector.discounted_return),
-        )
+        env_state = loop.envs(config)[0].reset(key, collector.env.env_state)
+        collector = collector._replace(env=env_state, discounted_return=jnp.zeros_like(collector.discounted_return))
         return state.replace(collector=collector)
 
-    return Trainer(
-        init=init,
-        run=run,
-        evaluate=evaluate,
-        train=train,
-        steps_per_update=steps_per_update,
-        env_path=envs.path_of(env),
-        vec_env=vec_env,
-        eval_env=eval_env,
-        restart_envs=restart_envs,
-        reference=reference,
+    return Trainer(init, run, evaluate, train, loop.steps_per_update, envs.path_of(env), vec_env, eval_env,
+                   restart_envs, reference)  # fmt: skip
+
+
+def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector: rollout.CollectorState,
+            num_steps: int, config: Any, anchors: Anchors | None = None):  # fmt: skip
+    """The one collector, acting with `agent_state` as the behaviour policy.
+
+    Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
+    shares the loop.
+    """
+    reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
+    ref_fn = penalty = None
+    if anchors is not None and anchors.reference is not None:
+        ref_fn, penalty = loop.ref.behaviour(anchors.reference, anchors.ref_ctrl, config)
+    # A token-task agent scores whole responses and learns from each env's first episode,
+    # so its episode statistics count those only (CEM counts every episode that ends).
+    whole_responses = agent.score_responses is not None
+    scored = ref_fn is not None and loop.ref.score is not None
+    collector, trajectory, episodes = rollout.collect(
+        key, lambda k, obs: agent.act(k, agent_state, obs), loop.envs(config)[0], collector, num_steps,
+        config.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
+        None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
+    )  # fmt: skip
+    if scored:
+        # One causal pass per response after the rollout: the distributions a per-step call
+        # gives, at 1/H of the work.
+        trajectory = loop.ref.score(anchors.reference, trajectory, penalty)
+    return collector, trajectory, episodes
+
+
+def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainState:
+    """A run's first state: the agent (fresh, or from `setup.start`), fresh envs, the anchors' state."""
+    agent = loop.agent(config)
+    agent_key, env_key, key = jax.random.split(key, 3)
+    agent_state = agent.init(agent_key)
+    # The config marks every axis the run is vmapped along (seeds, sweep points), which a
+    # host env needs to make one copy per element (see HostVecEnv.reset).
+    obs_shape = loop.vec_env.observation_space.shape
+    collector = rollout.init_collector(loop.envs(config)[0].reset(env_key, config), obs_shape)
+    if setup.start is not None:
+        agent_state = agent_state.replace(params=setup.start.params)
+        collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
+    elif getattr(config, "init_from_reference", False) and setup.reference is not None:
+        # RLHF's start: the policy is the reference (an SFT run); anything else starts fresh.
+        params = {**agent_state.params, "policy": setup.reference.agent.params["policy"]}
+        agent_state = agent_state.replace(params=params)
+    anchors = None
+    if loop.ref is not None or loop.stale.lag:
+        ref, ctrl = loop.ref.init(setup.reference, agent_key, config) if loop.ref is not None else (None, None)
+        anchors = Anchors(reference=ref, ref_ctrl=ctrl, lagged=loop.stale.init_lag(agent_state))
+    # The buffer's item is what the collector records for one step: shapes only, nothing runs.
+    one_step = jax.eval_shape(lambda: collect(loop, key, agent, agent_state, collector, 1, config, anchors)[1])
+    example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
+    return TrainState(
+        agent=agent_state,
+        collector=collector,
+        buffer=buffer.init(loop.stale.capacity(loop.rollout_steps), example),
+        key=key,
+        update_count=jnp.zeros((), jnp.int32),
+        last_return=jnp.full((), jnp.nan, jnp.float32),
+        last_length=jnp.full((), jnp.nan, jnp.float32),
+        anchors=anchors,
     )
+
+
+def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update: collect with the behaviour policy, add to the buffer, update the agent, step the anchors."""
+    agent = loop.agent(config)
+    key, collect_key, update_key, reset_key = jax.random.split(state.key, 4)
+    collector, anchors = state.collector, state.anchors
+    if agent.episodic:
+        collector = collector._replace(env=loop.envs(config)[0].reset(reset_key, collector.env.env_state))
+    behaviour = loop.stale.behaviour(anchors and anchors.lagged, state.agent)
+    collector, trajectory, episodes = collect(loop, collect_key, agent, behaviour, collector, loop.rollout_steps,
+                                              config, anchors)  # fmt: skip
+    buf = loop.stale.add(state.buffer, trajectory, state.update_count)
+    data = buffer.ordered(buf)
+    progress = state.update_count.astype(jnp.float32) / loop.num_updates
+    if loop.ref is None:
+        agent_state, metrics = agent.update(update_key, state.agent, data, progress)
+    else:
+        agent_state, metrics = agent.update(update_key, state.agent, data, progress, anchors.ref_ctrl.beta)
+        ctrl, metrics = loop.ref.after_update(anchors.ref_ctrl, config, agent, agent_state, data, metrics)
+        anchors = anchors.replace(ref_ctrl=ctrl)
+    if loop.stale.lag:
+        anchors = anchors.replace(lagged=loop.stale.push(anchors.lagged, state.agent))
+    update_count = state.update_count + 1
+    last_return, last_length = episode_means(episodes, state.last_return, state.last_length)
+    metrics = {
+        "env_steps": update_count * loop.steps_per_update,
+        "episode_return": last_return,
+        "episode_length": last_length,
+        "episodes": episodes.count,
+        **metrics,
+    }
+    # Whether this update left the run finite; kl_rl.divergence.first_nonfinite reads it.
+    metrics["nonfinite"] = nonfinite(agent_state, metrics)
+    new_state = TrainState(agent_state, collector, buf, key, update_count, last_return, last_length, anchors)
+    return new_state, metrics
+
+
+def evaluate_policy(loop: Loop, key: jax.Array, state: TrainState, config: Any) -> jax.Array:
+    """Returns of `eval_episodes` episodes of the current policy, one per env."""
+    agent = loop.agent(config)
+
+    def policy(k, obs):
+        dist = agent.policy(state.agent, obs)
+        return dist.mode() if config.eval_deterministic else dist.sample(k)
+
+    return rollout.evaluate(key, policy, loop.envs(config)[1], state.collector.obs_norm, config.normalize_obs,
+                            loop.eval_steps, state.collector.env)  # fmt: skip
 
 
 def episode_means(episodes: rollout.EpisodeStats, last_return: jax.Array, last_length: jax.Array):
