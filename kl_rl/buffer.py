@@ -32,7 +32,7 @@ class Transition(NamedTuple):
       next_obs: the true next observation of this transition, before any autoreset.
       value: V(obs) from the behaviour critic.
       log_prob: log pi_behaviour(action | obs).
-      dist: the behaviour policy's distribution as a pytree (a kl_rl.kl NamedTuple).
+      dist: the behaviour policy's distribution as a pytree (a kl_rl.distributions NamedTuple).
       ref_dist: a frozen reference policy's distribution at obs, for runs with a reference
         (`kl-rl train --reference`); None otherwise.
     """

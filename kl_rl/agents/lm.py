@@ -61,6 +61,7 @@ from kl_rl.agents.common import (
 )
 from kl_rl.agents.ppo import value_loss
 from kl_rl.config import static
+from kl_rl.distributions import Categorical, categorical
 from kl_rl.envs.tasks import is_token_space
 from kl_rl.errors import ConfigError
 
@@ -375,14 +376,14 @@ def sequence_agent(kind: str):
                 params["value"] = value_net.init(value_key, obs)
             return LMState(params=params, opt_state=optimizer.init(params), kl_ctrl=controller.init())
 
-        def policy(state: LMState, obs: jax.Array) -> kl.Categorical:
+        def policy(state: LMState, obs: jax.Array) -> Categorical:
             return policy_net.apply(state.params["policy"], obs)
 
         def act(key: jax.Array, state: LMState, obs: jax.Array):
             if kind == "sft":
                 # Teacher forcing: the oracle acts, and its distribution is a point mass.
                 action = task.oracle_action(obs)
-                dist = kl.categorical(jnp.zeros((*obs.shape[:-1], action_space.n)),
+                dist = categorical(jnp.zeros((*obs.shape[:-1], action_space.n)),
                                       jax.nn.one_hot(action, action_space.n) > 0)  # fmt: skip
                 return action, jnp.zeros(action.shape, jnp.float32), dist
             dist = policy(state, obs)
@@ -397,9 +398,9 @@ def sequence_agent(kind: str):
         def response_dist(params, tokens):
             """The policy's distribution at each response position [n, H, V], in one pass."""
             logits = policy_net.sequence(params["policy"], tokens).logits
-            return kl.Categorical(logits=logits[:, prompt_length - 1 : prompt_length - 1 + horizon])
+            return Categorical(logits=logits[:, prompt_length - 1 : prompt_length - 1 + horizon])
 
-        def score_responses(state: LMState, tokens: jax.Array) -> kl.Categorical:
+        def score_responses(state: LMState, tokens: jax.Array) -> Categorical:
             return response_dist(state.params, tokens)
 
         def response_values(params, tokens):
