@@ -208,21 +208,6 @@ def test_masked_mean_three_norms_by_hand():
     assert float(lm.masked_mean(x, mask, "constant")) == pytest.approx(7.0 / 9)
 
 
-def test_token_gae_by_hand_with_gamma_one():
-    """One response of three tokens (terminal at its last one) in a buffer of four."""
-    rewards = jnp.asarray([[0.0, 0.0, 1.0, 0.0]])
-    values = jnp.asarray([[0.5, 0.6, 0.7, 9.0]])  # the value past the end must not be read
-    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = lm.token_gae(rewards, values, mask, 1.0, 1.0)
-    # lambda 1: the advantage is the return (1 at every token) minus the value.
-    np.testing.assert_allclose(adv, [[0.5, 0.4, 0.3, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(ret[:, :3], [[1.0, 1.0, 1.0]], rtol=1e-6)
-    # lambda 0.5: deltas (0.1, 0.1, 0.3), accumulated backwards with weight 0.5.
-    adv, ret = lm.token_gae(rewards, values, mask, 1.0, 0.5)
-    np.testing.assert_allclose(adv, [[0.1 + 0.5 * (0.1 + 0.5 * 0.3), 0.1 + 0.5 * 0.3, 0.3, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(ret[:, :3], adv[:, :3] + values[:, :3], rtol=1e-6)
-
-
 def test_preference_losses_by_hand():
     chosen, rejected = jnp.asarray([0.3, -1.0, 2.0]), jnp.asarray([-0.2, 0.5, 2.0])
     h = np.asarray(chosen - rejected)

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kl_rl import buffer, kl, networks
+from kl_rl import buffer, kl, networks, returns
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
 
@@ -247,13 +247,13 @@ def advantages_and_returns(
     """GAE advantages and lambda-returns of a [T, N] trajectory, flattened to [T * N].
 
     The critic is evaluated on each transition's true next observation, so truncated steps
-    bootstrap and terminated ones do not (see `buffer.gae`).
+    bootstrap and terminated ones do not (see `returns.gae`).
 
     A trajectory of K replayed rollouts ([K * T, N], config.replay_rollouts = K) is estimated
     rollout by rollout, each bootstrapping at its end as a single rollout does. On stale data
     with config.is_correction, the values are the current critic's rather than the behaviour
     critic's stored at collection, and `log_rho` (log pi - log mu per step, [K * T, N]) makes
-    the estimate V-trace (`buffer.gae`).
+    the estimate V-trace (`returns.vtrace`).
 
     Returns:
       (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
@@ -265,26 +265,26 @@ def advantages_and_returns(
     else:
         log_rho = None
     v_tp1 = value_fn(traj.next_obs)
+
+    def estimate(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t):
+        if log_rho_t is None:
+            return returns.gae(r_t, v_t, v_tp1, terminated_t, truncated_t, config.gamma, config.gae_lambda)
+        return returns.vtrace(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t, config.gamma, config.gae_lambda,
+                              config.rho_clip, config.c_clip)  # fmt: skip
+
+    args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
     k = getattr(config, "replay_rollouts", 1)
     if k == 1:
-        advantages, returns = buffer.gae(
-            traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, config.gamma, config.gae_lambda,
-            log_rho, *((config.rho_clip, config.c_clip) if log_rho is not None else ()),
-        )  # fmt: skip
+        advantages, targets = estimate(*args)
     else:
 
         def per_rollout(x):
             return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
-        def one(r, v, v_next, term, trunc, lr):
-            return buffer.gae(r, v, v_next, term, trunc, config.gamma, config.gae_lambda, lr,
-                              *((config.rho_clip, config.c_clip) if lr is not None else ()))  # fmt: skip
-
-        args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
-        advantages, returns = jax.vmap(one)(*(None if a is None else per_rollout(a) for a in args))
-        advantages, returns = (x.reshape(traj.reward.shape) for x in (advantages, returns))
+        advantages, targets = jax.vmap(estimate)(*(None if a is None else per_rollout(a) for a in args))
+        advantages, targets = (x.reshape(traj.reward.shape) for x in (advantages, targets))
     batch = traj.reward.size
-    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
+    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, targets))
 
 
 class Estimates(NamedTuple):

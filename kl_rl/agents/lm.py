@@ -64,6 +64,7 @@ from kl_rl.config import static
 from kl_rl.distributions import Categorical, categorical
 from kl_rl.envs.tasks import is_token_space
 from kl_rl.errors import ConfigError
+from kl_rl.returns import token_gae
 
 LOSS_NORMS = ("sequence", "token", "constant")
 
@@ -330,21 +331,6 @@ def group_advantages(reward: jax.Array, group_size: int, kind: str, scale: bool)
     return adv.reshape(-1)
 
 
-def token_gae(rewards, values, mask, gamma, lam) -> tuple[jax.Array, jax.Array]:
-    """GAE over each response's tokens [N, H]: the response ends (terminally) at its last token."""
-    next_values = jnp.concatenate([values[:, 1:] * mask[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
-    deltas = rewards + gamma * next_values - values
-
-    def back(carry, x):
-        delta, m = x
-        adv = (delta + gamma * lam * carry) * m
-        return adv, adv
-
-    _, adv = jax.lax.scan(back, jnp.zeros(rewards.shape[0]), (deltas.T, mask.T), reverse=True)
-    adv = adv.T
-    return adv, adv + values
-
-
 def _reference_term(config, beta, dist, ref_dist, action, mask):
     """beta x the per-token reference term in the loss, averaged like the policy loss."""
     if ref_dist is None or beta is None or config.ref_kl_in != "loss":
@@ -474,7 +460,8 @@ def sequence_agent(kind: str):
                 r = seq_reward.reshape(-1, g)
                 adv = (jnp.argmax(r, -1), jnp.argmin(r, -1), jnp.max(r, -1) > jnp.min(r, -1))
             elif kind == "ppo-lm":
-                adv, returns = token_gae(b.reward, b.value, b.mask, config.gamma, config.gae_lambda)
+                time_major = token_gae(b.reward.T, b.value.T, b.mask.T, config.gamma, config.gae_lambda)
+                adv, returns = (x.T for x in time_major)
                 if config.normalize_advantages:
                     mean = masked_mean(adv, b.mask, "token")
                     std = jnp.sqrt(masked_mean(jnp.square(adv - mean), b.mask, "token"))
