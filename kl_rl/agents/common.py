@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from kl_rl import buffer, kl, networks, returns
+from kl_rl import buffer, kl, networks
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
+from kl_rl.returns import gae, vtrace
 
 
 @flax.struct.dataclass
@@ -247,13 +248,13 @@ def advantages_and_returns(
     """GAE advantages and lambda-returns of a [T, N] trajectory, flattened to [T * N].
 
     The critic is evaluated on each transition's true next observation, so truncated steps
-    bootstrap and terminated ones do not (see `returns.gae`).
+    bootstrap and terminated ones do not (see `kl_rl.returns.gae`).
 
     A trajectory of K replayed rollouts ([K * T, N], config.replay_rollouts = K) is estimated
     rollout by rollout, each bootstrapping at its end as a single rollout does. On stale data
     with config.is_correction, the values are the current critic's rather than the behaviour
     critic's stored at collection, and `log_rho` (log pi - log mu per step, [K * T, N]) makes
-    the estimate V-trace (`returns.vtrace`).
+    the estimate V-trace (`kl_rl.returns.vtrace`).
 
     Returns:
       (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
@@ -268,23 +269,23 @@ def advantages_and_returns(
 
     def estimate(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t):
         if log_rho_t is None:
-            return returns.gae(r_t, v_t, v_tp1, terminated_t, truncated_t, config.gamma, config.gae_lambda)
-        return returns.vtrace(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t, config.gamma, config.gae_lambda,
-                              config.rho_clip, config.c_clip)  # fmt: skip
+            return gae(r_t, v_t, v_tp1, terminated_t, truncated_t, config.gamma, config.gae_lambda)
+        return vtrace(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t, config.gamma, config.gae_lambda,
+                      config.rho_clip, config.c_clip)  # fmt: skip
 
     args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
     k = getattr(config, "replay_rollouts", 1)
     if k == 1:
-        advantages, targets = estimate(*args)
+        advantages, returns = estimate(*args)
     else:
 
         def per_rollout(x):
             return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
-        advantages, targets = jax.vmap(estimate)(*(None if a is None else per_rollout(a) for a in args))
-        advantages, targets = (x.reshape(traj.reward.shape) for x in (advantages, targets))
+        advantages, returns = jax.vmap(estimate)(*(None if a is None else per_rollout(a) for a in args))
+        advantages, returns = (x.reshape(traj.reward.shape) for x in (advantages, returns))
     batch = traj.reward.size
-    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, targets))
+    return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
 
 
 class Estimates(NamedTuple):
@@ -319,6 +320,17 @@ def estimates(policy_net: networks.Network, policy_params: Any, value_fn: Callab
         if config.is_correction:
             prox = (log_rho + traj.log_prob, prox_dist)
     return Estimates(traj, advantages, returns, prox_dist, log_rho, prox)
+
+
+def value_loss(
+    value: jax.Array, value_old: jax.Array, returns: jax.Array, clip_eps: jax.Array, clip: bool
+) -> jax.Array:
+    """0.5 E[(V - R)^2]; with `clip`, the max with the error of V clipped to value_old +/- eps (PPO2)."""
+    err = jnp.square(value - returns)
+    if clip:
+        clipped = value_old + jnp.clip(value - value_old, -clip_eps, clip_eps)
+        err = jnp.maximum(err, jnp.square(clipped - returns))
+    return 0.5 * jnp.mean(err)
 
 
 def explained_variance(returns: jax.Array, values: jax.Array) -> jax.Array:

@@ -58,8 +58,8 @@ from kl_rl.agents.common import (
     explained_variance,
     kl_controller,
     minibatch_epochs,
+    value_loss,
 )
-from kl_rl.agents.ppo import value_loss
 from kl_rl.config import static
 from kl_rl.distributions import Categorical, categorical
 from kl_rl.envs.tasks import is_token_space
