@@ -371,24 +371,3 @@ def effective_sample_size(log_weights: jax.Array) -> jax.Array:
     lw = lw - jax.lax.stop_gradient(jnp.max(lw))
     log_n = jnp.log(jnp.asarray(lw.size, lw.dtype))
     return jnp.exp(2.0 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2.0 * lw) - log_n)
-
-
-PREFERENCE_LOSSES = ("sigmoid", "ipo")
-
-
-def preference_loss(log_ratio_chosen: jax.Array, log_ratio_rejected: jax.Array, beta: ArrayLike,
-                    kind: str = "sigmoid") -> jax.Array:  # fmt: skip
-    """The per-pair loss of DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023).
-
-    The implicit reward of a response y is beta * log(pi(y) / pi_ref(y)): the KL-regularized
-    optimum's reward, up to a prompt-only term. With h = log_ratio_chosen - log_ratio_rejected
-    (each log pi(y) - log pi_ref(y), summed over the response's tokens):
-    "sigmoid" (DPO) is -log sigmoid(beta h); "ipo" is (h - 1 / (2 beta))^2, which pulls the
-    margin to a finite target instead of without bound.
-    """
-    h = log_ratio_chosen - log_ratio_rejected
-    if kind == "sigmoid":
-        return -jax.nn.log_sigmoid(beta * h)
-    if kind == "ipo":
-        return jnp.square(h - 1.0 / (2.0 * beta))
-    raise ValueError(f"unknown preference loss {kind!r}; use one of {', '.join(PREFERENCE_LOSSES)}")

@@ -65,38 +65,15 @@ class PolicyConfig:
     so a sweep or vmap can vary them. On the CLI: --env.NAME VALUE; in --grid: env.NAME=V1,V2."""
 
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
-        for name in ("eval_episodes", *positive):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for name in positive_float:
-            value = float(getattr(self, name))
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        check_positive(self, ("eval_episodes", *positive), positive_float)
         if any(w <= 0 for w in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
         networks.resolve_distribution(self.distribution, action_space)
-        self._check_reference()
-
-    def _check_reference(self) -> None:
-        for name in ("ref_kl_coef",):
-            if not float(getattr(self, name)) >= 0.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")
-        for name in ("ref_kl_target", "ref_kl_horizon"):
-            if not float(getattr(self, name)) > 0.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(self, name))}")
-        if self.ref_kl_control not in KL_CONTROLS:
-            raise ConfigError(f"unknown --ref-kl-control {self.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
-        try:
-            kl.check_anchor_options(self.ref_kl_estimator, self.ref_kl_direction, self.ref_kl_in)
-        except ValueError as err:
-            raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+        check_reference(self)
 
     def uses_reference_options(self) -> list[str]:
         """The reference flags set away from their defaults (they need --reference)."""
-        defaults = type(self)()
-        names = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
-                 "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
-        return [n for n in names if getattr(self, n) != getattr(defaults, n)]
+        return changed_reference_options(self)
 
 
 @flax.struct.dataclass
@@ -192,6 +169,43 @@ class PenalizedConfig(OnPolicyConfig):
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
 KL_CONTROLS = ("fixed", "adaptive", "proportional")
+REFERENCE_OPTIONS = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
+                     "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
+"""The fields of a penalty toward a frozen reference policy (`--reference`)."""
+
+
+def check_positive(config: Any, ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first of the `ints` fields that is not a positive integer, or of the
+    `floats` fields that is not a positive finite number."""
+    for name in ints:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}")
+    for name in floats:
+        value = float(getattr(config, name))
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_reference(config: Any) -> None:
+    """ConfigError for reference-penalty fields (REFERENCE_OPTIONS) no run could use."""
+    for name in ("ref_kl_coef",):
+        if not float(getattr(config, name)) >= 0.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(config, name))}")
+    for name in ("ref_kl_target", "ref_kl_horizon"):
+        if not float(getattr(config, name)) > 0.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(config, name))}")
+    if config.ref_kl_control not in KL_CONTROLS:
+        raise ConfigError(f"unknown --ref-kl-control {config.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
+    try:
+        kl.check_anchor_options(config.ref_kl_estimator, config.ref_kl_direction, config.ref_kl_in)
+    except ValueError as err:
+        raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+
+
+def changed_reference_options(config: Any) -> list[str]:
+    """The REFERENCE_OPTIONS set away from their defaults in `config` (they need --reference)."""
+    defaults = type(config)()
+    return [n for n in REFERENCE_OPTIONS if getattr(config, n) != getattr(defaults, n)]
 
 
 def check_divides(name: str, parts: int, batch_size: int) -> None:
@@ -203,13 +217,19 @@ def check_divides(name: str, parts: int, batch_size: int) -> None:
         )
 
 
-def kl_controller(config: PenalizedConfig) -> kl.KLController:
+def kl_controller(config: Any) -> kl.KLController:
     """The controller named by config.kl_penalty ("none" is a fixed beta that is never used)."""
     return _controller(config.kl_penalty, config.kl_coef, config.kl_penalty_target, config.kl_horizon)
 
 
-def ref_kl_controller(config: PolicyConfig) -> kl.KLController:
-    """The controller of the reference penalty's beta, named by config.ref_kl_control."""
+def ref_kl_controller(config: Any) -> kl.KLController:
+    """The controller of the reference penalty's beta, named by config.ref_kl_control.
+
+    A fixed beta reads only config.ref_kl_coef: online DPO's config, whose beta is fixed, has no
+    target or horizon.
+    """
+    if config.ref_kl_control == "fixed":
+        return kl.fixed_kl_controller(config.ref_kl_coef)
     return _controller(config.ref_kl_control, config.ref_kl_coef, config.ref_kl_target, config.ref_kl_horizon)
 
 
