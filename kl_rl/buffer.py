@@ -1,4 +1,4 @@
-"""The one replay buffer, and returns/advantages that bootstrap on truncation only.
+"""The one replay buffer: rollouts, stale rollouts, an off-policy replay (returns: `kl_rl.returns`).
 
 A functional, jittable, fixed-capacity circular buffer over any pytree. In on-policy use an item
 is one time step of a vectorized env (leaves [num_envs, ...]), so the data are time-major
@@ -17,7 +17,6 @@ from typing import Any, NamedTuple
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.typing import ArrayLike
 
 
 class Transition(NamedTuple):
@@ -32,7 +31,7 @@ class Transition(NamedTuple):
       next_obs: the true next observation of this transition, before any autoreset.
       value: V(obs) from the behaviour critic.
       log_prob: log pi_behaviour(action | obs).
-      dist: the behaviour policy's distribution as a pytree (a kl_rl.kl NamedTuple).
+      dist: the behaviour policy's distribution as a pytree (a kl_rl.distributions NamedTuple).
       ref_dist: a frozen reference policy's distribution at obs, for runs with a reference
         (`kl-rl train --reference`); None otherwise.
     """
@@ -168,100 +167,3 @@ def ordered(state: BufferState) -> Any:
     """
     return jax.tree.map(lambda x: jnp.roll(x, -state.insert_pos, axis=0), state.data)
 
-
-def gae(
-    r_t: ArrayLike,
-    v_t: ArrayLike,
-    v_tp1: ArrayLike,
-    terminated_t: ArrayLike,
-    truncated_t: ArrayLike,
-    gamma: ArrayLike,
-    lambda_: ArrayLike,
-    log_rho_t: ArrayLike | None = None,
-    rho_clip: ArrayLike = 1.0,
-    c_clip: ArrayLike = 1.0,
-) -> tuple[jax.Array, jax.Array]:
-    """Generalized advantage estimation (Schulman et al. 2016, arXiv:1506.02438), time-major.
-
-    delta_t = r_t + gamma (1 - terminated_t) v_tp1_t - v_t, where v_tp1_t is the value of
-    transition t's true next observation, so a truncated step bootstraps and a terminated one does
-    not. A_t = delta_t + gamma lambda (1 - done_t) A_{t+1} with done = terminated | truncated, so
-    no advantage leaks across an episode boundary, and A_T = 0 past the rollout (its last step
-    still bootstraps through delta).
-
-    With `log_rho_t`, the log importance weights log pi(a_t|s_t) - log mu(a_t|s_t) of a target
-    policy pi against the behaviour policy mu that collected the data, this is V-trace
-    (Espeholt et al. 2018, eq. 1, with its lambda): A_t = rho_t delta_t + gamma lambda c_t
-    (1 - done_t) A_{t+1}, rho_t = min(rho_clip, w_t), c_t = min(c_clip, w_t), and the returns
-    v_t + A_t are the V-trace targets v_s. With every weight 1 it is GAE exactly.
-
-    Args:
-      r_t: rewards [T, ...].
-      v_t: V(obs_t) [T, ...].
-      v_tp1: V(next_obs_t) [T, ...].
-      terminated_t: bool [T, ...].
-      truncated_t: bool [T, ...].
-      gamma: discount, may be traced.
-      lambda_: GAE lambda, may be traced.
-      log_rho_t: optional log importance weights [T, ...] (V-trace).
-      rho_clip: rho-bar, the truncation of the weight on each TD error (V-trace).
-      c_clip: c-bar, the truncation of the weights that carry the trace (V-trace).
-
-    Returns:
-      (advantages, returns), each [T, ...], with returns = advantages + v_t.
-    """
-    r_t, v_t, v_tp1 = jnp.asarray(r_t), jnp.asarray(v_t), jnp.asarray(v_tp1)
-    not_terminated = 1.0 - jnp.asarray(terminated_t).astype(r_t.dtype)
-    not_done = 1.0 - jnp.logical_or(terminated_t, truncated_t).astype(r_t.dtype)
-    delta_t = r_t + gamma * not_terminated * v_tp1 - v_t
-    if log_rho_t is None:
-        trace_t = not_done
-    else:
-        w_t = jnp.exp(jnp.minimum(jnp.asarray(log_rho_t), 30.0))  # finite for any weight
-        delta_t = jnp.minimum(rho_clip, w_t) * delta_t
-        trace_t = jnp.minimum(c_clip, w_t) * not_done
-
-    def step(a_tp1, xs):
-        delta, trace = xs
-        a_t = delta + gamma * lambda_ * trace * a_tp1
-        return a_t, a_t
-
-    a_end = jnp.zeros_like(delta_t[0])
-    _, advantages = jax.lax.scan(step, a_end, (delta_t, trace_t), reverse=True)
-    return advantages, advantages + v_t
-
-
-def discounted_returns(
-    r_t: ArrayLike,
-    v_tp1: ArrayLike,
-    terminated_t: ArrayLike,
-    truncated_t: ArrayLike,
-    gamma: ArrayLike,
-) -> jax.Array:
-    """Discounted returns that bootstrap on truncation and at the rollout's end, time-major.
-
-    G_t = r_t + gamma (1 - terminated_t) * (v_tp1_t if done_t or t == T - 1 else G_{t+1}), with
-    done = terminated | truncated: never bootstraps past a true terminal state.
-
-    Args:
-      r_t: rewards [T, ...].
-      v_tp1: V(next_obs_t) [T, ...], the value of each transition's true next observation.
-      terminated_t: bool [T, ...].
-      truncated_t: bool [T, ...].
-      gamma: discount, may be traced.
-
-    Returns:
-      G_t [T, ...].
-    """
-    r_t, v_tp1 = jnp.asarray(r_t), jnp.asarray(v_tp1)
-    not_terminated = 1.0 - jnp.asarray(terminated_t).astype(r_t.dtype)
-    done = jnp.logical_or(terminated_t, truncated_t)
-
-    def step(g_tp1, xs):
-        r, v_next, not_term, done = xs
-        g_t = r + gamma * not_term * jnp.where(done, v_next, g_tp1)
-        return g_t, g_t
-
-    # Seeding the carry with v_tp1[-1] makes the last step bootstrap whether or not it is done.
-    _, returns = jax.lax.scan(step, v_tp1[-1], (r_t, v_tp1, not_terminated, done), reverse=True)
-    return returns

@@ -1,19 +1,16 @@
-"""Distributions, exact KL, sample estimators of KL, KL penalties and KL controllers.
+"""Exact KL, sample estimators of KL, KL penalties, KL anchors and KL controllers.
 
 Everything is computed in log space and stays finite, in value and gradient, for masked actions
-(-inf logits), probabilities near 0 and 1, and log-stds from -20 to 5.
+(-inf logits), probabilities near 0 and 1, and log-stds from -20 to 5. The distributions
+themselves are `kl_rl.distributions`'.
 
 Direction, once and for all: `kl_divergence(p, q)` is KL(p || q) = E_{x~p}[log p(x) - log q(x)].
 In policy optimization "old" is the behaviour policy that collected the data and "new" the one
 being optimized. TRPO's constraint and PPO's adaptive penalty use KL(old || new) (`kl_old_new`);
 KL(new || old) (`kl_new_old`) is the mirror-descent direction of MDPO and the direction of the
 RLHF penalty KL(pi || pi_ref).
-
-Distributions are NamedTuples, so they are pytrees: the replay buffer stores them, and vmap and
-scan carry them like arrays.
 """
 
-import math
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
@@ -21,7 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+from kl_rl.distributions import Categorical, DiagGaussian, Distribution
+
 # The estimators that exponentiate log r clip it here: exp(log r) overflows float32 past ~88, and
 # 30 keeps r log r summable over large batches. |log r| > 30 is a ratio beyond 1e13, far outside
 # any trust region, so the clip only caps values that already signal a diverged policy.
@@ -29,84 +27,6 @@ _LOG_RATIO_CLIP = 30.0
 # Below this |log r|, exp(l) - 1 - l is summed as a Taylor series (truncation error ~1e-7
 # relative): the direct form cancels to an absolute error of ~eps * |l| on a value of ~l^2 / 2.
 _SERIES_CUTOFF = 0.2
-
-
-class Categorical(NamedTuple):
-    """A categorical distribution over the last axis of `logits`; masked actions carry -inf."""
-
-    logits: jax.Array
-
-    @property
-    def log_probs(self) -> jax.Array:
-        """Normalized log-probabilities [..., A]; -inf for masked actions."""
-        return jax.nn.log_softmax(self.logits, axis=-1)
-
-    @property
-    def probs(self) -> jax.Array:
-        return jax.nn.softmax(self.logits, axis=-1)
-
-    def log_prob(self, action: ArrayLike) -> jax.Array:
-        """log p(action) for integer actions, broadcast against the logits' batch shape [...]."""
-        log_probs = self.log_probs
-        batch = jnp.broadcast_shapes(jnp.shape(action), log_probs.shape[:-1])
-        log_probs = jnp.broadcast_to(log_probs, batch + log_probs.shape[-1:])
-        action = jnp.broadcast_to(jnp.asarray(action, jnp.int32), batch)
-        return jnp.take_along_axis(log_probs, action[..., None], axis=-1)[..., 0]
-
-    def entropy(self) -> jax.Array:
-        """-sum_a p(a) log p(a), with 0 log 0 = 0 for masked actions."""
-        log_p = self.log_probs
-        valid = log_p > -jnp.inf
-        # Double where: the inner one keeps -inf out of the product, so its gradient is 0, not nan.
-        safe = jnp.where(valid, log_p, 0.0)
-        return -jnp.sum(jnp.where(valid, jnp.exp(safe) * safe, 0.0), axis=-1)
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        """One integer action per batch element, shape [...]; masked actions are never drawn."""
-        return jax.random.categorical(key, self.logits, axis=-1)
-
-    def mode(self) -> jax.Array:
-        return jnp.argmax(self.logits, axis=-1)
-
-
-def categorical(logits: jax.Array, mask: jax.Array | None = None) -> Categorical:
-    """A Categorical whose actions where `mask` is False get logit -inf (never sampled).
-
-    Args:
-      logits: [..., A].
-      mask: optional bool [..., A] of allowed actions; each row needs at least one True.
-    """
-    if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    return Categorical(logits=logits)
-
-
-class DiagGaussian(NamedTuple):
-    """A Gaussian with diagonal covariance over the last axis; log_std broadcasts to mean."""
-
-    mean: jax.Array
-    log_std: jax.Array
-
-    def log_prob(self, action: jax.Array) -> jax.Array:
-        """log density of `action` [..., D], summed over D."""
-        z = (action - self.mean) * jnp.exp(-self.log_std)
-        return jnp.sum(-0.5 * jnp.square(z) - self.log_std - _HALF_LOG_2PI, axis=-1)
-
-    def entropy(self) -> jax.Array:
-        """Differential entropy, summed over D: sum(log_std + 0.5 log(2 pi e))."""
-        log_std = jnp.broadcast_to(self.log_std, self.mean.shape)
-        return jnp.sum(log_std + 0.5 + _HALF_LOG_2PI, axis=-1)
-
-    def sample(self, key: jax.Array) -> jax.Array:
-        """One action [..., D] by reparameterization, mean + std * eps (differentiable)."""
-        eps = jax.random.normal(key, self.mean.shape, self.mean.dtype)
-        return self.mean + jnp.exp(self.log_std) * eps
-
-    def mode(self) -> jax.Array:
-        return self.mean
-
-
-Distribution = Categorical | DiagGaussian
 
 
 def kl_divergence(p: Distribution, q: Distribution) -> jax.Array:
@@ -451,24 +371,3 @@ def effective_sample_size(log_weights: jax.Array) -> jax.Array:
     lw = lw - jax.lax.stop_gradient(jnp.max(lw))
     log_n = jnp.log(jnp.asarray(lw.size, lw.dtype))
     return jnp.exp(2.0 * jax.nn.logsumexp(lw) - jax.nn.logsumexp(2.0 * lw) - log_n)
-
-
-PREFERENCE_LOSSES = ("sigmoid", "ipo")
-
-
-def preference_loss(log_ratio_chosen: jax.Array, log_ratio_rejected: jax.Array, beta: ArrayLike,
-                    kind: str = "sigmoid") -> jax.Array:  # fmt: skip
-    """The per-pair loss of DPO (Rafailov et al. 2023) or IPO (Azar et al. 2023).
-
-    The implicit reward of a response y is beta * log(pi(y) / pi_ref(y)): the KL-regularized
-    optimum's reward, up to a prompt-only term. With h = log_ratio_chosen - log_ratio_rejected
-    (each log pi(y) - log pi_ref(y), summed over the response's tokens):
-    "sigmoid" (DPO) is -log sigmoid(beta h); "ipo" is (h - 1 / (2 beta))^2, which pulls the
-    margin to a finite target instead of without bound.
-    """
-    h = log_ratio_chosen - log_ratio_rejected
-    if kind == "sigmoid":
-        return -jax.nn.log_sigmoid(beta * h)
-    if kind == "ipo":
-        return jnp.square(h - 1.0 / (2.0 * beta))
-    raise ValueError(f"unknown preference loss {kind!r}; use one of {', '.join(PREFERENCE_LOSSES)}")

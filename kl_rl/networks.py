@@ -1,4 +1,4 @@
-"""Policy and value networks: small MLPs whose outputs are kl_rl.kl distributions.
+"""Policy and value networks: small MLPs whose outputs are kl_rl.distributions.
 
 The policy and the critic are separate networks with separate parameter trees, so TRPO and VPG
 can fit the critic apart from the policy while PPO optimizes both with one optimizer.
@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kl_rl import kl
+from kl_rl.distributions import Categorical, DiagGaussian, categorical
 from kl_rl.errors import ConfigError
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
@@ -81,12 +81,12 @@ class GaussianHead(nn.Module):
     init_log_std: Any
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> kl.DiagGaussian:
+    def __call__(self, x: jax.Array) -> DiagGaussian:
         mean = MLP(self.hidden_sizes, self.activation, self.action_dim, 0.01)(x)
         log_std = self.param(
             "log_std", lambda _, shape: jnp.full(shape, self.init_log_std, jnp.float32), (self.action_dim,)
         )
-        return kl.DiagGaussian(mean=mean, log_std=jnp.broadcast_to(log_std, mean.shape))
+        return DiagGaussian(mean=mean, log_std=jnp.broadcast_to(log_std, mean.shape))
 
 
 class CategoricalHead(nn.Module):
@@ -97,8 +97,8 @@ class CategoricalHead(nn.Module):
     num_actions: int
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> kl.Categorical:
-        return kl.Categorical(logits=MLP(self.hidden_sizes, self.activation, self.num_actions, 0.01)(x))
+    def __call__(self, x: jax.Array) -> Categorical:
+        return Categorical(logits=MLP(self.hidden_sizes, self.activation, self.num_actions, 0.01)(x))
 
 
 class Network(NamedTuple):
@@ -248,8 +248,8 @@ def make_token_networks(observation_space: gym.Space, action_space: gym.Space, l
     return (
         Network(
             init=policy.init,
-            apply=lambda p, obs: kl.categorical(policy.apply(p, obs), allowed),
-            sequence=lambda p, tokens: kl.categorical(policy.apply(p, tokens, method="all_positions"), allowed),
+            apply=lambda p, obs: categorical(policy.apply(p, obs), allowed),
+            sequence=lambda p, tokens: categorical(policy.apply(p, tokens, method="all_positions"), allowed),
         ),
         Network(
             init=value.init,

@@ -1,7 +1,7 @@
 """The reference and behaviour anchors through the one loop: what each option records and changes.
 
 The estimators, V-trace and the effective sample size are tested as functions in test_kl.py and
-test_buffer.py; here they are tested where the training loop uses them.
+test_returns.py; here they are tested where the training loop uses them.
 """
 
 import csv

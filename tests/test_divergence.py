@@ -96,7 +96,8 @@ def test_a_diverging_sweep_exits_3_with_one_line_naming_point_seed_and_update(tm
 
     out = tmp_path / "sweep"
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in DIVERGING.items()]
-    args = ["sweep", "--algo", "ppo", "--env", "Pendulum-v1", "--grid", "lr=3e-4,1e6", "--seeds", "2", "--out", str(out)]
+    args = ["sweep", "--algo", "ppo", "--env", "Pendulum-v1", "--grid", "lr=3e-4,1e6", "--seeds", "2"]
+    args += ["--out", str(out)]
     code = main([*args, "--no-progress", *flags])
     captured = capsys.readouterr()
     assert code == 3

@@ -9,24 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
+from monte_carlo import draw, mean_se
 
 from kl_rl import kl
+from kl_rl.distributions import Categorical, DiagGaussian, categorical
 
 floats = st.floats(-5.0, 5.0, width=32)
 log_std_floats = st.floats(-3.0, 2.0, width=32)
 
 kl_jit = jax.jit(kl.kl_divergence)
-
-
-def _draw(dist, key, n):
-    """n samples from `dist` (unbatched) by broadcasting it to a batch of n and sampling once."""
-    batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *jnp.shape(x))), dist)
-    return batched.sample(key)
-
-
-def _mean_se(x):
-    x = np.asarray(x, np.float64)
-    return x.mean(), x.std() / math.sqrt(len(x))
 
 
 def _gaussian_kl_np(m_p, s_p, m_q, s_q):
@@ -52,7 +43,7 @@ def test_categorical_kl_nonnegative_zero_on_itself_and_matches_numpy(arrays):
     logits_p, logits_q, mask = arrays
     mask = mask.copy()
     mask[np.argmax(logits_p)] = True  # at least one allowed action
-    p, q = kl.categorical(jnp.asarray(logits_p), mask), kl.categorical(jnp.asarray(logits_q), mask)
+    p, q = categorical(jnp.asarray(logits_p), mask), categorical(jnp.asarray(logits_q), mask)
     value = float(kl_jit(p, q))
     assert value >= -1e-6
     assert float(kl_jit(p, p)) == pytest.approx(0.0, abs=1e-6)
@@ -63,8 +54,8 @@ def test_categorical_kl_nonnegative_zero_on_itself_and_matches_numpy(arrays):
 
 @given(*[hnp.arrays(np.float32, 3, elements=e) for e in (floats, log_std_floats) * 2])
 def test_gaussian_kl_nonnegative_zero_on_itself_and_matches_full_covariance(m_p, ls_p, m_q, ls_q):
-    p = kl.DiagGaussian(jnp.asarray(m_p), jnp.asarray(ls_p))
-    q = kl.DiagGaussian(jnp.asarray(m_q), jnp.asarray(ls_q))
+    p = DiagGaussian(jnp.asarray(m_p), jnp.asarray(ls_p))
+    q = DiagGaussian(jnp.asarray(m_q), jnp.asarray(ls_q))
     value = float(kl_jit(p, q))
     assert value >= -1e-5
     assert float(kl_jit(p, p)) == pytest.approx(0.0, abs=1e-6)
@@ -78,14 +69,14 @@ def test_gaussian_kl_nonnegative_zero_on_itself_and_matches_full_covariance(m_p,
 
 def test_closed_forms_by_hand():
     # 1-D Gaussians N(0, 1) and N(1, 2^2): log 2 + (1 + 1) / (2 * 4) - 1/2.
-    p = kl.DiagGaussian(jnp.array([0.0]), jnp.array([0.0]))
-    q = kl.DiagGaussian(jnp.array([1.0]), jnp.log(jnp.array([2.0])))
+    p = DiagGaussian(jnp.array([0.0]), jnp.array([0.0]))
+    q = DiagGaussian(jnp.array([1.0]), jnp.log(jnp.array([2.0])))
     assert float(kl.kl_divergence(p, q)) == pytest.approx(math.log(2) + 2 / 8 - 0.5, rel=1e-6)
     # and back: log(1/2) + (4 + 1) / 2 - 1/2.
     assert float(kl.kl_divergence(q, p)) == pytest.approx(-math.log(2) + 2.0, rel=1e-6)
     # Two actions, p = (0.25, 0.75), q = (0.5, 0.5).
-    p = kl.Categorical(jnp.log(jnp.array([0.25, 0.75])))
-    q = kl.Categorical(jnp.log(jnp.array([0.5, 0.5])))
+    p = Categorical(jnp.log(jnp.array([0.25, 0.75])))
+    q = Categorical(jnp.log(jnp.array([0.5, 0.5])))
     forward = 0.25 * math.log(0.5) + 0.75 * math.log(1.5)
     reverse = 0.5 * math.log(2) + 0.5 * math.log(2 / 3)
     assert float(kl.kl_divergence(p, q)) == pytest.approx(forward, rel=1e-6)
@@ -94,20 +85,20 @@ def test_closed_forms_by_hand():
     assert float(kl.kl_old_new(p, q)) == pytest.approx(forward, rel=1e-6)
     assert float(kl.kl_new_old(p, q)) == pytest.approx(reverse, rel=1e-6)
     # Near-deterministic [50, -50] vs [-50, 50]: p puts 1 - 4e-44 on action 0, where log q = -100.
-    p, q = kl.Categorical(jnp.array([50.0, -50.0])), kl.Categorical(jnp.array([-50.0, 50.0]))
+    p, q = Categorical(jnp.array([50.0, -50.0])), Categorical(jnp.array([-50.0, 50.0]))
     assert float(kl.kl_divergence(p, q)) == pytest.approx(100.0, rel=1e-6)
 
 
 def test_kl_of_batched_distributions_is_per_element():
     key_p, key_q = jax.random.split(jax.random.key(0))
-    p = kl.DiagGaussian(jax.random.normal(key_p, (4, 5, 3)), jnp.full((4, 5, 3), 0.2))
-    q = kl.DiagGaussian(jax.random.normal(key_q, (4, 5, 3)), jnp.zeros((4, 5, 3)))
+    p = DiagGaussian(jax.random.normal(key_p, (4, 5, 3)), jnp.full((4, 5, 3), 0.2))
+    q = DiagGaussian(jax.random.normal(key_q, (4, 5, 3)), jnp.zeros((4, 5, 3)))
     batched = kl.kl_divergence(p, q)
     assert batched.shape == (4, 5)
     per_element = jax.vmap(jax.vmap(kl.kl_divergence))(p, q)
     np.testing.assert_allclose(batched, per_element, rtol=1e-6)
-    c = kl.Categorical(jax.random.normal(key_p, (7, 4)))
-    assert kl.kl_divergence(c, kl.Categorical(jnp.zeros(4))).shape == (7,)  # q broadcasts
+    c = Categorical(jax.random.normal(key_p, (7, 4)))
+    assert kl.kl_divergence(c, Categorical(jnp.zeros(4))).shape == (7,)  # q broadcasts
     with pytest.raises(TypeError):
         kl.kl_divergence(c, p)
 
@@ -115,106 +106,22 @@ def test_kl_of_batched_distributions_is_per_element():
 @pytest.mark.parametrize(
     "p, q",
     [
-        (kl.Categorical(jnp.array([0.3, -1.0, 2.0])), kl.Categorical(jnp.array([1.0, 0.5, -0.5]))),
+        (Categorical(jnp.array([0.3, -1.0, 2.0])), Categorical(jnp.array([1.0, 0.5, -0.5]))),
         (
-            kl.categorical(jnp.array([0.3, 4.0, 2.0, 0.0]), jnp.array([True, False, True, True])),
-            kl.categorical(jnp.array([1.0, -2.0, -0.5, 0.7]), jnp.array([True, False, True, True])),
+            categorical(jnp.array([0.3, 4.0, 2.0, 0.0]), jnp.array([True, False, True, True])),
+            categorical(jnp.array([1.0, -2.0, -0.5, 0.7]), jnp.array([True, False, True, True])),
         ),
         (
-            kl.DiagGaussian(jnp.array([0.5, -1.0]), jnp.array([0.2, -0.3])),
-            kl.DiagGaussian(jnp.array([0.0, 0.0]), jnp.array([0.0, 0.4])),
+            DiagGaussian(jnp.array([0.5, -1.0]), jnp.array([0.2, -0.3])),
+            DiagGaussian(jnp.array([0.0, 0.0]), jnp.array([0.0, 0.4])),
         ),
     ],
     ids=["categorical", "masked-categorical", "gaussian"],
 )
 def test_closed_forms_match_monte_carlo(p, q):
-    x = _draw(p, jax.random.key(0), 200_000)
-    mean, se = _mean_se(p.log_prob(x) - q.log_prob(x))
+    x = draw(p, jax.random.key(0), 200_000)
+    mean, se = mean_se(p.log_prob(x) - q.log_prob(x))
     assert abs(mean - float(kl.kl_divergence(p, q))) < 4 * se, (mean, se)
-
-
-def test_entropy_closed_forms_and_monte_carlo():
-    g = kl.DiagGaussian(jnp.array([0.0, 3.0]), jnp.array([0.5, -1.0]))
-    expected = 0.5 - 1.0 + 2 * 0.5 * math.log(2 * math.pi * math.e)
-    assert float(g.entropy()) == pytest.approx(expected, rel=1e-6)
-    probs = np.array([0.2, 0.3, 0.5])
-    c = kl.Categorical(jnp.log(jnp.asarray(probs)))
-    assert float(c.entropy()) == pytest.approx(-np.sum(probs * np.log(probs)), rel=1e-6)
-    # A mask leaves the entropy of the allowed actions; a near-deterministic one has ~0.
-    masked = kl.categorical(jnp.array([0.0, 9.0, 0.0]), jnp.array([True, False, True]))
-    assert float(masked.entropy()) == pytest.approx(math.log(2), rel=1e-6)
-    near_deterministic = kl.Categorical(jnp.array([50.0, -50.0]))
-    assert float(near_deterministic.entropy()) == pytest.approx(0.0, abs=1e-30)
-    for d in (g, c, masked):
-        x = _draw(d, jax.random.key(1), 200_000)
-        mean, se = _mean_se(-d.log_prob(x))
-        assert abs(mean - float(d.entropy())) < 4 * se + 1e-6
-
-
-# --- log_prob, sample, mode ---------------------------------------------------------------
-
-
-def test_gaussian_log_prob_matches_the_multivariate_density():
-    mean, std = np.array([1.0, -2.0, 0.0]), np.exp([0.3, -0.7, 1.5])
-    x = np.array([0.2, -1.5, 3.0])
-    cov = np.diag(std**2)
-    d = x - mean
-    expected = -0.5 * (d @ np.linalg.inv(cov) @ d + np.linalg.slogdet(2 * np.pi * cov)[1])
-    dist = kl.DiagGaussian(jnp.asarray(mean, jnp.float32), jnp.log(jnp.asarray(std, jnp.float32)))
-    assert float(dist.log_prob(jnp.asarray(x, jnp.float32))) == pytest.approx(expected, rel=1e-6)
-    # log_std broadcasts against mean: a shared [D] log-std for a [B, D] batch.
-    batch = kl.DiagGaussian(jnp.zeros((5, 3)), jnp.log(jnp.asarray(std, jnp.float32)))
-    assert batch.log_prob(jnp.zeros((5, 3))).shape == (5,) and batch.entropy().shape == (5,)
-
-
-def test_sample_and_mode_shapes_and_moments():
-    key = jax.random.key(3)
-    g = kl.DiagGaussian(jnp.zeros((4, 2)) + jnp.array([1.0, -3.0]), jnp.log(jnp.array([0.5, 2.0])))
-    assert g.sample(key).shape == (4, 2) and g.mode().shape == (4, 2)
-    c = kl.Categorical(jnp.zeros((4, 6)).at[:, 2].set(3.0))
-    assert c.sample(key).shape == (4,) and c.sample(key).dtype == jnp.int32
-    np.testing.assert_array_equal(c.mode(), [2, 2, 2, 2])
-    unbatched = kl.DiagGaussian(jnp.array([1.0, -3.0]), jnp.log(jnp.array([0.5, 2.0])))
-    x = np.asarray(_draw(unbatched, key, 100_000))
-    assert np.all(np.abs(x.mean(0) - [1.0, -3.0]) < 4 * np.array([0.5, 2.0]) / math.sqrt(len(x)))
-    np.testing.assert_allclose(x.std(0), [0.5, 2.0], rtol=0.01)
-
-
-def test_categorical_log_prob_broadcasts_and_sample_frequencies_match_probs():
-    probs = np.array([0.1, 0.6, 0.3])
-    c = kl.Categorical(jnp.log(jnp.asarray(probs)))
-    np.testing.assert_allclose(c.log_prob(jnp.array([0, 1, 2])), np.log(probs), rtol=1e-6)
-    batch = kl.Categorical(jnp.log(jnp.tile(jnp.asarray(probs), (2, 1))))
-    assert batch.log_prob(jnp.array(1)).shape == (2,)
-    np.testing.assert_allclose(c.probs, probs, rtol=1e-6)
-    n = 100_000
-    freq = np.bincount(np.asarray(_draw(c, jax.random.key(4), n)), minlength=3) / n
-    assert np.all(np.abs(freq - probs) < 4 * np.sqrt(probs * (1 - probs) / n))
-
-
-def test_masked_actions_are_never_sampled_or_chosen():
-    mask = jnp.array([[True, False, True, False], [False, False, False, True]])
-    c = kl.categorical(jnp.array([[0.5, 30.0, -1.0, 30.0], [9.0, 9.0, 9.0, -9.0]]), mask)
-    samples = np.asarray(jax.vmap(c.sample)(jax.random.split(jax.random.key(0), 20_000)))
-    assert set(np.unique(samples[:, 0])) == {0, 2}
-    assert set(np.unique(samples[:, 1])) == {3}
-    np.testing.assert_array_equal(c.mode(), [0, 3])
-    np.testing.assert_array_equal(c.log_prob(jnp.array([1, 0])), [-np.inf, -np.inf])
-    expected = [np.log(1 / (1 + np.exp(-1.5))), 0.0]
-    np.testing.assert_allclose(c.log_prob(jnp.array([0, 3])), expected, rtol=1e-6)
-
-
-def test_distributions_are_pytrees():
-    g = kl.DiagGaussian(jnp.zeros((3, 2)), jnp.zeros((3, 2)))
-    stacked = jax.tree.map(lambda *x: jnp.stack(x), g, g)
-    assert isinstance(stacked, kl.DiagGaussian) and stacked.mean.shape == (2, 3, 2)
-
-    def step(total, dist):
-        return total + kl.kl_divergence(dist, kl.Categorical(jnp.zeros(2))), None
-
-    logits = jnp.log(jnp.array([[0.5, 0.5], [0.25, 0.75]]))
-    total, _ = jax.lax.scan(step, jnp.zeros(()), kl.Categorical(logits))
-    assert float(total) == pytest.approx(0.25 * math.log(0.5) + 0.75 * math.log(1.5), rel=1e-6)
 
 
 # --- sample estimators (Schulman 2020) ----------------------------------------------------
@@ -222,7 +129,7 @@ def test_distributions_are_pytrees():
 
 def _log_probs_under_q(p, q, n=400_000):
     """log p(x), log q(x) for x ~ q."""
-    x = _draw(q, jax.random.key(2), n)
+    x = draw(q, jax.random.key(2), n)
     return p.log_prob(x), q.log_prob(x)
 
 
@@ -230,12 +137,12 @@ def _log_probs_under_q(p, q, n=400_000):
     "p, q",
     [
         (
-            kl.DiagGaussian(jnp.array([1.0]), jnp.log(jnp.array([0.8]))),
-            kl.DiagGaussian(jnp.zeros(1), jnp.zeros(1)),
+            DiagGaussian(jnp.array([1.0]), jnp.log(jnp.array([0.8]))),
+            DiagGaussian(jnp.zeros(1), jnp.zeros(1)),
         ),
         (
-            kl.Categorical(jnp.log(jnp.array([0.2, 0.3, 0.5]))),
-            kl.Categorical(jnp.log(jnp.array([0.7, 0.25, 0.05]))),
+            Categorical(jnp.log(jnp.array([0.2, 0.3, 0.5]))),
+            Categorical(jnp.log(jnp.array([0.7, 0.25, 0.05]))),
         ),
     ],
     ids=["gaussian", "categorical"],
@@ -245,9 +152,9 @@ def test_k1_k3_unbiased_for_kl_q_p_and_reverse_k3_for_kl_p_q(p, q):
     kl_qp, kl_pq = float(kl.kl_divergence(q, p)), float(kl.kl_divergence(p, q))
     assert abs(kl_qp - kl_pq) > 0.1  # asymmetric, so a wrong direction would show
     for est in (kl.kl_k1, kl.kl_k3):
-        mean, se = _mean_se(est(log_p, log_q))
+        mean, se = mean_se(est(log_p, log_q))
         assert abs(mean - kl_qp) < 4 * se, (est.__name__, mean, kl_qp, se)
-    mean, se = _mean_se(kl.kl_reverse_k3(log_p, log_q))
+    mean, se = mean_se(kl.kl_reverse_k3(log_p, log_q))
     assert abs(mean - kl_pq) < 4 * se, (mean, kl_pq, se)
     assert abs(mean - kl_qp) > 20 * se
     assert float(jnp.min(kl.kl_k3(log_p, log_q))) >= 0.0
@@ -257,13 +164,13 @@ def test_k1_k3_unbiased_for_kl_q_p_and_reverse_k3_for_kl_p_q(p, q):
 def test_k2_biased_far_from_q_close_near_q_and_k3_lower_variance():
     # q = N(0, 1), p = N(mu, 1): log r = mu x - mu^2/2 ~ N(-mu^2/2, mu^2), so
     # E[k2] = (mu^2 + mu^4/4) / 2 while KL(q || p) = mu^2 / 2.
-    q = kl.DiagGaussian(jnp.zeros(1), jnp.zeros(1))
+    q = DiagGaussian(jnp.zeros(1), jnp.zeros(1))
     for mu, bias_is_large in ((1.0, True), (0.1, False)):
-        p = kl.DiagGaussian(jnp.array([mu]), jnp.zeros(1))
+        p = DiagGaussian(jnp.array([mu]), jnp.zeros(1))
         log_p, log_q = _log_probs_under_q(p, q)
         true_kl = float(kl.kl_divergence(q, p))
         assert true_kl == pytest.approx(mu**2 / 2, rel=1e-6)
-        mean, se = _mean_se(kl.kl_k2(log_p, log_q))
+        mean, se = mean_se(kl.kl_k2(log_p, log_q))
         assert abs(mean - (mu**2 + mu**4 / 4) / 2) < 4 * se  # k2's own expectation
         if bias_is_large:  # 0.625 vs 0.5: a 25% bias, ~90 standard errors
             assert mean - true_kl > 20 * se
@@ -330,7 +237,7 @@ def test_masked_categoricals_stay_finite_in_value_and_gradient():
     old_logits, new_logits = jnp.array([0.5, 3.0, -1.0, 2.0]), jnp.array([1.0, 0.0, 0.0, 0.0])
 
     def f(new_logits, old_logits):
-        old, new = kl.categorical(old_logits, mask), kl.categorical(new_logits, mask)
+        old, new = categorical(old_logits, mask), categorical(new_logits, mask)
         kls = kl.kl_divergence(old, new) + kl.kl_divergence(new, old)
         return kls + new.entropy() + new.log_prob(jnp.array(2))
 
@@ -340,17 +247,17 @@ def test_masked_categoricals_stay_finite_in_value_and_gradient():
         np.testing.assert_array_equal(g[~np.asarray(mask)], 0.0)
     # Gradients straight through -inf logits (no categorical() where) are finite too.
     raw = jnp.where(mask, new_logits, -jnp.inf)
-    other = kl.Categorical(jnp.where(mask, jnp.array([0.2, 5.0, -0.3, 1.0]), -jnp.inf))
+    other = Categorical(jnp.where(mask, jnp.array([0.2, 5.0, -0.3, 1.0]), -jnp.inf))
 
     def through_inf(logits):
-        return kl.kl_divergence(kl.Categorical(logits), other) + kl.Categorical(logits).entropy()
+        return kl.kl_divergence(Categorical(logits), other) + Categorical(logits).entropy()
 
     g = jax.grad(through_inf)(raw)
     assert np.all(np.isfinite(g))
     # The masked KL equals the KL of the allowed actions alone.
     sub = jnp.array([0, 2])
-    expected = kl.kl_divergence(kl.Categorical(old_logits[sub]), kl.Categorical(new_logits[sub]))
-    masked = kl.kl_divergence(kl.categorical(old_logits, mask), kl.categorical(new_logits, mask))
+    expected = kl.kl_divergence(Categorical(old_logits[sub]), Categorical(new_logits[sub]))
+    masked = kl.kl_divergence(categorical(old_logits, mask), categorical(new_logits, mask))
     assert float(masked) == pytest.approx(float(expected), rel=1e-6)
 
 
@@ -361,7 +268,7 @@ def test_near_deterministic_categoricals_stay_finite(logits):
     logits = jnp.array(logits)
 
     def f(x):
-        p, q = kl.Categorical(x), kl.Categorical(logits[::-1])
+        p, q = Categorical(x), Categorical(logits[::-1])
         kls = kl.kl_divergence(p, q) + kl.kl_divergence(q, p)
         return kls + p.entropy() + p.log_prob(jnp.array(1))
 
@@ -378,8 +285,8 @@ def test_gaussians_stay_finite_for_log_stds_from_minus_20_to_5(mean, ls_p, ls_q)
     x = jnp.array([0.3, -0.1])
 
     def f(mean_p, log_std_p, log_std_q):
-        p = kl.DiagGaussian(mean_p, log_std_p)
-        q = kl.DiagGaussian(jnp.zeros(2), log_std_q)
+        p = DiagGaussian(mean_p, log_std_p)
+        q = DiagGaussian(jnp.zeros(2), log_std_q)
         return kl.kl_divergence(p, q) + kl.kl_divergence(q, p) + p.entropy() + p.log_prob(x)
 
     args = (jnp.asarray(mean), jnp.asarray(ls_p), jnp.asarray(ls_q))
@@ -459,12 +366,12 @@ def test_penalties_by_hand():
 
 
 def test_penalized_reward_subtracts_beta_kl_policy_ref_in_expectation():
-    policy = kl.Categorical(jnp.log(jnp.array([0.7, 0.2, 0.1])))
-    ref = kl.Categorical(jnp.log(jnp.array([0.1, 0.3, 0.6])))
-    a = _draw(policy, jax.random.key(5), 200_000)
+    policy = Categorical(jnp.log(jnp.array([0.7, 0.2, 0.1])))
+    ref = Categorical(jnp.log(jnp.array([0.1, 0.3, 0.6])))
+    a = draw(policy, jax.random.key(5), 200_000)
     reward = kl.kl_penalized_reward(jnp.zeros(a.shape), policy.log_prob(a), ref.log_prob(a), 2.0)
     penalty = -np.asarray(reward)
-    mean, se = _mean_se(penalty)
+    mean, se = mean_se(penalty)
     assert abs(mean - 2.0 * float(kl.kl_divergence(policy, ref))) < 4 * se
     # and not the other direction
     assert abs(mean - 2.0 * float(kl.kl_divergence(ref, policy))) > 10 * se
@@ -504,7 +411,7 @@ def _expect_over_actions(pi_logits, ref_logits, estimator, direction, loss=None)
 
 def test_anchor_estimators_expectations_are_the_kl_in_their_direction():
     pi_logits, ref_logits = _anchor_logits()
-    pi, ref = kl.Categorical(pi_logits), kl.Categorical(ref_logits)
+    pi, ref = Categorical(pi_logits), Categorical(ref_logits)
     reverse, forward = kl.kl_divergence(pi, ref), kl.kl_divergence(ref, pi)
     assert np.all(np.isfinite(reverse)) and np.all(np.isfinite(forward))
     assert np.all(np.abs(np.asarray(reverse) - np.asarray(forward)) > 0.05)  # directions differ
@@ -546,7 +453,7 @@ def test_anchor_k2_is_biased_only_to_third_order():
             log_ref = np.asarray(jax.nn.log_softmax(ref_logits))
             own = np.sum(np.exp(log_pi) * 0.5 * np.square(log_pi - log_ref), axis=-1)
             np.testing.assert_allclose(e_k2, own, rtol=1e-12)
-            true_kl = np.asarray(kl.kl_divergence(kl.Categorical(pi_logits), kl.Categorical(ref_logits)))
+            true_kl = np.asarray(kl.kl_divergence(Categorical(pi_logits), Categorical(ref_logits)))
             return np.max(np.abs(np.asarray(e_k2) - true_kl) / true_kl)
 
         big, medium, small = bias(2.0), bias(1e-1), bias(1e-2)
@@ -557,7 +464,7 @@ def test_anchor_k2_is_biased_only_to_third_order():
 
 def test_anchor_estimators_expected_gradients():
     pi_logits, ref_logits = _anchor_logits()
-    ref = kl.Categorical(ref_logits)
+    ref = Categorical(ref_logits)
 
     # k1 in the reward: the score-function surrogate stop_grad(k1) * log pi, k1 = l.
     def reinforce(log_pi, log_ref):
@@ -570,8 +477,8 @@ def test_anchor_estimators_expected_gradients():
             return jax.grad(lambda theta: jnp.sum(f(theta)))(theta)
 
         out = {
-            "reverse": grad_of(lambda t: kl.kl_divergence(kl.Categorical(t), ref)),
-            "forward": grad_of(lambda t: kl.kl_divergence(ref, kl.Categorical(t))),
+            "reverse": grad_of(lambda t: kl.kl_divergence(Categorical(t), ref)),
+            "forward": grad_of(lambda t: kl.kl_divergence(ref, Categorical(t))),
             "reward": grad_of(lambda t: _expect_over_actions(t, ref_logits, "", "", reinforce)),
         }
         for e in ("k1", "k2", "k3"):
@@ -602,7 +509,7 @@ def _gaussian_quadrature(mean, log_std, ref, estimator, direction):
     The nodes x = mean + sqrt(2) std t are held fixed (stop-gradient), like samples: the
     gradient flows through log pi(x) only. The weights w / sqrt(pi) are constants.
     """
-    pi = kl.DiagGaussian(mean, log_std)
+    pi = DiagGaussian(mean, log_std)
     x = jax.lax.stop_gradient(mean + math.sqrt(2.0) * jnp.exp(log_std) * _HERMITE_NODES[:, None])
     values = kl.anchor_kl_estimate(pi.log_prob(x), ref.log_prob(x), estimator, direction)
     return jnp.sum(_HERMITE_WEIGHTS / math.sqrt(math.pi) * values)
@@ -616,11 +523,11 @@ def test_anchor_estimators_on_gaussians_by_quadrature():
     with jax.enable_x64(True):
         mean, log_std = (jnp.asarray(a) for a in _GAUSSIAN_PI)
         assert mean.dtype == jnp.float64
-        ref = kl.DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
+        ref = DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
 
         @jax.jit
         def values(mean, log_std):
-            pi = kl.DiagGaussian(mean, log_std)
+            pi = DiagGaussian(mean, log_std)
             out = {"reverse": kl.kl_divergence(pi, ref), "forward": kl.kl_divergence(ref, pi)}
             for e, d in _ESTIMATOR_DIRECTIONS:
                 out[f"{e} {d}"] = _gaussian_quadrature(mean, log_std, ref, e, d)
@@ -639,7 +546,7 @@ def test_anchor_estimators_on_gaussians_by_quadrature():
 def test_anchor_estimators_expected_gradients_on_gaussians():
     with jax.enable_x64(True):
         theta = tuple(jnp.asarray(a) for a in _GAUSSIAN_PI)
-        ref = kl.DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
+        ref = DiagGaussian(*map(jnp.asarray, _GAUSSIAN_REF))
 
         @jax.jit
         def grads(mean, log_std):
@@ -647,8 +554,8 @@ def test_anchor_estimators_expected_gradients_on_gaussians():
                 return jnp.concatenate(jax.grad(f, argnums=(0, 1))(mean, log_std))
 
             out = {
-                "reverse": grad_of(lambda m, s: kl.kl_divergence(kl.DiagGaussian(m, s), ref)),
-                "forward": grad_of(lambda m, s: kl.kl_divergence(ref, kl.DiagGaussian(m, s))),
+                "reverse": grad_of(lambda m, s: kl.kl_divergence(DiagGaussian(m, s), ref)),
+                "forward": grad_of(lambda m, s: kl.kl_divergence(ref, DiagGaussian(m, s))),
             }
             for e in ("k1", "k2", "k3"):
                 out[e] = grad_of(lambda m, s, e=e: _gaussian_quadrature(m, s, ref, e, "reverse"))
@@ -665,11 +572,11 @@ def test_anchor_estimators_expected_gradients_on_gaussians():
 def test_anchor_penalty_exact_and_at_the_action():
     pi_logits, ref_logits = _anchor_logits()
     gaussians = (
-        kl.DiagGaussian(jnp.array([[0.3, -1.0], [0.0, 2.0]]), jnp.array([[-0.2, 0.1], [0.0, 0.5]])),
-        kl.DiagGaussian(jnp.array([[0.0, -0.5], [1.0, 1.0]]), jnp.array([[0.3, 0.0], [-0.4, 0.2]])),
+        DiagGaussian(jnp.array([[0.3, -1.0], [0.0, 2.0]]), jnp.array([[-0.2, 0.1], [0.0, 0.5]])),
+        DiagGaussian(jnp.array([[0.0, -0.5], [1.0, 1.0]]), jnp.array([[0.3, 0.0], [-0.4, 0.2]])),
         jnp.array([[0.5, -1.2], [0.3, 2.4]]),
     )
-    categoricals = (kl.Categorical(pi_logits), kl.Categorical(ref_logits), jnp.array([0, 4, 2, 3]))
+    categoricals = (Categorical(pi_logits), Categorical(ref_logits), jnp.array([0, 4, 2, 3]))
 
     @jax.jit
     def everything(pi, ref, action):
@@ -738,7 +645,7 @@ def test_check_anchor_options():
         kl.anchor_kl_estimate(x, x, "exact", "reverse")
     with pytest.raises(ValueError, match="unknown KL direction"):
         kl.anchor_kl_estimate(x, x, "k1", "backward")
-    c = kl.Categorical(jnp.zeros(3))
+    c = Categorical(jnp.zeros(3))
     with pytest.raises(ValueError, match="unknown KL direction"):
         kl.anchor_kl(c, c, "backward")
 

@@ -9,6 +9,7 @@ results the checks read. RLOO's own program is in a slow test.
 """
 
 import csv
+import dataclasses
 import math
 
 import jax
@@ -17,8 +18,11 @@ import numpy as np
 import pytest
 
 from kl_rl import buffer, envs, kl, networks, resolve, runner, sources
+from kl_rl import config as config_lib
 from kl_rl.agents import ALGOS, lm
+from kl_rl.agents.lm import losses
 from kl_rl.cli import main
+from kl_rl.distributions import Categorical, categorical
 from kl_rl.envs.tasks import EOS, PAD
 from kl_rl.errors import ConfigError
 from kl_rl.divergence import NAN_BY_DESIGN
@@ -57,24 +61,24 @@ def test_kl_placements_have_the_documented_expected_gradients():
         rng = np.random.default_rng(0)
         theta = jnp.asarray(rng.normal(size=5) * 1.5)
         ref_logits = jnp.asarray(rng.normal(size=5) * 1.5)
-        ref = kl.Categorical(ref_logits)
+        ref = Categorical(ref_logits)
         assert theta.dtype == jnp.float64
         # k3 sums a Taylor series below |log r| = 0.2 (good to ~1e-7): these logits stay above it.
-        assert np.all(np.abs(kl.Categorical(theta).log_probs - ref.log_probs) > 0.2)
+        assert np.all(np.abs(Categorical(theta).log_probs - ref.log_probs) > 0.2)
 
         def penalty(estimator):
-            return lambda t, x: kl.anchor_penalty(kl.Categorical(t), ref, x, estimator, "reverse")
+            return lambda t, x: kl.anchor_penalty(Categorical(t), ref, x, estimator, "reverse")
 
         def in_reward(t, x):  # REINFORCE on -k1: stop_grad(k1(x)) * log pi(x)
-            log_pi = kl.Categorical(t).log_prob(x)
+            log_pi = Categorical(t).log_prob(x)
             return jax.lax.stop_gradient(kl.anchor_kl_estimate(log_pi, ref.log_prob(x), "k1")) * log_pi
 
         @jax.jit
         def grads(theta):
             out = {e: _expected_grad(theta, penalty(e)) for e in ("k1", "k2", "k3")}
             out["reward"] = _expected_grad(theta, in_reward)
-            out["reverse"] = jax.grad(lambda t: kl.kl_divergence(kl.Categorical(t), ref))(theta)
-            out["forward"] = jax.grad(lambda t: kl.kl_divergence(ref, kl.Categorical(t)))(theta)
+            out["reverse"] = jax.grad(lambda t: kl.kl_divergence(Categorical(t), ref))(theta)
+            out["forward"] = jax.grad(lambda t: kl.kl_divergence(ref, Categorical(t)))(theta)
             return out
 
         g = jax.tree.map(np.asarray, grads(theta))
@@ -121,13 +125,13 @@ def test_k3_in_the_loss_gives_the_forward_kl_gradient_through_the_transformer():
         params = _random_params(policy, 0, dtype=np.float64)
         log_pi = np.asarray(jax.jit(lambda p: policy.apply(p, obs).log_probs)(params))
         allowed = np.isfinite(log_pi)
-        ref = kl.categorical(jnp.asarray(np.random.default_rng(2).normal(size=(1, V)) * 1.5), jnp.asarray(allowed))
+        ref = categorical(jnp.asarray(np.random.default_rng(2).normal(size=(1, V)) * 1.5), jnp.asarray(allowed))
         # k3 sums a Taylor series below |log r| = 0.2 (good to ~1e-7): this reference stays above it.
         assert np.all(np.abs(log_pi - ref.log_probs)[allowed] > 0.2)
 
         def expected_k3(params):
-            dist = kl.Categorical(policy.apply(params, obs).logits[:, None, :])  # [1, 1, V], every token below
-            anchor = kl.Categorical(ref.logits[:, None, :])
+            dist = Categorical(policy.apply(params, obs).logits[:, None, :])  # [1, 1, V], every token below
+            anchor = Categorical(ref.logits[:, None, :])
             # Masked tokens (probability 0 under both) are scored at token 0 and left out, so their
             # nan never meets the gradient.
             x = jnp.where(allowed, jnp.arange(V), 0)
@@ -187,54 +191,145 @@ def test_group_advantages_grpo_dr_grpo_and_rloo_by_hand():
     reward = jnp.asarray([3.0, 1.0, 2.0, 6.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4; the second ties
     std = math.sqrt((0 + 4 + 1 + 9) / 4)  # the population std of (3, 1, 2, 6), whose mean is 3
     centred = np.array([0.0, -2.0, -1.0, 3.0, 0.0, 0.0, 0.0, 0.0])
-    np.testing.assert_allclose(lm.group_advantages(reward, 4, "group", True),
+    np.testing.assert_allclose(losses.group_advantages(reward, 4),
                                np.concatenate([centred[:4] / (std + 1e-4), centred[4:]]), rtol=1e-6)  # fmt: skip
-    np.testing.assert_allclose(lm.group_advantages(reward, 4, "group", False), centred, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(losses.group_advantages(reward, 4, scale=False), centred, rtol=1e-6, atol=1e-7)
     # RLOO: r_i minus the mean of the other three.
     loo = [3 - (1 + 2 + 6) / 3, 1 - (3 + 2 + 6) / 3, 2 - (3 + 1 + 6) / 3, 6 - (3 + 1 + 2) / 3, 0, 0, 0, 0]
-    np.testing.assert_allclose(lm.group_advantages(reward, 4, "loo", True), loo, rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(lm.group_advantages(reward, 4, "loo", False), loo, rtol=1e-6, atol=1e-7)  # no scaling
+    np.testing.assert_allclose(losses.leave_one_out_advantages(reward, 4), loo, rtol=1e-6, atol=1e-7)
     # Groups of 2: RLOO's baseline is the other response, so the pair gets +-(r_0 - r_1).
-    np.testing.assert_allclose(lm.group_advantages(jnp.asarray([1.0, 0.0]), 2, "loo", True), [1.0, -1.0])
+    np.testing.assert_allclose(losses.leave_one_out_advantages(jnp.asarray([1.0, 0.0]), 2), [1.0, -1.0])
 
 
 def test_masked_mean_three_norms_by_hand():
     x = jnp.asarray([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0], [7.0, 8.0, 9.0]])
     mask = jnp.asarray([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
     # sequence: each response's mean over its tokens (an empty one counts 0), then over responses.
-    assert float(lm.masked_mean(x, mask, "sequence")) == pytest.approx((1.5 + 4.0 + 0.0) / 3)
+    assert float(losses.masked_mean(x, mask, "sequence")) == pytest.approx((1.5 + 4.0 + 0.0) / 3)
     # token: over all masked tokens of the batch.
-    assert float(lm.masked_mean(x, mask, "token")) == pytest.approx(7.0 / 3)
+    assert float(losses.masked_mean(x, mask, "token")) == pytest.approx(7.0 / 3)
     # constant: the masked sum over responses x response length.
-    assert float(lm.masked_mean(x, mask, "constant")) == pytest.approx(7.0 / 9)
-
-
-def test_token_gae_by_hand_with_gamma_one():
-    """One response of three tokens (terminal at its last one) in a buffer of four."""
-    rewards = jnp.asarray([[0.0, 0.0, 1.0, 0.0]])
-    values = jnp.asarray([[0.5, 0.6, 0.7, 9.0]])  # the value past the end must not be read
-    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])
-    adv, ret = lm.token_gae(rewards, values, mask, 1.0, 1.0)
-    # lambda 1: the advantage is the return (1 at every token) minus the value.
-    np.testing.assert_allclose(adv, [[0.5, 0.4, 0.3, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(ret[:, :3], [[1.0, 1.0, 1.0]], rtol=1e-6)
-    # lambda 0.5: deltas (0.1, 0.1, 0.3), accumulated backwards with weight 0.5.
-    adv, ret = lm.token_gae(rewards, values, mask, 1.0, 0.5)
-    np.testing.assert_allclose(adv, [[0.1 + 0.5 * (0.1 + 0.5 * 0.3), 0.1 + 0.5 * 0.3, 0.3, 0.0]], rtol=1e-6)
-    np.testing.assert_allclose(ret[:, :3], adv[:, :3] + values[:, :3], rtol=1e-6)
+    assert float(losses.masked_mean(x, mask, "constant")) == pytest.approx(7.0 / 9)
 
 
 def test_preference_losses_by_hand():
     chosen, rejected = jnp.asarray([0.3, -1.0, 2.0]), jnp.asarray([-0.2, 0.5, 2.0])
     h = np.asarray(chosen - rejected)
     for beta in (0.1, 2.0):
-        sigmoid = np.asarray(kl.preference_loss(chosen, rejected, beta, "sigmoid"))
+        sigmoid = np.asarray(losses.preference_loss(chosen, rejected, beta, "sigmoid"))
         np.testing.assert_allclose(sigmoid, -np.log(1.0 / (1.0 + np.exp(-beta * h))), rtol=1e-6)
-        ipo = np.asarray(kl.preference_loss(chosen, rejected, beta, "ipo"))
+        ipo = np.asarray(losses.preference_loss(chosen, rejected, beta, "ipo"))
         np.testing.assert_allclose(ipo, (h - 1.0 / (2.0 * beta)) ** 2, rtol=1e-6)
-    assert float(kl.preference_loss(jnp.asarray(0.0), jnp.asarray(0.0), 0.5)) == pytest.approx(math.log(2.0))
+    assert float(losses.preference_loss(jnp.asarray(0.0), jnp.asarray(0.0), 0.5)) == pytest.approx(math.log(2.0))
     with pytest.raises(ValueError, match="unknown preference loss 'hinge'"):
-        kl.preference_loss(chosen, rejected, 0.1, "hinge")
+        losses.preference_loss(chosen, rejected, 0.1, "hinge")
+
+
+def test_online_dpo_pair_loss_by_hand():
+    """Groups of 3: the best and the worst response form the pair; a group of ties forms none."""
+    reward = jnp.asarray([0.0, 1.0, 0.5, 2.0, 2.0, 2.0, 1.0, 0.0, 0.0])
+    log_ratio = jnp.asarray([0.2, -0.3, 9.0, 1.0, 2.0, 3.0, 0.4, 0.1, -5.0])
+    chosen_i, rejected_i, has_pair = losses.best_and_worst(reward, 3)
+    np.testing.assert_array_equal(chosen_i, [1, 0, 0])
+    np.testing.assert_array_equal(rejected_i, [0, 0, 1])  # the first of tied worst responses
+    np.testing.assert_array_equal(has_pair, [True, False, True])
+    loss, aux = losses.pair_loss(log_ratio, reward, 3, 0.5, "sigmoid")
+    chosen, rejected = np.array([-0.3, 0.4]), np.array([0.2, 0.1])
+    np.testing.assert_allclose(loss, np.mean(np.log1p(np.exp(-0.5 * (chosen - rejected)))), rtol=1e-6)
+    np.testing.assert_allclose(aux["reward_chosen"], 0.5 * chosen.mean(), rtol=1e-6)
+    np.testing.assert_allclose(aux["reward_rejected"], 0.5 * rejected.mean(), rtol=1e-6)
+    np.testing.assert_allclose(aux["reward_margin"], 0.5 * (chosen - rejected).mean(), rtol=1e-6)
+    assert float(aux["pair_frac"]) == pytest.approx(2 / 3)
+
+
+def test_clipped_token_loss_by_hand():
+    """Ratios 0.5, 1.1, 1.5 against advantages +1, -1, +1: the min of the plain and the clipped
+    objective, eps 0.2 below and 0.3 above (DAPO's clip-higher), over the generated tokens."""
+    log_ratio = jnp.log(jnp.asarray([[0.5, 1.1, 1.5, 7.0]]))
+    advantages = jnp.asarray([[1.0, -1.0, 1.0, 1.0]])
+    mask = jnp.asarray([[1.0, 1.0, 1.0, 0.0]])  # the fourth token was never generated
+    loss, clip_frac = losses.clipped_token_loss(log_ratio, advantages, mask, 0.2, 0.3, "token")
+    # min(0.5, 0.8) = 0.5; min(-1.1, -1.1) = -1.1; min(1.5, 1.3) = 1.3.
+    assert float(loss) == pytest.approx(-(0.5 - 1.1 + 1.3) / 3, rel=1e-6)
+    assert float(clip_frac) == pytest.approx(2 / 3)  # 0.5 < 0.8 and 1.5 > 1.3
+    # clip_eps_high 0: the upper side is clip_eps too, min(1.5, 1.2) = 1.2.
+    loss, _ = losses.clipped_token_loss(log_ratio, advantages, mask, 0.2, 0.0, "token")
+    assert float(loss) == pytest.approx(-(0.5 - 1.1 + 1.2) / 3, rel=1e-6)
+
+
+def test_cross_entropy_by_hand():
+    """SFT's loss: -log pi of the target tokens over the generated ones; the accuracies count the
+    greedy token's hits, a response being right when all its tokens are."""
+    logits = jnp.log(jnp.asarray([[[0.5, 0.25, 0.25], [0.2, 0.2, 0.6]], [[0.1, 0.8, 0.1], [1 / 3, 1 / 3, 1 / 3]]]))
+    action = jnp.asarray([[0, 2], [0, 0]])
+    mask = jnp.asarray([[1.0, 1.0], [1.0, 0.0]])  # the second response is one token long
+    log_prob = Categorical(logits).log_prob(action)
+    loss, aux = losses.cross_entropy(logits, log_prob, action, mask)
+    assert float(loss) == pytest.approx(-(math.log(0.5) + math.log(0.6) + math.log(0.1)) / 3, rel=1e-6)
+    assert aux["nll"] is loss
+    assert float(aux["token_accuracy"]) == pytest.approx(2 / 3)
+    assert float(aux["sequence_accuracy"]) == 0.5
+
+
+# -- configs ----------------------------------------------------------------------------------
+
+LM_ALGOS = ("sft", "grpo", "rloo", "ppo-lm", "dpo")
+
+
+@pytest.mark.parametrize("algo", LM_ALGOS)
+def test_a_token_task_config_has_no_control_field_and_the_loop_reads_its_fixed_values(algo):
+    """The fields of the control algorithms that a token-task agent has no use for are not flags
+    (build refuses them), and what the training loop reads of every config is fixed."""
+    cls = ALGOS[algo].config
+    names = {f.name for f in dataclasses.fields(cls)}
+    control = {"num_steps", "hidden_sizes", "activation", "distribution", "init_log_std", "normalize_obs",
+               "normalize_reward", "replay_rollouts", "policy_lag", "is_correction", "rho_clip", "c_clip",
+               "behaviour_kl_coef"}  # fmt: skip
+    assert not names & control
+    with pytest.raises(ConfigError, match="unknown hyperparameter 'num-steps'"):
+        config_lib.build(cls, {"num-steps": "5"})
+    config = cls()
+    assert (config.num_steps, config.normalize_obs, config.normalize_reward) == (0, False, False)
+    assert (config.replay_rollouts, config.policy_lag) == (1, 0)
+    assert config.batch_size == config.num_envs and config.num_updates == config.total_steps // config.num_envs
+    assert "num_steps" not in config_lib.to_dict(config)
+
+
+def test_each_token_task_config_declares_what_its_algorithm_uses():
+    fields = {algo: {f.name for f in dataclasses.fields(ALGOS[algo].config)} for algo in LM_ALGOS}
+    reference = {"ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in", "ref_kl_estimator"}
+    # SFT: no reference, no sampling, no groups, no reward.
+    assert not fields["sft"] & {"ref_kl_coef", "group_size", "ent_coef", "kl_penalty", "clip_eps", "format_reward"}
+    # DPO: no clip and no placement of the KL, which is its loss; beta is ref_kl_coef.
+    assert "ref_kl_coef" in fields["dpo"] and not fields["dpo"] & {*reference, "clip_eps", "gamma"}
+    assert reference <= fields["grpo"] and reference <= fields["rloo"] and reference <= fields["ppo-lm"]
+    # The critic's fields are PPO-LM's; Dr. GRPO's switch is GRPO's.
+    assert {"gamma", "gae_lambda", "vf_coef", "clip_value", "normalize_advantages"} <= fields["ppo-lm"]
+    assert not fields["grpo"] & {"gamma", "gae_lambda", "vf_coef"} and "scale_rewards" not in fields["rloo"]
+    dpo = ALGOS["dpo"].config()
+    assert (dpo.ref_kl_in, dpo.ref_kl_control, dpo.ref_kl_direction) == ("loss", "fixed", "reverse")
+
+
+@pytest.mark.parametrize(
+    "algo, overrides, message",
+    [
+        ("sft", {"num_minibatches": 3, "num_envs": 16}, "--num-minibatches 3 does not divide"),
+        ("grpo", {"group_size": 3, "num_envs": 16}, "--group-size 3 does not divide"),
+        ("grpo", {"group_size": 4, "num_envs": 16, "num_minibatches": 8}, "--num-minibatches 8 does not divide"),
+        ("grpo", {"loss_norm": "mean"}, "unknown --loss-norm 'mean'"),
+        ("rloo", {"clip_eps_high": -0.1}, "--clip-eps and --clip-eps-high must be >= 0"),
+        ("rloo", {"ref_kl_estimator": "k2", "ref_kl_direction": "forward"}, "reverse KL only"),
+        ("ppo-lm", {"gae_lambda": 1.5}, "--gamma and --gae-lambda must lie in"),
+        ("dpo", {"group_size": 1, "num_envs": 16}, "--group-size must be >= 2"),
+        ("dpo", {"dpo_loss": "hinge"}, "unknown --dpo-loss 'hinge'"),
+        ("dpo", {"ref_kl_coef": 0.0}, "DPO's beta and must be > 0"),
+        ("sft", {"total_steps": 8, "num_envs": 16}, "less than one batch"),
+    ],
+)
+def test_token_task_configs_refuse_values_no_run_could_use(algo, overrides, message):
+    config = ALGOS[algo].config(**overrides)
+    with pytest.raises(ConfigError, match=message):
+        config.validate(ADD.action_space)
 
 
 # -- runs -------------------------------------------------------------------------------------
@@ -363,7 +458,7 @@ def _scored_logits(params, tokens):
 
 def _scored(params, tokens):
     """The policy's response distributions [n, H, V] in one pass, as the agents score them."""
-    return kl.Categorical(_scored_logits(params, tokens))
+    return Categorical(_scored_logits(params, tokens))
 
 
 @jax.jit

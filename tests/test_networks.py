@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kl_rl import kl, networks
+from kl_rl import networks
+from kl_rl.distributions import DiagGaussian
 
 
 @pytest.mark.parametrize("shape", [(4, 64), (64, 64), (64, 2), (64, 1), (3, 5, 7)])
@@ -36,7 +37,7 @@ def test_heads_give_the_right_distributions():
     box = gym.spaces.Box(-1.0, 1.0, (2,))
     gauss = networks.make_policy(box, (16,), "tanh", init_log_std=-0.5)
     dist = gauss.apply(gauss.init(jax.random.key(0), obs), obs)
-    assert isinstance(dist, kl.DiagGaussian) and dist.mean.shape == (5, 2)
+    assert isinstance(dist, DiagGaussian) and dist.mean.shape == (5, 2)
     np.testing.assert_allclose(dist.log_std, -0.5)
     cat = networks.make_policy(gym.spaces.Discrete(4), (16,), "relu")
     assert cat.apply(cat.init(jax.random.key(0), obs), obs).logits.shape == (5, 4)

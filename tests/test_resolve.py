@@ -43,8 +43,11 @@ def test_a_ready_config_is_checked_too():
         kl_rl.run("ppo", "CartPole-v1", config=config.replace(policy_lag=5))
 
 
-@pytest.mark.parametrize("flags, needle", [(["--policy-lag", "1000"], "--policy-lag 1000 is not below the run's"),
-                                           (["--replay-rollouts", "100000"], "--replay-rollouts 100000 is not below")])  # fmt: skip
+CLI_CASES = [(["--policy-lag", "1000"], "--policy-lag 1000 is not below the run's"),
+             (["--replay-rollouts", "100000"], "--replay-rollouts 100000 is not below")]  # fmt: skip
+
+
+@pytest.mark.parametrize("flags, needle", CLI_CASES)
 def test_the_cli_refuses_staleness_as_long_as_the_run_in_one_line(tmp_path, capsys, flags, needle):
     out = tmp_path / "run"
     code = main(["train", "--algo", "ppo", "--total-steps", "2000", "--out", str(out), "--no-progress", *flags])

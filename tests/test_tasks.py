@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kl_rl import envs, kl, rollout
+from kl_rl import envs, rollout
 from kl_rl.agents import lm
+from kl_rl.distributions import Categorical
 from kl_rl.envs import VecEnv
 from kl_rl.envs.tasks import EOS, EQUALS, PAD, PLUS, HeldOutVecEnv, TaskParams, TokenSpace, pass_at_k, well_formed
 
@@ -246,7 +247,7 @@ def test_responses_pad_after_eos_and_mask_it_out():
 
     def act(key, obs):
         action = ADD.oracle_action(obs)
-        return action, jnp.zeros(action.shape), kl.Categorical(jnp.zeros((*action.shape, 14)))
+        return action, jnp.zeros(action.shape), Categorical(jnp.zeros((*action.shape, 14)))
 
     collector = rollout.init_collector(vec.reset(jax.random.key(0)), vec.observation_space.shape)
     _, traj, _ = rollout.collect(jax.random.key(1), act, vec, collector, 5, False)

@@ -38,6 +38,7 @@ from kl_rl import buffer, kl, networks
 from kl_rl.agents.base import Agent
 from kl_rl.agents.common import PolicyConfig
 from kl_rl.config import static
+from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
 
 
@@ -111,7 +112,7 @@ class CEMConfig(PolicyConfig):
 class CEMState:
     """The search distribution, the population it sampled and the kept elites."""
 
-    search: kl.DiagGaussian
+    search: DiagGaussian
     population: jax.Array
     elites: buffer.BufferState
     iteration: jax.Array
@@ -125,7 +126,7 @@ def first_episode_returns(traj) -> jax.Array:
     return jnp.sum(jnp.where(in_first_episode(traj), traj.reward, 0.0), axis=0)
 
 
-def pull_back(old: kl.DiagGaussian, new: kl.DiagGaussian, epsilon: jax.Array, iters: int = 30):
+def pull_back(old: DiagGaussian, new: DiagGaussian, epsilon: jax.Array, iters: int = 30):
     """The Gaussian a fraction alpha of the way from `old` to `new` in (mean, log_std).
 
     alpha = 1 if KL(old || new) <= epsilon; otherwise the largest alpha found by bisection with
@@ -136,7 +137,7 @@ def pull_back(old: kl.DiagGaussian, new: kl.DiagGaussian, epsilon: jax.Array, it
     """
 
     def at(alpha):
-        return kl.DiagGaussian(
+        return DiagGaussian(
             old.mean + alpha * (new.mean - old.mean), old.log_std + alpha * (new.log_std - old.log_std)
         )
 
@@ -163,11 +164,11 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
     pop, num_kept = config.population_size, config.keep_elites
     obs_ndim = len(observation_space.shape)
 
-    def sample(key: jax.Array, search: kl.DiagGaussian, n: int) -> jax.Array:
+    def sample(key: jax.Array, search: DiagGaussian, n: int) -> jax.Array:
         return search.mean + jnp.exp(search.log_std) * jax.random.normal(key, (n, num_params))
 
     def init(key: jax.Array) -> CEMState:
-        search = kl.DiagGaussian(
+        search = DiagGaussian(
             jnp.zeros(num_params), jnp.full(num_params, jnp.log(jnp.asarray(config.init_std, jnp.float32)))
         )
         example = {"params": jax.ShapeDtypeStruct((num_params,), jnp.float32), "fitness": jnp.zeros(())}
@@ -217,7 +218,7 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
         extra_var = jnp.maximum(config.noise_init - config.noise_decay * state.iteration, 0.0)
         std = jnp.sqrt(weights @ jnp.square(ranked - mean) + extra_var)
         # Clamped so a collapsed coordinate keeps a finite log-std (and finite KL).
-        proposal = kl.DiagGaussian(mean, jnp.log(jnp.maximum(std, 1e-8)))
+        proposal = DiagGaussian(mean, jnp.log(jnp.maximum(std, 1e-8)))
         search, alpha = jax.lax.cond(
             config.trust_kl > 0,
             lambda: pull_back(state.search, proposal, config.trust_kl),

@@ -19,6 +19,7 @@ import optax
 from kl_rl import buffer, kl, networks
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
+from kl_rl.returns import gae, vtrace
 
 
 @flax.struct.dataclass
@@ -64,38 +65,15 @@ class PolicyConfig:
     so a sweep or vmap can vary them. On the CLI: --env.NAME VALUE; in --grid: env.NAME=V1,V2."""
 
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
-        for name in ("eval_episodes", *positive):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(self, name)}")
-        for name in positive_float:
-            value = float(getattr(self, name))
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+        check_positive(self, ("eval_episodes", *positive), positive_float)
         if any(w <= 0 for w in self.hidden_sizes):
             raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
         networks.resolve_distribution(self.distribution, action_space)
-        self._check_reference()
-
-    def _check_reference(self) -> None:
-        for name in ("ref_kl_coef",):
-            if not float(getattr(self, name)) >= 0.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(self, name))}")
-        for name in ("ref_kl_target", "ref_kl_horizon"):
-            if not float(getattr(self, name)) > 0.0:
-                raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(self, name))}")
-        if self.ref_kl_control not in KL_CONTROLS:
-            raise ConfigError(f"unknown --ref-kl-control {self.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
-        try:
-            kl.check_anchor_options(self.ref_kl_estimator, self.ref_kl_direction, self.ref_kl_in)
-        except ValueError as err:
-            raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+        check_reference(self)
 
     def uses_reference_options(self) -> list[str]:
         """The reference flags set away from their defaults (they need --reference)."""
-        defaults = type(self)()
-        names = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
-                 "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
-        return [n for n in names if getattr(self, n) != getattr(defaults, n)]
+        return changed_reference_options(self)
 
 
 @flax.struct.dataclass
@@ -191,6 +169,43 @@ class PenalizedConfig(OnPolicyConfig):
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
 KL_CONTROLS = ("fixed", "adaptive", "proportional")
+REFERENCE_OPTIONS = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
+                     "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
+"""The fields of a penalty toward a frozen reference policy (`--reference`)."""
+
+
+def check_positive(config: Any, ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> None:
+    """ConfigError naming the first of the `ints` fields that is not a positive integer, or of the
+    `floats` fields that is not a positive finite number."""
+    for name in ints:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}")
+    for name in floats:
+        value = float(getattr(config, name))
+        if not (value > 0 and math.isfinite(value)):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+
+
+def check_reference(config: Any) -> None:
+    """ConfigError for reference-penalty fields (REFERENCE_OPTIONS) no run could use."""
+    for name in ("ref_kl_coef",):
+        if not float(getattr(config, name)) >= 0.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(config, name))}")
+    for name in ("ref_kl_target", "ref_kl_horizon"):
+        if not float(getattr(config, name)) > 0.0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(config, name))}")
+    if config.ref_kl_control not in KL_CONTROLS:
+        raise ConfigError(f"unknown --ref-kl-control {config.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
+    try:
+        kl.check_anchor_options(config.ref_kl_estimator, config.ref_kl_direction, config.ref_kl_in)
+    except ValueError as err:
+        raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+
+
+def changed_reference_options(config: Any) -> list[str]:
+    """The REFERENCE_OPTIONS set away from their defaults in `config` (they need --reference)."""
+    defaults = type(config)()
+    return [n for n in REFERENCE_OPTIONS if getattr(config, n) != getattr(defaults, n)]
 
 
 def check_divides(name: str, parts: int, batch_size: int) -> None:
@@ -202,13 +217,19 @@ def check_divides(name: str, parts: int, batch_size: int) -> None:
         )
 
 
-def kl_controller(config: PenalizedConfig) -> kl.KLController:
+def kl_controller(config: Any) -> kl.KLController:
     """The controller named by config.kl_penalty ("none" is a fixed beta that is never used)."""
     return _controller(config.kl_penalty, config.kl_coef, config.kl_penalty_target, config.kl_horizon)
 
 
-def ref_kl_controller(config: PolicyConfig) -> kl.KLController:
-    """The controller of the reference penalty's beta, named by config.ref_kl_control."""
+def ref_kl_controller(config: Any) -> kl.KLController:
+    """The controller of the reference penalty's beta, named by config.ref_kl_control.
+
+    A fixed beta reads only config.ref_kl_coef: online DPO's config, whose beta is fixed, has no
+    target or horizon.
+    """
+    if config.ref_kl_control == "fixed":
+        return kl.fixed_kl_controller(config.ref_kl_coef)
     return _controller(config.ref_kl_control, config.ref_kl_coef, config.ref_kl_target, config.ref_kl_horizon)
 
 
@@ -247,13 +268,13 @@ def advantages_and_returns(
     """GAE advantages and lambda-returns of a [T, N] trajectory, flattened to [T * N].
 
     The critic is evaluated on each transition's true next observation, so truncated steps
-    bootstrap and terminated ones do not (see `buffer.gae`).
+    bootstrap and terminated ones do not (see `kl_rl.returns.gae`).
 
     A trajectory of K replayed rollouts ([K * T, N], config.replay_rollouts = K) is estimated
     rollout by rollout, each bootstrapping at its end as a single rollout does. On stale data
     with config.is_correction, the values are the current critic's rather than the behaviour
     critic's stored at collection, and `log_rho` (log pi - log mu per step, [K * T, N]) makes
-    the estimate V-trace (`buffer.gae`).
+    the estimate V-trace (`kl_rl.returns.vtrace`).
 
     Returns:
       (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
@@ -265,23 +286,23 @@ def advantages_and_returns(
     else:
         log_rho = None
     v_tp1 = value_fn(traj.next_obs)
+
+    def estimate(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t):
+        if log_rho_t is None:
+            return gae(r_t, v_t, v_tp1, terminated_t, truncated_t, config.gamma, config.gae_lambda)
+        return vtrace(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t, config.gamma, config.gae_lambda,
+                      config.rho_clip, config.c_clip)  # fmt: skip
+
+    args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
     k = getattr(config, "replay_rollouts", 1)
     if k == 1:
-        advantages, returns = buffer.gae(
-            traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, config.gamma, config.gae_lambda,
-            log_rho, *((config.rho_clip, config.c_clip) if log_rho is not None else ()),
-        )  # fmt: skip
+        advantages, returns = estimate(*args)
     else:
 
         def per_rollout(x):
             return x.reshape(k, x.shape[0] // k, *x.shape[1:])
 
-        def one(r, v, v_next, term, trunc, lr):
-            return buffer.gae(r, v, v_next, term, trunc, config.gamma, config.gae_lambda, lr,
-                              *((config.rho_clip, config.c_clip) if lr is not None else ()))  # fmt: skip
-
-        args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
-        advantages, returns = jax.vmap(one)(*(None if a is None else per_rollout(a) for a in args))
+        advantages, returns = jax.vmap(estimate)(*(None if a is None else per_rollout(a) for a in args))
         advantages, returns = (x.reshape(traj.reward.shape) for x in (advantages, returns))
     batch = traj.reward.size
     return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
@@ -319,6 +340,17 @@ def estimates(policy_net: networks.Network, policy_params: Any, value_fn: Callab
         if config.is_correction:
             prox = (log_rho + traj.log_prob, prox_dist)
     return Estimates(traj, advantages, returns, prox_dist, log_rho, prox)
+
+
+def value_loss(
+    value: jax.Array, value_old: jax.Array, returns: jax.Array, clip_eps: jax.Array, clip: bool
+) -> jax.Array:
+    """0.5 E[(V - R)^2]; with `clip`, the max with the error of V clipped to value_old +/- eps (PPO2)."""
+    err = jnp.square(value - returns)
+    if clip:
+        clipped = value_old + jnp.clip(value - value_old, -clip_eps, clip_eps)
+        err = jnp.maximum(err, jnp.square(clipped - returns))
+    return 0.5 * jnp.mean(err)
 
 
 def explained_variance(returns: jax.Array, values: jax.Array) -> jax.Array:

@@ -43,6 +43,7 @@ from kl_rl.agents.common import (
     kl_controller,
     minibatch_epochs,
     normalize_advantages,
+    value_loss,
 )
 from kl_rl.config import static
 
@@ -103,17 +104,6 @@ def clipped_surrogate_loss(
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
     objective = jnp.minimum(ratio * advantages, clipped * advantages)
     return -jnp.mean(objective if weight is None else weight * objective)
-
-
-def value_loss(
-    value: jax.Array, value_old: jax.Array, returns: jax.Array, clip_eps: jax.Array, clip: bool
-) -> jax.Array:
-    """0.5 E[(V - R)^2]; with `clip`, the max with the error of V clipped to value_old +/- eps (PPO2)."""
-    err = jnp.square(value - returns)
-    if clip:
-        clipped = value_old + jnp.clip(value - value_old, -clip_eps, clip_eps)
-        err = jnp.maximum(err, jnp.square(clipped - returns))
-    return 0.5 * jnp.mean(err)
 
 
 def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:

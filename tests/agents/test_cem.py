@@ -6,6 +6,7 @@ import numpy as np
 
 from kl_rl import buffer, kl
 from kl_rl.agents.cem import first_episode_returns, pull_back
+from kl_rl.distributions import DiagGaussian
 
 from .common import train
 
@@ -21,13 +22,13 @@ def test_first_episode_returns_stop_at_the_first_end():
 
 
 def test_pull_back_meets_the_kl_bound_and_leaves_close_steps_alone():
-    old = kl.DiagGaussian(jnp.zeros(5), jnp.zeros(5))
-    far = kl.DiagGaussian(jnp.full(5, 2.0), jnp.full(5, -1.0))
+    old = DiagGaussian(jnp.zeros(5), jnp.zeros(5))
+    far = DiagGaussian(jnp.full(5, 2.0), jnp.full(5, -1.0))
     pulled, alpha = pull_back(old, far, 0.1)
     value = kl.kl_divergence(old, pulled)
     assert 0 < alpha < 1
     assert value <= 0.1 and value > 0.099  # the largest step within the bound, not any step
-    near = kl.DiagGaussian(jnp.full(5, 0.01), jnp.zeros(5))
+    near = DiagGaussian(jnp.full(5, 0.01), jnp.zeros(5))
     same, alpha = pull_back(old, near, 0.1)
     assert alpha == 1
     np.testing.assert_array_equal(same.mean, near.mean)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from kl_rl import envs
-from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss, normalize_advantages, value_loss
+from kl_rl.agents.common import normalize_advantages, value_loss
+from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss
 from kl_rl.train import make_train
 
 SMALL = dict(total_steps=4096, num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2)
