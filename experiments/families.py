@@ -62,10 +62,11 @@ def median_ci(x: np.ndarray, reps: int = 10_000, seed: int = 0) -> tuple[float, 
 def learn(name: str) -> dict:
     import kl_rl
     from kl_rl import runfolder, stats
+    from kl_rl.cli.progress import Bar
 
     algo, env, seeds, overrides, compare = CHECKS[name]
     start = time.perf_counter()
-    result = kl_rl.run(algo, env, seeds=seeds, progress=True, **overrides)
+    result = kl_rl.run(algo, env, seeds=seeds, progress=Bar(f"{algo} {env}"), **overrides)
     finals = np.asarray(result.final_returns, np.float64)
     curve = np.nanmedian(np.asarray(result.metrics["episode_return"], np.float64), axis=0)
     iqm_low, iqm_high = stats.bootstrap_iqm_ci(finals)

@@ -23,6 +23,7 @@ import jax
 import numpy as np
 
 import kl_rl
+from kl_rl.cli.progress import Bar
 from kl_rl import buffer
 from kl_rl.agents import ALGOS
 
@@ -43,9 +44,11 @@ def main() -> int:
     if not (args.algo and args.env):
         parser.error("give ALGO ENV, or --callback-overhead")
     overrides = dict(item.split("=", 1) for item in args.set)
+    bar = Bar(f"{args.algo} {args.env}")
     result = kl_rl.run(
-        args.algo, args.env, seeds=args.seeds, vectorization=args.vectorization, progress=True, **overrides
+        args.algo, args.env, seeds=args.seeds, vectorization=args.vectorization, progress=bar, **overrides
     )
+    bar.close()
     updates = int(result.metrics["env_steps"].shape[1])
     update_s = time_update(result)
     wall = result.wall_time_s

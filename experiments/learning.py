@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 import kl_rl
+from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
 
@@ -77,7 +78,7 @@ def table(folder: Path) -> str:
 
 def bench(algo: str, env: str, seeds: int, overrides: dict, out: Path) -> None:
     """Runs one (algo, env) preset on `seeds` seeds and writes out/<algo>-<env>.json."""
-    result = kl_rl.run(algo, env, seeds=seeds, progress=True, **overrides)
+    result = kl_rl.run(algo, env, seeds=seeds, progress=Bar(f"{algo} {env}"), **overrides)
     result.save(Path("runs/bench") / f"{algo}-{env}")
     final = result.final_returns
     record = {

@@ -29,11 +29,11 @@ from kl_rl import resolve
 
 
 def _once(args, mode: str) -> tuple[float, float]:
-    kwargs = dict(seeds=args.seeds, progress=False)  # every device the process has
+    kwargs = dict(seeds=args.seeds, progress=None)  # every device the process has
     if args.total_steps:
         kwargs["total_steps"] = args.total_steps
     if mode == "progress":
-        kwargs["progress"] = lambda steps: None
+        kwargs["progress"] = lambda done, total: None
     with tempfile.TemporaryDirectory() as tmp:
         if mode in ("segments", "checkpoints"):
             kwargs.update(checkpoint_dir=tmp, checkpoint_every=args.checkpoint_every)

@@ -207,8 +207,8 @@ class RunResult:
                         continue
                     for u, value in enumerate(self.metrics[name][s]):
                         if np.isfinite(value):
-                            writer.addplain(f"train/{name}", float(value), int(env_steps[s, u]))
-                writer.addplain("eval/return", float(self.final_returns[s]), int(env_steps[s, -1]))
+                            writer.add_scalar(f"train/{name}", float(value), int(env_steps[s, u]))
+                writer.add_scalar("eval/return", float(self.final_returns[s]), int(env_steps[s, -1]))
             finally:
                 writer.close()
         return folder

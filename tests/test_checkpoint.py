@@ -39,7 +39,7 @@ from kl_rl import cli, runner
 
 real_run = runner.run
 def run(*args, **kwargs):
-    def progress(env_steps):
+    def progress(env_steps, total):
         if env_steps >= {kill_at}:
             os.kill(os.getpid(), signal.SIGKILL)
     kwargs["progress"] = progress
