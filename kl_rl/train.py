@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from kl_rl import buffer, envs, kl, normalize, rollout
 from kl_rl import reference as reference_lib
 from kl_rl.agents import ALGOS
+from kl_rl.agents.base import UpdateContext
 from kl_rl.divergence import nonfinite
 from kl_rl.reference import Reference, RefSpec
 from kl_rl.staleness import Staleness
@@ -265,10 +266,9 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
     buf = loop.stale.add(state.buffer, trajectory, state.update_count)
     data = buffer.ordered(buf)
     progress = state.update_count.astype(jnp.float32) / loop.num_updates
-    if loop.ref is None:
-        agent_state, metrics = agent.update(update_key, state.agent, data, progress)
-    else:
-        agent_state, metrics = agent.update(update_key, state.agent, data, progress, anchors.ref_ctrl.beta)
+    ref_beta = None if loop.ref is None else anchors.ref_ctrl.beta
+    agent_state, metrics = agent.update(update_key, state.agent, data, UpdateContext(progress, ref_beta))
+    if loop.ref is not None:
         ctrl, metrics = loop.ref.after_update(anchors.ref_ctrl, config, agent, agent_state, data, metrics)
         anchors = anchors.replace(ref_ctrl=ctrl)
     if loop.stale.lag:

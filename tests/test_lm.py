@@ -27,6 +27,7 @@ from kl_rl.envs.tasks import EOS, PAD
 from kl_rl.errors import ConfigError
 from kl_rl.divergence import NAN_BY_DESIGN
 from kl_rl.train import make_trainer
+from kl_rl.agents.base import UpdateContext
 
 # Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_lm")
@@ -429,7 +430,8 @@ def _one_update_each(folder, algos, dpo=False):
             states, batches = jax.tree.map(lambda *x: jnp.stack(x), (moved, _dpo_batch(data)), (start, data))
 
             def update(state, batch):
-                return dpo_agent.update(jax.random.key(6), state, batch, jnp.float32(0), dpo_config.ref_kl_coef)
+                ctx = UpdateContext(jnp.float32(0), dpo_config.ref_kl_coef)
+                return dpo_agent.update(jax.random.key(6), state, batch, ctx)
 
             new, metrics = jax.vmap(update)(states, batches)
             both = {"start": states, "new": new, "data": batches, "metrics": metrics}

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kl_rl import buffer, kl, networks
-from kl_rl.agents.base import Agent
+from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import PolicyConfig
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
@@ -196,8 +196,8 @@ def cem(config: CEMConfig, observation_space: gym.Space, action_space: gym.Space
     def value(state: CEMState, obs: jax.Array) -> jax.Array:
         return jnp.zeros(obs.shape[: obs.ndim - obs_ndim], jnp.float32)
 
-    def update(key: jax.Array, state: CEMState, traj, progress: jax.Array, ref_beta=None):
-        del progress
+    def update(key: jax.Array, state: CEMState, traj, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
         fitness = first_episode_returns(traj).reshape(pop, config.episodes_per_member).mean(axis=1)
         extra = {}
         if traj.ref_dist is not None and ref_beta is not None:

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_rl import kl
-from kl_rl.agents.base import Agent
+from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
     PenalizedConfig,
     add_reference_loss,
@@ -161,11 +161,12 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
         }
         return loss, aux
 
-    def update(key: jax.Array, state: PPOState, traj, progress: jax.Array, ref_beta=None):
+    def update(key: jax.Array, state: PPOState, traj, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
         params = state.params
         est = estimates(policy_net, params["policy"], lambda obs: ac.value(state, obs), traj, config)
         traj, advantages, returns, prox_dist, log_rho, prox = est
-        lr = config.lr * (1.0 - progress) if config.anneal_lr else config.lr
+        lr = config.lr * (1.0 - ctx.progress) if config.anneal_lr else config.lr
         beta = state.kl_ctrl.beta
 
         def minibatch_step(carry, minibatch):

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kl_rl import kl
-from kl_rl.agents.base import Agent
+from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
     OnPolicyConfig,
     add_reference_loss,
@@ -150,8 +150,8 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         params = ac.init_params(key)
         return TRPOState(params=params, opt_state={"value": value_optimizer.init(params["value"])})
 
-    def update(key: jax.Array, state: TRPOState, traj, progress: jax.Array, ref_beta=None):
-        del progress
+    def update(key: jax.Array, state: TRPOState, traj, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
         traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config)
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from kl_rl import kl
-from kl_rl.agents.base import Agent
+from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
     PenalizedConfig,
     add_reference_loss,
@@ -112,8 +112,8 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         loss = add_reference_loss(loss, config, dist, traj, ref_beta)
         return loss, pg_loss
 
-    def update(key: jax.Array, state: VPGState, traj, progress: jax.Array, ref_beta=None):
-        del progress
+    def update(key: jax.Array, state: VPGState, traj, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
         params = state.params
         est = estimates(ac.policy_net, params["policy"], lambda o: ac.value(state, o), traj, config)
         traj, advantages, returns, prox_dist, log_rho, prox = est

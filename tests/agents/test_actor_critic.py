@@ -7,6 +7,7 @@ import pytest
 
 from kl_rl import envs
 from kl_rl.agents import ALGOS
+from kl_rl.agents.base import UpdateContext
 
 from .common import bandit_batch, train
 
@@ -24,7 +25,7 @@ def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
     agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = agent.update(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
     p_before = agent.policy(state, traj.obs[0, :1]).probs[0, 0]
     p_after = agent.policy(new_state, traj.obs[0, :1]).probs[0, 0]
     assert p_after > p_before + 1e-4, (p_before, p_after)

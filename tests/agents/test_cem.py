@@ -7,6 +7,7 @@ import numpy as np
 from kl_rl import buffer, kl
 from kl_rl.agents.cem import first_episode_returns, pull_back
 from kl_rl.distributions import DiagGaussian
+from kl_rl.agents.base import UpdateContext
 
 from .common import train
 
@@ -60,7 +61,7 @@ def test_kept_elites_rejoin_the_population_through_the_buffer():
         None, None, reward, jnp.zeros((3, 8), bool), jnp.array([[0] * 8, [0] * 8, [1] * 8], bool),
         None, None, None, None,
     )  # fmt: skip
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = agent.update(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
     np.testing.assert_array_equal(new_state.population[-2:], state.population[jnp.array([7, 6])])
     np.testing.assert_array_equal(new_state.elites.data["fitness"], [21.0, 18.0])
     assert metrics["fitness_best"] == 21.0 and metrics["fitness_elite"] == (21 + 18 + 15 + 12) / 4

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from kl_rl import envs, kl, networks
 from kl_rl.agents import ALGOS
 from kl_rl.agents.trpo import conjugate_gradient, fisher_vector_product
+from kl_rl.agents.base import UpdateContext
 
 from .common import bandit_batch, train
 
@@ -85,7 +86,7 @@ def test_accepted_kl_recomputed_independently_is_within_delta():
     agent = ALGOS["trpo"].make(config, env.observation_space, env.action_space)
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = agent.update(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
     assert metrics["accepted"] == 1
     old = jax.tree.map(lambda x: x[0], traj.dist)
     recomputed = jnp.mean(kl.kl_old_new(old, agent.policy(new_state, traj.obs[0])))
@@ -101,7 +102,7 @@ def test_a_batch_with_nothing_to_gain_is_rejected_and_leaves_the_policy():
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
     traj = traj._replace(reward=jnp.zeros_like(traj.reward))  # constant advantages: g = 0
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = agent.update(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
     assert metrics["accepted"] == 0 and metrics["kl"] == 0
     assert metrics["line_search_steps"] == config.backtrack_iters
     for a, b in zip(jax.tree.leaves(state.params["policy"]), jax.tree.leaves(new_state.params["policy"]), strict=True):

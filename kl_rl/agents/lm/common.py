@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_rl import buffer, kl, networks
-from kl_rl.agents.base import Agent
+from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import adam, apply_step, kl_controller, minibatch_epochs
 from kl_rl.agents.lm.config import ClippedConfig, OnlineConfig, SequenceConfig
 from kl_rl.agents.lm.losses import clipped_token_loss, masked_mean
@@ -206,8 +206,8 @@ def sequence_agent(config: SequenceConfig, nets: TokenNetworks, estimate: Estima
     def score_responses(state: LMState, tokens: jax.Array) -> Categorical:
         return nets.response_dist(state.params, tokens)
 
-    def update(key: jax.Array, state: LMState, traj: buffer.Transition, progress: jax.Array, ref_beta=None):
-        del progress
+    def update(key: jax.Array, state: LMState, traj: buffer.Transition, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
         b = responses(traj, nets.prompt_length, nets.pad)
         raw = b.reward
         if ref_beta is not None and b.ref_dist is not None and config.ref_kl_in == "reward":
