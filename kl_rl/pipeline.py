@@ -230,7 +230,7 @@ def execute(
     stacked = parallel.pad(parallel.stack(configs), lay)
     report = progress or (lambda updates_done: None)
     # Evaluation points (config.eval_every, token tasks) end segments, as checkpoints do.
-    eval_every = getattr(configs[0], "eval_every", 0)
+    eval_every = configs[0].rollout.eval_every
     every = checkpoints.every if checkpoints is not None else 0
     step = math.gcd(every, eval_every) if every and eval_every else (every or eval_every)
     compile_before = programs.compile_time_s

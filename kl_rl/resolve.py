@@ -65,10 +65,9 @@ def check_staleness(config: Any) -> None:
     first update tiles its rollout K times); with `policy_lag` L >= the updates, the initial
     policy acts throughout.
     """
-    updates = config.num_updates
-    for name in ("replay_rollouts", "policy_lag"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value >= updates and (name == "policy_lag" or value > 1):
+    updates, spec = config.num_updates, config.rollout
+    for name, value in (("replay_rollouts", spec.replay_rollouts), ("policy_lag", spec.policy_lag)):
+        if value >= updates and (name == "policy_lag" or value > 1):
             raise ConfigError(
                 f"{{{name}}} {value} is not below the run's {updates} updates; lower it or raise {{total_steps}}",
                 name,
@@ -78,9 +77,9 @@ def check_staleness(config: Any) -> None:
 
 def check_env_params(env: Any, env_id: str, config: Any) -> None:
     """ConfigError for env params a host env cannot take or `env` does not have."""
-    overrides = getattr(config, "env_params", None)
-    if not overrides:
+    if not (config.rollout.env_params and config.env_params):
         return
+    overrides = config.env_params
     if envs.path_of(env) == "host":
         raise ConfigError(f"env params are set inside JAX; {env_id} runs on the host path (use a JAX env)")
     envs.check_env_params(env, env_id, overrides)

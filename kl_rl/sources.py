@@ -208,7 +208,7 @@ def resolve_sources(
             record.update(reference_seed=reference_seed, config=config_lib.to_dict(loaded.config))
             sources.reference = RefSpec(loaded.algo, loaded.config)
             sources._reference_run = loaded
-            if getattr(config, "init_from_reference", False):
+            if config.rollout.init_from_reference:
                 _check_policy_start(algo, config, loaded, reference)
         sources.records["reference"] = record
     if init_from is not None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from kl_rl import buffer, envs, kl, normalize, rollout
 from kl_rl import reference as reference_lib
 from kl_rl.agents import ALGOS
-from kl_rl.agents.base import UpdateContext
+from kl_rl.agents.base import RolloutSpec, UpdateContext
 from kl_rl.divergence import nonfinite
 from kl_rl.reference import Reference, RefSpec
 from kl_rl.staleness import Staleness
@@ -108,6 +108,8 @@ class Loop(NamedTuple):
     fields, the env and the reference network. The steps below are pure functions of it."""
 
     make_agent: Callable[..., Any]
+    spec: RolloutSpec
+    """What the config asks of the rollouts (`config.rollout`)."""
     vec_env: Any
     eval_env: Any
     num_updates: int
@@ -125,10 +127,9 @@ class Loop(NamedTuple):
 
     def envs(self, config: Any) -> tuple[Any, Any]:
         """The training and evaluation envs with `config.env_params` (traced) swapped in."""
-        overrides = getattr(config, "env_params", None)
-        if not overrides:
+        if not (self.spec.env_params and config.env_params):
             return self.vec_env, self.eval_env
-        return self.vec_env.with_params(overrides), self.eval_env.with_params(overrides)
+        return self.vec_env.with_params(config.env_params), self.eval_env.with_params(config.env_params)
 
 
 def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = None) -> Trainer:
@@ -145,20 +146,21 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         (`Transition.ref_dist`), penalizes the KL to it (config.ref_kl_*) and logs `kl_ref` and
         `ref_beta` (`kl_rl.reference`).
     """
-    vec_env = envs.vectorize(env, config.num_envs, group_size=getattr(config, "group_size", 1))
-    if envs.is_token_space(vec_env.observation_space):
-        vec_env.params = envs.tasks.TaskParams(format_reward=config.format_reward)
-    eval_env = envs.vectorize(env, config.eval_episodes, evaluation=True)
+    spec = config.rollout
+    vec_env = envs.vectorize(env, spec.num_envs, group_size=spec.group_size)
+    if spec.task_params is not None:
+        vec_env.params = spec.task_params
+    eval_env = envs.vectorize(env, spec.eval_episodes, evaluation=True)
     spaces = (vec_env.observation_space, vec_env.action_space)
     ref = None if reference is None else reference_lib.anchor(reference, *spaces)
-    stale = Staleness(lag=getattr(config, "policy_lag", 0), replay=getattr(config, "replay_rollouts", 1))
-    loop = Loop(ALGOS[algo].make, vec_env, eval_env, config.num_updates, 0, 0, 0, stale, ref)
+    stale = Staleness(lag=spec.policy_lag, replay=spec.replay_rollouts)
+    loop = Loop(ALGOS[algo].make, spec, vec_env, eval_env, config.num_updates, 0, 0, 0, stale, ref)
     # The evaluation's length: the env's time limit under this config's params (gymnax's
     # max_steps_in_episode is one; a sweep over it evaluates at the first point's limit).
     eval_steps = loop.envs(config)[1].max_episode_steps or 1000
     # num_steps 0 means one whole time limit per rollout (CEM's episodes).
-    rollout_steps = config.num_steps or eval_steps
-    loop = loop._replace(rollout_steps=rollout_steps, steps_per_update=config.num_envs * rollout_steps,
+    rollout_steps = spec.num_steps or eval_steps
+    loop = loop._replace(rollout_steps=rollout_steps, steps_per_update=spec.num_envs * rollout_steps,
                          eval_steps=eval_steps)  # fmt: skip
 
     def init(key: jax.Array, config: Any = config, setup: Setup | None = None) -> TrainState:
@@ -198,7 +200,7 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
     Takes the config it is given, not make_trainer's: gamma is traced, and a sweep over it
     shares the loop.
     """
-    reward_gamma = config.gamma if getattr(config, "normalize_reward", False) else None
+    reward_gamma = config.gamma if loop.spec.normalize_reward else None
     ref_fn = penalty = None
     if anchors is not None and anchors.reference is not None:
         ref_fn, penalty = loop.ref.behaviour(anchors.reference, anchors.ref_ctrl, config)
@@ -208,7 +210,7 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
     scored = ref_fn is not None and loop.ref.score is not None
     collector, trajectory, episodes = rollout.collect(
         key, lambda k, obs: agent.act(k, agent_state, obs), loop.envs(config)[0], collector, num_steps,
-        config.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
+        loop.spec.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
         None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
     )  # fmt: skip
     if scored:
@@ -230,7 +232,7 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
     if setup.start is not None:
         agent_state = agent_state.replace(params=setup.start.params)
         collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
-    elif getattr(config, "init_from_reference", False) and setup.reference is not None:
+    elif loop.spec.init_from_reference and setup.reference is not None:
         # RLHF's start: the policy is the reference (an SFT run); anything else starts fresh.
         params = {**agent_state.params, "policy": setup.reference.agent.params["policy"]}
         agent_state = agent_state.replace(params=params)
@@ -296,7 +298,7 @@ def evaluate_policy(loop: Loop, key: jax.Array, state: TrainState, config: Any) 
         dist = agent.policy(state.agent, obs)
         return dist.mode() if config.eval_deterministic else dist.sample(k)
 
-    return rollout.evaluate(key, policy, loop.envs(config)[1], state.collector.obs_norm, config.normalize_obs,
+    return rollout.evaluate(key, policy, loop.envs(config)[1], state.collector.obs_norm, loop.spec.normalize_obs,
                             loop.eval_steps, state.collector.env)  # fmt: skip
 
 

@@ -8,6 +8,36 @@ import jax
 from kl_rl.buffer import Transition
 
 
+class RolloutSpec(NamedTuple):
+    """What a config asks of the loop's rollouts: static values that `kl_rl.train.make_trainer`
+    reads once (every config class declares it as its `rollout` property)."""
+
+    num_envs: int
+    """Parallel envs of a rollout."""
+    num_steps: int
+    """Steps of each env per rollout; 0 for one whole time limit (CEM's episodes, token tasks' responses)."""
+    eval_episodes: int
+    """Envs (one episode each) of the final evaluation."""
+    group_size: int = 1
+    """Consecutive envs that share a prompt (token tasks' groups)."""
+    normalize_obs: bool = False
+    """Observations through a running normalizer kept in the train state."""
+    normalize_reward: bool = False
+    """Rewards scaled by the running std of the discounted return (with the config's traced gamma)."""
+    policy_lag: int = 0
+    """The agent state of this many updates ago acts (`kl_rl.staleness`)."""
+    replay_rollouts: int = 1
+    """Rollouts the update sees (`kl_rl.staleness`)."""
+    env_params: bool = False
+    """The config carries `env_params`, traced overrides of the env's own parameters."""
+    task_params: Any = None
+    """A token task's static parameters (`kl_rl.envs.tasks.TaskParams`), or None."""
+    init_from_reference: bool = False
+    """The policy starts from the frozen reference's parameters (RLHF's start from SFT)."""
+    eval_every: int = 0
+    """Updates between held-out evaluation points (token tasks); 0: only the final evaluation."""
+
+
 class UpdateContext(NamedTuple):
     """What the training loop tells an agent's update besides the data (`Agent.update`)."""
 

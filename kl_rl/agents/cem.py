@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from kl_rl import buffer, kl, networks
-from kl_rl.agents.base import Agent, UpdateContext
+from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
 from kl_rl.agents.common import PolicyConfig
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
@@ -80,6 +80,12 @@ class CEMConfig(PolicyConfig):
     @property
     def num_updates(self) -> int:
         return self.iterations
+
+    @property
+    def rollout(self) -> RolloutSpec:
+        """Each member's episodes, one env each, a whole time limit long (num_steps 0), unnormalized."""
+        return RolloutSpec(num_envs=self.num_envs, num_steps=self.num_steps, eval_episodes=self.eval_episodes,
+                           env_params=True)  # fmt: skip
 
     @property
     def normalize_obs(self) -> bool:

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_rl import buffer, kl, networks
+from kl_rl.agents.base import RolloutSpec
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
 from kl_rl.returns import gae, vtrace
@@ -103,6 +104,13 @@ class OnPolicyConfig(PolicyConfig):
         return self.num_envs * self.num_steps
 
     @property
+    def rollout(self) -> RolloutSpec:
+        """What this config asks of the loop's rollouts."""
+        return RolloutSpec(num_envs=self.num_envs, num_steps=self.num_steps, eval_episodes=self.eval_episodes,
+                           normalize_obs=self.normalize_obs, normalize_reward=self.normalize_reward,
+                           env_params=True)  # fmt: skip
+
+    @property
     def num_updates(self) -> int:
         return self.total_steps // self.batch_size
 
@@ -151,6 +159,11 @@ class PenalizedConfig(OnPolicyConfig):
     """beta of a penalty beta * KL(pi_behaviour || pi) toward the policy that collected the
     data, on stale data (on fresh data the behaviour policy is the previous iterate: use
     --kl-penalty)."""
+
+    @property
+    def rollout(self) -> RolloutSpec:
+        """What this config asks of the loop's rollouts: the on-policy shape, with its staleness."""
+        return super().rollout._replace(policy_lag=self.policy_lag, replay_rollouts=self.replay_rollouts)
 
     @property
     def stale(self) -> bool:
@@ -280,7 +293,8 @@ def advantages_and_returns(
       (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
       data with correction the trajectory's `value` is the current critic's.
     """
-    stale = getattr(config, "stale", False)
+    spec = config.rollout
+    stale = spec.policy_lag > 0 or spec.replay_rollouts > 1
     if stale and config.is_correction:
         traj = traj._replace(value=value_fn(traj.obs))
     else:
@@ -294,7 +308,7 @@ def advantages_and_returns(
                       config.rho_clip, config.c_clip)  # fmt: skip
 
     args = (traj.reward, traj.value, v_tp1, traj.terminated, traj.truncated, log_rho)
-    k = getattr(config, "replay_rollouts", 1)
+    k = spec.replay_rollouts
     if k == 1:
         advantages, returns = estimate(*args)
     else:

@@ -9,6 +9,7 @@ from typing import ClassVar
 import flax.struct
 import gymnasium as gym
 
+from kl_rl.agents.base import RolloutSpec
 from kl_rl.agents.common import (
     KL_PENALTIES,
     changed_reference_options,
@@ -18,6 +19,7 @@ from kl_rl.agents.common import (
 )
 from kl_rl.agents.lm.losses import LOSS_NORMS
 from kl_rl.config import static
+from kl_rl.envs.tasks import TaskParams
 from kl_rl.errors import ConfigError
 
 
@@ -80,6 +82,14 @@ class SequenceConfig:
         return self.num_envs
 
     @property
+    def rollout(self) -> RolloutSpec:
+        """One response per env (a rollout is one time limit long, num_steps 0), the task's
+        format reward, held-out evaluation points."""
+        task = TaskParams(format_reward=self.format_reward)
+        return RolloutSpec(num_envs=self.num_envs, num_steps=0, eval_episodes=self.eval_episodes, task_params=task,
+                           eval_every=self.eval_every)  # fmt: skip
+
+    @property
     def num_updates(self) -> int:
         return self.total_steps // self.batch_size
 
@@ -135,6 +145,12 @@ class OnlineConfig(SequenceConfig):
     """KL the adaptive and proportional controllers steer beta towards."""
     kl_horizon: float = 10_000.0
     """Horizon of the proportional controller (Ziegler et al. 2019), in tokens."""
+
+    @property
+    def rollout(self) -> RolloutSpec:
+        """A sequence config's rollouts, in groups of G responses per prompt, with env params."""
+        spec = super().rollout
+        return spec._replace(group_size=self.group_size, env_params=True, init_from_reference=self.init_from_reference)
 
     def validate(self, action_space: gym.Space) -> None:
         check_positive(self, ("group_size",))
