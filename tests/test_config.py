@@ -78,7 +78,7 @@ def test_non_finite_floats_are_config_errors_naming_the_field(value):
 def test_non_finite_values_in_config_files_are_config_errors(tmp_path, name, text):
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(ConfigError, match="^ent_coef must be a finite number"):
+    with pytest.raises(ConfigError, match=r"^ent_coef must be a finite number"):
         config_lib.build(PPOConfig, config_lib.load_file(path))
 
 
