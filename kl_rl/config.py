@@ -79,7 +79,7 @@ def parse_value(name: str, text: Any, typ: Any) -> Any:
     # with one trains to a table of nan.
     items = tuple(value.values()) if isinstance(value, dict) else value if isinstance(value, tuple) else (value,)
     if any(isinstance(v, float) and not math.isfinite(v) for v in items):
-        raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {text}")
+        raise ConfigError(f"{{{name}}} must be a finite number, got {text}", name)
     return value
 
 
@@ -135,7 +135,7 @@ def _convert(name: str, text: Any, typ: Any) -> Any:
     except (ValueError, TypeError, StopIteration):
         pass
     type_name = getattr(typ, "__name__", str(typ))
-    raise ConfigError(f"--{name.replace('_', '-')} expects {type_name}, got {text!r}")
+    raise ConfigError(f"{{{name}}} expects {type_name}, got {text!r}", name)
 
 
 def load_file(path: str | Path) -> dict[str, Any]:
@@ -181,9 +181,10 @@ def build(cls: type, values: dict[str, Any]) -> Any:
             continue
         if name not in known:
             close = [k for k in sorted(known) if k.split("_")[0] in name or name.split("_")[0] in k]
-            hint = f"; did you mean {', '.join('--' + c.replace('_', '-') for c in close[:3])}?" if close else ""
+            hint = f"; did you mean {', '.join('{' + c + '}' for c in close[:3])}?" if close else ""
             raise ConfigError(
-                f"unknown hyperparameter {raw_name!r} for {cls.__name__}{hint} (see kl-rl train --algo ... --help)"
+                f"unknown hyperparameter {raw_name!r} for {cls.__name__}{hint} (see kl-rl train --algo ... --help)",
+                *close[:3],
             )
         kwargs[name] = parse_value(name, raw, types_[name])
     if env_params:

@@ -122,12 +122,14 @@ def resolve_distribution(distribution: str, action_space: gym.Space) -> str:
     if distribution == "categorical" and not discrete:
         raise ConfigError(
             f"distribution 'categorical' needs a discrete action space, but this env's is {action_space}; "
-            "use --distribution gaussian (or auto)"
+            "use {distribution} gaussian (or auto)",
+            "distribution",
         )
     if distribution == "gaussian" and not isinstance(action_space, gym.spaces.Box):
         raise ConfigError(
             f"distribution 'gaussian' needs a Box action space, but this env's is {action_space}; "
-            "use --distribution categorical (or auto)"
+            "use {distribution} categorical (or auto)",
+            "distribution",
         )
     if distribution not in ("categorical", "gaussian"):
         raise ConfigError(f"unknown distribution {distribution!r}; use auto, categorical or gaussian")
@@ -233,8 +235,11 @@ def make_token_networks(observation_space: gym.Space, action_space: gym.Space, l
     value), two transformers of the same shape, for a `kl_rl.envs.tasks.TokenSpace`."""
     if layers <= 0 or width <= 0 or heads <= 0 or width % heads:
         raise ConfigError(
-            f"--layers, --width and --heads must be positive with width divisible by heads, got "
-            f"{layers}, {width}, {heads}"
+            f"{{layers}}, {{width}} and {{heads}} must be positive with width divisible by heads, got "
+            f"{layers}, {width}, {heads}",
+            "layers",
+            "width",
+            "heads",
         )
     shape = dict(
         vocab_size=int(action_space.n), length=int(observation_space.shape[0]), pad=int(observation_space.pad),

@@ -71,7 +71,7 @@ def use_cpu_devices(count: int | None = None) -> int | None:
     from jax._src import xla_bridge
 
     if count is not None and (not isinstance(count, int) or count <= 0):
-        raise ConfigError(f"--devices must be a positive integer, got {count!r}")
+        raise ConfigError(f"{{devices}} must be a positive integer, got {count!r}", "devices")
     if _FORCE_FLAG in os.environ.get("XLA_FLAGS", "") or jax.config.jax_num_cpu_devices > 0:
         return None
     if xla_bridge.backends_are_initialized():
@@ -123,9 +123,10 @@ def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: boo
     elif isinstance(devices, int):
         if devices <= 0 or devices > len(local):
             raise ConfigError(
-                f"--devices must be between 1 and the {len(local)} local device(s), got {devices} "
+                f"{{devices}} must be between 1 and the {len(local)} local device(s), got {devices} "
                 "(on CPU, kl-rl sets the count before JAX starts; from Python call "
-                "kl_rl.parallel.use_cpu_devices(N) first)"
+                "kl_rl.parallel.use_cpu_devices(N) first)",
+                "devices",
             )
         chosen = local[:devices]
     else:

@@ -80,21 +80,23 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
         name, sep, text = item.partition("=")
         name, text = name.strip().lstrip("-").replace("-", "_"), text.strip()
         if not sep or not name or not text:
-            raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+            raise ConfigError(f"malformed {{space}} item {item!r}; write {SPACE_FORMS}", "space")
         if name not in names:
-            raise ConfigError(f"unknown hyperparameter {name!r} for {cls.__name__} in --space (see kl-rl train --help)")
+            raise ConfigError(
+                f"unknown hyperparameter {name!r} for {cls.__name__} in {{space}} (see kl-rl train --help)", "space"
+            )
         if name in space:
-            raise ConfigError(f"--space names {name!r} twice; give its range or values in one item")
+            raise ConfigError(f"{{space}} names {name!r} twice; give its range or values in one item", "space")
         if name in BUDGET_FIELDS:
             raise ConfigError(
-                f"--space cannot vary {name}; every trial trains for one budget, set with --{name.replace('_', '-')}"
+                f"{{space}} cannot vary {name}; every trial trains for one budget, set with {{{name}}}", "space", name
             )
         typ = types[name]
         is_tuple = typing.get_origin(typ) is tuple
         if is_tuple or "," in text or ":" not in text:
             values = [v.strip() for v in text.split(",")]
             if not all(values):
-                raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+                raise ConfigError(f"malformed {{space}} item {item!r}; write {SPACE_FORMS}", "space")
             parsed = [config_lib.parse_value(name, v.replace(":", ",") if is_tuple else v, typ) for v in values]
             space[name] = distributions.CategoricalDistribution([_choice(v) for v in parsed])
             continue
@@ -102,17 +104,20 @@ def parse_space(algo: str, items: list[str]) -> dict[str, Any]:
         log = parts[0] == "log"
         bounds = parts[1:] if log else parts
         if len(bounds) != 2 or not all(bounds):
-            raise ConfigError(f"malformed --space item {item!r}; write {SPACE_FORMS}")
+            raise ConfigError(f"malformed {{space}} item {item!r}; write {SPACE_FORMS}", "space")
         if typ not in (int, float):
             raise ConfigError(
-                f"--space {name}={text}: a range needs a numeric field, but {name} is "
-                f"{getattr(typ, '__name__', typ)}; list its values instead ({name}=V1,V2)"
+                f"{{space}} {name}={text}: a range needs a numeric field, but {name} is "
+                f"{getattr(typ, '__name__', typ)}; list its values instead ({name}=V1,V2)",
+                "space",
             )
         low, high = (config_lib.parse_value(name, b, typ) for b in bounds)
         if low >= high:
-            raise ConfigError(f"--space {name}={text}: LOW must be below HIGH; write {name}=LOW:HIGH with LOW < HIGH")
+            raise ConfigError(
+                f"{{space}} {name}={text}: LOW must be below HIGH; write {name}=LOW:HIGH with LOW < HIGH", "space"
+            )
         if log and low <= 0:
-            raise ConfigError(f"--space {name}={text}: a log range needs LOW > 0; raise LOW or drop 'log:'")
+            raise ConfigError(f"{{space}} {name}={text}: a log range needs LOW > 0; raise LOW or drop 'log:'", "space")
         kind = distributions.IntDistribution if typ is int else distributions.FloatDistribution
         space[name] = kind(low, high, log=log)
     return space
@@ -267,7 +272,9 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
                 "(e.g. sqlite:///study.db)"
             ) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
-        raise ConfigError(f"study {study_name!r} in {redact(storage)!r} minimizes; give another --study-name")
+        raise ConfigError(
+            f"study {study_name!r} in {redact(storage)!r} minimizes; give another {{study_name}}", "study_name"
+        )
     return study
 
 

@@ -148,7 +148,7 @@ def test_layout_spreads_items_evenly_and_never_leaves_a_device_without_one():
     assert parallel.layout(8, host_env=True).mode == "vmap"  # one vector env for the whole batch
     assert len(parallel.layout(8, devices=[devices[0]] * 4, host_env=True).devices) == 1
     for bad in (0, len(devices) + 1):
-        with pytest.raises(ConfigError, match="--devices must be between 1 and"):
+        with pytest.raises(ConfigError, match=r"^devices must be between 1 and"):
             parallel.layout(4, devices=bad)
 
 
@@ -196,5 +196,5 @@ def test_use_cpu_devices_sets_the_count_before_jax_starts_and_leaves_xla_flags_a
 
 
 def test_use_cpu_devices_refuses_a_bad_count():
-    with pytest.raises(ConfigError, match="--devices must be a positive integer"):
+    with pytest.raises(ConfigError, match=r"^devices must be a positive integer"):
         parallel.use_cpu_devices(0)

@@ -53,3 +53,36 @@ def test_the_cli_refuses_staleness_as_long_as_the_run_in_one_line(tmp_path, caps
     code = main(["train", "--algo", "ppo", "--total-steps", "2000", "--out", str(out), "--no-progress", *flags])
     assert_one_line_error(capsys, code, needle, "--total-steps")
     assert not out.exists()
+
+
+def _raised(call, *args, **kwargs) -> ConfigError:
+    with pytest.raises(ConfigError) as err:
+        call(*args, **kwargs)
+    return err.value
+
+
+def test_library_errors_read_as_keywords_and_the_cli_spells_them_as_flags():
+    import gymnasium as gym
+    import jax
+
+    from kl_rl import config as config_lib
+    from kl_rl import parallel, tune
+    from kl_rl.agents.common import check_divides
+    from kl_rl.agents.ppo import PPOConfig
+
+    errors = {
+        "--num-envs expects int": _raised(config_lib.parse_value, "num_envs", "many", int),
+        "--gamma and --gae-lambda must lie in [0, 1]": _raised(PPOConfig(gae_lambda=1.5).validate,
+                                                               gym.spaces.Discrete(2)),
+        "--devices must be between 1 and": _raised(parallel.layout, 4, devices=len(jax.local_devices()) + 1),
+        "--devices must be a positive integer": _raised(parallel.use_cpu_devices, 0),
+        "--num-minibatches 3 does not divide": _raised(check_divides, "num_minibatches", 3, 16),
+        "--space names 'lr' twice": _raised(tune.parse_space, "ppo", ["lr=1e-4:1e-3", "lr=1e-5:1e-4"]),
+    }  # fmt: skip
+    for flags, err in errors.items():
+        assert "--" not in str(err), str(err)
+        assert flags in err.as_flags(), (flags, err.as_flags())
+        assert err.fields and all(name in str(err) for name in err.fields), (str(err), err.fields)
+    hint = _raised(config_lib.build, PPOConfig, {"clip": "0.1"})  # its "(see kl-rl train ... --help)" is a command
+    assert "did you mean c_clip, clip_eps, clip_value?" in str(hint)
+    assert "did you mean --c-clip, --clip-eps, --clip-value?" in hint.as_flags()

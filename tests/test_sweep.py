@@ -25,7 +25,7 @@ def test_parse_grid_types_values_and_tuples():
         (["lr"], "malformed grid item"),
         (["lr=1e-3,"], "malformed grid item"),
         (["lerning_rate=1e-3"], "unknown hyperparameter"),
-        (["lr=fast"], "--lr expects float"),
+        (["lr=fast"], "^lr expects float"),
         (["lr=1e-3", "lr=3e-4"], "twice"),
         (["total_steps=1000,2000"], "cannot vary total_steps"),
     ],

@@ -96,22 +96,29 @@ class CEMConfig(PolicyConfig):
         """Raises ConfigError on values no run could use."""
         self._check_common(action_space, ("iterations", "population_size", "episodes_per_member"), ("init_std",))
         if self.num_steps < 0:
-            raise ConfigError(f"--num-steps must be >= 0 (0: the env's time limit), got {self.num_steps}")
+            raise ConfigError(
+                f"{{num_steps}} must be >= 0 (0: the env's time limit), got {self.num_steps}", "num_steps"
+            )
         if not 0.0 < float(self.elite_frac) <= 1.0:
-            raise ConfigError(f"--elite-frac must lie in (0, 1], got {float(self.elite_frac)}")
+            raise ConfigError(f"{{elite_frac}} must lie in (0, 1], got {float(self.elite_frac)}", "elite_frac")
         if not 0 <= self.keep_elites < self.population_size:
             raise ConfigError(
-                f"--keep-elites must lie in [0, population_size) = [0, {self.population_size}), got {self.keep_elites}"
+                f"{{keep_elites}} must lie in [0, {{population_size}}) = [0, {self.population_size}), "
+                f"got {self.keep_elites}",
+                "keep_elites",
+                "population_size",
             )
         if self.ref_kl_in != "loss" or self.ref_kl_estimator != "exact":
             raise ConfigError(
                 "cem subtracts the exact KL to the reference from each member's fitness; "
-                "leave --ref-kl-in loss and --ref-kl-estimator exact"
+                "leave {ref_kl_in} loss and {ref_kl_estimator} exact",
+                "ref_kl_in",
+                "ref_kl_estimator",
             )
         for name in ("noise_init", "noise_decay", "trust_kl"):
             value = float(getattr(self, name))
             if not (value >= 0 and math.isfinite(value)):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number >= 0, got {value}")
+                raise ConfigError(f"{{{name}}} must be a number >= 0, got {value}", name)
 
 
 @flax.struct.dataclass

@@ -68,7 +68,7 @@ class PolicyConfig:
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
         check_positive(self, ("eval_episodes", *positive), positive_float)
         if any(w <= 0 for w in self.hidden_sizes):
-            raise ConfigError(f"--hidden-sizes must be positive widths, got {self.hidden_sizes}")
+            raise ConfigError(f"{{hidden_sizes}} must be positive widths, got {self.hidden_sizes}", "hidden_sizes")
         networks.resolve_distribution(self.distribution, action_space)
         check_reference(self)
 
@@ -117,11 +117,14 @@ class OnPolicyConfig(PolicyConfig):
     def _check_on_policy(self, action_space, positive=(), positive_float=()):
         self._check_common(action_space, ("total_steps", "num_envs", "num_steps", *positive), positive_float)
         if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
-            raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+            raise ConfigError("{gamma} and {gae_lambda} must lie in [0, 1]", "gamma", "gae_lambda")
         if self.total_steps < self.batch_size:
             raise ConfigError(
-                f"--total-steps {self.total_steps} is less than one batch ({self.batch_size}); raise it "
-                "or lower --num-envs / --num-steps"
+                f"{{total_steps}} {self.total_steps} is less than one batch ({self.batch_size}); raise it "
+                "or lower {num_envs} / {num_steps}",
+                "total_steps",
+                "num_envs",
+                "num_steps",
             )
 
 
@@ -173,11 +176,15 @@ class PenalizedConfig(OnPolicyConfig):
     def _check_on_policy(self, action_space, positive=(), positive_float=()):
         super()._check_on_policy(action_space, ("replay_rollouts", *positive), ("rho_clip", "c_clip", *positive_float))
         if self.kl_penalty not in KL_PENALTIES:
-            raise ConfigError(f"unknown --kl-penalty {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}")
+            raise ConfigError(
+                f"unknown {{kl_penalty}} {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}", "kl_penalty"
+            )
         if self.policy_lag < 0:
-            raise ConfigError(f"--policy-lag must be >= 0 updates, got {self.policy_lag}")
+            raise ConfigError(f"{{policy_lag}} must be >= 0 updates, got {self.policy_lag}", "policy_lag")
         if not float(self.behaviour_kl_coef) >= 0.0:
-            raise ConfigError(f"--behaviour-kl-coef must be >= 0, got {float(self.behaviour_kl_coef)}")
+            raise ConfigError(
+                f"{{behaviour_kl_coef}} must be >= 0, got {float(self.behaviour_kl_coef)}", "behaviour_kl_coef"
+            )
 
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
@@ -192,27 +199,35 @@ def check_positive(config: Any, ints: tuple[str, ...] = (), floats: tuple[str, .
     `floats` fields that is not a positive finite number."""
     for name in ints:
         if getattr(config, name) <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(config, name)}")
+            raise ConfigError(f"{{{name}}} must be a positive integer, got {getattr(config, name)}", name)
     for name in floats:
         value = float(getattr(config, name))
         if not (value > 0 and math.isfinite(value)):
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive number, got {value}")
+            raise ConfigError(f"{{{name}}} must be a positive number, got {value}", name)
 
 
 def check_reference(config: Any) -> None:
     """ConfigError for reference-penalty fields (REFERENCE_OPTIONS) no run could use."""
     for name in ("ref_kl_coef",):
         if not float(getattr(config, name)) >= 0.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be >= 0, got {float(getattr(config, name))}")
+            raise ConfigError(f"{{{name}}} must be >= 0, got {float(getattr(config, name))}", name)
     for name in ("ref_kl_target", "ref_kl_horizon"):
         if not float(getattr(config, name)) > 0.0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be > 0, got {float(getattr(config, name))}")
+            raise ConfigError(f"{{{name}}} must be > 0, got {float(getattr(config, name))}", name)
     if config.ref_kl_control not in KL_CONTROLS:
-        raise ConfigError(f"unknown --ref-kl-control {config.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}")
+        raise ConfigError(
+            f"unknown {{ref_kl_control}} {config.ref_kl_control!r}; use one of {', '.join(KL_CONTROLS)}",
+            "ref_kl_control",
+        )
     try:
         kl.check_anchor_options(config.ref_kl_estimator, config.ref_kl_direction, config.ref_kl_in)
     except ValueError as err:
-        raise ConfigError(f"--ref-kl-estimator/--ref-kl-direction/--ref-kl-in: {err}") from None
+        raise ConfigError(
+            f"{{ref_kl_estimator}}/{{ref_kl_direction}}/{{ref_kl_in}}: {err}",
+            "ref_kl_estimator",
+            "ref_kl_direction",
+            "ref_kl_in",
+        ) from None
 
 
 def changed_reference_options(config: Any) -> list[str]:
@@ -225,8 +240,9 @@ def check_divides(name: str, parts: int, batch_size: int) -> None:
     """ConfigError unless `parts` minibatches split the batch evenly."""
     if batch_size % parts:
         raise ConfigError(
-            f"--{name.replace('_', '-')} {parts} does not divide the batch of num_envs x num_steps = "
-            f"{batch_size}; pick a divisor of {batch_size}"
+            f"{{{name}}} {parts} does not divide the batch of num_envs x num_steps = "
+            f"{batch_size}; pick a divisor of {batch_size}",
+            name,
         )
 
 

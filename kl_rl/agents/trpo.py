@@ -83,11 +83,15 @@ class TRPOConfig(OnPolicyConfig):
         )
         check_divides("vf_minibatches", self.vf_minibatches, self.batch_size)
         if self.direction not in DIRECTIONS:
-            raise ConfigError(f"unknown --direction {self.direction!r}; use one of {', '.join(DIRECTIONS)}")
+            raise ConfigError(
+                f"unknown {{direction}} {self.direction!r}; use one of {', '.join(DIRECTIONS)}", "direction"
+            )
         if not 0.0 < float(self.backtrack_coeff) < 1.0:
-            raise ConfigError(f"--backtrack-coeff must lie in (0, 1), got {float(self.backtrack_coeff)}")
+            raise ConfigError(
+                f"{{backtrack_coeff}} must lie in (0, 1), got {float(self.backtrack_coeff)}", "backtrack_coeff"
+            )
         if not float(self.cg_damping) >= 0.0:
-            raise ConfigError(f"--cg-damping must be >= 0, got {float(self.cg_damping)}")
+            raise ConfigError(f"{{cg_damping}} must be >= 0, got {float(self.cg_damping)}", "cg_damping")
 
 
 @flax.struct.dataclass

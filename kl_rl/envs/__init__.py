@@ -71,16 +71,20 @@ def make(env_id: str, path: str = "auto", vectorization: str = "sync") -> FuncEn
 def resolve_path(env_id: str, path: str = "auto") -> str:
     """The path `make(env_id, path)` takes: "jax" or "host" (ConfigError for a bad combination)."""
     if path not in ENV_PATHS:
-        raise ConfigError(f"unknown --env-path {path!r}; use one of {', '.join(ENV_PATHS)}")
+        raise ConfigError(f"unknown {{env_path}} {path!r}; use one of {', '.join(ENV_PATHS)}", "env_path")
     family = family_of(env_id)
     if family is not None:
         if path == "host":
-            raise ConfigError(f"{env_id} is a {family.name} env, which runs inside JAX; use --env-path auto or jax")
+            raise ConfigError(
+                f"{env_id} is a {family.name} env, which runs inside JAX; use {{env_path}} auto or jax", "env_path"
+            )
         return "jax"
     if env_id in _REGISTRY and path != "host":
         return "jax"
     if path == "jax":
-        raise ConfigError(f"{env_id!r} has no JAX port (ported: {', '.join(ENV_IDS)}); use --env-path auto or host")
+        raise ConfigError(
+            f"{env_id!r} has no JAX port (ported: {', '.join(ENV_IDS)}); use {{env_path}} auto or host", "env_path"
+        )
     return "host"
 
 

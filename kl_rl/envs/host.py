@@ -86,7 +86,9 @@ def _route_mujoco_warnings() -> None:
 def check_vectorization(vectorization: str) -> None:
     """ConfigError unless `vectorization` is one of VECTORIZATION_MODES."""
     if vectorization not in VECTORIZATION_MODES:
-        raise ConfigError(f"unknown --vectorization {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}")
+        raise ConfigError(
+            f"unknown {{vectorization}} {vectorization!r}; use one of {', '.join(VECTORIZATION_MODES)}", "vectorization"
+        )
 
 
 def probe(env_id: str, kwargs: dict[str, Any] | None = None) -> gym.Env:

@@ -112,7 +112,7 @@ def token_networks(algo: str, config: SequenceConfig, observation_space: gym.Spa
                    action_space: gym.Space) -> TokenNetworks:  # fmt: skip
     """The transformers of config's shape for a token task's spaces; ConfigError for any other env."""
     if not is_token_space(observation_space):
-        raise ConfigError(f"--algo {algo} trains on token tasks only (kl-rl list shows them)")
+        raise ConfigError(f"{{algo}} {algo} trains on token tasks only (kl-rl list shows them)", "algo")
     policy, value = networks.make_token_networks(observation_space, action_space, config.layers, config.width,
                                                  config.heads)  # fmt: skip
     task = observation_space.task

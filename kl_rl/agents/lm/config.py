@@ -103,11 +103,13 @@ class SequenceConfig:
                        ("lr", "max_grad_norm"))  # fmt: skip
         if self.total_steps < self.num_envs:
             raise ConfigError(
-                f"--total-steps {self.total_steps} responses is less than one batch of --num-envs {self.num_envs}"
+                f"{{total_steps}} {self.total_steps} responses is less than one batch of {{num_envs}} {self.num_envs}",
+                "total_steps",
+                "num_envs",
             )
         check_divides("num_minibatches", self.num_minibatches, prompts)
         if self.eval_every < 0:
-            raise ConfigError(f"--eval-every must be >= 0 updates, got {self.eval_every}")
+            raise ConfigError(f"{{eval_every}} must be >= 0 updates, got {self.eval_every}", "eval_every")
 
 
 @flax.struct.dataclass
@@ -157,9 +159,13 @@ class OnlineConfig(SequenceConfig):
         check_divides("group_size", self.group_size, self.num_envs)
         self._check_batch(prompts=self.num_envs // self.group_size)
         if self.loss_norm not in LOSS_NORMS:
-            raise ConfigError(f"unknown --loss-norm {self.loss_norm!r}; use one of {', '.join(LOSS_NORMS)}")
+            raise ConfigError(
+                f"unknown {{loss_norm}} {self.loss_norm!r}; use one of {', '.join(LOSS_NORMS)}", "loss_norm"
+            )
         if self.kl_penalty not in KL_PENALTIES:
-            raise ConfigError(f"unknown --kl-penalty {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}")
+            raise ConfigError(
+                f"unknown {{kl_penalty}} {self.kl_penalty!r}; use one of {', '.join(KL_PENALTIES)}", "kl_penalty"
+            )
 
 
 @flax.struct.dataclass
@@ -194,7 +200,7 @@ class ClippedConfig(OnlineConfig):
     def validate(self, action_space: gym.Space) -> None:
         super().validate(action_space)
         if float(self.clip_eps) < 0 or float(self.clip_eps_high) < 0:
-            raise ConfigError("--clip-eps and --clip-eps-high must be >= 0")
+            raise ConfigError("{clip_eps} and {clip_eps_high} must be >= 0", "clip_eps", "clip_eps_high")
         check_reference(self)
 
     def uses_reference_options(self) -> list[str]:

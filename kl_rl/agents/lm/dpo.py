@@ -42,11 +42,15 @@ class DPOConfig(OnlineConfig):
     def validate(self, action_space: gym.Space) -> None:
         super().validate(action_space)
         if self.group_size < 2:
-            raise ConfigError(f"--group-size must be >= 2 for online DPO (a pair per prompt), got {self.group_size}")
+            raise ConfigError(
+                f"{{group_size}} must be >= 2 for online DPO (a pair per prompt), got {self.group_size}", "group_size"
+            )
         if self.dpo_loss not in losses.PREFERENCE_LOSSES:
-            raise ConfigError(f"unknown --dpo-loss {self.dpo_loss!r}; use one of {', '.join(losses.PREFERENCE_LOSSES)}")
+            raise ConfigError(
+                f"unknown {{dpo_loss}} {self.dpo_loss!r}; use one of {', '.join(losses.PREFERENCE_LOSSES)}", "dpo_loss"
+            )
         if not float(self.ref_kl_coef) > 0:
-            raise ConfigError("--ref-kl-coef is DPO's beta and must be > 0")
+            raise ConfigError("{ref_kl_coef} is DPO's beta and must be > 0", "ref_kl_coef")
 
 
 def dpo(config: DPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:

@@ -56,7 +56,7 @@ class PPOLMConfig(ClippedConfig):
     def validate(self, action_space: gym.Space) -> None:
         super().validate(action_space)
         if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
-            raise ConfigError("--gamma and --gae-lambda must lie in [0, 1]")
+            raise ConfigError("{gamma} and {gae_lambda} must lie in [0, 1]", "gamma", "gae_lambda")
 
 
 def ppo_lm(config: PPOLMConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
