@@ -31,7 +31,7 @@ import numpy as np
 import kl_rl
 from kl_rl import config as config_lib
 from kl_rl import envs, parallel
-from kl_rl.agents import algo_spec
+from kl_rl.agents import SEQUENCE_ALGOS, algo_spec
 from kl_rl.stats import iqm
 from kl_rl.divergence import first_nonfinite
 from kl_rl.errors import ConfigError
@@ -366,7 +366,13 @@ def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
     seeds = saved["seeds"]
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     fields = {k: v for k, v in saved.items() if k not in RUN_KEYS}
-    config = config_lib.build(algo_spec(algo).config, fields)
+    cls = algo_spec(algo).config
+    if algo in SEQUENCE_ALGOS:
+        # Token-task folders written before issue 23 record the control fields their configs
+        # inherited then (hidden_sizes, num_steps, ...); the configs no longer have them.
+        known = {f.name for f in dataclasses.fields(cls)}
+        fields = {k: v for k, v in fields.items() if k in known}
+    config = config_lib.build(cls, fields)
     env_path, vectorization = saved.get("env_path", "jax"), saved.get("vectorization", "sync")
     config.validate(envs.make(env, env_path, vectorization).action_space)
     sources = {k: saved[k] for k in ("reference", "init_from") if k in saved}

@@ -21,7 +21,7 @@ import numpy as np
 
 from kl_rl import config as config_lib
 from kl_rl import envs
-from kl_rl.agents import algo_spec
+from kl_rl.agents import SEQUENCE_ALGOS, algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.runfolder import LoadedRun, load, ref_spec_from_record
 from kl_rl.reference import RefSpec, Reference
@@ -258,6 +258,13 @@ def _check_start(algo: str, config: Any, loaded: LoadedRun, run_dir: Any) -> Non
         )
     shapes = jax.tree.map(lambda x: x.shape, target.params)
     theirs = jax.tree.map(lambda x: x.shape[1:], source.params)
+    if shapes != theirs and algo in SEQUENCE_ALGOS:
+        c = loaded.config
+        raise ConfigError(
+            f"{{init_from}} {str(run_dir)!r} has another transformer (layers {c.layers}, width {c.width}, heads "
+            f"{c.heads}); give the same {{layers}}/{{width}}/{{heads}}",
+            "init_from", "layers", "width", "heads",
+        )  # fmt: skip
     if shapes != theirs:
         raise ConfigError(
             f"{{init_from}} {str(run_dir)!r} has networks of other shapes (hidden sizes "
