@@ -16,12 +16,15 @@ def train(algo, env_id="CartPole-v1", seeds=1, **fields):
     return jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys, config)
 
 
-def bandit_batch(agent, state, num=64):
+def bandit_batch(agent, state, num=64, every=2, obs=None):
     """A [1, num] batch of one-step episodes in which action 0 pays 1 and action 1 pays 0,
-    collected by the agent's own policy (so the buffer holds its behaviour distribution)."""
-    obs = jnp.ones((1, num, 4), jnp.float32)
+    collected by the agent's own policy (so the buffer holds its behaviour distribution).
+
+    Action 1 is taken at every `every`-th step, action 0 at the others, whatever the policy
+    prefers. Every observation is ones([4]) unless `obs` [1, num, 4] is given."""
+    obs = jnp.ones((1, num, 4), jnp.float32) if obs is None else obs
     action, log_prob, dist = agent.act(jax.random.key(3), state, obs[0])
-    action = jnp.arange(num) % 2  # both actions, half each, whatever the policy prefers
+    action = (jnp.arange(num) % every == 0).astype(action.dtype)
     log_prob = dist.log_prob(action)
     reward = (action == 0).astype(jnp.float32)
     return buffer.Transition(

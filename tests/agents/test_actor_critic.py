@@ -35,6 +35,36 @@ def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
     np.testing.assert_allclose(metrics["kl"], expected, rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("algo", sorted(SMALL))
+def test_normalized_advantages_make_the_policy_step_blind_to_a_reward_shift(algo):
+    # On the bandit's one-step episodes a constant added to every reward is added to every
+    # advantage, which normalization takes away again: the policy's step is unchanged. Without
+    # normalization it changes, provided the shift's gradient, the sum of grad log pi(a), is
+    # neither zero nor parallel to the advantages' gradient: actions unbalanced (action 1 in 1 of
+    # 4) and observations that differ (on one state every policy gradient of a two-action softmax
+    # lies along one direction, which TRPO's step, fixed in length by delta, cannot tell apart).
+    # PPO's global-norm clip is lifted: the critic's gradient, which the shift does change, would
+    # otherwise rescale the policy's.
+    env = envs.make("CartPole-v1")
+    steps = {}
+    for normalize in (True, False):
+        fields = dict(SMALL[algo], normalize_advantages=normalize)
+        if algo == "ppo":
+            fields["max_grad_norm"] = 1e9
+        config = ALGOS[algo].config(**fields)
+        agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+        state = agent.init(jax.random.key(0))
+        traj = bandit_batch(agent, state, every=4, obs=jax.random.normal(jax.random.key(4), (1, 64, 4)))
+        update = jax.jit(agent.update)
+        steps[normalize] = [
+            jax.tree.leaves(update(jax.random.key(1), state, t, jnp.zeros(()))[0].params["policy"])
+            for t in (traj, traj._replace(reward=traj.reward + 5.0))
+        ]
+    for a, b in zip(*steps[True], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert max(np.max(np.abs(a - b)) for a, b in zip(*steps[False], strict=True)) > 1e-3
+
+
 @pytest.mark.parametrize("algo", ["vpg", "trpo"])
 def test_seeds_run_under_vmap_with_finite_metrics(algo):
     out = train(algo, seeds=2, **SMALL[algo])
