@@ -6,8 +6,11 @@ import numpy as np
 import pytest
 
 from kl_rl import envs
+from kl_rl.agents import ALGOS
 from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss, normalize_advantages, value_loss
 from kl_rl.train import make_train
+
+from .common import bandit_batch
 
 SMALL = dict(total_steps=4096, num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2)
 
@@ -39,6 +42,30 @@ def test_advantage_normalization_is_finite_on_a_constant_batch():
     np.testing.assert_array_equal(normalize_advantages(jnp.full(8, 3.0)), 0.0)
     x = normalize_advantages(jnp.arange(8.0))
     np.testing.assert_allclose([x.mean(), x.std()], [0.0, 1.0], atol=1e-6)
+
+
+def test_an_update_whose_ratios_are_all_beyond_the_clip_leaves_the_policy():
+    # The bandit batch's recorded behaviour log-probs are moved so that every ratio pi / mu lies
+    # beyond the clip on the side its advantage favours (action 0 pays: ratio e^0.5 > 1 + eps;
+    # action 1 does not: e^-0.5 < 1 - eps). The clipped objective then has no policy gradient and
+    # the update leaves the policy exactly as it was; on the batch as collected, the policy moves.
+    # Entropy bonus off: it has a gradient of its own.
+    env = envs.make("CartPole-v1")
+    config = PPOConfig(**SMALL, ent_coef=0.0)
+    agent = ALGOS["ppo"].make(config, env.observation_space, env.action_space)
+    state = agent.init(jax.random.key(0))
+    traj = bandit_batch(agent, state)
+    beyond = traj._replace(log_prob=traj.log_prob + jnp.where(traj.action == 0, -0.5, 0.5))
+    update = jax.jit(agent.update)
+    before = jax.tree.leaves(state.params["policy"])
+    moved, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
+    assert metrics["clip_frac"] < 1.0
+    after = jax.tree.leaves(moved.params["policy"])
+    assert max(np.max(np.abs(a - b)) for a, b in zip(before, after, strict=True)) > 1e-4
+    kept, metrics = update(jax.random.key(1), state, beyond, jnp.zeros(()))
+    assert metrics["clip_frac"] == 1.0
+    for a, b in zip(before, jax.tree.leaves(kept.params["policy"]), strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def _train(env_id="CartPole-v1", seeds=1, **overrides):
