@@ -1,4 +1,7 @@
-"""Helpers shared by the algorithm tests: a compiled multi-seed run and a one-step bandit batch."""
+"""Helpers shared by the algorithm tests: a compiled multi-seed run, an agent with its compiled
+update, and a one-step bandit batch."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +17,22 @@ def train(algo, env_id="CartPole-v1", seeds=1, **fields):
     fn = make_train(algo, config, envs.make(env_id))
     keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
     return jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys, config)
+
+
+@functools.cache
+def _made(algo, env_id, fields):
+    env = envs.make(env_id)
+    config = ALGOS[algo].config(**dict(fields))
+    agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+    return config, agent, jax.jit(agent.update)
+
+
+def made_agent(algo, env_id="CartPole-v1", **fields):
+    """(config, agent, jitted update) of `algo` with `fields` set, for `env_id`'s spaces.
+
+    Made once per process: the tests that update one agent on batches of one shape share its
+    compiled program (a file that relies on it runs on one pytest-xdist worker)."""
+    return _made(algo, env_id, tuple(sorted(fields.items())))
 
 
 def bandit_batch(agent, state, num=64, every=2, obs=None):

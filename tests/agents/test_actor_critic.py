@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 
 from kl_rl import envs
-from kl_rl.agents import ALGOS
 
-from .common import bandit_batch, train
+from .common import bandit_batch, made_agent, train
+
+# made_agent's compiled updates are shared by the tests of this file: it runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_actor_critic")
 
 SMALL = {
     "ppo": dict(total_steps=2048, num_envs=4, num_steps=64, update_epochs=2),
@@ -19,12 +21,10 @@ SMALL = {
 
 @pytest.mark.parametrize("algo", sorted(SMALL))
 def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
-    env = envs.make("CartPole-v1")
-    config = ALGOS[algo].config(**SMALL[algo])
-    agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+    _, agent, update = made_agent(algo, **SMALL[algo])
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
     p_before = agent.policy(state, traj.obs[0, :1]).probs[0, 0]
     p_after = agent.policy(new_state, traj.obs[0, :1]).probs[0, 0]
     assert p_after > p_before + 1e-4, (p_before, p_after)
@@ -45,17 +45,16 @@ def test_normalized_advantages_make_the_policy_step_blind_to_a_reward_shift(algo
     # lies along one direction, which TRPO's step, fixed in length by delta, cannot tell apart).
     # PPO's global-norm clip is lifted: the critic's gradient, which the shift does change, would
     # otherwise rescale the policy's.
-    env = envs.make("CartPole-v1")
     steps = {}
     for normalize in (True, False):
-        fields = dict(SMALL[algo], normalize_advantages=normalize)
+        fields = dict(SMALL[algo])
+        if not normalize:
+            fields["normalize_advantages"] = False
         if algo == "ppo":
             fields["max_grad_norm"] = 1e9
-        config = ALGOS[algo].config(**fields)
-        agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+        _, agent, update = made_agent(algo, **fields)
         state = agent.init(jax.random.key(0))
         traj = bandit_batch(agent, state, every=4, obs=jax.random.normal(jax.random.key(4), (1, 64, 4)))
-        update = jax.jit(agent.update)
         steps[normalize] = [
             jax.tree.leaves(update(jax.random.key(1), state, t, jnp.zeros(()))[0].params["policy"])
             for t in (traj, traj._replace(reward=traj.reward + 5.0))

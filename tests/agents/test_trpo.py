@@ -10,7 +10,10 @@ from kl_rl import buffer, envs, kl, networks
 from kl_rl.agents import ALGOS
 from kl_rl.agents.trpo import conjugate_gradient, fisher_vector_product
 
-from .common import bandit_batch, train
+from .common import bandit_batch, made_agent, train
+
+# made_agent's compiled updates are shared by the tests of this file: it runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_trpo")
 
 
 def _small_policy_kl(kind):
@@ -80,12 +83,11 @@ def test_every_accepted_step_keeps_kl_within_delta(direction):
 
 
 def test_accepted_kl_recomputed_independently_is_within_delta():
-    env = envs.make("CartPole-v1")
-    config = ALGOS["trpo"].config(**FIELDS, max_kl=0.01)
-    agent = ALGOS["trpo"].make(config, env.observation_space, env.action_space)
+    config, agent, update = made_agent("trpo", **FIELDS)
+    assert config.max_kl == 0.01
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
     assert metrics["accepted"] == 1
     old = jax.tree.map(lambda x: x[0], traj.dist)
     recomputed = jnp.mean(kl.kl_old_new(old, agent.policy(new_state, traj.obs[0])))
@@ -95,13 +97,11 @@ def test_accepted_kl_recomputed_independently_is_within_delta():
 
 
 def test_a_batch_with_nothing_to_gain_is_rejected_and_leaves_the_policy():
-    env = envs.make("CartPole-v1")
-    config = ALGOS["trpo"].config(**FIELDS)
-    agent = ALGOS["trpo"].make(config, env.observation_space, env.action_space)
+    config, agent, update = made_agent("trpo", **FIELDS)
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
     traj = traj._replace(reward=jnp.zeros_like(traj.reward))  # constant advantages: g = 0
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
     assert metrics["accepted"] == 0 and metrics["kl"] == 0
     assert metrics["line_search_steps"] == config.backtrack_iters
     for a, b in zip(jax.tree.leaves(state.params["policy"]), jax.tree.leaves(new_state.params["policy"]), strict=True):
