@@ -16,6 +16,7 @@ import pytest
 import kl_rl
 from kl_rl import envs, kl, runfolder, runner, sources
 from kl_rl.agents import PPOConfig
+from kl_rl.agents.common import add_reference_loss
 from kl_rl.cli import main
 from kl_rl.train import make_trainer
 
@@ -76,6 +77,20 @@ def test_kl_ref_is_the_exact_kl_of_the_updated_policy_on_the_batch(teacher):
     loaded = runfolder.load(teacher)
     raw = data.obs[:3, 0]
     np.testing.assert_allclose(data.ref_dist.logits[:3, 0], loaded.dist(raw, seed=0).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_the_loss_penalty_is_beta_times_the_exact_kl_in_the_configured_direction():
+    # `add_reference_loss` is what every agent's loss calls; the anchor functions' own directions
+    # are tested in test_kl.py, the direction the loss hands them here.
+    rng = np.random.default_rng(0)
+    pi, ref = (kl.Categorical(jnp.asarray(2.0 * rng.normal(size=(6, 3)), jnp.float32)) for _ in range(2))
+    fields = dict.fromkeys(kl_rl.buffer.Transition._fields)
+    traj = kl_rl.buffer.Transition(**{**fields, "action": jnp.zeros(6, jnp.int32), "ref_dist": ref})
+    reverse, forward = jnp.mean(kl.kl_divergence(pi, ref)), jnp.mean(kl.kl_divergence(ref, pi))
+    assert abs(reverse - forward) > 0.01  # the directions differ (0.44 and 0.41 nats)
+    for direction, want in (("reverse", reverse), ("forward", forward)):
+        got = add_reference_loss(jnp.float32(1.0), PPOConfig(ref_kl_direction=direction), pi, traj, 0.5)
+        np.testing.assert_allclose(got, 1.0 + 0.5 * want, rtol=1e-6, err_msg=direction)
 
 
 def test_a_reward_penalty_is_beta_times_the_estimate_at_the_behaviour_sample(teacher):

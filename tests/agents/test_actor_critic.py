@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 
 from kl_rl import envs
-from kl_rl.agents import ALGOS
-from kl_rl.agents.base import UpdateContext
 
-from .common import bandit_batch, train
+from .common import bandit_batch, made_agent, train
+
+# made_agent's compiled updates are shared by the tests of this file: it runs on one xdist worker.
+pytestmark = pytest.mark.xdist_group("test_actor_critic")
 
 SMALL = {
     "ppo": dict(total_steps=2048, num_envs=4, num_steps=64, update_epochs=2),
@@ -20,12 +21,10 @@ SMALL = {
 
 @pytest.mark.parametrize("algo", sorted(SMALL))
 def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
-    env = envs.make("CartPole-v1")
-    config = ALGOS[algo].config(**SMALL[algo])
-    agent = ALGOS[algo].make(config, env.observation_space, env.action_space)
+    _, agent, update = made_agent(algo, **SMALL[algo])
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
-    new_state, metrics = agent.update(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
+    new_state, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
     p_before = agent.policy(state, traj.obs[0, :1]).probs[0, 0]
     p_after = agent.policy(new_state, traj.obs[0, :1]).probs[0, 0]
     assert p_after > p_before + 1e-4, (p_before, p_after)
@@ -34,6 +33,35 @@ def test_a_step_on_a_bandit_raises_the_paying_actions_probability(algo):
     dist0 = jax.tree.map(lambda x: x[0], traj.dist)
     expected = float(jnp.mean(jnp.sum(dist0.probs * (dist0.log_probs - new_dist.log_probs), -1)))
     np.testing.assert_allclose(metrics["kl"], expected, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("algo", sorted(SMALL))
+def test_normalized_advantages_make_the_policy_step_blind_to_a_reward_shift(algo):
+    # On the bandit's one-step episodes a constant added to every reward is added to every
+    # advantage, which normalization takes away again: the policy's step is unchanged. Without
+    # normalization it changes, provided the shift's gradient, the sum of grad log pi(a), is
+    # neither zero nor parallel to the advantages' gradient: actions unbalanced (action 1 in 1 of
+    # 4) and observations that differ (on one state every policy gradient of a two-action softmax
+    # lies along one direction, which TRPO's step, fixed in length by delta, cannot tell apart).
+    # PPO's global-norm clip is lifted: the critic's gradient, which the shift does change, would
+    # otherwise rescale the policy's.
+    steps = {}
+    for normalize in (True, False):
+        fields = dict(SMALL[algo])
+        if not normalize:
+            fields["normalize_advantages"] = False
+        if algo == "ppo":
+            fields["max_grad_norm"] = 1e9
+        _, agent, update = made_agent(algo, **fields)
+        state = agent.init(jax.random.key(0))
+        traj = bandit_batch(agent, state, every=4, obs=jax.random.normal(jax.random.key(4), (1, 64, 4)))
+        steps[normalize] = [
+            jax.tree.leaves(update(jax.random.key(1), state, t, jnp.zeros(()))[0].params["policy"])
+            for t in (traj, traj._replace(reward=traj.reward + 5.0))
+        ]
+    for a, b in zip(*steps[True], strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert max(np.max(np.abs(a - b)) for a, b in zip(*steps[False], strict=True)) > 1e-3
 
 
 @pytest.mark.parametrize("algo", ["vpg", "trpo"])

@@ -1,14 +1,22 @@
 """PPO: loss pieces against hand values, KL mechanisms, determinism and a small learning check."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from kl_rl import envs
-from kl_rl.agents.common import normalize_advantages, value_loss
-from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss
+from kl_rl.agents import ALGOS
+from kl_rl.config import is_static
+from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss, normalize_advantages, value_loss
 from kl_rl.train import make_train
+
+from .common import bandit_batch
+
+# `_train` keeps its compiled programs for the module: the file runs on one pytest-xdist worker.
+pytestmark = pytest.mark.xdist_group("test_ppo")
 
 SMALL = dict(total_steps=4096, num_envs=4, num_steps=64, num_minibatches=4, update_epochs=2)
 
@@ -42,16 +50,53 @@ def test_advantage_normalization_is_finite_on_a_constant_batch():
     np.testing.assert_allclose([x.mean(), x.std()], [0.0, 1.0], atol=1e-6)
 
 
-def _train(env_id="CartPole-v1", seeds=1, **overrides):
+def test_an_update_whose_ratios_are_all_beyond_the_clip_leaves_the_policy():
+    # The bandit batch's recorded behaviour log-probs are moved so that every ratio pi / mu lies
+    # beyond the clip on the side its advantage favours (action 0 pays: ratio e^0.5 > 1 + eps;
+    # action 1 does not: e^-0.5 < 1 - eps). The clipped objective then has no policy gradient and
+    # the update leaves the policy exactly as it was; on the batch as collected, the policy moves.
+    # Entropy bonus off: it has a gradient of its own.
+    env = envs.make("CartPole-v1")
+    config = PPOConfig(**SMALL, ent_coef=0.0)
+    agent = ALGOS["ppo"].make(config, env.observation_space, env.action_space)
+    state = agent.init(jax.random.key(0))
+    traj = bandit_batch(agent, state)
+    beyond = traj._replace(log_prob=traj.log_prob + jnp.where(traj.action == 0, -0.5, 0.5))
+    update = jax.jit(agent.update)
+    before = jax.tree.leaves(state.params["policy"])
+    moved, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
+    assert metrics["clip_frac"] < 1.0
+    after = jax.tree.leaves(moved.params["policy"])
+    assert max(np.max(np.abs(a - b)) for a, b in zip(before, after, strict=True)) > 1e-4
+    kept, metrics = update(jax.random.key(1), state, beyond, jnp.zeros(()))
+    assert metrics["clip_frac"] == 1.0
+    for a, b in zip(before, jax.tree.leaves(kept.params["policy"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+_STATIC = tuple(f.name for f in dataclasses.fields(PPOConfig) if is_static(PPOConfig, f.name))
+_PROGRAMS = {}
+"""Compiled multi-seed programs by env and static fields: the traced fields (lr, target_kl, ...)
+are the program's argument, so runs that differ only in them compile once."""
+
+
+def _train(env_id="CartPole-v1", seeds=1, fresh=False, **overrides):
+    """`seeds` seeds of PPO with `overrides` over SMALL; `fresh` builds and compiles the program
+    anew instead of reusing one with the same static fields."""
     config = PPOConfig(**{**SMALL, **overrides})
-    train = make_train("ppo", config, envs.make(env_id))
+    statics = tuple(getattr(config, name) for name in _STATIC)
+    program = None if fresh else _PROGRAMS.get((env_id, statics))
+    if program is None:
+        program = jax.jit(jax.vmap(make_train("ppo", config, envs.make(env_id)), in_axes=(0, None)))
+        if not fresh:
+            _PROGRAMS[env_id, statics] = program
     keys = jax.vmap(jax.random.key)(jnp.arange(seeds))
-    return jax.jit(jax.vmap(train, in_axes=(0, None)))(keys, config)
+    return program(keys, config)
 
 
 @pytest.mark.slow  # long; slow-marked to keep the default run under 10 minutes (issue 16)
 def test_same_key_gives_identical_bits():
-    a, b = _train(seeds=2), _train(seeds=2)
+    a, b = _train(seeds=2, fresh=True), _train(seeds=2, fresh=True)  # traced and compiled twice
     leaves_a = jax.tree.leaves((a.metrics, a.eval_returns, a.state.agent))
     leaves_b = jax.tree.leaves((b.metrics, b.eval_returns, b.state.agent))
     assert len(leaves_a) == len(leaves_b)
