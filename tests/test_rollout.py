@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kl_rl import envs, kl, rollout
+from kl_rl import distributions, envs, rollout
 from kl_rl.envs import VecEnv
 
 
@@ -16,7 +16,7 @@ def test_next_obs_is_the_step_s_own_next_observation_also_where_an_episode_ended
     start = rollout.init_collector(vec.reset(jax.random.key(0)), vec.observation_space.shape)
 
     def act(key, obs):
-        dist = kl.categorical(jnp.zeros((obs.shape[0], 2)))
+        dist = distributions.categorical(jnp.zeros((obs.shape[0], 2)))
         action = dist.sample(key)
         return action, dist.log_prob(action), dist
 

@@ -12,6 +12,7 @@ from kl_rl.agents import ALGOS
 from kl_rl.config import is_static
 from kl_rl.agents.ppo import PPOConfig, clipped_surrogate_loss, normalize_advantages, value_loss
 from kl_rl.train import make_train
+from kl_rl.agents.base import UpdateContext
 
 from .common import bandit_batch
 
@@ -62,7 +63,7 @@ def test_an_update_whose_ratios_are_all_beyond_the_clip_leaves_the_policy():
     state = agent.init(jax.random.key(0))
     traj = bandit_batch(agent, state)
     beyond = traj._replace(log_prob=traj.log_prob + jnp.where(traj.action == 0, -0.5, 0.5))
-    update = jax.jit(agent.update)
+    update = jax.jit(lambda key, state, traj, progress: agent.update(key, state, traj, UpdateContext(progress)))
     before = jax.tree.leaves(state.params["policy"])
     moved, metrics = update(jax.random.key(1), state, traj, jnp.zeros(()))
     assert metrics["clip_frac"] < 1.0

@@ -9,6 +9,7 @@ from jax.flatten_util import ravel_pytree
 from kl_rl import buffer, envs, kl, networks
 from kl_rl.agents import ALGOS
 from kl_rl.agents.trpo import conjugate_gradient, fisher_vector_product
+from kl_rl.agents.base import UpdateContext
 
 from .common import bandit_batch, made_agent, train
 
@@ -140,7 +141,7 @@ def test_line_search_backtracks_when_the_full_step_exceeds_delta():
     agent = ALGOS["trpo"].make(config, env.observation_space, env.action_space)
     state = agent.init(jax.random.key(0))
     traj = _near_mean_batch(agent, state)
-    new_state, metrics = jax.jit(agent.update)(jax.random.key(1), state, traj, jnp.zeros(()))
+    new_state, metrics = jax.jit(agent.update)(jax.random.key(1), state, traj, UpdateContext(jnp.zeros(())))
     assert metrics["accepted"] == 1
     assert metrics["line_search_steps"] >= 2  # it backtracked
     old = jax.tree.map(lambda x: x[0], traj.dist)
