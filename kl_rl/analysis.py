@@ -39,7 +39,7 @@ except ImportError as err:
 ID_COLUMNS = ("run", "path", "kind", "algo", "env", "point")
 """The columns before the swept hyperparameters in `load`'s table."""
 
-# metrics.csv's leading metrics (kl_rl.runner.RunResult.rows); the others follow sorted by name.
+# metrics.csv's leading metrics (kl_rl.runfolder.RunResult.rows); the others follow sorted by name.
 _FIRST_METRICS = ("episode_return", "episode_length", "kl", "entropy", "pg_loss", "vf_loss")
 
 REFERENCE_SCORES: dict[str, tuple[float, float]] = {

@@ -67,7 +67,7 @@ class Checkpointer:
         absl = logging.getLogger("absl")
         level = absl.level
         # orbax warns "Given directory is read only" on every read-only open: loading a run (a
-        # reference policy, `kl_rl.runner.load`) is what read-only is for, not a problem to report.
+        # reference policy, `kl_rl.runfolder.load`) is what read-only is for, not a problem to report.
         absl.setLevel(logging.ERROR if read_only else level)
         try:
             self._manager = ocp.CheckpointManager(
