@@ -33,6 +33,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,16 +56,22 @@ NO_LAPACK = "from jax._src.lax import linalg; linalg.initialize_lapack = lambda:
 
 
 def sources(executable_rev: str, tmp: Path) -> dict[str, tuple[Path, str | None]]:
-    """Each mode's kl_rl (a folder to put first on PYTHONPATH) and its KL_RL_PROGRAM_CACHE."""
+    """Each mode's kl_rl (a folder to put first on PYTHONPATH) and its KL_RL_PROGRAM_CACHE.
+
+    This checkout's kl_rl is copied as it is now, so that editing it while this runs changes
+    neither what is measured nor the cache keys (they hash kl_rl's source).
+    """
+    new = tmp / "src"
+    shutil.copytree(ROOT / "kl_rl", new / "kl_rl", ignore=shutil.ignore_patterns("__pycache__"))
     old = tmp / "executable-src"
     old.mkdir()
     git = ["git", "-C", str(ROOT), "archive", executable_rev, "kl_rl"]
     archive = subprocess.run(git, capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive.stdout, check=True)
     return {
-        "persistent": (ROOT, "0"),
-        "export": (ROOT, None),
-        "export-nolapack": (ROOT, None),
+        "persistent": (new, "0"),
+        "export": (new, None),
+        "export-nolapack": (new, None),
         "executable": (old, "1"),
     }
 
@@ -153,7 +160,7 @@ def crash_checks(modes: dict, tmp: Path) -> None:
             if mode not in ("export", "executable"):
                 continue
             folder = tmp / f"crash-{case.replace(' ', '_')}-{mode}"
-            runs = [command(mode, src, "0" if src == ROOT else None, args, folder / "prime", folder)]
+            runs = [command(mode, src, "0" if cache is None else None, args, folder / "prime", folder)]
             runs += [command(mode, src, cache, args, folder / f"run{i}", folder) for i in (1, 2)]
             for i, row in enumerate(runs):
                 print(json.dumps({"case": case, "run": ["prime", "first", "second"][i], **row}), flush=True)

@@ -21,11 +21,13 @@ On CPU the devices are the cores once `use_cpu_devices` has run before JAX start
 CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
 """
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import os
 import pickle
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -321,19 +323,17 @@ class Programs:
         return self._call("restart_envs", keys, state)
 
 
-# The packages whose code runs while kl_rl's programs are traced.
-_TRACED_BY = ("jax", "jaxlib", "flax", "optax", "chex", "numpy", "gymnax", "brax", "mujoco", "mujoco-mjx", "navix")
+# The modules whose code runs while kl_rl's programs are traced (besides JAX), and their packages.
+_TRACED_BY = {"flax": "flax", "optax": "optax", "chex": "chex", "numpy": "numpy", "gymnax": "gymnax",
+              "brax": "brax", "mujoco": "mujoco", "mujoco.mjx": "mujoco-mjx", "navix": "navix"}  # fmt: skip
 
 
-@functools.cache
 def _environment() -> tuple:
     """What a program depends on besides its trainer and arguments: the code that traces it
-    (kl_rl's source, the libraries' versions) and what changes its numerics."""
-    from importlib import metadata
+    (kl_rl's source, the versions of JAX and of the libraries imported) and what changes its
+    numerics."""
+    from jax._src.lib import version_str as jaxlib_version
 
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
     settings = (
         "jax_enable_x64",
         "jax_default_matmul_precision",
@@ -341,18 +341,34 @@ def _environment() -> tuple:
         "jax_threefry_partitionable",
         "jax_num_cpu_devices",
     )
-    versions = []
-    for name in _TRACED_BY:
-        try:
-            versions.append(metadata.version(name))
-        except metadata.PackageNotFoundError:
-            versions.append(None)
     return (
-        digest.hexdigest(),
-        tuple(versions),
+        _source_digest(),
+        jax.__version__,
+        jaxlib_version,
+        tuple((module, _version(module, package)) for module, package in _TRACED_BY.items() if module in sys.modules),
         os.environ.get("XLA_FLAGS", ""),
         tuple(str(getattr(jax.config, s, None)) for s in settings),
     )
+
+
+@functools.cache
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _version(module: str, package: str) -> str | None:
+    """A module's `__version__`, else its package's (slower: importlib.metadata scans sys.path)."""
+    version = getattr(sys.modules[module], "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            version = metadata.version(package)
+    return version
 
 
 class _Exported(NamedTuple):
