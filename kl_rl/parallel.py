@@ -29,6 +29,7 @@ import os
 import pickle
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
@@ -451,8 +452,44 @@ def _compile(exported: _Exported, lay: Layout, options: dict[str, Any]) -> _Prog
     module from the same argument specs, so JAX's persistent cache keys them alike.
     """
     specs = _specs(exported.exported.in_avals, lay)
-    compiled = jax.jit(exported.exported.call, donate_argnums=exported.donate).lower(*specs).compile(options)
-    return _Program(compiled, exported, exported.out_info(lay))
+    call = jax.jit(exported.exported.call, donate_argnums=exported.donate)
+    _skip_lapack_setup()
+    module = exported.exported.mlir_module_serialized
+    _lowering.skip_lapack = lay.devices[0].platform == "cpu" and b"lapack" not in module
+    try:
+        lowered = call.lower(*specs)
+    finally:
+        _lowering.skip_lapack = False
+    return _Program(lowered.compile(options), exported, exported.out_info(lay))
+
+
+_lowering = threading.local()
+
+
+@functools.cache
+def _skip_lapack_setup() -> None:
+    """Lets `_compile` lower a CPU program that makes no LAPACK call without JAX loading LAPACK.
+
+    Lowering a call of an exported program on CPU makes JAX load LAPACK's kernels from scipy
+    first, whatever the program: an import of scipy.linalg that took 0.5 s of a warm README
+    command's 1.1 s of compile_time_s (experiments/warm_compile.py). kl_rl's programs make no
+    LAPACK call (`kl_rl.networks.orthogonal` avoids one), and a program that makes none never
+    uses those kernels. So JAX's (private) hook is wrapped, once, to do nothing in a thread
+    where `_lowering.skip_lapack` is set; with a JAX that has no such hook, nothing changes but
+    the time.
+    """
+    try:
+        from jax._src.export import _export as jax_export
+
+        ensure = jax_export._ensure_backends_initialized
+    except (ImportError, AttributeError):
+        return
+
+    def ensure_unless_skipped(platforms):
+        if not getattr(_lowering, "skip_lapack", False):
+            ensure(platforms)
+
+    jax_export._ensure_backends_initialized = ensure_unless_skipped
 
 
 def _load(path: Path | None, lay: Layout, options: dict[str, Any]) -> _Program | None:
