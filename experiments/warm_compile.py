@@ -11,10 +11,10 @@ every mode in turn (the order rotates) on a cache folder of its own: once with t
   export cache).
 - `export`: kl_rl's default: each program also kept lowered (`jax.export`); a warm command loads
   it and JAX's persistent cache supplies the executable.
-- `export-nolapack` (a probe, not a setting): `export` in a process where JAX's LAPACK setup is a
-  no-op. Calling an exported program on CPU makes JAX load LAPACK's kernels from scipy (an
-  import of scipy.linalg) even for a program with no LAPACK call, as kl_rl's are: this mode
-  shows what that costs.
+- `export-lapack` (a probe, not a setting): `export` without kl_rl's skipping of JAX's LAPACK
+  setup (`kl_rl.parallel._skip_lapack_setup`). Lowering a call of an exported program on CPU
+  makes JAX load LAPACK's kernels from scipy (an import of scipy.linalg) even for a program
+  with no LAPACK call, as kl_rl's are: this mode shows what that costs.
 - `executable`: the former opt-in cache of XLA executables (KL_RL_PROGRAM_CACHE=1 in kl_rl at
   `--executable-rev`, whose kl_rl/ is unpacked with `git archive`).
 
@@ -50,9 +50,9 @@ CRASH_CASES = {
     "ppo --policy-lag 2": [*README, "--policy-lag", "2"],
     "ppo --replay-rollouts 2": [*README, "--replay-rollouts", "2"],
 }
-MODES = ("persistent", "export", "export-nolapack", "executable")
+MODES = ("persistent", "export", "export-lapack", "executable")
 CLI = "import sys; from kl_rl.cli import main; sys.argv[0] = 'kl-rl'; sys.exit(main())"
-NO_LAPACK = "from jax._src.lax import linalg; linalg.initialize_lapack = lambda: None; " + CLI
+WITH_LAPACK = "from kl_rl import parallel; parallel._skip_lapack_setup = lambda: None; " + CLI
 
 
 def sources(executable_rev: str, tmp: Path) -> dict[str, tuple[Path, str | None]]:
@@ -71,7 +71,7 @@ def sources(executable_rev: str, tmp: Path) -> dict[str, tuple[Path, str | None]
     return {
         "persistent": (new, "0"),
         "export": (new, None),
-        "export-nolapack": (new, None),
+        "export-lapack": (new, None),
         "executable": (old, "1"),
     }
 
@@ -85,7 +85,7 @@ def command(mode: str, src: Path, cache: str | None, args: list[str], out: Path,
         env["KL_RL_PROGRAM_CACHE"] = cache
     tmp.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    code = NO_LAPACK if mode == "export-nolapack" else CLI
+    code = WITH_LAPACK if mode == "export-lapack" else CLI
     proc = subprocess.run([sys.executable, "-c", code, *args, "--out", str(out)], env=env, cwd=tmp,
                           capture_output=True, text=True, check=False)  # fmt: skip
     wall = time.perf_counter() - start
@@ -185,7 +185,7 @@ def main() -> int:
         modes = {m: every[m] for m in args.modes.split(",")}
         rows = cold_and_warm(args.reps, README, modes, tmp, "train")
         if args.sweep_reps:
-            sweep_modes = {m: src for m, src in modes.items() if m != "export-nolapack"}
+            sweep_modes = {m: src for m, src in modes.items() if m != "export-lapack"}
             rows += cold_and_warm(args.sweep_reps, SWEEP, sweep_modes, tmp, "sweep")
         if args.crash_checks:
             crash_checks(modes, tmp)
