@@ -130,7 +130,7 @@ def table(rows: list[dict], label: str) -> None:
     reps = len({r["rep"] for r in rows})
     print(f"\n{label}: {reps} repetition(s), fresh process each; seconds, median [min-max]")
     heads = ("cold compile", "warm compile", "cold wall", "warm wall")
-    print(f"{'mode':<11} " + " ".join(f"{h:>20}" for h in heads) + "  warm compile / persistent's")
+    print(f"{'mode':<14} " + " ".join(f"{h:>20}" for h in heads) + "  warm compile / persistent's")
     digests = {r.get("digest") for r in rows}
     for mode in dict.fromkeys(r["mode"] for r in rows):
         cells = []
@@ -145,7 +145,7 @@ def table(rows: list[dict], label: str) -> None:
             if mode in by_mode and "persistent" in by_mode:
                 ratios.append(by_mode[mode] / by_mode["persistent"])
         failed = sum(r["rc"] != 0 for r in rows if r["mode"] == mode)
-        print(f"{mode:<11} {cell(cells[0][0]):>20} {cell(cells[1][0]):>20} {cell(cells[0][1]):>20} "
+        print(f"{mode:<14} {cell(cells[0][0]):>20} {cell(cells[1][0]):>20} {cell(cells[0][1]):>20} "
               f"{cell(cells[1][1]):>20}  {statistics.median(ratios) if ratios else float('nan'):.2f}"
               f"{f'   {failed} FAILED' if failed else ''}")  # fmt: skip
     print(f"same bits in every run: {len(digests) == 1 and None not in digests} ({len(digests)} digest(s))")
