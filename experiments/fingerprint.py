@@ -66,8 +66,9 @@ def short_suite() -> dict:
     record("ppo Pendulum-v1", kl_rl.run("ppo", "Pendulum-v1", seeds=2, **SHORT))
     record("ppo reference loss", kl_rl.run("ppo", "CartPole-v1", seeds=2, reference=tmp / "teacher",
                                            ref_kl_coef=0.5, **SHORT))  # fmt: skip
+    lagged = dict(ref_kl_coef=0.1, ref_kl_in="reward", policy_lag=2)
     record("ppo reference reward lag", kl_rl.run("ppo", "CartPole-v1", seeds=2, reference=tmp / "teacher",
-                                                 ref_kl_coef=0.1, ref_kl_in="reward", policy_lag=2, **SHORT))  # fmt: skip
+                                                 **lagged, **SHORT))  # fmt: skip
     record("ppo replay vtrace", kl_rl.run("ppo", "CartPole-v1", seeds=2, replay_rollouts=2, **SHORT))
     record("vpg init-from", kl_rl.run("vpg", "CartPole-v1", seeds=2, init_from=tmp / "teacher", **SHORT))
     sft = record("sft Addition-v0", kl_rl.run("sft", "Addition-v0", seeds=1, total_steps=2048, eval_episodes=64))
