@@ -21,11 +21,15 @@ On CPU the devices are the cores once `use_cpu_devices` has run before JAX start
 CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
 """
 
+import contextlib
 import functools
 import hashlib
+import importlib.util
 import os
 import pickle
+import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Sequence
@@ -35,7 +39,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import serialize_executable
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kl_rl.errors import ConfigError
@@ -46,15 +49,20 @@ PROGRAM_CACHE_ENV = "KL_RL_PROGRAM_CACHE"
 
 
 def program_cache_enabled() -> bool:
-    """Whether `Programs` keeps and loads serialized executables ($KL_RL_PROGRAM_CACHE=1; off by default).
+    """Whether `Programs` keeps the programs it lowers (on unless $KL_RL_PROGRAM_CACHE is 0/off).
 
-    Off by default because XLA:CPU (jaxlib 0.10) sometimes loads such an executable whose fused
-    functions it then cannot find when it runs ("NOT_FOUND: Function iota_convert_fusion not
-    found"), depending on the program: seen for VPG on CartPole-v1 and for PPO with policy lag or
-    replay, on the second command. A crash is worse than the 1.5 s of tracing it saves; JAX's own
-    persistent cache (on by default) still skips XLA's compilation.
+    It keeps them lowered (`jax.export`'s StableHLO), not compiled: XLA:CPU (jaxlib 0.10)
+    serializes an executable that JAX's persistent cache supplied without some of its fused
+    functions, so kl_rl's former cache of executables crashed on the second command whenever the
+    persistent cache was warm before the first ("Function broadcast_multiply_fusion.3 not found",
+    "iota_convert_fusion"). Serializing needs the `flatbuffers` package; without it, nothing is
+    kept.
     """
-    return os.environ.get(PROGRAM_CACHE_ENV, "").strip().lower() in ("1", "on", "true", "yes")
+    if os.environ.get(PROGRAM_CACHE_ENV, "").strip().lower() in ("0", "off", "false", "no"):
+        return False
+    return importlib.util.find_spec("flatbuffers") is not None
+
+
 _FORCE_FLAG = "xla_force_host_platform_device_count"
 
 
@@ -180,15 +188,18 @@ class Programs:
     Every argument and output is batched along the items axis (padded to `layout.padded`):
     keys, configs (stacked with `stack`), train states.
 
-    With a `cache_dir`, a `key` naming the trainer (algo, env, path, its config) and
-    `program_cache_enabled()` (opt-in, see there), each compiled program is also kept there as a
-    serialized executable, and a later process that
-    builds the same programs loads them without tracing or compiling anything. JAX's own
-    persistent cache skips XLA's compilation but not the tracing and lowering, about 1.5 s of
-    Python for PPO. The file name hashes everything a program depends on: the key, the
-    program, the layout (which with the key fixes every argument's shape), kl_rl's source,
-    the JAX version, XLA_FLAGS and the JAX settings that change numerics. The files are
-    pickles: load only your own.
+    With a `cache_dir` and a `key` naming the trainer (algo, env, path, its config), each
+    program is also kept there lowered (`jax.export`: its StableHLO, not an executable), and a
+    later process that builds the same programs loads them instead of tracing and lowering
+    them, about 1.5 s of Python for PPO. XLA's executable then comes from JAX's persistent
+    compilation cache as for any program (`kl_rl.runner.enable_compilation_cache` points it at
+    the same folder): a cold process compiles the very module a warm one loads, so the warm one
+    hits that cache and both run the same executable. The file name hashes everything a program
+    depends on: the key, the program, the layout (which with the key fixes every argument's
+    shape), kl_rl's source, the JAX version, XLA_FLAGS and the JAX settings that change numerics.
+    $KL_RL_PROGRAM_CACHE=0 turns this cache off (`program_cache_enabled`); programs stepping
+    host-side envs are never kept (their callbacks cannot be exported). The files are pickles:
+    load only your own.
     """
 
     def __init__(self, trainer: Trainer, lay: Layout, cache_dir: str | None = None, key: Any = None):
@@ -197,9 +208,9 @@ class Programs:
         self.compiled: dict[Any, Any] = {}
         self.compile_time_s = 0.0
         self.loaded = 0
-        """How many of the programs came from `cache_dir`."""
+        """How many of the programs came from `cache_dir` (loaded, not traced)."""
         enabled = cache_dir is not None and key is not None and program_cache_enabled()
-        self._cache = Path(cache_dir) / "kl_rl" if enabled else None
+        self._cache = Path(cache_dir) / "kl_rl" if enabled and trainer.env_path != "host" else None
         self._key = key
 
     def _options(self, name: Any) -> dict[str, Any]:
@@ -208,12 +219,36 @@ class Programs:
         once = not isinstance(name, tuple) and self.layout.devices[0].platform == "cpu"
         return {"xla_backend_optimization_level": 0} if once else {}
 
-    def _jit(self, name: Any) -> Any:
+    def _fn(self, name: Any) -> Callable:
+        """Program `name` over the layout: "init", "evaluate", "restart_envs" or ("run", n)."""
         if isinstance(name, tuple):  # ("run", n): a segment of n updates
-            # The state going in is dead once the segment has its own: XLA may update it in place.
-            fn = batched(lambda state, config: self.trainer.run(state, config, name[1]), self.layout)
-            return jax.jit(fn, donate_argnums=0)
-        return jax.jit(batched(getattr(self.trainer, name), self.layout))
+            return batched(lambda state, config: self.trainer.run(state, config, name[1]), self.layout)
+        return batched(getattr(self.trainer, name), self.layout)
+
+    def _trace(self, name: Any, args: tuple) -> tuple[Callable[[], Any], Any]:
+        """Traces and lowers program `name` for `args` (arrays or `jax.ShapeDtypeStruct`s).
+
+        Returns:
+          (a function that compiles it, and keeps it in the cache; the shapes of its outputs).
+        """
+        # A segment's state going in is dead once it has its own: XLA may update it in place.
+        donate = 0 if isinstance(name, tuple) else ()
+        path, options = self._path(name), self._options(name)
+        if path is not None:
+            try:
+                exported = _export(self._fn(name), args, self.layout, donate=isinstance(name, tuple))
+            except Exception:  # a program JAX cannot export is compiled as usual, not kept
+                pass
+            else:
+
+                def compile_and_keep():
+                    program = _compile(exported, self.layout, options)
+                    _store(path, exported)
+                    return program
+
+                return compile_and_keep, exported.out_info(self.layout)
+        low = jax.jit(self._fn(name), donate_argnums=donate).lower(*args)
+        return functools.partial(low.compile, options), low.out_info
 
     def prepare(
         self, keys: jax.Array, configs: Any, lengths: Sequence[int], state: Any = None, setup: Any = None
@@ -227,48 +262,43 @@ class Programs:
         cores compilation overlaps the tracing of the next program.
         """
         start = time.perf_counter()
+        if state is None and "init" in self.compiled:
+            state = self.compiled["init"].out_info
         names = ([] if state is not None else ["init"]) + [("run", n) for n in sorted(set(lengths))] + ["evaluate"]
-        missing = []
-        for name in names:
-            if name in self.compiled:
-                continue
-            program = _load(self._path(name), self.layout)
-            if program is None:
-                missing.append(name)
-            else:
-                self.compiled[name] = program
-                self.loaded += 1
-        if missing:
-            # Each program compiles in its own thread as soon as it is traced, so XLA works on
-            # one while Python traces the next.
-            with ThreadPoolExecutor(len(missing)) as pool:
-                futures = {}
-                for name in ["init", *(n for n in missing if n != "init")]:
-                    if name == "init":
-                        if "init" in missing:
-                            low = self._jit("init").lower(keys, configs, setup)
-                            futures["init"] = pool.submit(low.compile, self._options("init"))
-                            state = low.out_info
-                        elif state is None:
-                            state = self.compiled["init"].out_info
-                        continue
-                    args = (state, configs) if isinstance(name, tuple) else (keys, state, configs)
-                    futures[name] = pool.submit(self._jit(name).lower(*args).compile, self._options(name))
-                for name, future in futures.items():
-                    self.compiled[name] = future.result()
-                    _store(self._path(name), self.compiled[name])
+        names = [name for name in names if name not in self.compiled]
+        with ThreadPoolExecutor(max(1, len(names))) as pool:
+            loading = {name: pool.submit(_load, self._path(name), self.layout, self._options(name)) for name in names}
+            compiling = {}
+            for name in names:  # init first: the others take its output, whose shapes stand for it
+                if name == "init":
+                    args = (keys, configs, setup)
+                elif isinstance(name, tuple):
+                    args = (state, configs)
+                else:
+                    args = (keys, state, configs)
+                program = loading[name].result()
+                if program is not None and program.accepts(args):
+                    self.compiled[name] = program
+                    self.loaded += 1
+                    out_info = program.out_info
+                else:
+                    compile_program, out_info = self._trace(name, args)
+                    compiling[name] = pool.submit(compile_program)
+                if name == "init":
+                    state = out_info
+            for name, future in compiling.items():
+                self.compiled[name] = future.result()
         self.compile_time_s += time.perf_counter() - start
 
     def _call(self, name: Any, *args: Any) -> Any:
         """Runs program `name`, first loading or compiling it for these arguments if need be."""
         if name not in self.compiled:
             start = time.perf_counter()
-            program = _load(self._path(name), self.layout)
-            if program is None:
-                program = self._jit(name).lower(*args).compile(self._options(name))
-                _store(self._path(name), program)
-            else:
+            program = _load(self._path(name), self.layout, self._options(name))
+            if program is not None and program.accepts(args):
                 self.loaded += 1
+            else:
+                program = self._trace(name, args)[0]()
             self.compiled[name] = program
             self.compile_time_s += time.perf_counter() - start
         return self.compiled[name](*args)
@@ -279,7 +309,7 @@ class Programs:
             return None
         lay = self.layout
         where = (lay.items, lay.per_device, lay.mode, [d.device_kind for d in lay.devices], lay.devices[0].platform)
-        parts = (self._key, name, where, _environment())
+        parts = ("jax.export", self._key, name, where, _environment())
         return self._cache / f"{hashlib.sha256(repr(parts).encode()).hexdigest()}.pkl"
 
     def init(self, keys: jax.Array, configs: Any, setup: Any = None) -> Any:
@@ -295,14 +325,17 @@ class Programs:
         return self._call("restart_envs", keys, state)
 
 
-@functools.cache
+# The modules whose code runs while kl_rl's programs are traced (besides JAX), and their packages.
+_TRACED_BY = {"flax": "flax", "optax": "optax", "chex": "chex", "numpy": "numpy", "gymnax": "gymnax",
+              "brax": "brax", "mujoco": "mujoco", "mujoco.mjx": "mujoco-mjx", "navix": "navix"}  # fmt: skip
+
+
 def _environment() -> tuple:
-    """What a compiled program depends on besides its trainer and arguments."""
+    """What a program depends on besides its trainer and arguments: the code that traces it
+    (kl_rl's source, the versions of JAX and of the libraries imported) and what changes its
+    numerics."""
     from jax._src.lib import version_str as jaxlib_version
 
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
     settings = (
         "jax_enable_x64",
         "jax_default_matmul_precision",
@@ -311,32 +344,171 @@ def _environment() -> tuple:
         "jax_num_cpu_devices",
     )
     return (
-        digest.hexdigest(),
+        _source_digest(),
         jax.__version__,
         jaxlib_version,
+        tuple((module, _version(module, package)) for module, package in _TRACED_BY.items() if module in sys.modules),
         os.environ.get("XLA_FLAGS", ""),
         tuple(str(getattr(jax.config, s, None)) for s in settings),
     )
 
 
-def _load(path: Path | None, lay: Layout) -> Any:
-    """A program `_store` wrote, or None (no cache, missing, unreadable, or from another JAX)."""
+@functools.cache
+def _source_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@functools.cache
+def _version(module: str, package: str) -> str | None:
+    """A module's `__version__`, else its package's (slower: importlib.metadata scans sys.path)."""
+    version = getattr(sys.modules[module], "__version__", None)
+    if version is None:
+        from importlib import metadata
+
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            version = metadata.version(package)
+    return version
+
+
+class _Exported(NamedTuple):
+    """A program lowered by `jax.export` over flat arguments, with the trees it takes and gives.
+
+    Flat, so that no pytree node type (kl_rl's states and configs) needs registering with
+    `jax.export`'s serialization: the trees are pickled beside it.
+    """
+
+    exported: Any
+    """The `jax.export.Exported` of the program over the leaves of its arguments."""
+    in_tree: Any
+    out_tree: Any
+    donate: tuple[int, ...]
+    """The leaves whose buffers the program may reuse (a segment's train state)."""
+
+    def out_info(self, lay: Layout) -> Any:
+        return jax.tree.unflatten(self.out_tree, _specs(self.exported.out_avals, lay))
+
+    def serialize(self) -> bytes:
+        return pickle.dumps((bytes(self.exported.serialize()), self.in_tree, self.out_tree, self.donate))
+
+    @classmethod
+    def deserialize(cls, blob: bytes) -> "_Exported":
+        exported, *trees = pickle.loads(blob)
+        return cls(jax.export.deserialize(bytearray(exported)), *trees)
+
+
+class _Program(NamedTuple):
+    """A program compiled from an `_Exported`, called with and answering pytrees like a jitted one."""
+
+    compiled: Any
+    exported: _Exported
+    out_info: Any
+
+    def accepts(self, args: tuple) -> bool:
+        """Whether `args` (arrays or `jax.ShapeDtypeStruct`s) are the trees, shapes and dtypes it takes."""
+        leaves, tree = jax.tree.flatten(args)
+        shapes = [(a.shape, a.dtype) for a in self.exported.exported.in_avals]
+        return tree == self.exported.in_tree and [(x.shape, x.dtype) for x in leaves] == shapes
+
+    def __call__(self, *args: Any) -> Any:
+        leaves, tree = jax.tree.flatten(args)
+        if tree != self.exported.in_tree:
+            raise TypeError(f"a compiled program for arguments {self.exported.in_tree} got {tree}")
+        return jax.tree.unflatten(self.exported.out_tree, self.compiled(*leaves))
+
+
+def _specs(avals: Sequence[Any], lay: Layout) -> list[jax.ShapeDtypeStruct]:
+    """Every argument and output of a program lies on the layout's devices, split along the items axis."""
+    return [
+        jax.ShapeDtypeStruct(a.shape, a.dtype, weak_type=getattr(a, "weak_type", False), sharding=lay.sharding)
+        for a in avals
+    ]
+
+
+def _export(fn: Callable, args: tuple, lay: Layout, donate: bool) -> _Exported:
+    """Traces and lowers `fn` (pytrees in and out) for `args` as a function of flat leaves.
+
+    With `donate`, the program may reuse the buffers of its first argument.
+    """
+    leaves, in_tree = jax.tree.flatten(args)
+    leaves = _specs(leaves, lay)
+    out_trees = []
+
+    def flat(*leaves):
+        out, out_tree = jax.tree.flatten(fn(*jax.tree.unflatten(in_tree, leaves)))
+        out_trees.append(out_tree)
+        return out
+
+    exported = jax.export.export(jax.jit(flat))(*leaves)
+    first = len(jax.tree.leaves(args[0])) if donate else 0
+    return _Exported(exported, in_tree, out_trees[0], tuple(range(first)))
+
+
+def _compile(exported: _Exported, lay: Layout, options: dict[str, Any]) -> _Program:
+    """Compiles an exported program over the layout.
+
+    Lowering it only wraps its module in a call; a cold process and a warm one lower the same
+    module from the same argument specs, so JAX's persistent cache keys them alike.
+    """
+    specs = _specs(exported.exported.in_avals, lay)
+    call = jax.jit(exported.exported.call, donate_argnums=exported.donate)
+    _skip_lapack_setup()
+    module = exported.exported.mlir_module_serialized
+    _lowering.skip_lapack = lay.devices[0].platform == "cpu" and b"lapack" not in module
+    try:
+        lowered = call.lower(*specs)
+    finally:
+        _lowering.skip_lapack = False
+    return _Program(lowered.compile(options), exported, exported.out_info(lay))
+
+
+_lowering = threading.local()
+
+
+@functools.cache
+def _skip_lapack_setup() -> None:
+    """Lets `_compile` lower a CPU program that makes no LAPACK call without JAX loading LAPACK.
+
+    Lowering a call of an exported program on CPU makes JAX load LAPACK's kernels from scipy
+    first, whatever the program: an import of scipy.linalg that took 0.5 s of a warm README
+    command's 1.1 s of compile_time_s (experiments/warm_compile.py). kl_rl's programs make no
+    LAPACK call (`kl_rl.networks.orthogonal` avoids one), and a program that makes none never
+    uses those kernels. So JAX's (private) hook is wrapped, once, to do nothing in a thread
+    where `_lowering.skip_lapack` is set; with a JAX that has no such hook, nothing changes but
+    the time.
+    """
+    try:
+        from jax._src.export import _export as jax_export
+
+        ensure = jax_export._ensure_backends_initialized
+    except (ImportError, AttributeError):
+        return
+
+    def ensure_unless_skipped(platforms):
+        if not getattr(_lowering, "skip_lapack", False):
+            ensure(platforms)
+
+    jax_export._ensure_backends_initialized = ensure_unless_skipped
+
+
+def _load(path: Path | None, lay: Layout, options: dict[str, Any]) -> _Program | None:
+    """A program `_store` kept, compiled (or None: no cache, missing, unreadable, from another JAX)."""
     if path is None:
         return None
     try:
-        blob = pickle.loads(path.read_bytes())
-        return serialize_executable.deserialize_and_load(*blob, execution_devices=lay.devices)
+        return _compile(_Exported.deserialize(path.read_bytes()), lay, options)
     except Exception:  # a missing or stale file is a cache miss, never an error
         return None
 
 
-def _store(path: Path | None, program: Any) -> None:
-    """Writes a compiled program atomically; a program that cannot be serialized (one with host
-    callbacks, on the host-side env path) is simply not kept."""
+def _store(path: Path | None, exported: _Exported) -> None:
+    """Writes a lowered program atomically (nothing if it cannot be serialized)."""
     if path is None:
         return
     try:
-        blob = pickle.dumps(serialize_executable.serialize(program))
+        blob = exported.serialize()
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
             f.write(blob)

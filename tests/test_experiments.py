@@ -57,3 +57,21 @@ def test_compile_time_summary_is_kl_rl_over_purejaxrl():
     summary = _module("compile_time").summarize({"kl_rl": [5.0, 7.0, 6.0], "purejaxrl": [4.0, 8.0]})
     assert summary["median_compile_s"] == {"kl_rl": 6.0, "purejaxrl": 6.0}
     assert summary["kl_rl_over_purejaxrl"] == 1.0
+
+
+def test_warm_compile_table_pairs_each_warm_compile_with_persistents_of_its_repetition(capsys):
+    def row(mode, rep, temperature, compile_s, digest="a"):
+        return {"mode": mode, "rep": rep, "temperature": temperature, "command": "train", "rc": 0,
+                "compile_s": compile_s, "wall_s": compile_s + 10, "digest": digest}  # fmt: skip
+
+    rows = [row("persistent", 0, "cold", 10.0), row("persistent", 0, "warm", 2.0), row("export", 0, "cold", 12.0),
+            row("export", 0, "warm", 0.5), row("persistent", 1, "cold", 14.0), row("persistent", 1, "warm", 4.0),
+            row("export", 1, "cold", 11.0), row("export", 1, "warm", 3.0)]  # fmt: skip
+    _module("warm_compile").table(rows, "train")
+    lines = capsys.readouterr().out.splitlines()
+    export = next(line for line in lines if line.startswith("export"))
+    assert "11.50 [11.00-12.00]" in export and "1.75 [0.50-3.00]" in export
+    assert export.split()[-1] == "0.50"  # the median of 0.5 / 2 and 3 / 4
+    assert lines[-1].startswith("same bits in every run: True")
+    _module("warm_compile").table([*rows[:-1], row("export", 1, "warm", 3.0, digest="b")], "train")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("same bits in every run: False")

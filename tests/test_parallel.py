@@ -94,18 +94,24 @@ def test_a_sweep_point_is_the_run_of_its_config_and_seed():
 
 
 CACHED = """
-import json, sys
+import json
+import jax
 from kl_rl import parallel
 parallel.use_cpu_devices(2)
 import kl_rl
+misses = []
+jax.monitoring.register_event_listener(
+    lambda name, **kw: misses.append(name) if name == "/jax/compilation_cache/cache_misses" else None
+)
 r = kl_rl.run("ppo", "CartPole-v1", seeds=3, num_envs=2, num_steps=16, total_steps=2 * 16 * 8)
 print(json.dumps({"cached": r.compiled_from_cache, "final": r.final_returns.tolist(),
-                  "kl": r.metrics["kl"].tolist(), "compile": r.compile_time_s}))
+                  "kl": r.metrics["kl"].tolist(), "xla_misses": len(misses)}))
 """
 
 
-def test_a_second_process_loads_its_programs_from_the_opt_in_cache(tmp_path):
-    env = {**os.environ, "KL_RL_CACHE_DIR": str(tmp_path / "cache"), parallel.PROGRAM_CACHE_ENV: "1"}
+def test_a_second_process_loads_its_programs_and_gives_the_default_paths_bits(tmp_path):
+    env = {**os.environ, "KL_RL_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop(parallel.PROGRAM_CACHE_ENV, None)
 
     def run():
         proc = subprocess.run([sys.executable, "-c", CACHED], env=env, capture_output=True, text=True, check=False)
@@ -113,30 +119,60 @@ def test_a_second_process_loads_its_programs_from_the_opt_in_cache(tmp_path):
         return json.loads(proc.stdout.strip().splitlines()[-1])
 
     first, second = run(), run()
-    assert not first["cached"] and second["cached"]
-    assert first["final"] == second["final"] and first["kl"] == second["kl"]
+    assert not first["cached"] and second["cached"]  # the second traced nothing
+    assert second["xla_misses"] == 0  # and JAX's persistent cache had every executable it needed
     assert list((tmp_path / "cache" / "kl_rl").glob("*.pkl"))
+    assert first["final"] == second["final"] and first["kl"] == second["kl"]
+    plain = kl_rl.run("ppo", "CartPole-v1", seeds=3, num_envs=2, num_steps=16, total_steps=2 * 16 * 8)  # no cache
+    assert plain.final_returns.tolist() == first["final"] and plain.metrics["kl"].tolist() == first["kl"]
 
 
-def test_a_damaged_cache_file_is_a_miss_not_an_error(tmp_path, monkeypatch):
-    monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "1")
-    small = dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 4)
+def _tiny(cache_dir=None):
+    """PPO's programs for 3 seeds of 4 tiny updates, and what `pipeline.execute` needs to run them."""
     from kl_rl import envs
     from kl_rl.train import make_trainer
 
-    config = resolve.resolve_config("ppo", "CartPole-v1", None, small)
+    config = resolve.resolve_config("ppo", "CartPole-v1", None, dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 4))
     trainer = make_trainer("ppo", config, envs.make("CartPole-v1"))
-    lay = parallel.layout(1)
     key = pipeline.program_key("ppo", "CartPole-v1", "jax", config)
-    keys = jax.vmap(jax.random.key)(np.arange(1))
-    first = parallel.Programs(trainer, lay, str(tmp_path), key)
-    want = pipeline.execute(pipeline.Group(trainer, lay, first), keys, [config]).eval_returns
-    for path in (tmp_path / "kl_rl").glob("*.pkl"):
-        path.write_bytes(b"not a program")
-    again = parallel.Programs(trainer, lay, str(tmp_path), key)
-    got = pipeline.execute(pipeline.Group(trainer, lay, again), keys, [config]).eval_returns
-    np.testing.assert_array_equal(got, want)
-    assert again.loaded == 0 and len(again.compiled) == 3
+    programs = parallel.Programs(trainer, parallel.layout(3), cache_dir, key)
+    return programs, jax.vmap(jax.random.key)(np.arange(3)), [config] * 3
+
+
+def _run_bits(programs, keys, configs) -> list[np.ndarray]:
+    out = pipeline.execute(pipeline.Group(programs.trainer, programs.layout, programs), keys, configs)
+    state = checkpoint.to_storable(out.state)
+    metrics = out.metrics
+    return [*(metrics[k] for k in sorted(metrics)), out.eval_returns, *(np.asarray(x) for x in jax.tree.leaves(state))]
+
+
+def test_a_fresh_programs_loads_its_programs_rather_than_tracing_them(tmp_path, monkeypatch):
+    monkeypatch.delenv(parallel.PROGRAM_CACHE_ENV, raising=False)
+    first = _tiny(str(tmp_path))
+    want = _run_bits(*first)
+    assert first[0].loaded == 0 and len(list((tmp_path / "kl_rl").glob("*.pkl"))) == 3
+
+    def trace(*args):
+        raise AssertionError("traced a program that the cache holds")
+
+    monkeypatch.setattr(parallel.Programs, "_trace", trace)
+    again = _tiny(str(tmp_path))
+    assert _same(_run_bits(*again), want)
+    assert again[0].loaded == 3 and len(again[0].compiled) == 3
+    monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "0")
+    assert not parallel.program_cache_enabled()
+
+
+def test_a_damaged_or_stale_cache_file_is_a_miss_not_an_error(tmp_path):
+    first = _tiny(str(tmp_path))
+    want = _run_bits(*first)
+    (segment,) = first[0].compiled.keys() - {"init", "evaluate"}
+    init, segment, evaluate = (first[0]._path(name) for name in ("init", segment, "evaluate"))
+    segment.write_bytes(b"not a program")
+    init.write_bytes(evaluate.read_bytes())  # a program, but one that takes other arguments
+    again = _tiny(str(tmp_path))
+    assert _same(_run_bits(*again), want)
+    assert again[0].loaded == 1 and len(again[0].compiled) == 3
 
 
 def test_layout_spreads_items_evenly_and_never_leaves_a_device_without_one():
