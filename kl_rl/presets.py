@@ -14,59 +14,37 @@ MINATAR_IDS = tuple(f"gymnax/{g}-MinAtar" for g in ("Asterix", "Breakout", "Free
 # MinAtar environments"): 64 envs x 128 steps, 4 epochs x 8 minibatches, lr 5e-3 annealed, relu
 # 64-64 on the flattened image, clipped value loss, 1e7 steps.
 PUREJAXRL_MINATAR = dict(
-    total_steps=10_000_000,
-    num_envs=64,
-    num_steps=128,
-    update_epochs=4,
-    num_minibatches=8,
-    lr=5e-3,
-    activation="relu",
-    clip_value=True,
+    total_steps=10_000_000, num_envs=64, num_steps=128, update_epochs=4, num_minibatches=8, lr=5e-3,
+    activation="relu", clip_value=True
 )
+
+# VPG: 2000-step batches, a 10x larger policy step than Spinning Up's 3e-4, and 5 x 4 minibatch
+# critic passes instead of 80 full-batch steps.
+VPG_BATCH = dict(total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4)
+
+# The token tasks' RL budget: 102,400 env steps in batches of 256, evaluated every 25 updates; the group
+# algorithms sample 8 responses a prompt and take 2 passes of 2 minibatches.
+LM_BUDGET = dict(total_steps=102_400, num_envs=256, eval_every=25)
+LM_GROUPS = dict(group_size=8, update_epochs=2, num_minibatches=2)
 
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     **{("ppo", env_id): dict(PUREJAXRL_MINATAR) for env_id in MINATAR_IDS},
     # rl-baselines3-zoo's tuned CartPole settings (8 envs x 32 steps, one 256-minibatch, 20 epochs).
     ("ppo", "CartPole-v1"): dict(
-        total_steps=100_000,
-        num_envs=8,
-        num_steps=32,
-        num_minibatches=1,
-        update_epochs=20,
-        gamma=0.98,
-        gae_lambda=0.8,
-        lr=1e-3,
-        ent_coef=0.0,
+        total_steps=100_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20, gamma=0.98,
+        gae_lambda=0.8, lr=1e-3, ent_coef=0.0
     ),
     ("ppo", "Pendulum-v1"): dict(
-        total_steps=200_000,
-        num_envs=4,
-        num_steps=1024,
-        num_minibatches=64,
-        update_epochs=10,
-        gamma=0.9,
-        gae_lambda=0.95,
-        lr=1e-3,
-        ent_coef=0.0,
-        normalize_obs=True,
+        total_steps=200_000, num_envs=4, num_steps=1024, num_minibatches=64, update_epochs=10, gamma=0.9,
+        gae_lambda=0.95, lr=1e-3, ent_coef=0.0, normalize_obs=True
     ),
     # PureJaxRL's CartPole defaults, at 200k steps.
     ("ppo", "Acrobot-v1"): dict(total_steps=200_000),
-    # VPG: 2000-step batches, a 10x larger policy step than Spinning Up's 3e-4, and 5 x 4
-    # minibatch critic passes instead of 80 full-batch steps.
-    ("vpg", "CartPole-v1"): dict(
-        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4
-    ),
-    ("vpg", "Acrobot-v1"): dict(
-        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4
-    ),
-    ("vpg", "Pendulum-v1"): dict(
-        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4,
-        gamma=0.9, normalize_obs=True,
-    ),
-    ("vpg", "MountainCarContinuous-v0"): dict(
-        total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4, normalize_obs=True
-    ),
+    # VPG: one batch shape on every env (VPG_BATCH).
+    ("vpg", "CartPole-v1"): dict(VPG_BATCH),
+    ("vpg", "Acrobot-v1"): dict(VPG_BATCH),
+    ("vpg", "Pendulum-v1"): dict(VPG_BATCH, gamma=0.9, normalize_obs=True),
+    ("vpg", "MountainCarContinuous-v0"): dict(VPG_BATCH, normalize_obs=True),
     # TRPO: the dataclass defaults (sb3-contrib's and Spinning Up's delta 0.01, damping 0.1,
     # 10 CG iterations, backtracking 0.8 x 10) with 4 envs x 512 steps.
     ("trpo", "CartPole-v1"): dict(total_steps=100_000),
@@ -90,31 +68,15 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # CleanRL's and sb3-contrib's MuJoCo tables.
     **{
         ("ppo", env_id): dict(
-            total_steps=1_000_000,
-            num_envs=1,
-            num_steps=2048,
-            num_minibatches=32,
-            update_epochs=10,
-            lr=3e-4,
-            ent_coef=0.0,
-            clip_value=True,
-            normalize_obs=True,
-            normalize_reward=True,
-            eval_episodes=10,
+            total_steps=1_000_000, num_envs=1, num_steps=2048, num_minibatches=32, update_epochs=10, lr=3e-4,
+            ent_coef=0.0, clip_value=True, normalize_obs=True, normalize_reward=True, eval_episodes=10
         )
         for env_id in MUJOCO_IDS
     },
     **{
         ("trpo", env_id): dict(
-            total_steps=1_000_000,
-            num_envs=2,
-            num_steps=1024,
-            cg_iters=25,
-            vf_epochs=20,
-            vf_minibatches=16,
-            normalize_obs=True,
-            normalize_reward=True,
-            eval_episodes=10,
+            total_steps=1_000_000, num_envs=2, num_steps=1024, cg_iters=25, vf_epochs=20, vf_minibatches=16,
+            normalize_obs=True, normalize_reward=True, eval_episodes=10
         )
         for env_id in MUJOCO_IDS
     },
@@ -122,16 +84,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # (16 envs x 1024 steps, minibatches of 64, 4 epochs, gamma 0.999, lambda 0.98); TRPO with
     # the same discount, 8 envs x 512 steps and observation normalization.
     ("ppo", "LunarLander-v3"): dict(
-        total_steps=1_000_000,
-        num_envs=16,
-        num_steps=1024,
-        num_minibatches=256,
-        update_epochs=4,
-        gamma=0.999,
-        gae_lambda=0.98,
-        ent_coef=0.01,
-        anneal_lr=False,
-        lr=3e-4,
+        total_steps=1_000_000, num_envs=16, num_steps=1024, num_minibatches=256, update_epochs=4, gamma=0.999,
+        gae_lambda=0.98, ent_coef=0.01, anneal_lr=False, lr=3e-4
     ),
     ("trpo", "LunarLander-v3"): dict(
         total_steps=1_000_000, num_envs=8, num_steps=512, gamma=0.999, gae_lambda=0.98, normalize_obs=True
@@ -141,18 +95,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # its learning curve (held-out greedy accuracy 0.36 for seed 0; docs/benchmarks.md). The RL
     # algorithms start from that reference and are held near it.
     ("sft", "Addition-v0"): dict(total_steps=61_440, num_envs=256),
-    ("grpo", "Addition-v0"): dict(
-        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
-    ),
+    ("grpo", "Addition-v0"): dict(LM_BUDGET, **LM_GROUPS, lr=3e-4),
     # The same budget (responses, batch, passes) for the others, untuned beyond their defaults.
-    ("rloo", "Addition-v0"): dict(
-        total_steps=102_400, num_envs=256, group_size=8, lr=3e-4, update_epochs=2, num_minibatches=2, eval_every=25
-    ),
-    ("ppo-lm", "Addition-v0"): dict(total_steps=102_400, num_envs=256, lr=3e-4, eval_every=25),
+    ("rloo", "Addition-v0"): dict(LM_BUDGET, **LM_GROUPS, lr=3e-4),
+    ("ppo-lm", "Addition-v0"): dict(LM_BUDGET, lr=3e-4),
     # Online DPO: lr 3e-4 collapses it (kl_ref past 15 nats, accuracy 0 in 100 updates); 3e-5 learns.
-    ("dpo", "Addition-v0"): dict(
-        total_steps=102_400, num_envs=256, group_size=8, lr=3e-5, update_epochs=2, num_minibatches=2, eval_every=25
-    ),
+    ("dpo", "Addition-v0"): dict(LM_BUDGET, **LM_GROUPS, lr=3e-5),
 }
 
 
