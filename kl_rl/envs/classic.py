@@ -22,12 +22,65 @@ from jax.typing import ArrayLike
 PI = float(np.pi)
 
 
+def _constants(name: str, doc: str, **defaults: float) -> type:
+    """A `flax.struct.dataclass` of float fields (traced leaves), each defaulting to its value here."""
+    namespace = {"__annotations__": dict.fromkeys(defaults, float), "__doc__": doc, "__module__": __name__}
+    return flax.struct.dataclass(type(name, (), {**namespace, **defaults}))
+
+
 class _ClassicEnv(FuncEnv):
-    """What the ports share: an id, a time limit, a params class, and `params=None` meaning default."""
+    """What the ports share: an id, a time limit, a params class, `params=None` meaning default,
+    spaces from class constants, and (unless overridden) the state as the observation and a
+    uniform initial state.
+
+    `observation_high` bounds a Box of [-high, high] (or [observation_low, high]); `actions` is a
+    Discrete space's size or a Box action's bound (a shape (1,) action in [-bound, bound]);
+    `initial_high` bounds each state variable's uniform draw in [-high, high].
+    """
 
     id: ClassVar[str]
     max_episode_steps: ClassVar[int]
     params_cls: ClassVar[type]
+    observation_high: ClassVar[tuple[float, ...]]
+    observation_low: ClassVar[tuple[float, ...] | None] = None
+    actions: ClassVar[int | float]
+    initial_high: ClassVar[tuple[float, ...]] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        high = np.array(self.observation_high, np.float32)
+        low = -high if self.observation_low is None else np.array(self.observation_low, np.float32)
+        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+        if isinstance(self.actions, int):
+            self.action_space = spaces.Discrete(self.actions)
+        else:
+            self.action_space = spaces.Box(-self.actions, self.actions, (1,), dtype=np.float32)
+
+    def initial(self, rng: jax.Array, params: Any = None) -> jax.Array:
+        """Each state variable uniform in [-initial_high, initial_high]."""
+        high = jnp.array(self.initial_high, jnp.float32)
+        return jax.random.uniform(rng, high.shape, jnp.float32, -high, high)
+
+    def observation(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+        """The state itself."""
+        return state.astype(jnp.float32)
+
+    def transition(
+        self, state: jax.Array, action: ArrayLike, rng: jax.Array | None = None, params: Any = None
+    ) -> jax.Array:
+        """The next state (`_transition` of the params, `params=None` meaning the defaults)."""
+        return self._transition(self._params(params), state, action)
+
+    def reward(
+        self, state: jax.Array, action: ArrayLike, next_state: jax.Array, rng: jax.Array | None = None,
+        params: Any = None,
+    ) -> jax.Array:
+        """The step's reward (`_reward` of the params)."""
+        return self._reward(self._params(params), state, action, next_state)
+
+    def terminal(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+        """Whether `state` ends the episode (`_terminal` of the params)."""
+        return self._terminal(self._params(params), state)
 
     def get_default_params(self, **kwargs: Any) -> Any:
         """gymnasium's constants, with `kwargs` overriding some of them."""
@@ -37,18 +90,12 @@ class _ClassicEnv(FuncEnv):
         return self.default_params if params is None else params
 
 
-@flax.struct.dataclass
-class CartPoleParams:
-    """CartPole-v1's constants (`length` is half the pole's length, as in gymnasium)."""
-
-    gravity: float = 9.8
-    masscart: float = 1.0
-    masspole: float = 0.1
-    length: float = 0.5
-    force_mag: float = 10.0
-    tau: float = 0.02
-    theta_threshold_radians: float = 12 * 2 * PI / 360
-    x_threshold: float = 2.4
+CartPoleParams = _constants(
+    "CartPoleParams",
+    "CartPole-v1's constants (`length` is half the pole's length, as in gymnasium).",
+    gravity=9.8, masscart=1.0, masspole=0.1, length=0.5, force_mag=10.0, tau=0.02,
+    theta_threshold_radians=12 * 2 * PI / 360, x_threshold=2.4,
+)
 
 
 class CartPole(_ClassicEnv):
@@ -61,22 +108,12 @@ class CartPole(_ClassicEnv):
     id = "CartPole-v1"
     max_episode_steps = 500
     params_cls = CartPoleParams
+    observation_high = (2.4 * 2, np.inf, 12 * 2 * PI / 360 * 2, np.inf)
+    actions = 2
+    initial_high = (0.05,) * 4
 
-    def __init__(self) -> None:
-        super().__init__()
-        high = np.array([2.4 * 2, np.inf, 12 * 2 * PI / 360 * 2, np.inf], np.float32)
-        self.observation_space = spaces.Box(-high, high, dtype=np.float32)
-        self.action_space = spaces.Discrete(2)
-
-    def initial(self, rng: jax.Array, params: CartPoleParams | None = None) -> jax.Array:
-        """Each state variable uniform in [-0.05, 0.05]."""
-        return jax.random.uniform(rng, (4,), jnp.float32, -0.05, 0.05)
-
-    def transition(
-        self, state: jax.Array, action: ArrayLike, rng: jax.Array | None = None, params: CartPoleParams | None = None
-    ) -> jax.Array:
+    def _transition(self, p: CartPoleParams, state: jax.Array, action: ArrayLike) -> jax.Array:
         """One Euler step of tau = 0.02 s: positions move with the old velocities."""
-        p = self._params(params)
         x, x_dot, theta, theta_dot = state
         total_mass = p.masspole + p.masscart
         polemass_length = p.masspole * p.length
@@ -91,43 +128,21 @@ class CartPole(_ClassicEnv):
             [x + p.tau * x_dot, x_dot + p.tau * xacc, theta + p.tau * theta_dot, theta_dot + p.tau * thetaacc]
         )
 
-    def observation(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
-        """The state itself."""
-        return state.astype(jnp.float32)
-
-    def reward(
-        self,
-        state: jax.Array,
-        action: ArrayLike,
-        next_state: jax.Array,
-        rng: jax.Array | None = None,
-        params: Any = None,
-    ) -> jax.Array:
+    def _reward(self, p: Any, state: jax.Array, action: ArrayLike, next_state: jax.Array) -> jax.Array:
         """1 on every step, the terminating one included."""
         return jnp.float32(1.0)
 
-    def terminal(
-        self, state: jax.Array, rng: jax.Array | None = None, params: CartPoleParams | None = None
-    ) -> jax.Array:
+    def _terminal(self, p: CartPoleParams, state: jax.Array) -> jax.Array:
         """The cart left [-2.4, 2.4] or the pole tilted past 12 degrees."""
-        p = self._params(params)
         return (jnp.abs(state[0]) > p.x_threshold) | (jnp.abs(state[2]) > p.theta_threshold_radians)
 
 
-@flax.struct.dataclass
-class AcrobotParams:
-    """Acrobot-v1's constants (both links share `link_moi`; link 2's length is never used)."""
-
-    dt: float = 0.2
-    link_length_1: float = 1.0
-    link_mass_1: float = 1.0
-    link_mass_2: float = 1.0
-    link_com_pos_1: float = 0.5
-    link_com_pos_2: float = 0.5
-    link_moi: float = 1.0
-    max_vel_1: float = 4 * PI
-    max_vel_2: float = 9 * PI
-    gravity: float = 9.8
+AcrobotParams = _constants(
+    "AcrobotParams",
+    "Acrobot-v1's constants (both links share `link_moi`; link 2's length is never used).",
+    dt=0.2, link_length_1=1.0, link_mass_1=1.0, link_mass_2=1.0, link_com_pos_1=0.5, link_com_pos_2=0.5, link_moi=1.0,
+    max_vel_1=4 * PI, max_vel_2=9 * PI, gravity=9.8,
+)
 
 
 def _wrap(x: jax.Array, low: float, high: float) -> jax.Array:
@@ -168,22 +183,12 @@ class Acrobot(_ClassicEnv):
     id = "Acrobot-v1"
     max_episode_steps = 500
     params_cls = AcrobotParams
+    observation_high = (1.0, 1.0, 1.0, 1.0, 4 * PI, 9 * PI)
+    actions = 3
+    initial_high = (0.1,) * 4
 
-    def __init__(self) -> None:
-        super().__init__()
-        high = np.array([1.0, 1.0, 1.0, 1.0, 4 * PI, 9 * PI], np.float32)
-        self.observation_space = spaces.Box(-high, high, dtype=np.float32)
-        self.action_space = spaces.Discrete(3)
-
-    def initial(self, rng: jax.Array, params: AcrobotParams | None = None) -> jax.Array:
-        """Each state variable uniform in [-0.1, 0.1]."""
-        return jax.random.uniform(rng, (4,), jnp.float32, -0.1, 0.1)
-
-    def transition(
-        self, state: jax.Array, action: ArrayLike, rng: jax.Array | None = None, params: AcrobotParams | None = None
-    ) -> jax.Array:
+    def _transition(self, p: AcrobotParams, state: jax.Array, action: ArrayLike) -> jax.Array:
         """One RK4 step, then angles wrapped into [-pi, pi] and velocities clipped."""
-        p = self._params(params)
         torque = jnp.asarray(action, jnp.float32) - 1.0
         dt = p.dt
         k1 = _acrobot_dsdt(p, state, torque)
@@ -206,48 +211,29 @@ class Acrobot(_ClassicEnv):
         obs = jnp.stack([jnp.cos(theta1), jnp.sin(theta1), jnp.cos(theta2), jnp.sin(theta2), dtheta1, dtheta2])
         return obs.astype(jnp.float32)
 
-    def reward(
-        self,
-        state: jax.Array,
-        action: ArrayLike,
-        next_state: jax.Array,
-        rng: jax.Array | None = None,
-        params: AcrobotParams | None = None,
-    ) -> jax.Array:
+    def _reward(self, p: AcrobotParams, state: jax.Array, action: ArrayLike, next_state: jax.Array) -> jax.Array:
         """-1, or 0 when `next_state` is terminal."""
-        return jnp.where(self.terminal(next_state, None, params), 0.0, -1.0).astype(jnp.float32)
+        return jnp.where(self._terminal(p, next_state), 0.0, -1.0).astype(jnp.float32)
 
-    def terminal(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+    def _terminal(self, p: Any, state: jax.Array) -> jax.Array:
         """The tip is above height 1: -cos(theta1) - cos(theta1 + theta2) > 1."""
         return -jnp.cos(state[0]) - jnp.cos(state[1] + state[0]) > 1.0
 
 
-@flax.struct.dataclass
-class MountainCarParams:
-    """MountainCar-v0's constants."""
-
-    min_position: float = -1.2
-    max_position: float = 0.6
-    max_speed: float = 0.07
-    goal_position: float = 0.5
-    goal_velocity: float = 0.0
-    force: float = 0.001
-    gravity: float = 0.0025
+MountainCarParams = _constants(
+    "MountainCarParams",
+    "MountainCar-v0's constants.",
+    min_position=-1.2, max_position=0.6, max_speed=0.07, goal_position=0.5, goal_velocity=0.0, force=0.001,
+    gravity=0.0025,
+)
 
 
-@flax.struct.dataclass
-class MountainCarContinuousParams:
-    """MountainCarContinuous-v0's constants (its goal is at 0.45, not 0.5)."""
-
-    min_action: float = -1.0
-    max_action: float = 1.0
-    min_position: float = -1.2
-    max_position: float = 0.6
-    max_speed: float = 0.07
-    goal_position: float = 0.45
-    goal_velocity: float = 0.0
-    power: float = 0.0015
-    gravity: float = 0.0025
+MountainCarContinuousParams = _constants(
+    "MountainCarContinuousParams",
+    "MountainCarContinuous-v0's constants (its goal is at 0.45, not 0.5).",
+    min_action=-1.0, max_action=1.0, min_position=-1.2, max_position=0.6, max_speed=0.07, goal_position=0.45,
+    goal_velocity=0.0, power=0.0015, gravity=0.0025,
+)
 
 
 def _mountain_car_transition(p: Any, state: jax.Array, accel: jax.Array) -> jax.Array:
@@ -262,22 +248,15 @@ def _mountain_car_transition(p: Any, state: jax.Array, accel: jax.Array) -> jax.
 class _MountainCarBase(_ClassicEnv):
     """State [position, velocity], starting at rest uniformly in [-0.6, -0.4]; terminal at the goal."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        low, high = np.array([-1.2, -0.07], np.float32), np.array([0.6, 0.07], np.float32)
-        self.observation_space = spaces.Box(low, high, dtype=np.float32)
+    observation_low = (-1.2, -0.07)
+    observation_high = (0.6, 0.07)
 
     def initial(self, rng: jax.Array, params: Any = None) -> jax.Array:
         """Position uniform in [-0.6, -0.4], velocity 0."""
         return jnp.stack([jax.random.uniform(rng, (), jnp.float32, -0.6, -0.4), jnp.float32(0.0)])
 
-    def observation(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
-        """The state itself."""
-        return state.astype(jnp.float32)
-
-    def terminal(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+    def _terminal(self, p: Any, state: jax.Array) -> jax.Array:
         """Position at or past the goal with velocity >= goal_velocity (0)."""
-        p = self._params(params)
         return (state[0] >= p.goal_position) & (state[1] >= p.goal_velocity)
 
 
@@ -287,26 +266,13 @@ class MountainCar(_MountainCarBase):
     id = "MountainCar-v0"
     max_episode_steps = 200
     params_cls = MountainCarParams
+    actions = 3
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.action_space = spaces.Discrete(3)
-
-    def transition(
-        self, state: jax.Array, action: ArrayLike, rng: jax.Array | None = None, params: MountainCarParams | None = None
-    ) -> jax.Array:
+    def _transition(self, p: MountainCarParams, state: jax.Array, action: ArrayLike) -> jax.Array:
         """Velocity += (action - 1) force - gravity cos(3 position), clipped; then position += velocity."""
-        p = self._params(params)
         return _mountain_car_transition(p, state, (jnp.asarray(action, jnp.float32) - 1.0) * p.force)
 
-    def reward(
-        self,
-        state: jax.Array,
-        action: ArrayLike,
-        next_state: jax.Array,
-        rng: jax.Array | None = None,
-        params: Any = None,
-    ) -> jax.Array:
+    def _reward(self, p: Any, state: jax.Array, action: ArrayLike, next_state: jax.Array) -> jax.Array:
         """-1 on every step."""
         return jnp.float32(-1.0)
 
@@ -320,46 +286,26 @@ class MountainCarContinuous(_MountainCarBase):
     id = "MountainCarContinuous-v0"
     max_episode_steps = 999
     params_cls = MountainCarContinuousParams
+    actions = 1.0
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.action_space = spaces.Box(-1.0, 1.0, (1,), dtype=np.float32)
-
-    def transition(
-        self,
-        state: jax.Array,
-        action: jax.Array,
-        rng: jax.Array | None = None,
-        params: MountainCarContinuousParams | None = None,
-    ) -> jax.Array:
+    def _transition(self, p: MountainCarContinuousParams, state: jax.Array, action: jax.Array) -> jax.Array:
         """Velocity += power clip(action) - gravity cos(3 position), clipped; then position += velocity."""
-        p = self._params(params)
         force = jnp.clip(action[0], p.min_action, p.max_action)
         return _mountain_car_transition(p, state, force * p.power)
 
-    def reward(
-        self,
-        state: jax.Array,
-        action: jax.Array,
-        next_state: jax.Array,
-        rng: jax.Array | None = None,
-        params: MountainCarContinuousParams | None = None,
+    def _reward(
+        self, p: MountainCarContinuousParams, state: jax.Array, action: jax.Array, next_state: jax.Array
     ) -> jax.Array:
         """100 if `next_state` is terminal, minus 0.1 action^2 of the unclipped action."""
-        goal = self.terminal(next_state, None, params)
+        goal = self._terminal(p, next_state)
         return (jnp.where(goal, 100.0, 0.0) - 0.1 * jnp.square(action[0])).astype(jnp.float32)
 
 
-@flax.struct.dataclass
-class PendulumParams:
-    """Pendulum-v1's constants."""
-
-    max_speed: float = 8.0
-    max_torque: float = 2.0
-    dt: float = 0.05
-    g: float = 10.0
-    m: float = 1.0
-    l: float = 1.0  # noqa: E741 (gymnasium's name for the pendulum length)
+PendulumParams = _constants(
+    "PendulumParams",
+    "Pendulum-v1's constants.",
+    max_speed=8.0, max_torque=2.0, dt=0.05, g=10.0, m=1.0, l=1.0,
+)
 
 
 def _angle_normalize(x: jax.Array) -> jax.Array:
@@ -377,23 +323,12 @@ class Pendulum(_ClassicEnv):
     id = "Pendulum-v1"
     max_episode_steps = 200
     params_cls = PendulumParams
+    observation_high = (1.0, 1.0, 8.0)
+    actions = 2.0
+    initial_high = (PI, 1.0)  # theta uniform in [-pi, pi], thetadot in [-1, 1]
 
-    def __init__(self) -> None:
-        super().__init__()
-        high = np.array([1.0, 1.0, 8.0], np.float32)
-        self.observation_space = spaces.Box(-high, high, dtype=np.float32)
-        self.action_space = spaces.Box(-2.0, 2.0, (1,), dtype=np.float32)
-
-    def initial(self, rng: jax.Array, params: PendulumParams | None = None) -> jax.Array:
-        """theta uniform in [-pi, pi], thetadot uniform in [-1, 1]."""
-        high = jnp.array([PI, 1.0], jnp.float32)
-        return jax.random.uniform(rng, (2,), jnp.float32, -high, high)
-
-    def transition(
-        self, state: jax.Array, action: jax.Array, rng: jax.Array | None = None, params: PendulumParams | None = None
-    ) -> jax.Array:
+    def _transition(self, p: PendulumParams, state: jax.Array, action: jax.Array) -> jax.Array:
         """Semi-implicit Euler: the new, clipped thetadot moves theta."""
-        p = self._params(params)
         th, thdot = state[0], state[1]
         u = jnp.clip(action[0], -p.max_torque, p.max_torque)
         newthdot = thdot + (3 * p.g / (2 * p.l) * jnp.sin(th) + 3.0 / (p.m * p.l**2) * u) * p.dt
@@ -404,20 +339,12 @@ class Pendulum(_ClassicEnv):
         """[cos theta, sin theta, thetadot]."""
         return jnp.stack([jnp.cos(state[0]), jnp.sin(state[0]), state[1]]).astype(jnp.float32)
 
-    def reward(
-        self,
-        state: jax.Array,
-        action: jax.Array,
-        next_state: jax.Array,
-        rng: jax.Array | None = None,
-        params: PendulumParams | None = None,
-    ) -> jax.Array:
+    def _reward(self, p: PendulumParams, state: jax.Array, action: jax.Array, next_state: jax.Array) -> jax.Array:
         """Minus the cost of the pre-step `state` and the clipped torque."""
-        p = self._params(params)
         u = jnp.clip(action[0], -p.max_torque, p.max_torque)
         cost = jnp.square(_angle_normalize(state[0])) + 0.1 * jnp.square(state[1]) + 0.001 * jnp.square(u)
         return -cost.astype(jnp.float32)
 
-    def terminal(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+    def _terminal(self, p: Any, state: jax.Array) -> jax.Array:
         """Never: Pendulum-v1 only truncates."""
         return jnp.asarray(False)
