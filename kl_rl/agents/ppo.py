@@ -32,18 +32,8 @@ import optax
 from kl_rl import kl
 from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
-    PenalizedConfig,
-    add_reference_loss,
-    actor_critic,
-    adam,
-    estimates,
-    apply_step,
-    check_divides,
-    explained_variance,
-    kl_controller,
-    minibatch_epochs,
-    normalize_advantages,
-    value_loss,
+    PenalizedConfig, add_reference_loss, actor_critic, adam, estimates, apply_step, check_divides, explained_variance,
+    kl_controller, minibatch_epochs, normalize_advantages, value_loss
 )
 from kl_rl.config import static
 

@@ -32,15 +32,8 @@ from jax.flatten_util import ravel_pytree
 from kl_rl import kl
 from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
-    OnPolicyConfig,
-    add_reference_loss,
-    actor_critic,
-    adam,
-    advantages_and_returns,
-    check_divides,
-    explained_variance,
-    fit_value,
-    normalize_advantages,
+    OnPolicyConfig, add_reference_loss, actor_critic, adam, advantages_and_returns, check_divides, explained_variance,
+    fit_value, normalize_advantages
 )
 from kl_rl.config import static
 from kl_rl.errors import ConfigError

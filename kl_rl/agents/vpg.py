@@ -25,17 +25,8 @@ import jax.numpy as jnp
 from kl_rl import kl
 from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
-    PenalizedConfig,
-    add_reference_loss,
-    actor_critic,
-    adam,
-    estimates,
-    apply_step,
-    check_divides,
-    explained_variance,
-    fit_value,
-    kl_controller,
-    normalize_advantages,
+    PenalizedConfig, add_reference_loss, actor_critic, adam, estimates, apply_step, check_divides, explained_variance,
+    fit_value, kl_controller, normalize_advantages
 )
 from kl_rl.config import static
 

@@ -14,13 +14,7 @@ import jax.numpy as jnp
 
 from kl_rl.agents.base import Agent
 from kl_rl.agents.common import explained_variance, kl_controller, value_loss
-from kl_rl.agents.lm.common import (
-    policy_gradient_loss,
-    reference_loss,
-    regularized,
-    sequence_agent,
-    token_networks,
-)
+from kl_rl.agents.lm.common import policy_gradient_loss, reference_loss, regularized, sequence_agent, token_networks
 from kl_rl.agents.lm.config import ClippedConfig
 from kl_rl.agents.lm.losses import masked_mean
 from kl_rl.config import static
