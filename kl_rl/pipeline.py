@@ -13,6 +13,7 @@ in chunks, tuning prunes between rungs. Progress goes to a callback; divergence 
 every item the same way (`kl_rl.divergence`), and a batch whose items have all diverged stops.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -25,12 +26,44 @@ import jax
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import parallel
+from kl_rl import envs, parallel, sources
 from kl_rl.divergence import first_nonfinite
 from kl_rl.errors import ConfigError
 from kl_rl.train import Trainer, make_trainer
 
 CACHE_ENV = "KL_RL_CACHE_DIR"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunOptions:
+    """What every driver takes beside its config: where the env runs, on which devices, and the
+    runs it starts from or is held to. `kl_rl.run` takes these as keywords, and so do
+    `kl_rl.sweep.run_sweep` and `kl_rl.tune.run_tune` (their `**options`).
+    """
+
+    env_path: str = "auto"
+    """"auto" (the JAX port where there is one), "jax" or "host" (see `kl_rl.envs.make`)."""
+    vectorization: str = "sync"
+    """How the host path steps its copies: "sync", or "async" (one process each)."""
+    devices: int | None = None
+    """How many local devices to use (default all; on CPU see `kl_rl.parallel.use_cpu_devices`)."""
+    reference: Any = None
+    """A run folder (or its loaded record) of the same env whose final policy is the frozen
+    reference that the config's ref_kl_* penalty pulls toward; seed s uses its seed s mod n."""
+    reference_seed: int | None = None
+    """The reference run's seed that every seed uses instead."""
+    init_from: Any = None
+    """A run folder whose parameters and normalizers the run starts from."""
+
+    def make_env(self, env_id: str) -> Any:
+        """The env on the chosen path (`kl_rl.envs.make`)."""
+        return envs.make(env_id, self.env_path, self.vectorization)
+
+    def sources(self, algo: str, env_id: str, config: Any) -> sources.RunSources:
+        """The reference and starting runs, loaded and checked against `config`."""
+        return sources.resolve_sources(
+            algo, env_id, config, self.reference, self.reference_seed, self.init_from, self.env_path
+        )
 
 
 def enable_compilation_cache() -> str | None:

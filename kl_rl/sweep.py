@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, pipeline, resolve, runfolder, sources, stats
+from kl_rl import pipeline, resolve, runfolder, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 
@@ -205,12 +205,7 @@ def run_sweep(
     chunk_size: int = 64,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    env_path: str = "auto",
-    vectorization: str = "sync",
-    devices: int | None = None,
-    reference: Any = None,
-    reference_seed: int | None = None,
-    init_from: Any = None,
+    **options: Any,
 ) -> SweepResult:
     """Runs every grid point on seeds 0..seeds-1: one compiled program per static group.
 
@@ -226,29 +221,32 @@ def run_sweep(
       log: optional function receiving one line per compiled program.
       progress: optional `progress(env_steps_done, env_steps_total)` over all grid points and
         seeds, called once the first programs are compiled and after each segment.
-      env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
-        copies of a whole chunk (points x seeds x num_envs).
-      devices: as for `kl_rl.run`: the (point, seed) items of a chunk are spread over them.
-      reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every grid point
-        takes the same reference and starting parameters.
+      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, reference,
+        reference_seed, init_from), as for `kl_rl.run`. On the host path one vector env holds
+        the copies of a whole chunk (points x seeds x num_envs); the (point, seed) items of a
+        chunk are spread over the devices; seed s of every grid point takes the same reference
+        and starting parameters.
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"{{seeds}} must be a positive integer, got {seeds!r}", "seeds")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ConfigError(f"{{chunk_size}} must be a positive integer, got {chunk_size!r}", "chunk_size")
+    opts = pipeline.RunOptions(**options)
     points = expand(grid)
-    configs = [resolve.resolve_config(algo, env, config_file, {**(overrides or {}), **p}, env_path) for p in points]
+    base = overrides or {}
+    configs = [resolve.resolve_config(algo, env, config_file, {**base, **p}, opts.env_path) for p in points]
     groups = resolve.group_by_static(configs)
     # A grid point that sets a reference option without a reference is refused, as a run is.
-    for config in configs[1:] if reference is None else ():
-        sources.resolve_sources(algo, env, config, env_path=env_path)
-    run_sources = sources.resolve_sources(algo, env, configs[0], reference, reference_seed, init_from, env_path)
-    env_obj = envs.make(env, env_path, vectorization)
+    for config in configs[1:] if opts.reference is None else ():
+        opts.sources(algo, env, config)
+    run_sources = opts.sources(algo, env, configs[0])
+    env_obj = opts.make_env(env)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     log = log or (lambda line: None)
     # One layout, and so one set of programs, for every chunk of a group: the last chunk is
     # padded with copies of its final point, which are dropped.
-    built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds, devices)
+    built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds,
+                            opts.devices)
              for m in groups.values()]  # fmt: skip
     total = sum(g.trainer.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
                 for g, m in zip(built, groups.values(), strict=True))  # fmt: skip

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import divergence, envs, pipeline, resolve, runfolder, sources, stats
+from kl_rl import divergence, pipeline, resolve, runfolder, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -389,12 +389,7 @@ def run_tune(
     startup_trials: int = 10,
     log: Callable[[str], None] | None = None,
     progress: Callable[[int, int], None] | None = None,
-    env_path: str = "auto",
-    vectorization: str = "sync",
-    devices: int | None = None,
-    reference: Any = None,
-    reference_seed: int | None = None,
-    init_from: Any = None,
+    **options: Any,
 ) -> TuneResult:
     """Runs `trials` trials of a study on seeds 0..seeds-1, `batch_size` trials per batch.
 
@@ -418,11 +413,11 @@ def run_tune(
       rungs: segments of training, each followed by a report to the pruner.
       log: optional function receiving one line per batch, and one per failed trial.
       progress: optional `progress(env_steps_done, env_steps_total)` over all trials and seeds.
-      env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
-        envs from rung to rung (a pruned trial's copies run on with its group).
-      devices: as for `kl_rl.run`: a batch's (trial, seed) items are spread over them.
-      reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every trial takes
-        the same reference and starting parameters.
+      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, reference,
+        reference_seed, init_from), as for `kl_rl.run`. On the host path a batch's trials keep
+        their envs from rung to rung (a pruned trial's copies run on with its group); a batch's
+        (trial, seed) items are spread over the devices; seed s of every trial takes the same
+        reference and starting parameters.
 
     Raises:
       ConfigError: a bad count, base config or storage; all are checked before any training.
@@ -432,10 +427,11 @@ def run_tune(
             raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}", name)
     optuna = require_optuna()
     overrides = dict(overrides or {})
-    base = resolve.resolve_config(algo, env, config_file, overrides, env_path)
-    run_sources = sources.resolve_sources(algo, env, base, reference, reference_seed, init_from, env_path)
+    opts = pipeline.RunOptions(**options)
+    base = resolve.resolve_config(algo, env, config_file, overrides, opts.env_path)
+    run_sources = opts.sources(algo, env, base)
     study = open_study(storage, study_name, sampler_seed, startup_trials)
-    env_obj = envs.make(env, env_path, vectorization)
+    env_obj = opts.make_env(env)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     size = batch_size  # every group is padded to this many trials, so its programs serve every batch
     log = log or (lambda line: None)
@@ -459,7 +455,7 @@ def run_tune(
                 for trial, record in batch:
                     try:
                         params = to_overrides(algo, trial.params)
-                        config = resolve.resolve_config(algo, env, config_file, {**overrides, **params}, env_path)
+                        config = resolve.resolve_config(algo, env, config_file, {**overrides, **params}, opts.env_path)
                     except ConfigError as err:
                         trial.set_user_attr("error", str(err))
                         study.tell(trial, state=optuna.trial.TrialState.FAIL)
@@ -471,7 +467,7 @@ def run_tune(
                 for key, members in groups.items():
                     if key not in groups_built:
                         groups_built[key] = pipeline.group(algo, env, env_obj, members[0][1], run_sources, size * seeds,
-                                                           devices)  # fmt: skip
+                                                           opts.devices)  # fmt: skip
                     group = groups_built[key]
                     num_updates = members[0][1].num_updates
                     unit = group.trainer.steps_per_update * len(members) * seeds  # padded trials not counted
