@@ -42,21 +42,18 @@ def parse_overrides(extra: list[str]) -> dict[str, str]:
 def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     """The arguments `train`, `sweep` and `tune` share; hyperparameters go through `run_overrides`."""
     parser = Parser(prog=prog, add_help=False, description=description)
-    parser.add_argument("--algo", default="ppo")
-    parser.add_argument("--env", default="CartPole-v1")
-    parser.add_argument("--env-path", default="auto")
-    parser.add_argument("--vectorization", default="sync")
-    parser.add_argument("--seeds", default=seeds_default)
-    parser.add_argument("--total-steps", default=None)
-    parser.add_argument("--out", default=None)
-    parser.add_argument("--config", default=None)
+    add_flags(parser, algo="ppo", env="CartPole-v1", env_path="auto", vectorization="sync", seeds=seeds_default)
+    add_flags(parser, total_steps=None, out=None, config=None, devices=None)
+    add_flags(parser, reference=None, reference_seed=None, init_from=None)
     parser.add_argument("--no-progress", action="store_true")
-    parser.add_argument("--devices", default=None)
-    parser.add_argument("--reference", default=None)
-    parser.add_argument("--reference-seed", default=None)
-    parser.add_argument("--init-from", default=None)
     parser.add_argument("-h", "--help", action="store_true")
     return parser
+
+
+def add_flags(parser: argparse.ArgumentParser, **defaults: str | None) -> None:
+    """A `--name-with-dashes TEXT` flag for each keyword, its value kept as text until parsed."""
+    for name, default in defaults.items():
+        parser.add_argument("--" + name.replace("_", "-"), default=default)
 
 
 def source_args(args: argparse.Namespace) -> dict:

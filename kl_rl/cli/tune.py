@@ -2,7 +2,7 @@
 
 from typing import Any
 
-from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run_parser, source_args
+from kl_rl.cli.common import Diverged, add_flags, device_count, out_dir, run_overrides, run_parser, source_args
 from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
@@ -41,13 +41,8 @@ def main(argv: list[str]) -> int:
 
     parser = run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
     parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
-    parser.add_argument("--trials", default="20")
-    parser.add_argument("--batch-size", default="8")
-    parser.add_argument("--rungs", default="4")
-    parser.add_argument("--storage", default=None)
-    parser.add_argument("--study-name", default=None)
-    parser.add_argument("--sampler-seed", default=None)
-    parser.add_argument("--startup-trials", default="10")
+    add_flags(parser, trials="20", batch_size="8", rungs="4", startup_trials="10")
+    add_flags(parser, storage=None, study_name=None, sampler_seed=None)
     args, extra = parser.parse_known_args(argv)
     if args.help:
         print(USAGE + "\n" + HELP)
