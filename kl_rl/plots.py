@@ -13,6 +13,7 @@ or changes a matplotlib backend: notebooks keep theirs, and a headless machine n
 Needs the analysis extra: pip install 'kl_rl[analysis]'.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -150,28 +151,40 @@ def _curve_matrix(rows: pd.DataFrame, x: str, y: str, num_points: int, label: st
     return grid, np.stack([np.interp(grid, cx, cy) for cx, cy in curves])
 
 
+@dataclasses.dataclass(frozen=True)
+class Band:
+    """How the curve plots summarise seeds: their `**band` keywords (`learning_curves`, `kl_curves`)."""
+
+    estimator: str = "mean"
+    """"mean", "median" or "iqm" across seeds at each x."""
+    ci: float | None = 0.95
+    """Level of the bootstrap band over seeds (whole curves resampled); None for no band."""
+    reps: int = 1000
+    """Bootstrap resamples of the band."""
+    seed: int = 0
+    """Seed of the bootstrap."""
+    num_points: int = 200
+    """x points where seeds' x values differ (wall time across programs) and the curves are
+    interpolated onto a common grid."""
+
+    @property
+    def title(self) -> str:
+        what = f"{_ESTIMATORS.get(self.estimator, self.estimator)} over seeds"
+        return what + (f", {self.ci:.0%} bootstrap CI" if self.ci else "")
+
+
 def _draw_curves(
-    ax: Any,
-    rows: pd.DataFrame,
-    x: str,
-    y: str,
-    hue_cols: list[str],
-    styles: dict[str, tuple[str, str]],
-    estimator: str,
-    ci: float | None,
-    reps: int,
-    seed: int,
-    num_points: int,
+    ax: Any, rows: pd.DataFrame, x: str, y: str, hue_cols: list[str], styles: dict[str, tuple[str, str]], band: Band
 ) -> None:
-    """One line per hue value in `rows`: `estimator` over seeds, with a bootstrap band at level `ci`."""
+    """One line per hue value in `rows`: the band's estimator over seeds, with its bootstrap band."""
     for label, group in _groups(rows, hue_cols).items():
         color, linestyle = styles[label]
-        grid, curves = _curve_matrix(group, x, y, num_points, label)
-        if ci and len(curves) > 1:
-            estimate, lo, hi = analysis.curve_intervals(curves, estimator, reps, ci, seed)
+        grid, curves = _curve_matrix(group, x, y, band.num_points, label)
+        if band.ci and len(curves) > 1:
+            estimate, lo, hi = analysis.curve_intervals(curves, band.estimator, band.reps, band.ci, band.seed)
             ax.fill_between(grid, lo, hi, color=color, alpha=0.2, linewidth=0)
         else:
-            estimate = analysis.curve_estimate(curves, estimator)
+            estimate = analysis.curve_estimate(curves, band.estimator)
         ax.plot(grid, estimate, color=color, linestyle=linestyle, linewidth=1.6, label=label)
     if x in ("env_steps", "update"):
         ax.xaxis.set_major_formatter(EngFormatter(sep=""))
@@ -195,9 +208,6 @@ def _panels(df: pd.DataFrame, col: str | None) -> list[tuple[str, pd.DataFrame]]
     return [(str(v), df[df[col] == v]) for v in sorted(df[col].dropna().unique(), key=str)]
 
 
-def _band_title(estimator: str, ci: float | None) -> str:
-    what = f"{_ESTIMATORS.get(estimator, estimator)} over seeds"
-    return what + (f", {ci:.0%} bootstrap CI" if ci else "")
 
 
 @_styled
@@ -207,11 +217,7 @@ def learning_curves(
     y: str = "episode_return",
     hue: str | Sequence[str] = "algo",
     col: str | None = "env",
-    estimator: str = "mean",
-    ci: float | None = 0.95,
-    reps: int = 1000,
-    seed: int = 0,
-    num_points: int = 200,
+    **band: Any,
 ) -> Figure:
     """Training curves: `estimator` over seeds of `y` against `x`, one line per hue value, one panel per `col`.
 
@@ -221,12 +227,10 @@ def learning_curves(
       y: a metric column, e.g. "episode_return" (the training episodes' mean return per update).
       hue: the column(s) telling lines apart: "algo", "run", a hyperparameter, or several.
       col: the column telling panels apart (None: one panel).
-      estimator: "mean", "median" or "iqm" across seeds at each x.
-      ci: level of the bootstrap band over seeds (whole curves resampled); None for no band.
-      reps, seed: bootstrap resamples and seed of the band.
-      num_points: x points where seeds' x values differ (wall time across programs) and the
-        curves are interpolated onto a common grid.
+      **band: `Band`'s fields: estimator ("mean", "median" or "iqm" across seeds at each x), ci
+        (the bootstrap band's level; None for none), reps, seed and num_points.
     """
+    spec = Band(**band)
     hue_cols = _hue_columns(hue)
     _require(df, [x, y, *hue_cols, *([col] if col else [])])
     panels = _panels(df, col)
@@ -234,9 +238,9 @@ def learning_curves(
     fig = Figure(figsize=(3.8 * len(panels) + 2.2, 3.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, rows) in zip(axes, panels, strict=True):
-        _draw_curves(ax, rows, x, y, hue_cols, styles, estimator, ci, reps, seed, num_points)
+        _draw_curves(ax, rows, x, y, hue_cols, styles, spec)
         ax.set_title(title)
-    axes[0].set_ylabel(f"{_label_of(y)}\n{_band_title(estimator, ci)}")
+    axes[0].set_ylabel(f"{_label_of(y)}\n{spec.title}")
     _legend(fig, ", ".join(hue_cols))
     return fig
 
@@ -249,11 +253,7 @@ def kl_curves(
     col: str | None = "env",
     y: str = "episode_return",
     kl: str = "kl",
-    estimator: str = "mean",
-    ci: float | None = 0.95,
-    reps: int = 1000,
-    seed: int = 0,
-    num_points: int = 200,
+    **band: Any,
 ) -> Figure:
     """Return (top row) and KL per update (bottom row, log scale) over training, one column per `col`.
 
@@ -261,6 +261,7 @@ def kl_curves(
     update, TRPO's accepted step's KL, CEM's between successive search distributions. The
     other arguments are `learning_curves`'s.
     """
+    spec = Band(**band)
     hue_cols = _hue_columns(hue)
     _require(df, [x, y, kl, *hue_cols, *([col] if col else [])])
     panels = _panels(df, col)
@@ -269,12 +270,12 @@ def kl_curves(
     axes = fig.subplots(2, len(panels), squeeze=False, sharex="col")
     for j, (title, rows) in enumerate(panels):
         for i, metric in enumerate((y, kl)):
-            _draw_curves(axes[i, j], rows, x, metric, hue_cols, styles, estimator, ci, reps, seed, num_points)
+            _draw_curves(axes[i, j], rows, x, metric, hue_cols, styles, spec)
         axes[0, j].set_title(title)
         axes[0, j].set_xlabel("")
         if (rows[kl] > 0).any():
             axes[1, j].set_yscale("log", nonpositive="mask")
-    axes[0, 0].set_ylabel(f"{_label_of(y)}\n{_band_title(estimator, ci)}")
+    axes[0, 0].set_ylabel(f"{_label_of(y)}\n{spec.title}")
     axes[1, 0].set_ylabel(_label_of(kl) + (", log scale" if axes[1, 0].get_yscale() == "log" else ""))
     _legend(fig, ", ".join(hue_cols))
     return fig
