@@ -40,6 +40,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ),
     # PureJaxRL's CartPole defaults, at 200k steps.
     ("ppo", "Acrobot-v1"): dict(total_steps=200_000),
+    # MDPO: PPO's CartPole preset (the paper ran on-policy MDPO with PPO's hyperparameters) and
+    # the paper's step size, t_k annealed from 1.
+    ("mdpo", "CartPole-v1"): dict(
+        total_steps=100_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20, gamma=0.98,
+        gae_lambda=0.8, lr=1e-3, ent_coef=0.0
+    ),
     # VPG: one batch shape on every env (VPG_BATCH).
     ("vpg", "CartPole-v1"): dict(VPG_BATCH),
     ("vpg", "Acrobot-v1"): dict(VPG_BATCH),
