@@ -18,6 +18,16 @@ PUREJAXRL_MINATAR = dict(
     activation="relu", clip_value=True
 )
 
+# rl-baselines3-zoo's tuned PPO CartPole settings (8 envs x 32 steps, one 256-minibatch, 20 epochs).
+PPO_CARTPOLE = dict(
+    total_steps=100_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20, gamma=0.98, gae_lambda=0.8,
+    lr=1e-3, ent_coef=0.0
+)
+PPO_PENDULUM = dict(
+    total_steps=200_000, num_envs=4, num_steps=1024, num_minibatches=64, update_epochs=10, gamma=0.9,
+    gae_lambda=0.95, lr=1e-3, ent_coef=0.0, normalize_obs=True
+)
+
 # VPG: 2000-step batches, a 10x larger policy step than Spinning Up's 3e-4, and 5 x 4 minibatch
 # critic passes instead of 80 full-batch steps.
 VPG_BATCH = dict(total_steps=500_000, num_envs=8, num_steps=250, lr=3e-3, vf_epochs=5, vf_minibatches=4)
@@ -29,17 +39,13 @@ LM_GROUPS = dict(group_size=8, update_epochs=2, num_minibatches=2)
 
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     **{("ppo", env_id): dict(PUREJAXRL_MINATAR) for env_id in MINATAR_IDS},
-    # rl-baselines3-zoo's tuned CartPole settings (8 envs x 32 steps, one 256-minibatch, 20 epochs).
-    ("ppo", "CartPole-v1"): dict(
-        total_steps=100_000, num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20, gamma=0.98,
-        gae_lambda=0.8, lr=1e-3, ent_coef=0.0
-    ),
-    ("ppo", "Pendulum-v1"): dict(
-        total_steps=200_000, num_envs=4, num_steps=1024, num_minibatches=64, update_epochs=10, gamma=0.9,
-        gae_lambda=0.95, lr=1e-3, ent_coef=0.0, normalize_obs=True
-    ),
+    ("ppo", "CartPole-v1"): dict(PPO_CARTPOLE),
+    ("ppo", "Pendulum-v1"): dict(PPO_PENDULUM),
     # PureJaxRL's CartPole defaults, at 200k steps.
     ("ppo", "Acrobot-v1"): dict(total_steps=200_000),
+    # MDPO: PPO's presets, untuned beyond them, with the step size t_k annealed from t_0 = 1.
+    ("mdpo", "CartPole-v1"): dict(PPO_CARTPOLE),
+    ("mdpo", "Pendulum-v1"): dict(PPO_PENDULUM),
     # VPG: one batch shape on every env (VPG_BATCH).
     ("vpg", "CartPole-v1"): dict(VPG_BATCH),
     ("vpg", "Acrobot-v1"): dict(VPG_BATCH),

@@ -53,6 +53,8 @@ def existing_run(tmp_path):
         (["--env", "Pendulum-v1", "--distribution", "categorical"], ["categorical", "discrete", "gaussian"]),
         (["--config", "/nonexistent/cfg.yaml"], ["cannot read config file"]),
         (["--clip-eps"], ["--clip-eps needs a value"]),
+        (["--surrogate", "spo2"], ["unknown --surrogate 'spo2'", "clip, spo"]),
+        (["--algo", "mdpo", "--step-size", "0"], ["--step-size must be a positive number"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_folder(capsys, existing_run, args, needles):

@@ -6,6 +6,7 @@ from typing import NamedTuple
 from kl_rl.agents.base import Agent
 from kl_rl.agents.cem import CEMConfig, cem
 from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTConfig, dpo, grpo, ppo_lm, rloo, sft
+from kl_rl.agents.mdpo import MDPOConfig, mdpo
 from kl_rl.agents.ppo import PPOConfig, ppo
 from kl_rl.agents.trpo import TRPOConfig, trpo
 from kl_rl.agents.vpg import VPGConfig, vpg
@@ -23,6 +24,7 @@ ALGOS: dict[str, AlgoSpec] = {
     "vpg": AlgoSpec(VPGConfig, vpg),
     "trpo": AlgoSpec(TRPOConfig, trpo),
     "cem": AlgoSpec(CEMConfig, cem),
+    "mdpo": AlgoSpec(MDPOConfig, mdpo),
     "sft": AlgoSpec(SFTConfig, sft),
     "grpo": AlgoSpec(GRPOConfig, grpo),
     "rloo": AlgoSpec(RLOOConfig, rloo),
@@ -38,9 +40,11 @@ __all__ = [
     "Agent",
     "AlgoSpec",
     "CEMConfig",
+    "MDPOConfig",
     "PPOConfig", "TRPOConfig",
     "VPGConfig",
     "cem",
+    "mdpo",
     "ppo",
     "trpo",
     "vpg",

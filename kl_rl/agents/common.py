@@ -8,7 +8,7 @@ here once, so a fix to any of it reaches every algorithm.
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import flax.struct
 import gymnasium as gym
@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from kl_rl import buffer, kl, networks
-from kl_rl.agents.base import RolloutSpec
+from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
 from kl_rl.returns import gae, vtrace
@@ -185,6 +185,44 @@ class PenalizedConfig(OnPolicyConfig):
             raise ConfigError(
                 f"{{behaviour_kl_coef}} must be >= 0, got {float(self.behaviour_kl_coef)}", "behaviour_kl_coef"
             )
+
+
+@flax.struct.dataclass
+class ProximalConfig(PenalizedConfig):
+    """The fields of `proximal_agent`'s update (PPO, MDPO): minibatch epochs of one policy loss,
+    the critic's loss and an entropy bonus, with Adam and target-KL early stopping."""
+
+    update_epochs: int = static(4)
+    """Passes over each batch."""
+    num_minibatches: int = static(4)
+    """Minibatches per epoch; must divide num_envs x num_steps."""
+    clip_value: bool = static(False)
+    """Clip the value update to +/- clip_eps around the behaviour value (PPO2 / PureJaxRL)."""
+    anneal_lr: bool = static(True)
+    """Decay the learning rate linearly to zero over training."""
+    lr: float = 2.5e-4
+    """Adam learning rate (initial value when annealed)."""
+    clip_eps: float = 0.2
+    """Clip range of the probability ratio (PPO; the scale of SPO's penalty), of the value update
+    when clip_value, and the band outside which a ratio counts in clip_frac."""
+    ent_coef: float = 0.01
+    """Entropy bonus coefficient."""
+    vf_coef: float = 0.5
+    """Value loss coefficient."""
+    max_grad_norm: float = 0.5
+    """Global gradient-norm clip."""
+    target_kl: float = 0.0
+    """Early-stop an update once a minibatch's k3 estimate of KL(old || new) exceeds 1.5 x target_kl; 0 disables."""
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.batch_size // self.num_minibatches
+
+    def _check_proximal(self, action_space: gym.Space, positive_float: tuple[str, ...] = ()) -> None:
+        self._check_on_policy(
+            action_space, ("update_epochs", "num_minibatches"), ("lr", "clip_eps", "max_grad_norm", *positive_float)
+        )
+        check_divides("num_minibatches", self.num_minibatches, self.batch_size)
 
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
@@ -498,3 +536,132 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         return value_net.apply(state.params["value"], obs)
 
     return ActorCritic(policy_net, value_net, init_params, policy, act, value)
+
+
+class PolicyLoss(Protocol):
+    """The policy term of `proximal_agent`'s minibatch loss: (loss, metrics averaged per update).
+
+    log_ratio: log pi(a) - log pi_anchor(a), [B]; advantages: [B] (normalized when the config
+    says so); weight: the truncated ratio pi_prox / pi_behaviour on corrected stale data, else
+    None; dist, anchor: the policy being optimized and the anchor (the policy at the start of
+    the update); progress: the fraction of training done before this update.
+    """
+
+    def __call__(
+        self, log_ratio: jax.Array, advantages: jax.Array, weight: jax.Array | None, dist: Any, anchor: Any,
+        progress: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]: ...
+
+
+@flax.struct.dataclass
+class PPOState:
+    """Everything a `proximal_agent` update changes; checkpointing this restores the agent exactly."""
+
+    params: dict
+    opt_state: optax.OptState
+    kl_ctrl: kl.KLControllerState
+
+
+def proximal_agent(
+    config: ProximalConfig, observation_space: gym.Space, action_space: gym.Space, policy_loss: PolicyLoss
+) -> Agent:
+    """An actor-critic whose update takes minibatch epochs of `policy_loss` (PPO, MDPO).
+
+    Around the policy term: the value loss, the entropy bonus, the optional KL(old || new) penalty
+    (config.kl_penalty), the behaviour penalty on stale data, the reference penalty, target-KL
+    early stopping and, on corrected stale data, the proximal policy as the anchor (decoupled
+    PPO, Hilton et al. 2021). See `kl_rl.agents.ppo` for what each does.
+
+    Args:
+      config: hyperparameters; numeric fields may be traced.
+      observation_space: single-env observation space.
+      action_space: single-env action space.
+      policy_loss: the policy term and its metrics, per minibatch.
+    """
+    ac = actor_critic(config, observation_space, action_space)
+    policy_net, value_net = ac.policy_net, ac.value_net
+    optimizer = adam(config.max_grad_norm)
+    controller = kl_controller(config)
+    use_penalty = config.kl_penalty != "none"
+
+    def init(key: jax.Array) -> PPOState:
+        params = ac.init_params(key)
+        return PPOState(params=params, opt_state=optimizer.init(params), kl_ctrl=controller.init())
+
+    stale = config.stale
+    decoupled = stale and config.is_correction
+
+    def loss_fn(params, batch, beta, ref_beta, progress):
+        traj, advantages, returns, prox = batch
+        dist = policy_net.apply(params["policy"], traj.obs)
+        log_prob = dist.log_prob(traj.action)
+        # The policy the clip and the previous-iterate KL are taken around: the behaviour
+        # policy, or on corrected stale data the proximal one (the policy before this update).
+        if decoupled:
+            anchor_log_prob, anchor_dist = prox
+            weight = jnp.minimum(config.rho_clip, jnp.exp(anchor_log_prob - traj.log_prob))
+        else:
+            anchor_log_prob, anchor_dist, weight = traj.log_prob, traj.dist, None
+        log_ratio = log_prob - anchor_log_prob
+        if config.normalize_advantages:
+            advantages = normalize_advantages(advantages)
+        pg_loss, pg_aux = policy_loss(log_ratio, advantages, weight, dist, anchor_dist, progress)
+        value = value_net.apply(params["value"], traj.obs)
+        vf_loss = value_loss(value, traj.value, returns, config.clip_eps, config.clip_value)
+        entropy = jnp.mean(dist.entropy())
+        approx_kl = jnp.mean(kl.kl_k3(log_prob, anchor_log_prob))
+        loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
+        if use_penalty:
+            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(anchor_dist, dist))
+        if stale:
+            loss = loss + kl.kl_penalty_loss(config.behaviour_kl_coef, kl.kl_old_new(traj.dist, dist))
+        loss = add_reference_loss(loss, config, dist, traj, ref_beta)
+        aux = {"pg_loss": pg_loss, "vf_loss": vf_loss, "entropy_loss": -entropy, "approx_kl_k3": approx_kl, **pg_aux}
+        return loss, aux
+
+    def update(key: jax.Array, state: PPOState, traj, ctx: UpdateContext):
+        ref_beta = ctx.ref_beta
+        params = state.params
+        est = estimates(policy_net, params["policy"], lambda obs: ac.value(state, obs), traj, config)
+        traj, advantages, returns, prox_dist, log_rho, prox = est
+        lr = config.lr * (1.0 - ctx.progress) if config.anneal_lr else config.lr
+        beta = state.kl_ctrl.beta
+
+        def minibatch_step(carry, minibatch):
+            params, opt_state, stopped = carry
+            grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+            (_, aux), grads = grad_fn(params, minibatch, beta, ref_beta, ctx.progress)
+            stopped = stopped | (config.target_kl > 0) & (aux["approx_kl_k3"] > 1.5 * config.target_kl)
+            updates, new_opt_state = optimizer.update(grads, opt_state, params)
+
+            def keep(new, old):
+                return jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)
+
+            carry = (keep(apply_step(params, updates, lr), params), keep(new_opt_state, opt_state), stopped)
+            return carry, {**aux, "grad_steps": 1.0 - stopped.astype(jnp.float32)}
+
+        carry = (params, state.opt_state, jnp.asarray(False))
+        (params, opt_state, stopped), aux = minibatch_epochs(
+            key, minibatch_step, carry, (traj, advantages, returns, prox), config.update_epochs, config.num_minibatches
+        )
+
+        new_dist = policy_net.apply(params["policy"], traj.obs)
+        kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
+        kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
+        kl_ctrl = controller.update(state.kl_ctrl, kl_batch, config.batch_size)
+        metrics = {k: jnp.mean(v) for k, v in aux.items() if k != "grad_steps"}
+        metrics.update(
+            kl=kl_batch,
+            entropy=jnp.mean(new_dist.entropy()),
+            grad_steps=jnp.sum(aux["grad_steps"]),
+            early_stopped=stopped.astype(jnp.float32),
+            explained_variance=explained_variance(returns, traj.value),
+            beta=state.kl_ctrl.beta,
+            lr=jnp.asarray(lr, jnp.float32),
+            kl_behaviour=kl_behaviour,
+            # On fresh data the proximal policy is the behaviour policy: every weight is 1.
+            ess=kl.effective_sample_size(log_rho) if stale else jnp.ones((), jnp.float32),
+        )
+        return PPOState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
+
+    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update)

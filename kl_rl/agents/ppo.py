@@ -21,65 +21,54 @@ the start of the update -- while the behaviour policy enters only through trunca
 weights min(rho_clip, pi_prox / pi_behaviour), on the objective and in V-trace advantages and
 value targets. `kl_behaviour` is the exact mean KL(behaviour || new) and `ess` the effective
 sample size of the weights pi_prox / pi_behaviour.
+
+`surrogate="spo"` replaces the clipped surrogate by Simple Policy Optimization's (Xie et al.,
+ICML 2025, arXiv:2401.16025): r A - |A| / (2 eps) (r - 1)^2, a penalty on the ratio's deviation
+whose gradient, unlike the clip's, pulls a ratio outside [1 - eps, 1 + eps] back toward 1.
+
+The update itself is `kl_rl.agents.common.proximal_agent`, which MDPO shares; PPO is its policy
+term.
 """
 
 import flax.struct
 import gymnasium as gym
 import jax
 import jax.numpy as jnp
-import optax
 
-from kl_rl import kl
-from kl_rl.agents.base import Agent, UpdateContext
-from kl_rl.agents.common import (
-    PenalizedConfig, add_reference_loss, actor_critic, adam, estimates, apply_step, check_divides, explained_variance,
-    kl_controller, minibatch_epochs, normalize_advantages, value_loss
-)
+from kl_rl.agents.base import Agent
+from kl_rl.agents.common import PPOState, ProximalConfig, normalize_advantages, proximal_agent, value_loss
 from kl_rl.config import static
+from kl_rl.errors import ConfigError
+
+SURROGATES = ("clip", "spo")
+
+__all__ = [
+    "SURROGATES",
+    "PPOConfig",
+    "PPOState",
+    "clipped_surrogate_loss",
+    "normalize_advantages",
+    "ppo",
+    "spo_surrogate_loss",
+    "value_loss",
+]  # fmt: skip
 
 
 @flax.struct.dataclass
-class PPOConfig(PenalizedConfig):
+class PPOConfig(ProximalConfig):
     """PPO hyperparameters. Defaults are PureJaxRL's `ppo.py` CartPole settings."""
 
-    update_epochs: int = static(4)
-    """Passes over each batch."""
-    num_minibatches: int = static(4)
-    """Minibatches per epoch; must divide num_envs x num_steps."""
-    clip_value: bool = static(False)
-    """Clip the value update to +/- clip_eps around the behaviour value (PPO2 / PureJaxRL)."""
-    anneal_lr: bool = static(True)
-    """Decay the learning rate linearly to zero over training."""
-    lr: float = 2.5e-4
-    """Adam learning rate (initial value when annealed)."""
-    clip_eps: float = 0.2
-    """Clip range of the probability ratio (and of the value update when clip_value)."""
-    ent_coef: float = 0.01
-    """Entropy bonus coefficient."""
-    vf_coef: float = 0.5
-    """Value loss coefficient."""
-    max_grad_norm: float = 0.5
-    """Global gradient-norm clip."""
-    target_kl: float = 0.0
-    """Early-stop an update once a minibatch's k3 estimate of KL(old || new) exceeds 1.5 x target_kl; 0 disables."""
-
-    @property
-    def minibatch_size(self) -> int:
-        return self.batch_size // self.num_minibatches
+    surrogate: str = static("clip")
+    """The policy objective: clip (PPO's clipped surrogate) or spo (Simple Policy Optimization's
+    r A - |A| / (2 clip_eps) (r - 1)^2, Xie et al. 2025)."""
 
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
-        self._check_on_policy(action_space, ("update_epochs", "num_minibatches"), ("lr", "clip_eps", "max_grad_norm"))
-        check_divides("num_minibatches", self.num_minibatches, self.batch_size)
-
-
-@flax.struct.dataclass
-class PPOState:
-    """Everything an update changes; checkpointing this restores the agent exactly."""
-
-    params: dict
-    opt_state: optax.OptState
-    kl_ctrl: kl.KLControllerState
+        self._check_proximal(action_space)
+        if self.surrogate not in SURROGATES:
+            raise ConfigError(
+                f"unknown {{surrogate}} {self.surrogate!r}; use one of {', '.join(SURROGATES)}", "surrogate"
+            )
 
 
 def clipped_surrogate_loss(
@@ -96,6 +85,20 @@ def clipped_surrogate_loss(
     return -jnp.mean(objective if weight is None else weight * objective)
 
 
+def spo_surrogate_loss(
+    log_ratio: jax.Array, advantages: jax.Array, clip_eps: jax.Array, weight: jax.Array | None = None
+) -> jax.Array:
+    """-E[r A - |A| / (2 eps) (r - 1)^2] with r = exp(log_ratio) (SPO, Xie et al. 2025).
+
+    Per sample the objective is a concave parabola in r with its top at r = 1 + sign(A) eps, the
+    edge of PPO's clip range that the advantage favours: beyond it the gradient pulls r back,
+    where the clip's is zero. With `weight` w: -E[w (...)], as in `clipped_surrogate_loss`.
+    """
+    ratio = jnp.exp(log_ratio)
+    objective = ratio * advantages - jnp.abs(advantages) / (2.0 * clip_eps) * jnp.square(ratio - 1.0)
+    return -jnp.mean(objective if weight is None else weight * objective)
+
+
 def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
     """Builds PPO's pure functions for one env's spaces.
 
@@ -104,95 +107,12 @@ def ppo(config: PPOConfig, observation_space: gym.Space, action_space: gym.Space
       observation_space: single-env observation space.
       action_space: single-env action space.
     """
-    ac = actor_critic(config, observation_space, action_space)
-    policy_net, value_net = ac.policy_net, ac.value_net
-    optimizer = adam(config.max_grad_norm)
-    controller = kl_controller(config)
-    use_penalty = config.kl_penalty != "none"
+    surrogate = spo_surrogate_loss if config.surrogate == "spo" else clipped_surrogate_loss
 
-    def init(key: jax.Array) -> PPOState:
-        params = ac.init_params(key)
-        return PPOState(params=params, opt_state=optimizer.init(params), kl_ctrl=controller.init())
+    def policy_loss(log_ratio, advantages, weight, dist, anchor, progress):
+        del dist, anchor, progress
+        pg_loss = surrogate(log_ratio, advantages, config.clip_eps, weight)
+        clip_frac = jnp.mean((jnp.abs(jnp.exp(log_ratio) - 1.0) > config.clip_eps).astype(jnp.float32))
+        return pg_loss, {"clip_frac": clip_frac}
 
-    stale = config.stale
-    decoupled = stale and config.is_correction
-
-    def loss_fn(params, batch, beta, ref_beta):
-        traj, advantages, returns, prox = batch
-        dist = policy_net.apply(params["policy"], traj.obs)
-        log_prob = dist.log_prob(traj.action)
-        # The policy the clip and the previous-iterate KL are taken around: the behaviour
-        # policy, or on corrected stale data the proximal one (the policy before this update).
-        if decoupled:
-            anchor_log_prob, anchor_dist = prox
-            weight = jnp.minimum(config.rho_clip, jnp.exp(anchor_log_prob - traj.log_prob))
-        else:
-            anchor_log_prob, anchor_dist, weight = traj.log_prob, traj.dist, None
-        log_ratio = log_prob - anchor_log_prob
-        if config.normalize_advantages:
-            advantages = normalize_advantages(advantages)
-        pg_loss = clipped_surrogate_loss(log_ratio, advantages, config.clip_eps, weight)
-        value = value_net.apply(params["value"], traj.obs)
-        vf_loss = value_loss(value, traj.value, returns, config.clip_eps, config.clip_value)
-        entropy = jnp.mean(dist.entropy())
-        approx_kl = jnp.mean(kl.kl_k3(log_prob, anchor_log_prob))
-        loss = pg_loss + config.vf_coef * vf_loss - config.ent_coef * entropy
-        if use_penalty:
-            loss = loss + kl.kl_penalty_loss(beta, kl.kl_old_new(anchor_dist, dist))
-        if stale:
-            loss = loss + kl.kl_penalty_loss(config.behaviour_kl_coef, kl.kl_old_new(traj.dist, dist))
-        loss = add_reference_loss(loss, config, dist, traj, ref_beta)
-        aux = {
-            "pg_loss": pg_loss,
-            "vf_loss": vf_loss,
-            "entropy_loss": -entropy,
-            "approx_kl_k3": approx_kl,
-            "clip_frac": jnp.mean((jnp.abs(jnp.exp(log_ratio) - 1.0) > config.clip_eps).astype(jnp.float32)),
-        }
-        return loss, aux
-
-    def update(key: jax.Array, state: PPOState, traj, ctx: UpdateContext):
-        ref_beta = ctx.ref_beta
-        params = state.params
-        est = estimates(policy_net, params["policy"], lambda obs: ac.value(state, obs), traj, config)
-        traj, advantages, returns, prox_dist, log_rho, prox = est
-        lr = config.lr * (1.0 - ctx.progress) if config.anneal_lr else config.lr
-        beta = state.kl_ctrl.beta
-
-        def minibatch_step(carry, minibatch):
-            params, opt_state, stopped = carry
-            (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, minibatch, beta, ref_beta)
-            stopped = stopped | (config.target_kl > 0) & (aux["approx_kl_k3"] > 1.5 * config.target_kl)
-            updates, new_opt_state = optimizer.update(grads, opt_state, params)
-
-            def keep(new, old):
-                return jax.tree.map(lambda n, o: jnp.where(stopped, o, n), new, old)
-
-            carry = (keep(apply_step(params, updates, lr), params), keep(new_opt_state, opt_state), stopped)
-            return carry, {**aux, "grad_steps": 1.0 - stopped.astype(jnp.float32)}
-
-        carry = (params, state.opt_state, jnp.asarray(False))
-        (params, opt_state, stopped), aux = minibatch_epochs(
-            key, minibatch_step, carry, (traj, advantages, returns, prox), config.update_epochs, config.num_minibatches
-        )
-
-        new_dist = policy_net.apply(params["policy"], traj.obs)
-        kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
-        kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
-        kl_ctrl = controller.update(state.kl_ctrl, kl_batch, config.batch_size)
-        metrics = {k: jnp.mean(v) for k, v in aux.items() if k != "grad_steps"}
-        metrics.update(
-            kl=kl_batch,
-            entropy=jnp.mean(new_dist.entropy()),
-            grad_steps=jnp.sum(aux["grad_steps"]),
-            early_stopped=stopped.astype(jnp.float32),
-            explained_variance=explained_variance(returns, traj.value),
-            beta=state.kl_ctrl.beta,
-            lr=jnp.asarray(lr, jnp.float32),
-            kl_behaviour=kl_behaviour,
-            # On fresh data the proximal policy is the behaviour policy: every weight is 1.
-            ess=kl.effective_sample_size(log_rho) if stale else jnp.ones((), jnp.float32),
-        )
-        return PPOState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
-
-    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update)
+    return proximal_agent(config, observation_space, action_space, policy_loss)
