@@ -83,7 +83,10 @@ class Group(NamedTuple):
                 vec.close()
 
 
-def group(algo: str, env_id: str, env: Any, config: Any, sources: Any, items: int, devices: Any = None) -> Group:
+def group(
+    algo: str, env_id: str, env: Any, config: Any, sources: Any, items: int, devices: Any = None,
+    batching: str | None = None,
+) -> Group:  # fmt: skip
     """The `Group` of `config`'s static fields for batches of `items` items.
 
     Args:
@@ -92,9 +95,11 @@ def group(algo: str, env_id: str, env: Any, config: Any, sources: Any, items: in
       sources: the run's `kl_rl.sources.RunSources`.
       items: the items of every batch.
       devices: a device count or list, or None for every local device (`parallel.layout`).
+      batching: how a device's items run, "map" or "vmap", or None for the platform's default
+        (`parallel.layout`). The layout, and so the program cache's file names, record it.
     """
     trainer = make_trainer(algo, config, env, sources.reference)
-    lay = parallel.layout(items, devices, host_env=trainer.env_path == "host")
+    lay = parallel.layout(items, devices, host_env=trainer.env_path == "host", batching=batching)
     key = program_key(algo, env_id, trainer.env_path, config, sources)
     return Group(trainer, lay, parallel.Programs(trainer, lay, enable_compilation_cache(), key))
 

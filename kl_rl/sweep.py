@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, pipeline, resolve, runfolder, sources, stats
+from kl_rl import envs, parallel, pipeline, resolve, runfolder, sources, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 
@@ -95,6 +95,8 @@ class SweepResult:
     """Per grid point, its evaluation episodes."""
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
+    batching: str | None = None
+    """How each device ran its (point, seed) items: "map" or "vmap" (`kl_rl.parallel`)."""
 
     def __post_init__(self):
         self.diverged = self.diverged or [[None] * len(self.seeds) for _ in self.points]
@@ -179,6 +181,7 @@ class SweepResult:
             "grid": {k: [_plain(v) for v in vs] for k, vs in self.grid.items()},
             "num_points": len(self.points),
             "compiled_programs": len(self.programs),
+            "batching": self.batching,
             "programs": self.programs,
             "ranking": self.ranking(),
             "diverged": diverged,
@@ -208,6 +211,7 @@ def run_sweep(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    batching: str | None = None,
     reference: Any = None,
     reference_seed: int | None = None,
     init_from: Any = None,
@@ -229,6 +233,7 @@ def run_sweep(
       env_path, vectorization: as for `kl_rl.run`. On the host path one vector env holds the
         copies of a whole chunk (points x seeds x num_envs).
       devices: as for `kl_rl.run`: the (point, seed) items of a chunk are spread over them.
+      batching: as for `kl_rl.run`: how a device's (point, seed) items run, "map" or "vmap".
       reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every grid point
         takes the same reference and starting parameters.
     """
@@ -236,6 +241,7 @@ def run_sweep(
         raise ConfigError(f"{{seeds}} must be a positive integer, got {seeds!r}", "seeds")
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ConfigError(f"{{chunk_size}} must be a positive integer, got {chunk_size!r}", "chunk_size")
+    parallel.check_batching(batching)
     points = expand(grid)
     configs = [resolve.resolve_config(algo, env, config_file, {**(overrides or {}), **p}, env_path) for p in points]
     groups = resolve.group_by_static(configs)
@@ -248,8 +254,8 @@ def run_sweep(
     log = log or (lambda line: None)
     # One layout, and so one set of programs, for every chunk of a group: the last chunk is
     # padded with copies of its final point, which are dropped.
-    built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds, devices)
-             for m in groups.values()]  # fmt: skip
+    built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds, devices,
+                            batching=batching) for m in groups.values()]  # fmt: skip
     total = sum(g.trainer.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
                 for g, m in zip(built, groups.values(), strict=True))  # fmt: skip
     outputs: dict[int, Any] = {}
@@ -302,6 +308,7 @@ def run_sweep(
         diverged=[outputs[i][2] for i in order],
         eval_episodes=[configs[i].eval_episodes for i in order],
         sources=run_sources.records,
+        batching=built[0].layout.mode,
     )
 
 

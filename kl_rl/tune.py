@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import divergence, envs, pipeline, resolve, runfolder, sources, stats
+from kl_rl import divergence, envs, parallel, pipeline, resolve, runfolder, sources, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -171,6 +171,9 @@ class TuneResult:
     wall_time_s: float
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
+    batching: str | None = None
+    """How each device ran its (trial, seed) items: "map" or "vmap" (`kl_rl.parallel`); None if
+    this worker trained nothing (every trial failed validation)."""
 
     def diverged_items(self) -> list[dict[str, Any]]:
         """Every (trial, seed) of this worker that went non-finite, with its first non-finite update."""
@@ -213,6 +216,7 @@ class TuneResult:
             "trials": self.trials,
             "diverged": self.diverged_items(),
             "compiled_programs": self.compiled_programs,
+            "batching": self.batching,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
             **self.sources,
@@ -224,7 +228,8 @@ class TuneResult:
         """config.json's content: the search space over the base config."""
         space = {name: describe(d) for name, d in self.space.items()}
         base = config_lib.to_dict(self.base_config)
-        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **self.sources, **base}
+        run = {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "batching": self.batching, "space": space}
+        return {**run, **self.sources, **base}
 
     def save(self, out_dir: Any) -> Path:
         """Writes config.json, metrics.csv (one row per trial) and summary.json, atomically."""
@@ -392,6 +397,7 @@ def run_tune(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    batching: str | None = None,
     reference: Any = None,
     reference_seed: int | None = None,
     init_from: Any = None,
@@ -421,6 +427,7 @@ def run_tune(
       env_path, vectorization: as for `kl_rl.run`. On the host path a batch's trials keep their
         envs from rung to rung (a pruned trial's copies run on with its group).
       devices: as for `kl_rl.run`: a batch's (trial, seed) items are spread over them.
+      batching: as for `kl_rl.run`: how a device's (trial, seed) items run, "map" or "vmap".
       reference, reference_seed, init_from: as for `kl_rl.run`; seed s of every trial takes
         the same reference and starting parameters.
 
@@ -430,6 +437,7 @@ def run_tune(
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}", name)
+    parallel.check_batching(batching)
     optuna = require_optuna()
     overrides = dict(overrides or {})
     base = resolve.resolve_config(algo, env, config_file, overrides, env_path)
@@ -471,7 +479,7 @@ def run_tune(
                 for key, members in groups.items():
                     if key not in groups_built:
                         groups_built[key] = pipeline.group(algo, env, env_obj, members[0][1], run_sources, size * seeds,
-                                                           devices)  # fmt: skip
+                                                           devices, batching=batching)  # fmt: skip
                     group = groups_built[key]
                     num_updates = members[0][1].num_updates
                     unit = group.trainer.steps_per_update * len(members) * seeds  # padded trials not counted
@@ -522,6 +530,7 @@ def run_tune(
         study_counts=_counts([{"state": t.state.name} for t in study.get_trials(deepcopy=False)]),
         compiled_programs=sum(len(g.programs.compiled) for g in groups_built.values()),
         wall_time_s=time.perf_counter() - start,
+        batching=next((g.layout.mode for g in groups_built.values()), None),
     )
 
 

@@ -93,6 +93,7 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
         (["--grid", "num_envs=4.5"], "--num-envs expects int"),
         ([], "--grid needs at least one"),
         (["--algo", "cem", "--grid", "elite_frac=0.1", "--total-steps", "1000"], "--total-steps does not apply to cem"),
+        (["--grid", "lr=1e-3", "--batching", "pmap"], "--batching must be one of map, vmap, got 'pmap'"),
     ],
 )
 def test_cli_sweep_bad_input_is_one_line(tmp_path, capsys, args, needle):

@@ -210,6 +210,7 @@ def test_unusable_storage_is_one_line_and_writes_nothing(tmp_path, capsys, tune_
         (["--space", "lr=1e-4:1e-3", "--batch-size", "two"], "--batch-size expects int"),
         (["--space", "lr=1e-4:1e-3", "--lerning-rate", "1"], "unknown hyperparameter"),
         (["--algo", "cem", "--space", "elite_frac=0.1:0.5", "--total-steps", "1000"], "--total-steps does not apply"),
+        (["--space", "lr=1e-4:1e-3", "--batching", "VMAP"], "--batching must be one of map, vmap, got 'VMAP'"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, tune_command, args, needle):

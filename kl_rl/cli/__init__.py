@@ -14,6 +14,9 @@
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
 set before JAX starts (--devices N for another count; a device count in XLA_FLAGS wins).
+--batching map|vmap says how one device runs its share: map (the default on CPU) one run after
+another, so a run's bits depend only on its seed and config; vmap (the default on GPU/TPU) as one
+batch, faster, but a run's bits may then depend on the runs beside it.
 
 --env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
 extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the

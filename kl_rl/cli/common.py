@@ -52,6 +52,7 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     parser.add_argument("--config", default=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--devices", default=None)
+    parser.add_argument("--batching", default=None)
     parser.add_argument("--reference", default=None)
     parser.add_argument("--reference-seed", default=None)
     parser.add_argument("--init-from", default=None)
