@@ -20,8 +20,10 @@ group is pruned, and the group then stops. The compiled programs of a static gro
 across batches; a group is padded to the batch size with copies of its last config (dropped
 afterwards), so every batch reuses them.
 
-Several workers can share a study through one storage (e.g. the same SQLite file or a
-PostgreSQL URL): each asks its own trials, and TPE and the pruner see every worker's results.
+Several workers can share a study through one storage: a database URL (the same SQLite file,
+or a PostgreSQL/MySQL server for workers on several hosts), or `journal:PATH`, Optuna's journal
+file on a filesystem every host mounts (NFS), which needs no database server. Each worker asks
+its own trials, and TPE and the pruner see every worker's results.
 """
 
 import dataclasses
@@ -47,6 +49,9 @@ SPACE_FORMS = "NAME=LOW:HIGH, NAME=log:LOW:HIGH or NAME=V1,V2,... (e.g. lr=log:1
 BUDGET_FIELDS = ("total_steps", "iterations")
 TOP = 10  # best trials of the study kept in TuneResult.top
 STORAGE_ATTEMPTS = 5  # tries at opening a storage that other workers are creating at the same moment
+JOURNAL = "journal:"
+"""The prefix of a journal file storage: journal:PATH, e.g. journal:/shared/studies/ppo.log."""
+STORAGE_FORMS = "a database URL Optuna accepts (e.g. sqlite:///study.db) or journal:PATH (a journal file)"
 
 
 def require_optuna() -> Any:
@@ -240,7 +245,9 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
     """Creates or loads a maximizing study with a seeded TPE sampler and a median pruner.
 
     Args:
-      storage: a database URL Optuna accepts (sqlite:///study.db, postgresql://...), or None for
+      storage: a database URL Optuna accepts (sqlite:///study.db, postgresql://...);
+        journal:PATH for Optuna's journal file at PATH (absolute, or relative to the working
+        folder), which workers on several hosts can share on a network filesystem; or None for
         an in-memory study no other worker can see.
       study_name: the study to create, or to join if the storage already holds it.
       sampler_seed: seed of the sampler; workers sharing a study should each have their own,
@@ -262,7 +269,7 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             study = optuna.create_study(
-                storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                storage=_storage(storage), study_name=study_name, direction="maximize", load_if_exists=True,
                 sampler=sampler, pruner=pruner,
             )  # fmt: skip
             break
@@ -272,15 +279,37 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
                 continue
             lines = str(err).strip().splitlines()
             reason = lines[0] if lines else type(err).__name__
-            raise ConfigError(
-                f"cannot open Optuna storage {redact(storage)!r}: {reason}; give a database URL Optuna accepts "
-                "(e.g. sqlite:///study.db)"
-            ) from None
+            message = f"cannot open Optuna storage {redact(storage)!r}: {reason}; give {STORAGE_FORMS}"
+            raise ConfigError(message) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(
             f"study {study_name!r} in {redact(storage)!r} minimizes; give another {{study_name}}", "study_name"
         )
     return study
+
+
+def _storage(storage: str | None) -> Any:
+    """What `optuna.create_study` takes for `storage`: a URL as it is, journal:PATH as a
+    `JournalStorage` over a `JournalFileBackend`.
+
+    The journal file is an append-only log of the study's operations; Optuna's default lock for
+    it (a symlink, created atomically on NFS too) serializes the workers' writes.
+
+    Raises:
+      ValueError: journal: with no path.
+    """
+    if storage is None or not storage.startswith(JOURNAL):
+        return storage
+    path = storage.removeprefix(JOURNAL)
+    if not path.strip():
+        raise ValueError("journal: needs the path of the journal file, as journal:PATH")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():  # the backend would create the file, but not its folder
+        raise FileNotFoundError(f"no folder {str(path.parent)!r} for the journal file")
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def _racing(err: Exception) -> bool:

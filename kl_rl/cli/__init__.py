@@ -8,7 +8,7 @@
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
                 [--<hyperparameter> VALUE ...]
     kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
-               [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
+               [--batch-size N] [--seeds N] [--rungs N] [--storage URL|journal:PATH] [--study-name NAME] [--out DIR]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl list
 

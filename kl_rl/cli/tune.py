@@ -8,7 +8,7 @@ from kl_rl.errors import ConfigError
 
 USAGE = (
     "usage: kl-rl tune --algo ALGO --env ENV --space NAME=LOW:HIGH NAME=log:LOW:HIGH NAME=V1,V2 ... "
-    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL] "
+    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL|journal:PATH] "
     "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] [--batching map|vmap] "
     "[--no-progress] [--<hyperparameter> VALUE ...]"
 )
@@ -22,8 +22,10 @@ A trial's value is the mean over seeds of its final evaluation return (train's f
   --trials        trials this worker runs (default 20)
   --batch-size    trials per batch, run as one vmapped program per static group (default 8)
   --rungs         training segments, each followed by a pruning check (default 4)
-  --storage       Optuna database URL; workers given the same URL and --study-name share the
-                  study (default: sqlite:///<OUT>.study.db next to the output folder)
+  --storage       Optuna database URL, or journal:PATH for a journal file (on a filesystem every
+                  host mounts, with no database server); workers given the same storage and
+                  --study-name share the study (default: sqlite:///<OUT>.study.db next to the
+                  output folder)
   --study-name    default: the output folder's name
   --sampler-seed  default: a fresh seed, printed, so workers sharing a study draw different trials
   --startup-trials  random trials before TPE, and finished trials before pruning (default 10)
