@@ -289,7 +289,8 @@ def test_a_journal_file_is_a_storage_workers_can_share(tmp_path, monkeypatch):
     assert isinstance(again._storage, optuna.storages.JournalStorage)
 
 
-@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+# SQLite slow-marked: test_two_workers_share_one_study already runs two workers on one in the default tier.
+@pytest.mark.parametrize("kind", ["journal", pytest.param("sqlite", marks=pytest.mark.slow)])
 def test_two_workers_started_together_lose_and_repeat_no_trial(tmp_path, kind):
     # Two workers from the first moment, on a storage neither has created: their asks, reports
     # and tells interleave, batch after batch. The study must hold exactly the sum of their trials.
