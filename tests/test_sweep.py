@@ -77,6 +77,7 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
     assert len(lines) == 1 + 2 * 2 * 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled_programs"] == 1 and len(summary["ranking"]) == 2
+    assert summary["batching"] == json.loads((out / "config.json").read_text())["batching"] == "map"
     # kl-rl plot on the sweep folder, with no further arguments.
     assert main(["plot", str(out)]) == 0
     names = ["learning_curves", "learning_curves_wall_time", "kl_curves", "return_kl_tradeoff_lr"]

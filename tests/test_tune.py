@@ -152,6 +152,7 @@ def test_save_writes_one_row_per_trial(study_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["number"] == result.best["number"] and summary["study_name"] == "cartpole"
     assert [t["number"] for t in summary["trials"]] == list(range(6))
+    assert summary["batching"] == config["batching"] == "map"  # the platform's default, as it ran
 
 
 def test_sampled_configs_that_fail_validation_are_failed_trials(tmp_path):
