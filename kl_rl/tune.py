@@ -296,7 +296,8 @@ def _storage(storage: str | None) -> Any:
     it (a symlink, created atomically on NFS too) serializes the workers' writes.
 
     Raises:
-      ValueError: journal: with no path.
+      ValueError, FileNotFoundError: journal: with no path, or a path whose folder does not
+        exist (`open_study` turns either into a ConfigError).
     """
     if storage is None or not storage.startswith(JOURNAL):
         return storage
