@@ -16,6 +16,13 @@ at its time. --paired instead runs both in the anchor's process, in turns (see t
     python experiments/throughput.py --paired --seeds 1 --repeats 20 \\
         --anchor-python /work/anchors/venv/bin/python --purejaxrl-dir /work/anchors/purejaxrl
 
+--batching map vmap times kl_rl with each batching of a device's seeds (`kl_rl.parallel`): in
+the paired mode all of them take turns with PureJaxRL in the one process, each pair a row of
+all three. --seeds takes several counts, one anchor process each:
+
+    python experiments/throughput.py --paired --seeds 8 16 --batching map vmap --repeats 4 \
+        --total-steps 100000 --anchor-python /work/anchors/venv/bin/python --purejaxrl-dir /work/anchors/purejaxrl
+
 --env gymnax/CartPole-v1 or gymnax/Breakout-MinAtar puts kl_rl on the gymnax adapter
 (`kl_rl.envs.families`) against PureJaxRL on the same gymnax env; for a MinAtar game both sides
 run PureJaxRL's MinAtar settings (64 envs, 8 minibatches, lr 5e-3, relu).
@@ -67,16 +74,17 @@ def purejaxrl_config(env: str, total_steps: int) -> PPOConfig:
     return PPOConfig(**{**PUREJAXRL_DEFAULTS, **minatar, "total_steps": total_steps})
 
 
-def compile_kl_rl(seeds: int, total_steps: int, env: str = "CartPole-v1"):
+def compile_kl_rl(seeds: int, total_steps: int, env: str = "CartPole-v1", batching: str | None = None):
     """Compiles kl_rl's PPO at PureJaxRL's config as `kl_rl.run` runs it (its segments, over
-    every local device); returns (run, compile_s, env_steps). No program cache: a cold compile.
+    every local device, each device's seeds batched by `batching`: "map", "vmap" or None for
+    the platform's default); returns (run, compile_s, env_steps). No program cache: a cold compile.
 
     `env` is kl_rl's env id: its own CartPole-v1 port, or a gymnax id through the gymnax adapter
     ("gymnax/CartPole-v1", "gymnax/Breakout-MinAtar"). `run()` returns a `TrainOutput`. The
     programs are compiled (and run once) here."""
     config = purejaxrl_config(env, total_steps)
     trainer = make_trainer("ppo", config, envs.make(env))
-    lay = parallel.layout(seeds)
+    lay = parallel.layout(seeds, batching=batching)
     programs = parallel.Programs(trainer, lay)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
 
@@ -94,22 +102,28 @@ def timed(fn):
     return time.perf_counter() - start, out
 
 
-def run_anchor(args) -> dict:
+def run_anchor(args, seeds: int) -> dict | list[dict]:
+    """PureJaxRL's line (and in the paired mode, a line per kl_rl batching, then their ratios)."""
     script = Path(__file__).parent / "anchors" / "purejaxrl_ppo.py"
     cmd = [args.anchor_python or sys.executable, str(script), "--purejaxrl-dir", args.purejaxrl_dir,
-           "--seeds", str(args.seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps),
+           "--seeds", str(seeds), "--repeats", str(args.repeats), "--total-timesteps", str(args.total_steps),
            "--env", args.env.removeprefix("gymnax/"), "--kl-rl-env", args.env]
-    cmd += ["--paired-kl-rl"] if args.paired else []
+    if args.paired:
+        cmd += ["--paired-kl-rl", "--kl-rl-batching", ",".join(b or "default" for b in args.batching)]
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "anchor failed")
-    lines = proc.stdout.strip().splitlines()
-    return [json.loads(line) for line in lines[-2:]] if args.paired else json.loads(lines[-1])
+    lines = [json.loads(line) for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return lines if args.paired else lines[-1]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1], help="one or more seed counts")
+    parser.add_argument(
+        "--batching", nargs="+", choices=parallel.BATCHING, default=[None],
+        help="kl_rl's batching of a device's seeds, one or more (default: the platform's)",
+    )  # fmt: skip
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per round and implementation")
     parser.add_argument("--rounds", type=int, default=3, help="rounds alternating kl_rl and PureJaxRL")
     parser.add_argument("--total-steps", type=int, default=500_000)
@@ -125,38 +139,53 @@ def main() -> int:
     if args.paired:
         if not args.purejaxrl_dir:
             parser.error("--paired needs --purejaxrl-dir")
-        for line in run_anchor(args):
-            print(json.dumps(line))
+        for seeds in args.seeds:
+            for line in run_anchor(args, seeds):
+                print(json.dumps(line), flush=True)
         return 0
-    run, compile_s, steps = compile_kl_rl(args.seeds, args.total_steps, args.env)
-    ours, theirs, anchor = [], [], None
+    for seeds in args.seeds:
+        separate_rounds(args, seeds)
+    return 0
+
+
+def separate_rounds(args, seeds: int) -> None:
+    """kl_rl (each batching) and PureJaxRL in separate processes, round by round; prints JSON lines."""
+    compiled = {b: compile_kl_rl(seeds, args.total_steps, args.env, b) for b in args.batching}
+    ours = {b: [] for b in args.batching}
+    outs, theirs, anchor = {}, [], None
     for _ in range(args.rounds if args.purejaxrl_dir else 1):
         for _ in range(args.repeats):
-            seconds, out = timed(run)
-            ours.append(seconds)
+            for b, (run, _, _) in compiled.items():
+                seconds, outs[b] = timed(run)
+                ours[b].append(seconds)
         if args.purejaxrl_dir:
-            anchor = run_anchor(args)
+            anchor = run_anchor(args, seeds)
             theirs += anchor["run_s"]
-    result = {
-        "impl": "kl_rl",
-        "seeds": args.seeds,
-        "env": args.env,
-        "env_steps": steps,
-        "compile_s": round(compile_s, 2),
-        "run_s": [round(t, 3) for t in ours],
-        "env_steps_per_s": round(steps / statistics.median(ours)),
-        "final_return_median": float(np.median(np.asarray(out.eval_returns).mean(axis=1))),
-        "devices": len(parallel.layout(args.seeds).devices),
-        "jax": jax.__version__,
-        "device": str(jax.devices()[0].device_kind),
-    }
-    print(json.dumps(result), flush=True)
+    results = {}
+    for b, (_, compile_s, steps) in compiled.items():
+        lay = parallel.layout(seeds, batching=b)
+        results[b] = {
+            "impl": "kl_rl",
+            "batching": lay.mode,
+            "seeds": seeds,
+            "env": args.env,
+            "env_steps": steps,
+            "compile_s": round(compile_s, 2),
+            "run_s": [round(t, 3) for t in ours[b]],
+            "env_steps_per_s": round(steps / statistics.median(ours[b])),
+            "final_return_median": float(np.median(np.asarray(outs[b].eval_returns).mean(axis=1))),
+            "devices": len(lay.devices),
+            "jax": jax.__version__,
+            "device": str(jax.devices()[0].device_kind),
+        }
+        print(json.dumps(results[b]), flush=True)
     if anchor is not None:
         rate = anchor["seeds"] * anchor["total_timesteps"] / statistics.median(theirs)
         anchor = {**anchor, "run_s": theirs, "env_steps_per_s": round(rate)}
         print(json.dumps(anchor))
-        print(json.dumps({"kl_rl_over_purejaxrl": round(result["env_steps_per_s"] / anchor["env_steps_per_s"], 3)}))
-    return 0
+        for result in results.values():
+            ratio = round(result["env_steps_per_s"] / anchor["env_steps_per_s"], 3)
+            print(json.dumps({"batching": result["batching"], "seeds": seeds, "kl_rl_over_purejaxrl": ratio}))
 
 
 if __name__ == "__main__":

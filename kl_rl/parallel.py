@@ -6,16 +6,20 @@ devices, padding the last device's share with copies of the final item (dropped 
 `Programs` compiles a trainer's init, segment and evaluate functions over that layout, each
 once, with `shard_map` so that no device talks to another.
 
-How items share a device depends on the platform:
+How items share a device is the batching (`BATCHING`), by default the platform's:
 
-- On CPU each device runs its items one after another (`lax.map`), each through the unbatched
-  program. So an item's result depends only on its key and config, never on how many items run
-  beside it or on how many devices there are: the same bits for `--seeds 1` and for seed 0 of a
-  16-seed run on 2 devices. A vmap would not give this (a size-1 vmap compiles differently, and
-  TRPO's batched dots round differently at every batch size), and on CPU it is not faster: the
-  per-seed dots are already at one core's peak (docs/benchmarks.md).
-- On accelerators the items of a device are vmapped: thousands of seeds fill a GPU only as one
-  batch. There a seed's result can depend on the batch it ran in.
+- "map", the default on CPU: each device runs its items one after another (`lax.map`), each
+  through the unbatched program. So an item's result depends only on its key and config, never
+  on how many items run beside it or on how many devices there are: the same bits for
+  `--seeds 1` and for seed 0 of a 16-seed run on 2 devices. A vmap does not give this (a size-1
+  vmap compiles differently, and TRPO's batched dots round differently at every batch size).
+- "vmap", the default on accelerators: the items of a device run as one batch. Thousands of
+  seeds fill a GPU only that way, and on CPU it is faster too (docs/benchmarks.md), but a
+  seed's result can depend on the batch it ran in.
+
+Either can be asked for on any platform. An explicit "map" on a GPU runs the items one after
+another there too: their bits do not depend on the batch (up to the GPU's own nondeterminism),
+at the price of leaving most of the GPU idle. The host-side env path is always "vmap".
 
 On CPU the devices are the cores once `use_cpu_devices` has run before JAX starts (the `kl-rl`
 CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
@@ -45,6 +49,8 @@ from kl_rl.errors import ConfigError
 from kl_rl.train import Trainer, vmap_seeds
 
 AXIS = "items"
+BATCHING = ("map", "vmap")
+"""How the items of one device run: one after another (`lax.map`) or as one batch (`vmap`)."""
 PROGRAM_CACHE_ENV = "KL_RL_PROGRAM_CACHE"
 
 
@@ -99,7 +105,7 @@ class Layout(NamedTuple):
     devices: tuple[Any, ...]
     per_device: int
     mode: str
-    """"map" (items one after another, each unbatched) or "vmap" (items batched)."""
+    """The batching: "map" (items one after another, each unbatched) or "vmap" (items batched)."""
 
     @property
     def padded(self) -> int:
@@ -111,7 +117,20 @@ class Layout(NamedTuple):
         return NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
 
 
-def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: bool = False) -> Layout:
+def check_batching(batching: str | None) -> str | None:
+    """`batching` if it is one of `BATCHING` or None (the platform's default).
+
+    Raises:
+      ConfigError: any other value.
+    """
+    if batching is not None and batching not in BATCHING:
+        raise ConfigError(f"{{batching}} must be one of {', '.join(BATCHING)}, got {batching!r}", "batching")
+    return batching
+
+
+def layout(
+    items: int, devices: int | Sequence[Any] | None = None, host_env: bool = False, batching: str | None = None
+) -> Layout:
     """Spreads `items` over the local devices: at most one device per item, equal shares.
 
     Args:
@@ -121,10 +140,19 @@ def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: boo
       host_env: the run steps gymnasium envs on the host. One vector env holds every item's
         copies and is called once per step for the whole batch, so the items are vmapped on one
         device.
+      batching: how a device's items run, "map" or "vmap" (module docstring); None: "map" on
+        CPU, "vmap" on accelerators.
 
     Raises:
-      ConfigError: a device count that is not positive or exceeds the local devices.
+      ConfigError: a device count that is not positive or exceeds the local devices; a batching
+        that is not one of `BATCHING`, or "map" with host-side envs.
     """
+    check_batching(batching)
+    if host_env and batching == "map":
+        raise ConfigError(
+            "host-side envs run their items as one batch, so {batching} map does not apply; leave it unset",
+            "batching",
+        )
     local = jax.local_devices()
     if devices is None:
         chosen = local
@@ -142,8 +170,9 @@ def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: boo
     if host_env:
         chosen = chosen[:1]
     chosen = tuple(chosen[: max(1, min(len(chosen), items))])
-    mode = "map" if chosen[0].platform == "cpu" and not host_env else "vmap"
-    return Layout(items, chosen, -(-items // len(chosen)), mode)
+    if batching is None:
+        batching = "map" if chosen[0].platform == "cpu" and not host_env else "vmap"
+    return Layout(items, chosen, -(-items // len(chosen)), batching)
 
 
 def pad(tree: Any, lay: Layout) -> Any:

@@ -47,6 +47,9 @@ class RunOptions:
     """How the host path steps its copies: "sync", or "async" (one process each)."""
     devices: int | None = None
     """How many local devices to use (default all; on CPU see `kl_rl.parallel.use_cpu_devices`)."""
+    batching: str | None = None
+    """How a device's items run: "map" (one after another) or "vmap" (batched); None for the
+    platform's default (`kl_rl.parallel.layout`)."""
     reference: Any = None
     """A run folder (or its loaded record) of the same env whose final policy is the frozen
     reference that the config's ref_kl_* penalty pulls toward; seed s uses its seed s mod n."""
@@ -54,6 +57,9 @@ class RunOptions:
     """The reference run's seed that every seed uses instead."""
     init_from: Any = None
     """A run folder whose parameters and normalizers the run starts from."""
+
+    def __post_init__(self) -> None:
+        parallel.check_batching(self.batching)
 
     def make_env(self, env_id: str) -> Any:
         """The env on the chosen path (`kl_rl.envs.make`)."""
@@ -116,7 +122,10 @@ class Group(NamedTuple):
                 vec.close()
 
 
-def group(algo: str, env_id: str, env: Any, config: Any, sources: Any, items: int, devices: Any = None) -> Group:
+def group(
+    algo: str, env_id: str, env: Any, config: Any, sources: Any, items: int, devices: Any = None,
+    batching: str | None = None,
+) -> Group:  # fmt: skip
     """The `Group` of `config`'s static fields for batches of `items` items.
 
     Args:
@@ -125,9 +134,11 @@ def group(algo: str, env_id: str, env: Any, config: Any, sources: Any, items: in
       sources: the run's `kl_rl.sources.RunSources`.
       items: the items of every batch.
       devices: a device count or list, or None for every local device (`parallel.layout`).
+      batching: how a device's items run, "map" or "vmap", or None for the platform's default
+        (`parallel.layout`). The layout, and so the program cache's file names, record it.
     """
     trainer = make_trainer(algo, config, env, sources.reference)
-    lay = parallel.layout(items, devices, host_env=trainer.env_path == "host")
+    lay = parallel.layout(items, devices, host_env=trainer.env_path == "host", batching=batching)
     key = program_key(algo, env_id, trainer.env_path, config, sources)
     return Group(trainer, lay, parallel.Programs(trainer, lay, enable_compilation_cache(), key))
 

@@ -63,6 +63,8 @@ class RunResult:
     wall_time_s; the rest is the policy, the updates and the callbacks' overhead."""
     devices: int = 1
     """How many devices the seeds were spread over."""
+    batching: str | None = None
+    """How each device ran its seeds: "map" (one after another) or "vmap" (as one batch)."""
     compiled_from_cache: bool = False
     """Every program was loaded from kl_rl's program cache: nothing was traced or compiled."""
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -143,6 +145,7 @@ class RunResult:
             "env_steps_per_s": self.env_steps_per_s,
             "env_path": self.env_path,
             "devices": self.devices,
+            "batching": self.batching,
             "compiled_from_cache": self.compiled_from_cache,
             **({"vectorization": self.vectorization} if self.env_path == "host" else {}),
             **({"env_time_s": self.env_time_s} if self.env_time_s is not None else {}),
@@ -179,7 +182,7 @@ class RunResult:
 
         config = run_config(
             self.algo, self.env_id, self.seeds, self.config, checkpoint_every, self.env_path, self.vectorization,
-            self.sources,
+            self.sources, self.batching,
         )  # fmt: skip
         return write_run_folder(out_dir, config, self.rows(), self.summary(), save_state)
 
@@ -310,7 +313,8 @@ def write_run_folder(
     return out
 
 
-RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization", "reference", "init_from")
+RUN_KEYS = ("algo", "env", "seeds", "checkpoint_every", "env_path", "vectorization", "batching", "reference",
+            "init_from")  # fmt: skip
 
 
 class RunSpec(NamedTuple):
@@ -326,6 +330,9 @@ class RunSpec(NamedTuple):
     vectorization: str
     sources: dict[str, Any]
     """The records of the run's reference and starting run (`RunSources.records`)."""
+    batching: str | None = None
+    """How each device ran its seeds ("map" or "vmap"); None in folders from before the choice
+    (they ran the platform's default)."""
 
 
 def run_config(
@@ -337,13 +344,15 @@ def run_config(
     env_path: str = "jax",
     vectorization: str = "sync",
     sources: dict[str, Any] | None = None,
+    batching: str | None = None,
 ) -> dict[str, Any]:
     """A run folder's config.json: the RUN_KEYS, then the config's fields (`read_run_config` reads it).
 
-    `env_path` is the path that ran ("jax" or "host"), not "auto". `sources` holds the records of
-    a reference policy and a starting run (written only when there are any).
+    `env_path` is the path that ran ("jax" or "host"), not "auto"; `batching` how each device
+    ran its seeds ("map" or "vmap"). `sources` holds the records of a reference policy and a
+    starting run (written only when there are any).
     """
-    values = (algo, env, seeds, checkpoint_every, env_path, vectorization)
+    values = (algo, env, seeds, checkpoint_every, env_path, vectorization, batching)
     return {**dict(zip(RUN_KEYS, values, strict=False)), **(sources or {}), **config_lib.to_dict(config)}
 
 
@@ -377,7 +386,7 @@ def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
     config.validate(envs.make(env, env_path, vectorization).action_space)
     sources = {k: saved[k] for k in ("reference", "init_from") if k in saved}
     every = int(saved.get("checkpoint_every", 0))
-    return RunSpec(algo, env, seeds, config, every, env_path, vectorization, sources)
+    return RunSpec(algo, env, seeds, config, every, env_path, vectorization, sources, saved.get("batching"))
 
 
 @dataclasses.dataclass

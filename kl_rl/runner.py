@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kl_rl import envs, pipeline, resolve, sources
+from kl_rl import envs, parallel, pipeline, resolve, sources
 from kl_rl.errors import ConfigError
 from kl_rl.runfolder import RunResult, run_record
 
@@ -30,6 +30,7 @@ def run(
     env_path: str = "auto",
     vectorization: str = "sync",
     devices: int | None = None,
+    batching: str | None = None,
     reference: str | os.PathLike | dict | None = None,
     reference_seed: int | None = None,
     init_from: str | os.PathLike | dict | None = None,
@@ -59,6 +60,9 @@ def run(
       vectorization: how the host path steps its copies: "sync", or "async" (one process each).
       devices: how many local devices to use (default all; on CPU see
         `kl_rl.parallel.use_cpu_devices`).
+      batching: how the seeds of one device run: "map" (one after another; on CPU a seed's
+        bits then depend on nothing else) or "vmap" (as one batch: faster, but a seed's bits
+        may depend on the batch). None: "map" on CPU, "vmap" on accelerators (`kl_rl.parallel`).
       reference: a run folder of the same env whose final policy is the frozen reference the
         config's ref_kl_* penalty pulls toward (`kl_rl.sources`); seed s uses its seed s mod n.
       reference_seed: the reference run's seed that every seed uses instead.
@@ -70,6 +74,7 @@ def run(
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"{{seeds}} must be a positive integer, got {seeds!r}", "seeds")
+    parallel.check_batching(batching)
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ConfigError(f"{{checkpoint_every}} must be a non-negative integer, got {checkpoint_every!r}",
                           "checkpoint_every")  # fmt: skip
@@ -80,7 +85,7 @@ def run(
         resolve.check_config(algo, env, env_obj, config)
     if run_sources is None:
         run_sources = sources.resolve_sources(algo, env, config, reference, reference_seed, init_from, env_path)
-    group = pipeline.group(algo, env, env_obj, config, run_sources, seeds, devices)
+    group = pipeline.group(algo, env, env_obj, config, run_sources, seeds, devices, batching=batching)
     trainer = group.trainer
     steps_per_update = trainer.steps_per_update * seeds
     total = config.num_updates * steps_per_update
@@ -116,6 +121,7 @@ def run(
         vectorization=vectorization,
         env_time_s=trainer.vec_env.env_seconds + trainer.eval_env.env_seconds if host else None,
         devices=len(group.layout.devices),
+        batching=group.layout.mode,
         compiled_from_cache=programs.loaded == len(programs.compiled),
         sources=run_sources.records,
     )

@@ -95,6 +95,8 @@ class SweepResult:
     """Per grid point, its evaluation episodes."""
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
+    batching: str | None = None
+    """How each device ran its (point, seed) items: "map" or "vmap" (`kl_rl.parallel`)."""
 
     def __post_init__(self):
         self.diverged = self.diverged or [[None] * len(self.seeds) for _ in self.points]
@@ -179,6 +181,7 @@ class SweepResult:
             "grid": {k: [_plain(v) for v in vs] for k, vs in self.grid.items()},
             "num_points": len(self.points),
             "compiled_programs": len(self.programs),
+            "batching": self.batching,
             "programs": self.programs,
             "ranking": self.ranking(),
             "diverged": diverged,
@@ -221,8 +224,8 @@ def run_sweep(
       log: optional function receiving one line per compiled program.
       progress: optional `progress(env_steps_done, env_steps_total)` over all grid points and
         seeds, called once the first programs are compiled and after each segment.
-      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, reference,
-        reference_seed, init_from), as for `kl_rl.run`. On the host path one vector env holds
+      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, batching,
+        reference, reference_seed, init_from), as for `kl_rl.run`. On the host path one vector env holds
         the copies of a whole chunk (points x seeds x num_envs); the (point, seed) items of a
         chunk are spread over the devices; seed s of every grid point takes the same reference
         and starting parameters.
@@ -246,7 +249,7 @@ def run_sweep(
     # One layout, and so one set of programs, for every chunk of a group: the last chunk is
     # padded with copies of its final point, which are dropped.
     built = [pipeline.group(algo, env, env_obj, configs[m[0]], run_sources, min(chunk_size, len(m)) * seeds,
-                            opts.devices)
+                            opts.devices, batching=opts.batching)
              for m in groups.values()]  # fmt: skip
     total = sum(g.trainer.steps_per_update * configs[m[0]].num_updates * len(m) * seeds
                 for g, m in zip(built, groups.values(), strict=True))  # fmt: skip
@@ -300,6 +303,7 @@ def run_sweep(
         diverged=[outputs[i][2] for i in order],
         eval_episodes=[configs[i].eval_episodes for i in order],
         sources=run_sources.records,
+        batching=built[0].layout.mode,
     )
 
 

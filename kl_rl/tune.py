@@ -20,8 +20,10 @@ group is pruned, and the group then stops. The compiled programs of a static gro
 across batches; a group is padded to the batch size with copies of its last config (dropped
 afterwards), so every batch reuses them.
 
-Several workers can share a study through one storage (e.g. the same SQLite file or a
-PostgreSQL URL): each asks its own trials, and TPE and the pruner see every worker's results.
+Several workers can share a study through one storage: a database URL (the same SQLite file,
+or a PostgreSQL/MySQL server for workers on several hosts), or `journal:PATH`, Optuna's journal
+file on a filesystem every host mounts (NFS), which needs no database server. Each worker asks
+its own trials, and TPE and the pruner see every worker's results.
 """
 
 import dataclasses
@@ -47,6 +49,9 @@ SPACE_FORMS = "NAME=LOW:HIGH, NAME=log:LOW:HIGH or NAME=V1,V2,... (e.g. lr=log:1
 BUDGET_FIELDS = ("total_steps", "iterations")
 TOP = 10  # best trials of the study kept in TuneResult.top
 STORAGE_ATTEMPTS = 5  # tries at opening a storage that other workers are creating at the same moment
+JOURNAL = "journal:"
+"""The prefix of a journal file storage: journal:PATH, e.g. journal:/shared/studies/ppo.log."""
+STORAGE_FORMS = "a database URL Optuna accepts (e.g. sqlite:///study.db) or journal:PATH (a journal file)"
 
 
 def require_optuna() -> Any:
@@ -171,6 +176,9 @@ class TuneResult:
     wall_time_s: float
     sources: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The reference and starting runs' records (`kl_rl.sources.RunSources.records`)."""
+    batching: str | None = None
+    """How each device ran its (trial, seed) items: "map" or "vmap" (`kl_rl.parallel`); None if
+    this worker trained nothing (every trial failed validation)."""
 
     def diverged_items(self) -> list[dict[str, Any]]:
         """Every (trial, seed) of this worker that went non-finite, with its first non-finite update."""
@@ -213,6 +221,7 @@ class TuneResult:
             "trials": self.trials,
             "diverged": self.diverged_items(),
             "compiled_programs": self.compiled_programs,
+            "batching": self.batching,
             "env_steps": self.env_steps,
             "wall_time_s": self.wall_time_s,
             **self.sources,
@@ -224,7 +233,8 @@ class TuneResult:
         """config.json's content: the search space over the base config."""
         space = {name: describe(d) for name, d in self.space.items()}
         base = config_lib.to_dict(self.base_config)
-        return {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "space": space, **self.sources, **base}
+        run = {"algo": self.algo, "env": self.env_id, "seeds": self.seeds, "batching": self.batching, "space": space}
+        return {**run, **self.sources, **base}
 
     def save(self, out_dir: Any) -> Path:
         """Writes config.json, metrics.csv (one row per trial) and summary.json, atomically."""
@@ -235,7 +245,9 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
     """Creates or loads a maximizing study with a seeded TPE sampler and a median pruner.
 
     Args:
-      storage: a database URL Optuna accepts (sqlite:///study.db, postgresql://...), or None for
+      storage: a database URL Optuna accepts (sqlite:///study.db, postgresql://...);
+        journal:PATH for Optuna's journal file at PATH (absolute, or relative to the working
+        folder), which workers on several hosts can share on a network filesystem; or None for
         an in-memory study no other worker can see.
       study_name: the study to create, or to join if the storage already holds it.
       sampler_seed: seed of the sampler; workers sharing a study should each have their own,
@@ -257,7 +269,7 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
     for attempt in range(STORAGE_ATTEMPTS):
         try:
             study = optuna.create_study(
-                storage=storage, study_name=study_name, direction="maximize", load_if_exists=True,
+                storage=_storage(storage), study_name=study_name, direction="maximize", load_if_exists=True,
                 sampler=sampler, pruner=pruner,
             )  # fmt: skip
             break
@@ -267,15 +279,38 @@ def open_study(storage: str | None, study_name: str, sampler_seed: int | None = 
                 continue
             lines = str(err).strip().splitlines()
             reason = lines[0] if lines else type(err).__name__
-            raise ConfigError(
-                f"cannot open Optuna storage {redact(storage)!r}: {reason}; give a database URL Optuna accepts "
-                "(e.g. sqlite:///study.db)"
-            ) from None
+            message = f"cannot open Optuna storage {redact(storage)!r}: {reason}; give {STORAGE_FORMS}"
+            raise ConfigError(message) from None
     if study.direction != optuna.study.StudyDirection.MAXIMIZE:
         raise ConfigError(
             f"study {study_name!r} in {redact(storage)!r} minimizes; give another {{study_name}}", "study_name"
         )
     return study
+
+
+def _storage(storage: str | None) -> Any:
+    """What `optuna.create_study` takes for `storage`: a URL as it is, journal:PATH as a
+    `JournalStorage` over a `JournalFileBackend`.
+
+    The journal file is an append-only log of the study's operations; Optuna's default lock for
+    it (a symlink, created atomically on NFS too) serializes the workers' writes.
+
+    Raises:
+      ValueError, FileNotFoundError: journal: with no path, or a path whose folder does not
+        exist (`open_study` turns either into a ConfigError).
+    """
+    if storage is None or not storage.startswith(JOURNAL):
+        return storage
+    path = storage.removeprefix(JOURNAL)
+    if not path.strip():
+        raise ValueError("journal: needs the path of the journal file, as journal:PATH")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    path = Path(path).expanduser()
+    if not path.parent.is_dir():  # the backend would create the file, but not its folder
+        raise FileNotFoundError(f"no folder {str(path.parent)!r} for the journal file")
+    return JournalStorage(JournalFileBackend(str(path)))
 
 
 def _racing(err: Exception) -> bool:
@@ -413,8 +448,8 @@ def run_tune(
       rungs: segments of training, each followed by a report to the pruner.
       log: optional function receiving one line per batch, and one per failed trial.
       progress: optional `progress(env_steps_done, env_steps_total)` over all trials and seeds.
-      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, reference,
-        reference_seed, init_from), as for `kl_rl.run`. On the host path a batch's trials keep
+      **options: `kl_rl.pipeline.RunOptions` (env_path, vectorization, devices, batching,
+        reference, reference_seed, init_from), as for `kl_rl.run`. On the host path a batch's trials keep
         their envs from rung to rung (a pruned trial's copies run on with its group); a batch's
         (trial, seed) items are spread over the devices; seed s of every trial takes the same
         reference and starting parameters.
@@ -467,7 +502,7 @@ def run_tune(
                 for key, members in groups.items():
                     if key not in groups_built:
                         groups_built[key] = pipeline.group(algo, env, env_obj, members[0][1], run_sources, size * seeds,
-                                                           opts.devices)  # fmt: skip
+                                                           opts.devices, batching=opts.batching)  # fmt: skip
                     group = groups_built[key]
                     num_updates = members[0][1].num_updates
                     unit = group.trainer.steps_per_update * len(members) * seeds  # padded trials not counted
@@ -518,6 +553,7 @@ def run_tune(
         study_counts=_counts([{"state": t.state.name} for t in study.get_trials(deepcopy=False)]),
         compiled_programs=sum(len(g.programs.compiled) for g in groups_built.values()),
         wall_time_s=time.perf_counter() - start,
+        batching=next((g.layout.mode for g in groups_built.values()), None),
     )
 
 

@@ -231,3 +231,14 @@ def test_tensorboard_event_files_hold_the_metrics(tmp_path):
     np.testing.assert_allclose(seed0["train/kl"], [(100, 0.01), (200, 0.02)], rtol=1e-6)
     np.testing.assert_allclose(seed3["train/kl"], [(100, 0.03)], rtol=1e-6)  # NaN (no episode yet) is skipped
     assert seed0["eval/return"] == [(200, 15.0)] and seed3["eval/return"] == [(200, 40.0)]
+
+
+def test_a_run_folder_records_its_batching_and_resume_reads_it(tmp_path):
+    config = resolve.resolve_config("ppo", "CartPole-v1", None, {})
+    for batching in ("vmap", None):  # None: a folder from before the choice
+        saved = runfolder.run_config("ppo", "CartPole-v1", [0, 1], config, 2, batching=batching)
+        if batching is None:
+            del saved["batching"]
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        spec = runfolder.read_run_config(tmp_path)
+        assert spec.batching == batching and spec.config == config  # batching is no hyperparameter

@@ -55,6 +55,8 @@ def existing_run(tmp_path):
         (["--clip-eps"], ["--clip-eps needs a value"]),
         (["--surrogate", "spo2"], ["unknown --surrogate 'spo2'", "clip, spo"]),
         (["--algo", "mdpo", "--step-size", "0"], ["--step-size must be a positive number"]),
+        (["--batching", "scan"], ["--batching must be one of map, vmap, got 'scan'"]),
+        (["--env", "Acrobot-v1", "--env-path", "host", "--batching", "map"], ["--batching map does not apply"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_leaves_the_folder(capsys, existing_run, args, needles):
@@ -116,6 +118,8 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
     assert summary["seeds"] == [0, 1] and len(summary["final_return"]) == 2
     assert summary["diverged"] == [None, None] and summary["diverged_seeds"] == 0
     assert summary["total_env_steps"] == 2048
+    assert summary["batching"] == "map" and json.loads((existing_run / "config.json").read_text())["batching"] == "map"
+    assert re.search(r"env steps/s on \d+ device\(s\), map batching", printed), printed
     with open(existing_run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 * 8
@@ -130,6 +134,36 @@ def test_train_writes_the_run_folder(tmp_path, capsys, existing_run):
     expected = sorted(f"{n}.{ext}" for n in names for ext in ("png", "svg"))
     assert sorted(p.name for p in (existing_run / "plots").iterdir()) == expected
     assert capsys.readouterr().out.count("\n") == len(expected)
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for `pipeline.group` once it has its arguments, so nothing compiles."""
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "tune"])
+def test_batching_reaches_the_pipeline_from_every_command(tmp_path, monkeypatch, command):
+    from kl_rl import pipeline
+
+    seen = []
+
+    def group(*args, batching=None, **kwargs):
+        seen.append(batching)
+        raise _Stop
+
+    monkeypatch.setattr(pipeline, "group", group)
+    extra = {
+        "train": [],
+        "sweep": ["--grid", "lr=1e-3,3e-4"],
+        "tune": ["--space", "lr=1e-4:1e-3", "--storage", f"sqlite:///{tmp_path / 's.db'}", "--trials", "1"],
+    }[command]
+    if command == "tune":
+        pytest.importorskip("optuna")
+    for batching in ("vmap", "map"):
+        with pytest.raises(_Stop):
+            main([command, "--batching", batching, "--out", str(tmp_path / "out"), *extra, *FAST])
+    with pytest.raises(_Stop):
+        main([command, "--out", str(tmp_path / "out"), *extra, *FAST])
+    assert seen == ["vmap", "map", None]  # None: the platform's default, chosen by parallel.layout
 
 
 def test_console_script_help_lists_hyperparameters():

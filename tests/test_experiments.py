@@ -37,6 +37,13 @@ def test_paired_summary_refuses_unpaired_times(anchor):
         anchor.paired_summary([1.0, 2.0], [1.0], 0.0, 10, out, 10)
 
 
+def test_median_ci_of_paired_ratios_bounds_the_median(anchor):
+    # How --kl-rl-batching map,vmap reports vmap over map: map's time over vmap's, pair by pair.
+    out = anchor._median_ci([2.0 / 1.0, 3.0 / 2.0, 1.2 / 1.0])
+    assert out["paired_ratios"] == [2.0, 1.5, 1.2] and out["median"] == 1.5
+    assert 1.2 <= out["ci95"][0] <= 1.5 <= out["ci95"][1] <= 2.0
+
+
 def _module(name: str):
     path = Path(__file__).parent.parent / "experiments" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)

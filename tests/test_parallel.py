@@ -234,3 +234,39 @@ def test_use_cpu_devices_sets_the_count_before_jax_starts_and_leaves_xla_flags_a
 def test_use_cpu_devices_refuses_a_bad_count():
     with pytest.raises(ConfigError, match=r"^devices must be a positive integer"):
         parallel.use_cpu_devices(0)
+
+
+def test_layout_takes_the_batching_asked_for_and_refuses_others():
+    default = "map" if jax.local_devices()[0].platform == "cpu" else "vmap"
+    assert parallel.layout(4).mode == default
+    assert [parallel.layout(4, batching=b).mode for b in ("map", "vmap")] == ["map", "vmap"]
+    assert parallel.layout(4, host_env=True, batching="vmap").mode == "vmap"
+    with pytest.raises(ConfigError, match=r"^batching must be one of map, vmap, got 'scan'$"):
+        parallel.layout(4, batching="scan")
+    with pytest.raises(ConfigError, match=r"^host-side envs run their items as one batch, so batching map"):
+        parallel.layout(4, host_env=True, batching="map")
+
+
+def test_the_program_cache_names_map_and_vmap_programs_apart(tmp_path, monkeypatch):
+    monkeypatch.delenv(parallel.PROGRAM_CACHE_ENV, raising=False)
+    programs, _, _ = _tiny(str(tmp_path))
+    paths = [parallel.Programs(programs.trainer, parallel.layout(3, batching=b), str(tmp_path), programs._key)
+             ._path(("run", 4)) for b in ("map", "vmap")]  # fmt: skip
+    assert None not in paths and paths[0] != paths[1]
+
+
+def test_vmap_batching_agrees_with_map_to_rounding_but_is_its_own_program():
+    # 8 updates: long enough for the batched program's rounding to show in the bits, too short
+    # for it to grow into a different policy (after 40 updates the returns differ outright).
+    small = {**SMALL["ppo"], "total_steps": 2 * 16 * 8}
+    mapped, vmapped = (kl_rl.run("ppo", "CartPole-v1", seeds=3, batching=b, **small) for b in ("map", "vmap"))
+    assert (mapped.batching, vmapped.batching) == ("map", "vmap")
+    assert (mapped.summary()["batching"], vmapped.summary()["batching"]) == ("map", "vmap")
+    np.testing.assert_array_equal(mapped.metrics["episode_return"], vmapped.metrics["episode_return"])
+    for name in ("vf_loss", "pg_loss", "entropy", "kl"):
+        np.testing.assert_allclose(vmapped.metrics[name], mapped.metrics[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    params = [jax.tree.leaves(r.final_state.agent) for r in (mapped, vmapped)]
+    for a, b in zip(*params, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-4, atol=1e-5)
+    # Not bit for bit: the vmapped program is another program, and on CPU its rounding differs.
+    assert not any(_same(_bits(mapped, s), _bits(vmapped, s)) for s in range(3))

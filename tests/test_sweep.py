@@ -77,6 +77,7 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
     assert len(lines) == 1 + 2 * 2 * 4
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled_programs"] == 1 and len(summary["ranking"]) == 2
+    assert summary["batching"] == json.loads((out / "config.json").read_text())["batching"] == "map"
     # kl-rl plot on the sweep folder, with no further arguments.
     assert main(["plot", str(out)]) == 0
     names = ["learning_curves", "learning_curves_wall_time", "kl_curves", "return_kl_tradeoff_lr"]
@@ -93,6 +94,7 @@ def test_cli_sweep_writes_a_tidy_table_and_ranking(tmp_path, capsys):
         (["--grid", "num_envs=4.5"], "--num-envs expects int"),
         ([], "--grid needs at least one"),
         (["--algo", "cem", "--grid", "elite_frac=0.1", "--total-steps", "1000"], "--total-steps does not apply to cem"),
+        (["--grid", "lr=1e-3", "--batching", "pmap"], "--batching must be one of map, vmap, got 'pmap'"),
     ],
 )
 def test_cli_sweep_bad_input_is_one_line(tmp_path, capsys, args, needle):

@@ -152,6 +152,7 @@ def test_save_writes_one_row_per_trial(study_run, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["best"]["number"] == result.best["number"] and summary["study_name"] == "cartpole"
     assert [t["number"] for t in summary["trials"]] == list(range(6))
+    assert summary["batching"] == config["batching"] == "map"  # the platform's default, as it ran
 
 
 def test_sampled_configs_that_fail_validation_are_failed_trials(tmp_path):
@@ -186,8 +187,9 @@ FAST = ["--total-steps", "1024", "--num-envs", "4", "--num-steps", "64", "--num-
 
 @pytest.mark.parametrize(
     "storage",
-    ["postgresql://nohost:1/x", "sqlite:////nonexistent/dir/x.db", "notadb://x", "postgresql://me:secret@nohost/x"],
-)
+    ["postgresql://nohost:1/x", "sqlite:////nonexistent/dir/x.db", "notadb://x", "postgresql://me:secret@nohost/x",
+     "journal:/nonexistent/dir/x.log", "journal:"],
+)  # fmt: skip
 def test_unusable_storage_is_one_line_and_writes_nothing(tmp_path, capsys, tune_command, storage):
     keep = tmp_path / "keep"
     keep.mkdir()
@@ -196,7 +198,7 @@ def test_unusable_storage_is_one_line_and_writes_nothing(tmp_path, capsys, tune_
         assert tune_command("--space", "lr=1e-4:1e-3", "--storage", storage, "--out", str(out), *FAST) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("kl-rl: error: cannot open Optuna storage"), err
-        assert "sqlite:///study.db" in err[0] and "secret" not in err[0]
+        assert "sqlite:///study.db" in err[0] and "journal:PATH" in err[0] and "secret" not in err[0]
     assert [p.name for p in keep.iterdir()] == ["summary.json"] and (keep / "summary.json").read_text() == "{}"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep"]
 
@@ -210,6 +212,7 @@ def test_unusable_storage_is_one_line_and_writes_nothing(tmp_path, capsys, tune_
         (["--space", "lr=1e-4:1e-3", "--batch-size", "two"], "--batch-size expects int"),
         (["--space", "lr=1e-4:1e-3", "--lerning-rate", "1"], "unknown hyperparameter"),
         (["--algo", "cem", "--space", "elite_frac=0.1:0.5", "--total-steps", "1000"], "--total-steps does not apply"),
+        (["--space", "lr=1e-4:1e-3", "--batching", "VMAP"], "--batching must be one of map, vmap, got 'VMAP'"),
     ],
 )
 def test_cli_bad_input_is_one_line(tmp_path, capsys, tune_command, args, needle):
@@ -276,3 +279,36 @@ def test_two_workers_share_one_study(tmp_path):
         assert sum(summary["study_trials"].values()) >= 2
         assert len((tmp_path / folder / "metrics.csv").read_text().splitlines()) == 1 + 2
     assert mine["a"] | mine["b"] == {0, 1, 2, 3}
+
+
+def test_a_journal_file_is_a_storage_workers_can_share(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    first = tune.open_study("journal:study.log", "s", sampler_seed=1)  # relative to the working folder
+    first.tell(first.ask(), 1.0)
+    again = tune.open_study(f"journal:{tmp_path / 'study.log'}", "s", sampler_seed=2)
+    assert [(t.number, t.value) for t in again.trials] == [(0, 1.0)]
+    assert isinstance(again._storage, optuna.storages.JournalStorage)
+
+
+# SQLite slow-marked: test_two_workers_share_one_study already runs two workers on one in the default tier.
+@pytest.mark.parametrize("kind", ["journal", pytest.param("sqlite", marks=pytest.mark.slow)])
+def test_two_workers_started_together_lose_and_repeat_no_trial(tmp_path, kind):
+    # Two workers from the first moment, on a storage neither has created: their asks, reports
+    # and tells interleave, batch after batch. The study must hold exactly the sum of their trials.
+    storage = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
+    common = ["--space", "lr=log:1e-4:1e-2", "--trials", "3", "--batch-size", "2", "--storage", storage,
+              "--study-name", "shared", *FAST]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KL_RL_CACHE_DIR": "off",
+           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # fmt: skip
+    commands = [[*common, "--out", str(tmp_path / f"w{i}"), "--sampler-seed", str(i)] for i in (1, 2)]
+    pipes = dict(env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    workers = [subprocess.Popen([sys.executable, "-m", "kl_rl.cli", "tune", *args], **pipes) for args in commands]
+    outputs = [worker.communicate(timeout=240) for worker in workers]
+    for worker, (_, err) in zip(workers, outputs, strict=True):
+        assert worker.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name="shared", storage=tune._storage(storage))
+    assert sorted(t.number for t in study.trials) == list(range(6))
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in study.trials)
+    mine = [{t["number"] for t in json.loads((tmp_path / f"w{i}" / "summary.json").read_text())["trials"]}
+            for i in (1, 2)]  # fmt: skip
+    assert len(mine[0]) == len(mine[1]) == 3 and mine[0] | mine[1] == set(range(6))

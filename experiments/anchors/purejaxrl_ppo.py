@@ -40,7 +40,10 @@ With --paired-kl-rl, kl_rl's PPO at the same config (experiments/throughput.py's
 env steps/s (kl_rl over PureJaxRL); the pairs see the same machine load, which separate
 processes do not. A second JSON line gives kl_rl's times and the ratios' median with a 95%
 percentile-bootstrap interval. kl_rl must be importable here (its dependencies are in the venv
-above; the repo root is put on sys.path).
+above; the repo root is put on sys.path). --kl-rl-batching map,vmap compiles one kl_rl program
+per batching of a device's seeds; then each pair is a turn of all of them and PureJaxRL, in an
+order rotated from turn to turn, and each batching gets its line, then one line of the ratios
+of every batching over the first, pair by pair.
 """
 
 import argparse
@@ -203,6 +206,10 @@ def main() -> int:
     parser.add_argument("--paired-kl-rl", action="store_true", help="also time kl_rl, in turns with PureJaxRL")
     parser.add_argument("--env", default="CartPole-v1", help="gymnax env PureJaxRL trains on")
     parser.add_argument("--kl-rl-env", default="CartPole-v1", help="kl_rl's env id in --paired-kl-rl")
+    parser.add_argument(
+        "--kl-rl-batching", default="default",
+        help="kl_rl's batchings in --paired-kl-rl, comma-separated: map, vmap or default (the platform's)",
+    )  # fmt: skip
     args = parser.parse_args()
     if not math.isfinite(args.total_timesteps):
         return fail("--total-timesteps must be a finite number")
@@ -267,14 +274,18 @@ def main() -> int:
         import throughput
 
         steps = int(args.total_timesteps)
-        run_kl_rl, kl_compile_s, kl_steps = throughput.compile_kl_rl(args.seeds, steps, args.kl_rl_env)
-        # One untimed run of each first, so neither pays for first-call work inside the pairs.
-        kl_out = run_kl_rl()
+        batchings = [None if b == "default" else b for b in args.kl_rl_batching.split(",")]
+        kl_rl = {b: throughput.compile_kl_rl(args.seeds, steps, args.kl_rl_env, b) for b in batchings}
+        # One untimed run of each first, so none pays for first-call work inside the pairs.
+        kl_outs = {b: run() for b, (run, _, _) in kl_rl.items()}
         run_purejaxrl()
-    run_s, kl_run_s = [], []
-    runners = [(run_purejaxrl, run_s)] + ([(run_kl_rl, kl_run_s)] if args.paired_kl_rl else [])
+    run_s = []
+    kl_run_s = {b: [] for b in kl_rl} if args.paired_kl_rl else {}
+    runners = [(run_purejaxrl, run_s)] + [(kl_rl[b][0], kl_run_s[b]) for b in kl_run_s]
     for i in range(args.repeats):
-        for fn_, times in runners if i % 2 == 0 else runners[::-1]:
+        # Rotated and, every other turn, reversed: each program runs before and after each other.
+        turn = runners[i % len(runners) :] + runners[: i % len(runners)]
+        for fn_, times in turn if i % 2 == 0 else turn[::-1]:
             start = time.perf_counter()
             result = fn_()
             times.append(time.perf_counter() - start)
@@ -306,19 +317,37 @@ def main() -> int:
             }
         )
     )
-    if args.paired_kl_rl:
-        print(json.dumps(paired_summary(run_s, kl_run_s, kl_compile_s, kl_steps, kl_out, args.seeds * total)))
+    for b, times in kl_run_s.items():
+        _, compile_s, kl_steps = kl_rl[b]
+        summary = paired_summary(run_s, times, compile_s, kl_steps, kl_outs[b], args.seeds * total)
+        print(json.dumps({**summary, "batching": b or "default", "seeds": args.seeds}))
+    if len(kl_run_s) > 1:
+        first, *others = kl_run_s
+        ratios = {
+            f"{b or 'default'}_over_{first or 'default'}": _median_ci([t0 / t for t0, t in
+                                                                       zip(kl_run_s[first], kl_run_s[b], strict=True)])
+            for b in others
+        }  # fmt: skip
+        print(json.dumps({"seeds": args.seeds, **ratios}))
     return 0
+
+
+def _median_ci(ratios: list) -> dict:
+    """The median of paired ratios and a 95% percentile-bootstrap interval of it."""
+    import numpy as np
+
+    ratios = np.asarray(ratios)
+    rng = np.random.default_rng(0)
+    low, high = np.percentile(np.median(rng.choice(ratios, (10_000, ratios.size)), axis=1), [2.5, 97.5])
+    return {"paired_ratios": [round(float(r), 3) for r in ratios], "median": round(float(np.median(ratios)), 3),
+            "ci95": [round(float(low), 3), round(float(high), 3)]}  # fmt: skip
 
 
 def paired_summary(theirs: list, ours: list, compile_s: float, steps: int, out, their_steps: int) -> dict:
     """kl_rl's times and the per-pair ratios of env steps/s, with a bootstrap interval of their median."""
     import numpy as np
 
-    ratios = np.array([(steps / o) / (their_steps / t) for o, t in zip(ours, theirs, strict=True)])
-    rng = np.random.default_rng(0)
-    medians = np.median(rng.choice(ratios, (10_000, ratios.size)), axis=1)
-    low, high = np.percentile(medians, [2.5, 97.5])
+    ratios = _median_ci([(steps / o) / (their_steps / t) for o, t in zip(ours, theirs, strict=True)])
     return {
         "impl": "kl_rl",
         "env_steps": steps,
@@ -326,11 +355,10 @@ def paired_summary(theirs: list, ours: list, compile_s: float, steps: int, out, 
         "run_s": [round(t, 3) for t in ours],
         "env_steps_per_s": round(statistics.median(steps / t for t in ours)),
         "final_return_median": float(np.median(np.asarray(out.eval_returns).mean(axis=-1))),
-        "paired_ratios": [round(float(r), 3) for r in ratios],
-        "kl_rl_over_purejaxrl_median": round(float(np.median(ratios)), 3),
-        "ci95": [round(float(low), 3), round(float(high), 3)],
+        "paired_ratios": ratios["paired_ratios"],
+        "kl_rl_over_purejaxrl_median": ratios["median"],
+        "ci95": ratios["ci95"],
     }
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -8,12 +8,15 @@
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
                 [--<hyperparameter> VALUE ...]
     kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
-               [--batch-size N] [--seeds N] [--rungs N] [--storage URL] [--study-name NAME] [--out DIR]
+               [--batch-size N] [--seeds N] [--rungs N] [--storage URL|journal:PATH] [--study-name NAME] [--out DIR]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl list
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
 set before JAX starts (--devices N for another count; a device count in XLA_FLAGS wins).
+--batching map|vmap says how one device runs its share: map (the default on CPU) one run after
+another, so a run's bits depend only on its seed and config; vmap (the default on GPU/TPU) as one
+batch, faster, but a run's bits may then depend on the runs beside it.
 
 --env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
 extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the

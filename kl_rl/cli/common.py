@@ -43,7 +43,7 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     """The arguments `train`, `sweep` and `tune` share; hyperparameters go through `run_overrides`."""
     parser = Parser(prog=prog, add_help=False, description=description)
     add_flags(parser, algo="ppo", env="CartPole-v1", env_path="auto", vectorization="sync", seeds=seeds_default)
-    add_flags(parser, total_steps=None, out=None, config=None, devices=None)
+    add_flags(parser, total_steps=None, out=None, config=None, devices=None, batching=None)
     add_flags(parser, reference=None, reference_seed=None, init_from=None)
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("-h", "--help", action="store_true")

@@ -7,7 +7,7 @@ from kl_rl.errors import ConfigError
 
 def main(argv: list[str]) -> int:
     """`kl-rl sweep ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
-    from kl_rl import cli, envs, resolve, sweep
+    from kl_rl import cli, envs, parallel, resolve, sweep
     from kl_rl import config as config_lib
 
     parser = run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
@@ -26,6 +26,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--grid needs at least one NAME=V1,V2,... item")
     seeds = config_lib.parse_value("seeds", args.seeds, int)
     chunk_size = config_lib.parse_value("chunk_size", args.chunk_size, int)
+    parallel.check_batching(args.batching)
     overrides = run_overrides(args, extra)
     grid = sweep.parse_grid(args.algo, args.grid)
     base = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
         result = sweep.run_sweep(
             args.algo, args.env, grid, seeds, args.config, overrides, chunk_size, log=bar.log, progress=bar,
             env_path=args.env_path, vectorization=args.vectorization,
-            devices=device_count(args.devices), **source_args(args),
+            devices=device_count(args.devices), batching=args.batching, **source_args(args),
         )  # fmt: skip
     print(f"compiled {len(result.programs)} program(s) for {points} grid point(s)")
     ranking = result.ranking()
@@ -52,7 +53,7 @@ def main(argv: list[str]) -> int:
         lo, hi = row["iqm_ci95"]
         print(f"{rank:>4} {values}   {row['final_return_iqm']:>16.2f}  [{lo:.2f}, {hi:.2f}]")
     env_path = envs.resolve_path(args.env, args.env_path)
-    run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path}
+    run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path, "batching": result.batching}
     if env_path == "host":
         run["vectorization"] = args.vectorization
     result.save(out, {**run, **config_lib.to_dict(base)})

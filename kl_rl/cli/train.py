@@ -8,14 +8,16 @@ from kl_rl.cli.common import Diverged, device_count, out_dir, run_overrides, run
 from kl_rl.cli.progress import Bar
 from kl_rl.errors import ConfigError
 
-_RUN_FLAGS = ("--seeds", "--env-path", "--vectorization", "--reference", "--reference-seed", "--init-from")
+_RUN_FLAGS = (
+    "--seeds", "--env-path", "--vectorization", "--batching", "--reference", "--reference-seed", "--init-from",
+)  # fmt: skip
 """Flags that --resume refuses: they are the run's, read from its folder."""
 
 
 def main(argv: list[str]) -> int:
     """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
     from kl_rl import config as config_lib
-    from kl_rl import envs, resolve, runfolder, sources
+    from kl_rl import envs, parallel, resolve, runfolder, sources
 
     parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -26,6 +28,7 @@ def main(argv: list[str]) -> int:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
             "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] [--devices N] "
+            "[--batching map|vmap] "
             "[--reference RUN_DIR [--reference-seed S]] [--init-from RUN_DIR] [--<hyperparameter> VALUE ...]\n"
             "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
         )
@@ -36,6 +39,7 @@ def main(argv: list[str]) -> int:
     seeds = config_lib.parse_value("seeds", args.seeds, int)
     if seeds <= 0:
         raise ConfigError(f"--seeds must be a positive integer, got {seeds}")
+    parallel.check_batching(args.batching)
     every = config_lib.parse_value("checkpoint_every", args.checkpoint_every or 0, int)
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
@@ -57,14 +61,16 @@ def main(argv: list[str]) -> int:
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
         run_config = runfolder.run_config(
-            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, run_sources.records
-        )
+            args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, run_sources.records,
+            args.batching,
+        )  # fmt: skip
         (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
     print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
     return _run_and_save(
-        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization, run_sources
-    )
+        args, args.algo, args.env, seeds, config, out, checkpoint_dir, every, env_path, args.vectorization, run_sources,
+        args.batching,
+    )  # fmt: skip
 
 
 def _help(algo: str) -> str:
@@ -81,7 +87,9 @@ def _help(algo: str) -> str:
     return "\n".join(lines)
 
 
-def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization, sources) -> int:
+def _run_and_save(
+    args, algo, env, seeds, config, out, checkpoint_dir, every, env_path, vectorization, sources, batching
+) -> int:
     """What a new run and a resumed one share: train, print the table, write the run folder.
 
     Raises:
@@ -93,7 +101,7 @@ def _run_and_save(args, algo, env, seeds, config, out, checkpoint_dir, every, en
         result = runner.run(
             algo, env, seeds=seeds, config=config, progress=bar,
             checkpoint_dir=checkpoint_dir, checkpoint_every=every, env_path=env_path, vectorization=vectorization,
-            devices=device_count(args.devices), run_sources=sources,
+            devices=device_count(args.devices), batching=batching, run_sources=sources,
         )  # fmt: skip
     _print_table(result)
     result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
@@ -149,8 +157,9 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
         algo, env, config, records.get("reference"), None, records.get("init_from"), spec.env_path
     )
     return _run_and_save(
-        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization, run_sources
-    )
+        args, algo, env, len(seeds), config, run_dir, run_dir, every, spec.env_path, spec.vectorization, run_sources,
+        spec.batching,
+    )  # fmt: skip
 
 
 def _print_table(result) -> None:
@@ -179,7 +188,7 @@ def _print_table(result) -> None:
         f"{'median':>6} {stats}   "
         f"wall {result.wall_time_s:.1f}s   compile {result.compile_time_s:.1f}s"
         f"{' (cached)' if result.compiled_from_cache else ''}   "
-        f"{result.env_steps_per_s:,.0f} env steps/s on {result.devices} device(s)"
+        f"{result.env_steps_per_s:,.0f} env steps/s on {result.devices} device(s), {result.batching} batching"
     )
     if result.env_time_s is not None:
         share = result.env_time_s / result.wall_time_s

@@ -8,8 +8,8 @@ from kl_rl.errors import ConfigError
 
 USAGE = (
     "usage: kl-rl tune --algo ALGO --env ENV --space NAME=LOW:HIGH NAME=log:LOW:HIGH NAME=V1,V2 ... "
-    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL] "
-    "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] "
+    "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL|journal:PATH] "
+    "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] [--batching map|vmap] "
     "[--no-progress] [--<hyperparameter> VALUE ...]"
 )
 
@@ -22,11 +22,14 @@ A trial's value is the mean over seeds of its final evaluation return (train's f
   --trials        trials this worker runs (default 20)
   --batch-size    trials per batch, run as one vmapped program per static group (default 8)
   --rungs         training segments, each followed by a pruning check (default 4)
-  --storage       Optuna database URL; workers given the same URL and --study-name share the
-                  study (default: sqlite:///<OUT>.study.db next to the output folder)
+  --storage       Optuna database URL, or journal:PATH for a journal file (on a filesystem every
+                  host mounts, with no database server); workers given the same storage and
+                  --study-name share the study (default: sqlite:///<OUT>.study.db next to the
+                  output folder)
   --study-name    default: the output folder's name
   --sampler-seed  default: a fresh seed, printed, so workers sharing a study draw different trials
   --startup-trials  random trials before TPE, and finished trials before pruning (default 10)
+  --batching      map or vmap: how a device runs its (trial, seed) pairs (kl-rl --help)
 
 Writes config.json (space and base config), metrics.csv (one row per trial of this worker) and
 summary.json (the study's best trial, counts by state, this worker's trials)."""
@@ -37,7 +40,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from kl_rl import config as config_lib
-    from kl_rl import resolve, tune
+    from kl_rl import parallel, resolve, tune
 
     parser = run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
     parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
@@ -56,6 +59,7 @@ def main(argv: list[str]) -> int:
     }
     if counts["startup_trials"] < 0:
         raise ConfigError(f"--startup-trials must be 0 or more, got {counts['startup_trials']}")
+    parallel.check_batching(args.batching)
     if args.sampler_seed is None:
         sampler_seed = int(np.random.default_rng().integers(2**31))
     else:
@@ -80,7 +84,8 @@ def main(argv: list[str]) -> int:
             args.algo, args.env, space, counts["trials"], counts["batch_size"], counts["seeds"], storage, study_name,
             args.config, overrides, rungs=counts["rungs"], sampler_seed=sampler_seed,
             startup_trials=counts["startup_trials"], log=bar.log, progress=bar, env_path=args.env_path,
-            vectorization=args.vectorization, devices=device_count(args.devices), **source_args(args),
+            vectorization=args.vectorization, devices=device_count(args.devices), batching=args.batching,
+            **source_args(args),
         )  # fmt: skip
     print(f"storage {tune.redact(storage)}, study {study_name!r}")
     _print_top(result)
