@@ -25,6 +25,16 @@ from kl_rl.errors import ConfigError
 
 JOIN_TIMEOUT_S = 60
 """How long a process waits for the others to join, and for a silent one before giving up."""
+TIMEOUT_ENV = "KL_RL_JOIN_TIMEOUT_S"
+
+
+def join_timeout() -> int:
+    """$KL_RL_JOIN_TIMEOUT_S if set (a positive number of seconds), else `JOIN_TIMEOUT_S`."""
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    try:
+        return max(1, int(text)) if text else JOIN_TIMEOUT_S
+    except ValueError:
+        raise ConfigError(f"${TIMEOUT_ENV} must be a whole number of seconds, got {text!r}") from None
 
 _FLAGS = ("coordinator", "num_processes", "process_id")
 
@@ -74,7 +84,7 @@ def join(
     coordinator: str | None = None,
     num_processes: int | None = None,
     process_id: int | None = None,
-    timeout_s: int = JOIN_TIMEOUT_S,
+    timeout_s: int | None = None,
 ) -> bool:
     """Joins this process to the others of a run (`jax.distributed.initialize`), before JAX starts.
 
@@ -82,8 +92,10 @@ def join(
     tasks (`cluster_detected`), where JAX finds the coordinator itself; otherwise it does
     nothing and the run is one process, as always.
 
-    A process that does not join within `timeout_s`, or that stops answering for as long while
-    the run goes on, makes the others stop with an error rather than wait forever.
+    A process that stops answering for `timeout_s` (default `join_timeout()`) while the run goes
+    on makes the others stop with an error rather than wait forever; JAX gives up waiting for the
+    others to join 10 s later, so a caller's own deadline of `timeout_s` can speak first
+    (`kl-rl` prints one line; JAX ends the process with a stack dump).
 
     Returns:
       Whether this process joined others.
@@ -103,15 +115,18 @@ def join(
         raise ConfigError("joining other processes must come before JAX starts (before any computation)")
     # CPU devices talk to other processes through gloo; GPUs and TPUs have their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator,
-        num_processes,
-        process_id,
-        initialization_timeout=timeout_s,
-        heartbeat_timeout_seconds=timeout_s,
-        shutdown_timeout_seconds=timeout_s,
-    )
+    timeout_s = join_timeout() if timeout_s is None else timeout_s
+    jax.distributed.initialize(coordinator, num_processes, process_id,
+                               initialization_timeout=timeout_s + 10, heartbeat_timeout_seconds=timeout_s)  # fmt: skip
     return True
+
+
+def refuse(what: str, instead: str) -> None:
+    """Raises a ConfigError naming `what` and what to do `instead` when several processes run."""
+    count = jax.process_count()
+    if count > 1:
+        fields = [name for name in ("checkpoint_every",) if "{" + name + "}" in what]
+        raise ConfigError(f"{what} does not work across several processes yet ({count} joined); {instead}", *fields)
 
 
 def is_main() -> bool:
