@@ -199,6 +199,6 @@ def test_a_cli_run_of_two_processes_writes_one_folder_and_survives_a_killed_proc
     assert procs[0].returncode == 4, err0[-2000:]
     assert time.monotonic() - killed < 60
     last = err0.strip().splitlines()[-1]
-    assert last.startswith("kl-rl: error: process 0 of 2 lost contact with the run's other processes ("), last
+    assert last.startswith("kl-rl: error: process 0 of 2 lost contact with process 1 of the run ("), last
     assert last.endswith("); no run folder was written")
     assert not (tmp_path / "killed").exists()

@@ -96,6 +96,8 @@ def _joined(command, argv: list[str]) -> int:
             raise
         return EXIT_DIVERGED  # process 0 says which item diverged
     except jax.errors.JaxRuntimeError as err:
+        # Gloo names the peer's address, not its index; of two processes, the peer is the other one.
+        other = f"process {1 - index}" if count == 2 else "another process"
         reason = " ".join(str(err).split())
-        lost(f"process {index} of {count} lost contact with the run's other processes "
+        lost(f"process {index} of {count} lost contact with {other} of the run "
              f"({reason[:200]}); no run folder was written")  # fmt: skip
