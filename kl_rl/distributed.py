@@ -15,7 +15,11 @@ the run folder (`is_main`).
 On CPU the processes talk through gloo (`jax_cpu_collectives_implementation`).
 """
 
+import contextlib
 import os
+import threading
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -119,6 +123,61 @@ def join(
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout_s + 10, heartbeat_timeout_seconds=timeout_s)  # fmt: skip
     return True
+
+
+def watch(on_lost: Callable[[str], None], timeout_s: int | None = None, every_s: float = 1.0) -> Callable[[], None]:
+    """Notices a process of the run going silent sooner than JAX does, in a daemon thread.
+
+    Each process bumps a counter in the coordinator's key-value store every `every_s`. When
+    another process's counter has not moved for a third of `timeout_s` (default
+    `join_timeout()`), or the store itself stops answering (process 0 is gone), `on_lost` is
+    called once with the silent process's name; JAX's own heartbeat ends the process with a
+    stack dump at `timeout_s`, so this gives the caller the first word.
+
+    Returns:
+      `done()`: call it once this process has finished its part: it stops watching, and the
+      others stop expecting its counter (process 0 may still be writing the run folder).
+    """
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    index, count = jax.process_index(), jax.process_count()
+    stale_s = (join_timeout() if timeout_s is None else timeout_s) / 3
+    finished = threading.Event()
+
+    def beat() -> None:
+        seen: dict[int, tuple[str, float]] = {}
+        bumps = 0
+        while True:
+            now = time.monotonic()
+            if finished.is_set():  # the others may now finish and go, this one with them
+                with contextlib.suppress(Exception):
+                    client.key_value_set(f"kl_rl/alive/{index}", "done", allow_overwrite=True)
+                return
+            try:
+                client.key_value_set(f"kl_rl/alive/{index}", str(bumps), allow_overwrite=True)
+                bumps += 1
+                for other in range(count):
+                    if other == index:
+                        continue
+                    try:
+                        value = client.key_value_try_get(f"kl_rl/alive/{other}")
+                    except Exception:  # not written yet
+                        value = ""
+                    if value == "done":
+                        continue
+                    if other not in seen or seen[other][0] != value:
+                        seen[other] = (value, now)
+                    elif now - seen[other][1] > stale_s:
+                        on_lost(f"process {other}")
+                        return
+            except Exception:
+                on_lost("process 0 (the coordinator)")
+                return
+            time.sleep(every_s)
+
+    threading.Thread(target=beat, name="kl_rl-watch", daemon=True).start()
+    return finished.set
 
 
 def refuse(what: str, instead: str) -> None:

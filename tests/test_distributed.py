@@ -198,7 +198,31 @@ def test_a_cli_run_of_two_processes_writes_one_folder_and_survives_a_killed_proc
     err0 = (tmp_path / "killed0.err").read_text()
     assert procs[0].returncode == 4, err0[-2000:]
     assert time.monotonic() - killed < 60
+    # Found at the next gather (a segment of this run is a few seconds), or by the watch.
     last = err0.strip().splitlines()[-1]
-    assert last.startswith("kl-rl: error: process 0 of 2 lost contact with process 1 of the run ("), last
-    assert last.endswith("); no run folder was written")
+    by_gather = last.startswith("kl-rl: error: process 0 of 2 lost contact with process 1 of the run (")
+    by_watch = "kl-rl: error: process 0 of 2: process 1 of the run stopped answering; no run folder was written"
+    assert (by_gather and last.endswith("); no run folder was written")) or last.endswith(by_watch), last
     assert not (tmp_path / "killed").exists()
+
+
+def test_a_process_killed_during_a_long_segment_is_named_within_a_third_of_the_timeout(tmp_path):
+    """No gather comes for minutes: `distributed.watch` notices the silent process, before JAX
+    ends the survivor with a stack dump at the timeout."""
+    args = ["train", "--algo", "ppo", "--seeds", "2", "--num-envs", "2", "--num-steps", "16", "--devices", "1",
+            "--total-steps", str(2 * 16 * 200_000), "--coordinator", f"127.0.0.1:{_free_port()}",
+            "--num-processes", "2", "--out", str(tmp_path / "run")]  # fmt: skip
+    env = _env(KL_RL_CACHE_DIR="off", KL_RL_JOIN_TIMEOUT_S="30")
+    procs = [_cli([*args, "--process-id", str(i)], env, tmp_path / f"{i}.err") for i in (0, 1)]
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and "step/s" not in (tmp_path / "0.err").read_text():
+        time.sleep(0.5)
+    procs[1].kill()
+    killed = time.monotonic()
+    procs[0].communicate(timeout=120)
+    err0 = (tmp_path / "0.err").read_text()
+    assert procs[0].returncode == 4, err0[-2000:]
+    assert time.monotonic() - killed < 25  # a third of 30 s, and a second's beat, and a margin
+    assert err0.rstrip().endswith(
+        "kl-rl: error: process 0 of 2: process 1 of the run stopped answering; no run folder was written"
+    )

@@ -86,6 +86,8 @@ def _joined(command, argv: list[str]) -> int:
     from kl_rl import distributed
 
     index, count = jax.process_index(), jax.process_count()
+    silent = f"process {index} of {count}: {{}} of the run stopped answering; no run folder was written"
+    done = distributed.watch(lambda who: lost(silent.format(who)))
     try:
         if distributed.is_main():
             return command(argv)
@@ -101,3 +103,5 @@ def _joined(command, argv: list[str]) -> int:
         reason = " ".join(str(err).split())
         lost(f"process {index} of {count} lost contact with {other} of the run "
              f"({reason[:200]}); no run folder was written")  # fmt: skip
+    finally:
+        done()
