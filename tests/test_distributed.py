@@ -226,3 +226,25 @@ def test_a_process_killed_during_a_long_segment_is_named_within_a_third_of_the_t
     assert err0.rstrip().endswith(
         "kl-rl: error: process 0 of 2: process 1 of the run stopped answering; no run folder was written"
     )
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["train", "--checkpoint-every", "10"],
+         "checkpointing (--checkpoint-every) does not work across several processes yet (2 joined); "
+         "run without checkpoints, or in one process"),
+        (["tune", "--space", "lr=log:1e-5:1e-2", "--trials", "2"],
+         "tuning does not work across several processes yet (2 joined); "
+         "run one tune worker per process or host on one shared storage (--storage)"),
+    ],
+)  # fmt: skip
+def test_what_does_not_span_processes_yet_is_refused_by_every_process(tmp_path, args, line):
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--out", str(tmp_path / "run")]
+    env = _env(KL_RL_CACHE_DIR="off", KL_RL_JOIN_TIMEOUT_S="60")
+    procs = [_cli([*args, *join, "--process-id", str(i)], env) for i in (0, 1)]
+    for proc in procs:
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1] == f"kl-rl: error: {line}"
+    assert not (tmp_path / "run").exists()
