@@ -19,6 +19,11 @@ How items share a device depends on the platform:
 
 On CPU the devices are the cores once `use_cpu_devices` has run before JAX starts (the `kl-rl`
 CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
+
+When several processes have joined (`kl_rl.distributed`), a layout takes the same number of
+devices from each, and every process runs every program over all of them; `pad` places a batch
+that every process holds whole, and `unpad` brings the results back whole to each. Per item,
+nothing changes: on CPU 2 processes x 1 device give the bits of 1 process x 2 devices.
 """
 
 import contextlib
@@ -115,10 +120,12 @@ class Layout(NamedTuple):
 def layout(items: int, devices: int | Sequence[Any] | None = None, host_env: bool = False) -> Layout:
     """Spreads `items` over the local devices: at most one device per item, equal shares.
 
+    With several processes, over the devices of every process (`_global_devices`).
+
     Args:
       items: how many runs the batch holds.
-      devices: a device count (the first ones of `jax.local_devices()`), a list of devices, or
-        None for every local device.
+      devices: a device count (the first ones of `jax.local_devices()`; of each process's, with
+        several), a list of devices, or None for every local device (of every process).
       host_env: the run steps gymnasium envs on the host. One vector env holds every item's
         copies and is called once per step for the whole batch, so the items are vmapped on one
         device.
