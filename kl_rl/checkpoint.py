@@ -59,6 +59,13 @@ def _abstract(template: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one), storable)
 
 
+def _this_process_only() -> ocp.options.MultiprocessingOptions:
+    """Orbax's processes: this one alone. When several processes run a batch, process 0 writes
+    the run folder with the results gathered from all (`kl_rl.distributed`); orbax must not wait
+    for the others at its barriers (and then leaves creating the folder to the caller)."""
+    return ocp.options.MultiprocessingOptions(primary_host=jax.process_index(), active_processes={jax.process_index()})
+
+
 class Checkpointer:
     """Saves and restores the checkpoints of one run folder (`run_dir/checkpoints/<update>`)."""
 
@@ -69,6 +76,11 @@ class Checkpointer:
         # orbax warns "Given directory is read only" on every read-only open: loading a run (a
         # reference policy, `kl_rl.runfolder.load`) is what read-only is for, not a problem to report.
         absl.setLevel(logging.ERROR if read_only else level)
+        alone = {}
+        if jax.process_count() > 1:
+            alone = {"multiprocessing_options": _this_process_only(), "create": False}
+            if not read_only:
+                self.directory.mkdir(parents=True, exist_ok=True)
         try:
             self._manager = ocp.CheckpointManager(
                 self.directory,
@@ -77,7 +89,7 @@ class Checkpointer:
                     save_interval_steps=0 if read_only else 1,
                     enable_async_checkpointing=True,
                     read_only=read_only,
-                    create=not read_only,
+                    **{"create": not read_only, **alone},
                 ),
             )
         finally:
@@ -85,10 +97,13 @@ class Checkpointer:
 
     def save(self, update: int, state: Any, metrics: dict[str, np.ndarray], record: dict[str, Any]) -> None:
         """Starts saving the state after `update` updates; returns once the arrays are copied off."""
+        storable = to_storable(state)
+        if jax.process_count() > 1:  # orbax writes no one-process jax.Array among several processes
+            storable = jax.tree.map(np.asarray, storable)
         self._manager.save(
             update,
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(to_storable(state)),
+                state=ocp.args.StandardSave(storable),
                 history=ocp.args.StandardSave({k: np.asarray(v) for k, v in metrics.items()}),
                 record=ocp.args.JsonSave(record),
             ),

@@ -23,6 +23,11 @@ at the price of leaving most of the GPU idle. The host-side env path is always "
 
 On CPU the devices are the cores once `use_cpu_devices` has run before JAX starts (the `kl-rl`
 CLI does it), or with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
+
+When several processes have joined (`kl_rl.distributed`), a layout takes the same number of
+devices from each, and every process runs every program over all of them; `pad` places a batch
+that every process holds whole, and `unpad` brings the results back whole to each. Per item,
+nothing changes: on CPU 2 processes x 1 device give the bits of 1 process x 2 devices.
 """
 
 import contextlib
@@ -45,6 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kl_rl import distributed
 from kl_rl.errors import ConfigError
 from kl_rl.train import Trainer, vmap_seeds
 
@@ -133,10 +139,12 @@ def layout(
 ) -> Layout:
     """Spreads `items` over the local devices: at most one device per item, equal shares.
 
+    With several processes, over the devices of every process (`_global_devices`).
+
     Args:
       items: how many runs the batch holds.
-      devices: a device count (the first ones of `jax.local_devices()`), a list of devices, or
-        None for every local device.
+      devices: a device count (the first ones of `jax.local_devices()`; of each process's, with
+        several), a list of devices, or None for every local device (of every process).
       host_env: the run steps gymnasium envs on the host. One vector env holds every item's
         copies and is called once per step for the whole batch, so the items are vmapped on one
         device.
@@ -154,25 +162,45 @@ def layout(
             "batching",
         )
     local = jax.local_devices()
-    if devices is None:
-        chosen = local
-    elif isinstance(devices, int):
-        if devices <= 0 or devices > len(local):
-            raise ConfigError(
-                f"{{devices}} must be between 1 and the {len(local)} local device(s), got {devices} "
-                "(on CPU, kl-rl sets the count before JAX starts; from Python call "
-                "kl_rl.parallel.use_cpu_devices(N) first)",
-                "devices",
-            )
-        chosen = local[:devices]
+    if isinstance(devices, int) and (devices <= 0 or devices > len(local)):
+        raise ConfigError(
+            f"{{devices}} must be between 1 and the {len(local)} local device(s), got {devices} "
+            "(on CPU, kl-rl sets the count before JAX starts; from Python call "
+            "kl_rl.parallel.use_cpu_devices(N) first)",
+            "devices",
+        )
+    if jax.process_count() > 1 and (devices is None or isinstance(devices, int)):
+        chosen = _global_devices(items, devices, host_env)
     else:
-        chosen = list(devices)
-    if host_env:
-        chosen = chosen[:1]
-    chosen = tuple(chosen[: max(1, min(len(chosen), items))])
+        if devices is None:
+            chosen = local
+        elif isinstance(devices, int):
+            chosen = local[:devices]
+        else:
+            chosen = list(devices)
+        if host_env:
+            chosen = chosen[:1]
+        chosen = tuple(chosen[: max(1, min(len(chosen), items))])
     if batching is None:
         batching = "map" if chosen[0].platform == "cpu" and not host_env else "vmap"
     return Layout(items, chosen, -(-items // len(chosen)), batching)
+
+
+def _global_devices(items: int, count: int | None, host_env: bool) -> tuple[Any, ...]:
+    """The devices of a layout over several processes (`kl_rl.distributed`): the same number of
+    each process's devices (`count` each, default all), fewer when there are fewer items, but at
+    least one each, since every process runs every program."""
+    if host_env:
+        raise ConfigError(
+            "the host-side gymnasium envs run in one process; run them without joining other processes, "
+            "or use a JAX port of the env (kl-rl list)"
+        )
+    by_process: dict[int, list[Any]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    each = min(len(ds) for ds in by_process.values()) if count is None else count
+    each = max(1, min(each, -(-items // len(by_process))))
+    return tuple(d for p in sorted(by_process) for d in by_process[p][:each])
 
 
 def pad(tree: Any, lay: Layout) -> Any:
@@ -183,12 +211,23 @@ def pad(tree: Any, lay: Layout) -> Any:
         extra = lay.padded - x.shape[0]
         return jnp.concatenate([x, jnp.repeat(x[-1:], extra, axis=0)]) if extra else x
 
-    return jax.device_put(jax.tree.map(one, tree), lay.sharding)
+    padded = jax.tree.map(one, tree)
+    if lay.sharding.is_fully_addressable:
+        return jax.device_put(padded, lay.sharding)
+    return jax.tree.map(lambda x: _put_global(x, lay.sharding), padded)
+
+
+def _put_global(x: Any, sharding: NamedSharding) -> jax.Array:
+    """A batch every process holds whole, placed on devices of several processes (each keeps its share)."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = _put_global(jax.random.key_data(x), sharding)
+        return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
 
 
 def unpad(tree: Any, lay: Layout) -> Any:
-    """The real items of a padded batch."""
-    return jax.tree.map(lambda x: x[: lay.items], tree)
+    """The real items of a padded batch; a batch split over several processes comes to the host whole."""
+    return jax.tree.map(lambda x: x[: lay.items], distributed.to_host(tree))
 
 
 def stack(configs: Sequence[Any]) -> Any:
@@ -238,7 +277,8 @@ class Programs:
         self.compile_time_s = 0.0
         self.loaded = 0
         """How many of the programs came from `cache_dir` (loaded, not traced)."""
-        enabled = cache_dir is not None and key is not None and program_cache_enabled()
+        # Programs over several processes' devices are not kept: each process would write them.
+        enabled = cache_dir is not None and key is not None and program_cache_enabled() and jax.process_count() == 1
         self._cache = Path(cache_dir) / "kl_rl" if enabled and trainer.env_path != "host" else None
         self._key = key
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import envs, parallel, sources
+from kl_rl import distributed, envs, parallel, sources
 from kl_rl.divergence import first_nonfinite
 from kl_rl.errors import ConfigError
 from kl_rl.train import Trainer, make_trainer
@@ -304,7 +304,7 @@ def execute(
 
         def finish(segment_metrics, updates_done) -> bool:
             """Waits for a segment, reports it; True once every item has gone non-finite."""
-            flags = np.asarray(segment_metrics["nonfinite"])[: lay.items]
+            flags = np.asarray(distributed.to_host(segment_metrics["nonfinite"]))[: lay.items]
             report(updates_done)
             diverged[:] |= flags.any(axis=1)
             return bool(diverged.all())
@@ -318,7 +318,8 @@ def execute(
                 scores = np.full((lay.items, n), np.nan, np.float32)
                 if done % eval_every == 0 and done < num_updates:
                     point_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(eval_keys, done)
-                    scores[:, -1] = np.asarray(programs.evaluate(point_keys, state, stacked))[: lay.items].mean(axis=1)
+                    point_returns = distributed.to_host(programs.evaluate(point_keys, state, stacked))
+                    scores[:, -1] = np.asarray(point_returns)[: lay.items].mean(axis=1)
                 metrics = {**metrics, "eval_return": scores}
             history.append(metrics)
             segment = Segment(done, num_updates, state, metrics, history, lay)
@@ -345,5 +346,5 @@ def execute(
 
 def joined(history: list[Any], lay: parallel.Layout) -> dict[str, np.ndarray]:
     """Per-segment metrics (device or host arrays) as one host dict of [items, updates] arrays."""
-    parts = [{k: np.asarray(v)[: lay.items] for k, v in h.items()} for h in history]
+    parts = [{k: np.asarray(v)[: lay.items] for k, v in distributed.to_host(h).items()} for h in history]
     return {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[0]}

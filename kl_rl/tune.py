@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kl_rl import config as config_lib
-from kl_rl import divergence, pipeline, resolve, runfolder, stats
+from kl_rl import distributed, divergence, pipeline, resolve, runfolder, stats
 from kl_rl.agents import algo_spec
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
@@ -460,6 +460,7 @@ def run_tune(
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}", name)
+    distributed.refuse("tuning", "run one tune worker per process or host on one shared storage (--storage)")
     optuna = require_optuna()
     overrides = dict(overrides or {})
     opts = pipeline.RunOptions(**options)

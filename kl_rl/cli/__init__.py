@@ -18,6 +18,12 @@ set before JAX starts (--devices N for another count; a device count in XLA_FLAG
 another, so a run's bits depend only on its seed and config; vmap (the default on GPU/TPU) as one
 batch, faster, but a run's bits may then depend on the runs beside it.
 
+Several processes, on one host or many, run one train or sweep together: start the same command
+in each with --coordinator HOST:PORT (process 0's address) --num-processes N --process-id I (in
+a SLURM step or Open MPI job of several tasks, none of the three is needed). Their items spread
+over every process's devices, process 0 alone prints and writes the run folder, and a process
+that loses another stops within a minute with one line, exit code 4.
+
 --env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
 extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the
 compiled program), sync or async across processes. --env-path host forces it for a ported id.
@@ -36,7 +42,7 @@ import sys
 
 from kl_rl.cli import list as list_command
 from kl_rl.cli import plot, sweep, train, tune
-from kl_rl.cli.common import Diverged, expose_cpu_devices
+from kl_rl.cli.common import Diverged, expose_cpu_devices, join_processes, lost
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -55,9 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command not in COMMANDS:
             raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        joined = False
         if command in ("train", "sweep", "tune"):
+            joined = join_processes(rest)
             expose_cpu_devices(rest)
-        return COMMANDS[command](rest)
+        if not joined:
+            return COMMANDS[command](rest)
+        return _joined(COMMANDS[command], rest)
     except ConfigError as err:
         print(f"kl-rl: error: {err.as_flags()}", file=sys.stderr)
         return EXIT_USAGE
@@ -67,3 +77,35 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kl-rl: interrupted; no run folder was written", file=sys.stderr)
         return 130
+
+
+def _joined(command, argv: list[str]) -> int:
+    """A command run by one of several processes: only process 0 prints (and writes the folder),
+    and a process that loses the others stops at once with one line."""
+    import contextlib
+    import os
+
+    import jax
+
+    from kl_rl import distributed
+
+    index, count = jax.process_index(), jax.process_count()
+    silent = f"process {index} of {count}: {{}} of the run stopped answering; no run folder was written"
+    done = distributed.watch(lambda who: lost(silent.format(who)))
+    try:
+        if distributed.is_main():
+            return command(argv)
+        with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+            return command(argv)
+    except Diverged:
+        if distributed.is_main():
+            raise
+        return EXIT_DIVERGED  # process 0 says which item diverged
+    except jax.errors.JaxRuntimeError as err:
+        # Gloo names the peer's address, not its index; of two processes, the peer is the other one.
+        other = f"process {1 - index}" if count == 2 else "another process"
+        reason = " ".join(str(err).split())
+        lost(f"process {index} of {count} lost contact with {other} of the run "
+             f"({reason[:200]}); no run folder was written")  # fmt: skip
+    finally:
+        done()

@@ -46,6 +46,8 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     add_flags(parser, total_steps=None, out=None, config=None, devices=None, batching=None)
     add_flags(parser, reference=None, reference_seed=None, init_from=None)
     parser.add_argument("--no-progress", action="store_true")
+    # Read by `join_processes` before JAX starts; declared so that they are not hyperparameters.
+    add_flags(parser, coordinator=None, num_processes=None, process_id=None)
     parser.add_argument("-h", "--help", action="store_true")
     return parser
 
@@ -76,17 +78,70 @@ def device_count(text: str | None) -> int | None:
     return count
 
 
+def flag_value(argv: list[str], flag: str) -> str | None:
+    """The value of `flag` in `argv` (`--flag V` or `--flag=V`, the last one given), or None."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(flag + "="):
+            value = token.partition("=")[2]
+    return value
+
+
 def expose_cpu_devices(argv: list[str]) -> None:
     """Before JAX starts: one CPU device per core, or --devices N (a user's XLA_FLAGS win)."""
     from kl_rl import parallel
 
-    value = None
-    for i, token in enumerate(argv):
-        if token == "--devices" and i + 1 < len(argv):
-            value = argv[i + 1]
-        elif token.startswith("--devices="):
-            value = token.partition("=")[2]
-    parallel.use_cpu_devices(device_count(value))
+    parallel.use_cpu_devices(device_count(flag_value(argv, "--devices")))
+
+
+EXIT_LOST = 4
+"""The exit code of a process whose run lost another process (or never saw them all join)."""
+
+
+def lost(message: str) -> NoReturn:
+    """Prints one line and ends this process at once: JAX's own exit would wait for (or abort
+    with a stack dump over) the processes that are gone."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    print(f"kl-rl: error: {message}", file=sys.stderr, flush=True)
+    os._exit(EXIT_LOST)
+
+
+def join_processes(argv: list[str]) -> bool:
+    """Before JAX starts: --coordinator HOST:PORT, --num-processes N and --process-id I join the
+    run's other processes (`kl_rl.distributed.join`; none of them: only in a SLURM step or Open
+    MPI job of several tasks). A process that has not seen every other join within
+    `kl_rl.distributed.join_timeout()` stops with one line.
+
+    Returns:
+      Whether this process joined others.
+    """
+    import threading
+
+    from kl_rl import config as config_lib
+    from kl_rl import distributed
+
+    coordinator = flag_value(argv, "--coordinator")
+    count, index = flag_value(argv, "--num-processes"), flag_value(argv, "--process-id")
+    count = None if count is None else config_lib.parse_value("num_processes", count, int)
+    index = None if index is None else config_lib.parse_value("process_id", index, int)
+    distributed.check(coordinator, count, index)
+    if coordinator is None and not distributed.cluster_detected():
+        return False
+    timeout = distributed.join_timeout()
+    where = f" at {coordinator}" if coordinator else ""
+    watchdog = threading.Timer(timeout, lost, [f"not all {count or 'the'} processes joined{where} within {timeout} s; "
+                                               "start every process of the run with the same --coordinator"])
+    watchdog.daemon = True
+    watchdog.start()
+    try:  # JAX's own deadline comes later: it ends the process with a stack dump, not a line
+        return distributed.join(coordinator, count, index, timeout_s=timeout)
+    finally:
+        watchdog.cancel()
 
 
 def run_overrides(args: argparse.Namespace, extra: list[str]) -> dict[str, str]:

@@ -23,7 +23,12 @@ class Bar:
         if not self.enabled:
             return
         if self._bar is None:
+            import jax
             from tqdm.auto import tqdm
+
+            if jax.process_index() != 0:  # of several processes, process 0 alone draws the bar
+                self.enabled = False
+                return
 
             self._bar = tqdm(total=total, initial=done, unit="step", unit_scale=True, desc=self.desc)
             return

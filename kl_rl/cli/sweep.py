@@ -7,7 +7,7 @@ from kl_rl.errors import ConfigError
 
 def main(argv: list[str]) -> int:
     """`kl-rl sweep ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
-    from kl_rl import cli, envs, parallel, resolve, sweep
+    from kl_rl import cli, distributed, envs, parallel, resolve, sweep
     from kl_rl import config as config_lib
 
     parser = run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
@@ -56,7 +56,8 @@ def main(argv: list[str]) -> int:
     run = {"algo": args.algo, "env": args.env, "seeds": seeds, "env_path": env_path, "batching": result.batching}
     if env_path == "host":
         run["vectorization"] = args.vectorization
-    result.save(out, {**run, **config_lib.to_dict(base)})
+    if distributed.is_main():  # of several processes, process 0 writes the folder with every item
+        result.save(out, {**run, **config_lib.to_dict(base)})
     print(f"sweep folder: {out}")
     diverged = result.diverged_items()
     if diverged:

@@ -17,7 +17,7 @@ _RUN_FLAGS = (
 def main(argv: list[str]) -> int:
     """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
     from kl_rl import config as config_lib
-    from kl_rl import envs, parallel, resolve, runfolder, sources
+    from kl_rl import distributed, envs, parallel, resolve, runfolder, runner, sources
 
     parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -43,6 +43,8 @@ def main(argv: list[str]) -> int:
     every = config_lib.parse_value("checkpoint_every", args.checkpoint_every or 0, int)
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
+    if every:
+        distributed.refuse("checkpointing (--checkpoint-every)", runner.CHECKPOINTS_INSTEAD)
     overrides = run_overrides(args, extra)
     config = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     env_path = envs.resolve_path(args.env, args.env_path)
@@ -95,7 +97,7 @@ def _run_and_save(
     Raises:
       Diverged: a seed went non-finite; the folder is written first, for its metrics up to then.
     """
-    from kl_rl import runner
+    from kl_rl import distributed, runner
 
     with Bar(f"{algo} {env}", enabled=not args.no_progress) as bar:
         result = runner.run(
@@ -104,7 +106,8 @@ def _run_and_save(
             devices=device_count(args.devices), batching=batching, run_sources=sources,
         )  # fmt: skip
     _print_table(result)
-    result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
+    if distributed.is_main():  # of several processes, process 0 writes the folder with every item
+        result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
     print(f"run folder: {out}")
     diverged = [(seed, u) for seed, u in zip(result.seeds, result.diverged, strict=True) if u is not None]
     if diverged:
@@ -120,8 +123,9 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
     from pathlib import Path
 
-    from kl_rl import runfolder, sources
+    from kl_rl import distributed, runfolder, runner, sources
 
+    distributed.refuse("--resume", runner.CHECKPOINTS_INSTEAD)
     run_dir = Path(args.resume)
     spec = runfolder.read_run_config(run_dir)
     algo, env, seeds, config, every = spec.algo, spec.env, spec.seeds, spec.config, spec.checkpoint_every
