@@ -206,6 +206,7 @@ def test_a_cli_run_of_two_processes_writes_one_folder_and_survives_a_killed_proc
     assert not (tmp_path / "killed").exists()
 
 
+@pytest.mark.slow  # the default tier kills a process in test_a_cli_run_of_two_processes_...
 def test_a_process_killed_during_a_long_segment_is_named_within_a_third_of_the_timeout(tmp_path):
     """No gather comes for minutes: `distributed.watch` notices the silent process, before JAX
     ends the survivor with a stack dump at the timeout."""

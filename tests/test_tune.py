@@ -238,6 +238,8 @@ def test_without_optuna_tune_says_how_to_install_it(monkeypatch):
         tune_cli.main(["--space", "lr=1e-4:1e-3"])
 
 
+# Slow: the default tier's two-worker check is the journal race below (exact trial numbers).
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     # Worker a uses the default storage next to its folder; worker b joins it by URL and name.
     storage = f"sqlite:///{tmp_path / 'shared.study.db'}"
@@ -290,7 +292,7 @@ def test_a_journal_file_is_a_storage_workers_can_share(tmp_path, monkeypatch):
     assert isinstance(again._storage, optuna.storages.JournalStorage)
 
 
-# SQLite slow-marked: test_two_workers_share_one_study already runs two workers on one in the default tier.
+# SQLite slow-marked, beside test_two_workers_share_one_study: the default tier races two workers on a journal.
 @pytest.mark.parametrize("kind", ["journal", pytest.param("sqlite", marks=pytest.mark.slow)])
 def test_two_workers_started_together_lose_and_repeat_no_trial(tmp_path, kind):
     # Two workers from the first moment, on a storage neither has created: their asks, reports
