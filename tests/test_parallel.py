@@ -146,7 +146,8 @@ def _run_bits(programs, keys, configs) -> list[np.ndarray]:
     return [*(metrics[k] for k in sorted(metrics)), out.eval_returns, *(np.asarray(x) for x in jax.tree.leaves(state))]
 
 
-def test_a_fresh_programs_loads_its_programs_rather_than_tracing_them(tmp_path, monkeypatch):
+def test_a_fresh_programs_loads_its_programs_and_a_damaged_or_stale_file_is_a_miss(tmp_path, monkeypatch):
+    # One cold build, then two warm ones from its files: intact (nothing traced), then damaged.
     monkeypatch.delenv(parallel.PROGRAM_CACHE_ENV, raising=False)
     first = _tiny(str(tmp_path))
     want = _run_bits(*first)
@@ -155,24 +156,21 @@ def test_a_fresh_programs_loads_its_programs_rather_than_tracing_them(tmp_path, 
     def trace(*args):
         raise AssertionError("traced a program that the cache holds")
 
-    monkeypatch.setattr(parallel.Programs, "_trace", trace)
-    again = _tiny(str(tmp_path))
-    assert _same(_run_bits(*again), want)
+    with monkeypatch.context() as patch:
+        patch.setattr(parallel.Programs, "_trace", trace)
+        again = _tiny(str(tmp_path))
+        assert _same(_run_bits(*again), want)
     assert again[0].loaded == 3 and len(again[0].compiled) == 3
-    monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "0")
-    assert not parallel.program_cache_enabled()
 
-
-def test_a_damaged_or_stale_cache_file_is_a_miss_not_an_error(tmp_path):
-    first = _tiny(str(tmp_path))
-    want = _run_bits(*first)
     (segment,) = first[0].compiled.keys() - {"init", "evaluate"}
     init, segment, evaluate = (first[0]._path(name) for name in ("init", segment, "evaluate"))
     segment.write_bytes(b"not a program")
     init.write_bytes(evaluate.read_bytes())  # a program, but one that takes other arguments
-    again = _tiny(str(tmp_path))
-    assert _same(_run_bits(*again), want)
-    assert again[0].loaded == 1 and len(again[0].compiled) == 3
+    damaged = _tiny(str(tmp_path))
+    assert _same(_run_bits(*damaged), want)
+    assert damaged[0].loaded == 1 and len(damaged[0].compiled) == 3
+    monkeypatch.setenv(parallel.PROGRAM_CACHE_ENV, "0")
+    assert not parallel.program_cache_enabled()
 
 
 def test_layout_spreads_items_evenly_and_never_leaves_a_device_without_one():
