@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from kl_rl import distributed, envs, parallel, pipeline, resolve, sources
+from kl_rl import distributed, pipeline, resolve, sources
 from kl_rl.errors import ConfigError
 from kl_rl.runfolder import RunResult, run_record
 
@@ -76,20 +76,21 @@ def run(
     """
     if not isinstance(seeds, int) or seeds <= 0:
         raise ConfigError(f"{{seeds}} must be a positive integer, got {seeds!r}", "seeds")
-    parallel.check_batching(batching)
+    opts = pipeline.RunOptions(env_path=env_path, vectorization=vectorization, devices=devices, batching=batching,
+                               reference=reference, reference_seed=reference_seed, init_from=init_from)  # fmt: skip
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ConfigError(f"{{checkpoint_every}} must be a non-negative integer, got {checkpoint_every!r}",
                           "checkpoint_every")  # fmt: skip
     if checkpoint_dir is not None:
         distributed.refuse("checkpointing ({checkpoint_every}, resuming)", CHECKPOINTS_INSTEAD)
-    env_obj = envs.make(env, env_path, vectorization)
+    env_obj = opts.make_env(env)
     if config is None:
         config = resolve.resolve_config(algo, env, config_file, overrides, env_path)
     else:
         resolve.check_config(algo, env, env_obj, config)
     if run_sources is None:
-        run_sources = sources.resolve_sources(algo, env, config, reference, reference_seed, init_from, env_path)
-    group = pipeline.group(algo, env, env_obj, config, run_sources, seeds, devices, batching=batching)
+        run_sources = opts.sources(algo, env, config)
+    group = pipeline.group(algo, env, env_obj, config, run_sources, seeds, opts.devices, batching=opts.batching)
     trainer = group.trainer
     steps_per_update = trainer.steps_per_update * seeds
     total = config.num_updates * steps_per_update
