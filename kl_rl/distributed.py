@@ -180,12 +180,42 @@ def watch(on_lost: Callable[[str], None], timeout_s: int | None = None, every_s:
     return finished.set
 
 
-def refuse(what: str, instead: str) -> None:
-    """Raises a ConfigError naming `what` and what to do `instead` when several processes run."""
-    count = jax.process_count()
-    if count > 1:
-        fields = [name for name in ("checkpoint_every",) if "{" + name + "}" in what]
-        raise ConfigError(f"{what} does not work across several processes yet ({count} joined); {instead}", *fields)
+_shared = {"count": 0}
+
+
+def share(value: Any = None, timeout_s: int | None = None) -> Any:
+    """Process 0's `value` (JSON-serializable), on every process: what one process decides for all.
+
+    Every process calls it at the same point of the run (process 0 with the value, the others
+    with anything); the others wait for it at most `timeout_s` (default `join_timeout()`). In
+    one process it returns `value`. Tuning uses it: process 0 asks Optuna and tells it, the
+    others run the same trials.
+    """
+    if jax.process_count() == 1:
+        return value
+    import json
+
+    from jax._src import distributed as jax_distributed
+
+    client = jax_distributed.global_state.client
+    key = f"kl_rl/share/{_shared['count']}"
+    _shared["count"] += 1
+    if is_main():
+        client.key_value_set(key, json.dumps(value))
+        return value
+    timeout = join_timeout() if timeout_s is None else timeout_s
+    return json.loads(client.blocking_key_value_get(key, timeout * 1000))
+
+
+def barrier(name: str, timeout_s: int | None = None) -> None:
+    """Waits until every process has reached `barrier(name)` (a no-op in one process): what a
+    process checks on a shared filesystem, before process 0 writes there."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed
+
+    timeout = join_timeout() if timeout_s is None else timeout_s
+    jax_distributed.global_state.client.wait_at_barrier(f"kl_rl/{name}", timeout * 1000)
 
 
 def is_main() -> bool:

@@ -183,7 +183,13 @@ class Checkpoints(Hook):
 
         self.every = every
         self.record = record
-        self.checkpointer = Checkpointer(directory)
+        # Of several processes (`kl_rl.distributed`), process 0 writes the checkpoints, of the
+        # states gathered from all; every process reads them to resume, on a shared filesystem.
+        # A checkpoint holds every item whole, so any count of processes and devices resumes it.
+        main = distributed.is_main()
+        self.checkpointer = Checkpointer(directory) if main else None
+        distributed.barrier("checkpoints-created")
+        self.checkpointer = self.checkpointer or Checkpointer(directory, read_only=True)
 
     def resume(self, group: Group, keys: jax.Array, configs: Sequence[Any]) -> tuple[Any, int, list] | None:
         """(state, updates done, [saved metrics]) from the newest checkpoint, or None for a fresh start.
@@ -212,8 +218,10 @@ class Checkpoints(Hook):
         every = self.every or segment.num_updates
         if segment.done % every == 0 or segment.done == segment.num_updates:
             lay = segment.layout
-            self.checkpointer.save(segment.done, parallel.unpad(segment.state, lay), joined(segment.history, lay),
-                                   self.record)  # fmt: skip
+            # Gathering is a collective: every process takes part; process 0 writes.
+            state, metrics = parallel.unpad(segment.state, lay), joined(segment.history, lay)
+            if distributed.is_main():
+                self.checkpointer.save(segment.done, state, metrics, self.record)
         return False
 
     def close(self) -> None:

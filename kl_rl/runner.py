@@ -13,11 +13,9 @@ from typing import Any
 import jax
 import numpy as np
 
-from kl_rl import distributed, pipeline, resolve, sources
+from kl_rl import pipeline, resolve, sources
 from kl_rl.errors import ConfigError
 from kl_rl.runfolder import RunResult, run_record
-
-CHECKPOINTS_INSTEAD = "run without checkpoints, or in one process"
 
 
 def run(
@@ -81,8 +79,6 @@ def run(
     if not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise ConfigError(f"{{checkpoint_every}} must be a non-negative integer, got {checkpoint_every!r}",
                           "checkpoint_every")  # fmt: skip
-    if checkpoint_dir is not None:
-        distributed.refuse("checkpointing ({checkpoint_every}, resuming)", CHECKPOINTS_INSTEAD)
     env_obj = opts.make_env(env)
     if config is None:
         config = resolve.resolve_config(algo, env, config_file, overrides, env_path)

@@ -33,7 +33,7 @@ import typing
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -349,7 +349,7 @@ class Pruner(pipeline.Hook):
     def after_segment(self, segment: pipeline.Segment) -> bool:
         optuna = require_optuna()
         n = len(self.members) * self.seeds
-        metrics = {k: np.asarray(v)[:n] for k, v in segment.metrics.items()}
+        metrics = {k: np.asarray(v)[:n] for k, v in distributed.to_host(segment.metrics).items()}
         latest = metrics["episode_return"][:, -1].reshape(-1, self.seeds)
         diverged = divergence.first_nonfinite(metrics)
         first_update = segment.done - metrics["episode_return"].shape[1]
@@ -372,7 +372,8 @@ class Pruner(pipeline.Hook):
             finite = latest[j][np.isfinite(latest[j])]  # NaN until a seed's first episode ends
             if finite.size:
                 trial.report(float(finite.mean()), step=env_steps)
-            if not last and trial.should_prune():
+            # Of several processes, process 0's pruner decides for all (`_Follower`).
+            if not last and distributed.share(bool(trial.should_prune()) if distributed.is_main() else None):
                 self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
                 record.update(state="PRUNED", pruned_at_env_steps=env_steps)
         return all(record["state"] != "RUNNING" for _, _, record in self.members)
@@ -460,13 +461,12 @@ def run_tune(
     for name, value in (("trials", trials), ("batch_size", batch_size), ("seeds", seeds), ("rungs", rungs)):
         if not isinstance(value, int) or value <= 0:
             raise ConfigError(f"{{{name}}} must be a positive integer, got {value!r}", name)
-    distributed.refuse("tuning", "run one tune worker per process or host on one shared storage (--storage)")
     optuna = require_optuna()
     overrides = dict(overrides or {})
     opts = pipeline.RunOptions(**options)
     base = resolve.resolve_config(algo, env, config_file, overrides, opts.env_path)
     run_sources = opts.sources(algo, env, base)
-    study = open_study(storage, study_name, sampler_seed, startup_trials)
+    study = _open_shared(storage, study_name, sampler_seed, startup_trials)
     env_obj = opts.make_env(env)
     keys = jax.vmap(jax.random.key)(np.arange(seeds))
     size = batch_size  # every group is padded to this many trials, so its programs serve every batch
@@ -485,7 +485,7 @@ def run_tune(
             groups: dict[tuple, list[tuple[Any, Any, dict[str, Any]]]] = {}  # static key -> its trials
             try:
                 for _ in range(min(batch_size, trials - batch_start)):
-                    trial = study.ask(space)
+                    trial = _ask(study, space)
                     batch.append((trial, _record(trial)))
                     records.append(batch[-1][1])
                 for trial, record in batch:
@@ -556,6 +556,63 @@ def run_tune(
         wall_time_s=time.perf_counter() - start,
         batching=next((g.layout.mode for g in groups_built.values()), None),
     )
+
+
+class _Follower:
+    """The study as the processes other than 0 of a joined run see it (`kl_rl.distributed`).
+
+    Every process trains every batch, its (trial, seed) items spread over the devices of all;
+    process 0 alone opens the study, asks the sampler, reports to the pruner and tells the
+    results, and shares each trial's number and params (`distributed.share`), and each pruning
+    decision. What the others tell goes nowhere.
+    """
+
+    class Trial(NamedTuple):
+        number: int
+        params: dict[str, Any]
+
+        def report(self, value: float, step: int) -> None:
+            pass
+
+        def set_user_attr(self, key: str, value: Any) -> None:
+            pass
+
+    @property
+    def best_trial(self) -> Any:
+        raise ValueError("process 0 holds the study")
+
+    def tell(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def get_trials(self, *args: Any, **kwargs: Any) -> list:
+        return []
+
+
+def _open_shared(storage: str | None, study_name: str, sampler_seed: int | None, startup_trials: int) -> Any:
+    """`open_study` in process 0, a `_Follower` in the others; a storage that does not open is
+    the same ConfigError in every process."""
+    if jax.process_count() == 1:
+        return open_study(storage, study_name, sampler_seed, startup_trials)
+    study, error = _Follower(), None
+    if distributed.is_main():
+        try:
+            study = open_study(storage, study_name, sampler_seed, startup_trials)
+        except ConfigError as err:
+            error = [err.template, *err.fields]
+    error = distributed.share(error)
+    if error is not None:
+        raise ConfigError(*error)
+    return study
+
+
+def _ask(study: Any, space: dict[str, Any]) -> Any:
+    """A new trial: asked of the study by process 0, the same trial's number and params in the others."""
+    if isinstance(study, _Follower):
+        number, params = distributed.share()
+        return _Follower.Trial(number, params)
+    trial = study.ask(space)
+    distributed.share([trial.number, trial.params])
+    return trial
 
 
 def _record(trial: Any) -> dict[str, Any]:

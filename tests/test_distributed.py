@@ -5,7 +5,9 @@ it. Two processes of one device each, joined on 127.0.0.1, are checked bit for b
 process of two devices, for PPO and TRPO at 50+ updates and for a sweep.
 """
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -229,23 +231,111 @@ def test_a_process_killed_during_a_long_segment_is_named_within_a_third_of_the_t
     )
 
 
-@pytest.mark.parametrize(
-    "args, line",
-    [
-        (["train", "--checkpoint-every", "10"],
-         "checkpointing (--checkpoint-every) does not work across several processes yet (2 joined); "
-         "run without checkpoints, or in one process"),
-        (["tune", "--space", "lr=log:1e-5:1e-2", "--trials", "2"],
-         "tuning does not work across several processes yet (2 joined); "
-         "run one tune worker per process or host on one shared storage (--storage)"),
-    ],
-)  # fmt: skip
-def test_what_does_not_span_processes_yet_is_refused_by_every_process(tmp_path, args, line):
+def test_host_side_envs_are_refused_by_every_process(tmp_path):
+    """The one thing that stays in one process: gymnasium's envs live in the Python process."""
     join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--out", str(tmp_path / "run")]
+    args = ["train", "--algo", "ppo", "--env", "CartPole-v1", "--env-path", "host", "--devices", "1", *join]
     env = _env(KL_RL_CACHE_DIR="off", KL_RL_JOIN_TIMEOUT_S="60")
-    procs = [_cli([*args, *join, "--process-id", str(i)], env) for i in (0, 1)]
+    procs = [_cli([*args, "--process-id", str(i)], env) for i in (0, 1)]
     for proc in procs:
         err = proc.communicate(timeout=120)[1]
         assert proc.returncode == 2, err[-2000:]
-        assert err.strip().splitlines()[-1] == f"kl-rl: error: {line}"
+        assert err.strip().splitlines()[-1] == (
+            "kl-rl: error: the host-side gymnasium envs run in one process; run them without joining other "
+            "processes, or use a JAX port of the env (kl-rl list)"
+        )
     assert not (tmp_path / "run").exists()
+
+
+# Process 1 SIGKILLs itself from the progress report once KILL_AT env steps are done (as in
+# tests/test_checkpoint.py): no cleanup, with the next segment dispatched.
+KILLER = """
+import os, signal, sys
+from kl_rl import cli, runner
+
+real_run = runner.run
+def run(*args, **kwargs):
+    def progress(env_steps, total):
+        if env_steps >= {kill_at}:
+            os.kill(os.getpid(), signal.SIGKILL)
+    kwargs["progress"] = progress
+    return real_run(*args, **kwargs)
+runner.run = run
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow  # six processes compile PPO: about a minute on 2 loaded cores
+def test_a_checkpointed_run_of_two_processes_resumes_bit_identically_after_a_killed_process(tmp_path):
+    """Process 0 writes the checkpoints of every item; after process 1 is killed, the survivor
+    exits 4 naming it, and the run resumes bit-identically in 2 processes, or in 1."""
+    small = ["--algo", "ppo", "--env", "CartPole-v1", "--seeds", "2", "--num-envs", "2", "--num-steps", "16",
+             "--num-minibatches", "2", "--update-epochs", "2", "--total-steps", str(2 * 16 * 100),
+             "--checkpoint-every", "20", "--no-progress"]  # fmt: skip
+    env = _env(KL_RL_CACHE_DIR="off", KL_RL_JOIN_TIMEOUT_S="20")
+
+    def cli_run(args):
+        proc = _cli(args, env, tmp_path / "whole.err")
+        proc.communicate(timeout=300)
+        return proc.returncode
+
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert cli_run(["train", *small, "--devices", "2", "--out", str(whole)]) == 0, (tmp_path / "whole.err").read_text()
+
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--devices", "1"]
+    first = _cli(["train", *small, *join, "--out", str(killed), "--process-id", "0"], env, tmp_path / "k0.err")
+    second = subprocess.Popen(
+        [sys.executable, "-c", KILLER.format(kill_at=2 * 32 * 50), "train", *small, *join, "--out", str(killed),
+         "--process-id", "1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    second.wait(timeout=300)
+    gone = time.monotonic()
+    first.communicate(timeout=120)
+    err0 = (tmp_path / "k0.err").read_text()
+    assert (second.returncode, first.returncode) == (-9, 4), err0[-2000:]
+    assert time.monotonic() - gone < 20
+    resume = f"continue from its last checkpoint with kl-rl train --resume {killed} in every process"
+    assert err0.rstrip().endswith(resume), err0[-2000:]
+    saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and max(saved) < 100 and not (killed / "summary.json").exists(), saved
+
+    alone = tmp_path / "alone"  # the same checkpoints, resumed by one process
+    shutil.copytree(killed, alone)
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--devices", "1"]
+    pair = [_cli(["train", "--resume", str(killed), "--no-progress", *join, "--process-id", str(i)], env,
+                 tmp_path / f"r{i}.err") for i in (0, 1)]  # fmt: skip
+    outs = [p.communicate(timeout=300)[0] for p in pair]
+    assert [p.returncode for p in pair] == [0, 0], (tmp_path / "r0.err").read_text()[-2000:]
+    assert f"from update {max(saved)} of 100" in outs[0]
+    assert cli_run(["train", "--resume", str(alone), "--no-progress", "--devices", "1"]) == 0
+    for run in (killed, alone):
+        assert (run / "metrics.csv").read_text() == (whole / "metrics.csv").read_text()
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (whole, run))
+        assert a["final_return"] == b["final_return"]
+
+
+@pytest.mark.slow  # three processes tune PPO: about a minute on 2 loaded cores
+def test_a_tune_of_two_processes_is_the_tune_of_one_process_on_two_devices(tmp_path):
+    """Process 0 holds the study and decides; both train each batch's (trial, seed) items. The
+    study's trials (params, values, pruned or not) are those of one process with both devices."""
+    args = ["tune", "--algo", "ppo", "--env", "CartPole-v1", "--space", "lr=log:1e-4:1e-2", "clip_eps=0.1:0.3",
+            "--trials", "4", "--batch-size", "2", "--seeds", "2", "--rungs", "2", "--startup-trials", "1",
+            "--sampler-seed", "3", "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2",
+            "--update-epochs", "2", "--total-steps", str(16 * 2 * 40), "--no-progress"]  # fmt: skip
+    env = _env(KL_RL_CACHE_DIR="off", KL_RL_JOIN_TIMEOUT_S="60")
+    join = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--devices", "1"]
+    storage = f"journal:{tmp_path / 'two.log'}"
+    procs = [_cli([*args, *join, "--storage", storage, "--out", str(tmp_path / "two"), "--process-id", str(i)], env,
+                  tmp_path / f"t{i}.err") for i in (0, 1)]  # fmt: skip
+    procs.append(_cli([*args, "--devices", "2", "--storage", f"journal:{tmp_path / 'one.log'}",
+                       "--out", str(tmp_path / "one")], env, tmp_path / "one.err"))  # fmt: skip
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    for p, name in zip(procs, ("t0", "t1", "one"), strict=True):
+        assert p.returncode == 0, (tmp_path / f"{name}.err").read_text()[-2000:]
+    assert "tune folder" in outs[0] and [line for line in outs[1].splitlines() if not line.startswith("[Gloo]")] == []
+    assert (tmp_path / "two.log").read_text() != ""  # process 0 wrote the study
+    two, one = (json.loads((tmp_path / d / "summary.json").read_text()) for d in ("two", "one"))
+    assert two["study_trials"] == one["study_trials"] and sum(one["study_trials"].values()) == 4
+    assert "PRUNED" in one["study_trials"], one["study_trials"]  # process 0's pruner decided for both
+    assert two["best"] == one["best"]
+    assert (tmp_path / "two" / "metrics.csv").read_text() == (tmp_path / "one" / "metrics.csv").read_text()

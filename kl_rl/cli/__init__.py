@@ -42,7 +42,7 @@ import sys
 
 from kl_rl.cli import list as list_command
 from kl_rl.cli import plot, sweep, train, tune
-from kl_rl.cli.common import Diverged, expose_cpu_devices, join_processes, lost
+from kl_rl.cli.common import Diverged, expose_cpu_devices, flag_value, join_processes, lost
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -90,7 +90,12 @@ def _joined(command, argv: list[str]) -> int:
     from kl_rl import distributed
 
     index, count = jax.process_index(), jax.process_count()
-    silent = f"process {index} of {count}: {{}} of the run stopped answering; no run folder was written"
+    tail = "no run folder was written"
+    resume, every = flag_value(argv, "--resume"), flag_value(argv, "--checkpoint-every")
+    if command is train.main and (resume or every not in (None, "0")):
+        folder = resume or flag_value(argv, "--out") or "RUN_DIR"
+        tail = f"continue from its last checkpoint with kl-rl train --resume {folder} in every process"
+    silent = f"process {index} of {count}: {{}} of the run stopped answering; {tail}"
     done = distributed.watch(lambda who: lost(silent.format(who)))
     try:
         if distributed.is_main():
@@ -106,6 +111,6 @@ def _joined(command, argv: list[str]) -> int:
         other = f"process {1 - index}" if count == 2 else "another process"
         reason = " ".join(str(err).split())
         lost(f"process {index} of {count} lost contact with {other} of the run "
-             f"({reason[:200]}); no run folder was written")  # fmt: skip
+             f"({reason[:200]}); {tail}")  # fmt: skip
     finally:
         done()

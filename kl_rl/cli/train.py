@@ -17,7 +17,7 @@ _RUN_FLAGS = (
 def main(argv: list[str]) -> int:
     """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
     from kl_rl import config as config_lib
-    from kl_rl import distributed, envs, parallel, resolve, runfolder, runner, sources
+    from kl_rl import distributed, envs, parallel, resolve, runfolder, sources
 
     parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -43,8 +43,6 @@ def main(argv: list[str]) -> int:
     every = config_lib.parse_value("checkpoint_every", args.checkpoint_every or 0, int)
     if every < 0:
         raise ConfigError(f"--checkpoint-every must be a non-negative number of updates, got {every}")
-    if every:
-        distributed.refuse("checkpointing (--checkpoint-every)", runner.CHECKPOINTS_INSTEAD)
     overrides = run_overrides(args, extra)
     config = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     env_path = envs.resolve_path(args.env, args.env_path)
@@ -60,13 +58,16 @@ def main(argv: list[str]) -> int:
                 f"--out {str(out)!r} already holds files; --checkpoint-every needs a new or empty folder "
                 "(continue a run with kl-rl train --resume DIR)"
             )
+        # Of several processes, each checks the folder before process 0 writes into it.
+        distributed.barrier("out-checked")
         out.mkdir(parents=True, exist_ok=True)
         checkpoint_dir = out
         run_config = runfolder.run_config(
             args.algo, args.env, list(range(seeds)), config, every, env_path, args.vectorization, run_sources.records,
             args.batching,
         )  # fmt: skip
-        (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
+        if distributed.is_main():
+            (out / "config.json").write_text(json.dumps(run_config, indent=2) + "\n")
     where = "" if env_path == "jax" else f" (host-side gymnasium envs, {args.vectorization})"
     print(f"compiling {args.algo} on {args.env}{where} for {seeds} seed(s)...", flush=True)
     return _run_and_save(
@@ -123,9 +124,8 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
     from pathlib import Path
 
-    from kl_rl import distributed, runfolder, runner, sources
+    from kl_rl import runfolder, sources
 
-    distributed.refuse("--resume", runner.CHECKPOINTS_INSTEAD)
     run_dir = Path(args.resume)
     spec = runfolder.read_run_config(run_dir)
     algo, env, seeds, config, every = spec.algo, spec.env, spec.seeds, spec.config, spec.checkpoint_every

@@ -40,7 +40,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from kl_rl import config as config_lib
-    from kl_rl import parallel, resolve, tune
+    from kl_rl import distributed, parallel, resolve, tune
 
     parser = run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
     parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
@@ -89,7 +89,8 @@ def main(argv: list[str]) -> int:
         )  # fmt: skip
     print(f"storage {tune.redact(storage)}, study {study_name!r}")
     _print_top(result)
-    result.save(out)
+    if distributed.is_main():  # of several processes, process 0 holds the study and writes the folder
+        result.save(out)
     print(f"tune folder: {out}")
     diverged = result.diverged_items()
     if diverged:
