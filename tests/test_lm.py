@@ -195,6 +195,10 @@ def test_group_advantages_grpo_dr_grpo_and_rloo_by_hand():
     np.testing.assert_allclose(losses.group_advantages(reward, 4),
                                np.concatenate([centred[:4] / (std + 1e-4), centred[4:]]), rtol=1e-6)  # fmt: skip
     np.testing.assert_allclose(losses.group_advantages(reward, 4, scale=False), centred, rtol=1e-6, atol=1e-7)
+    # TRL's sample std (torch.std): the same squares over G - 1 = 3.
+    sample = math.sqrt((0 + 4 + 1 + 9) / 3)
+    np.testing.assert_allclose(losses.group_advantages(reward, 4, std="sample"),
+                               np.concatenate([centred[:4] / (sample + 1e-4), centred[4:]]), rtol=1e-6)  # fmt: skip
     # RLOO: r_i minus the mean of the other three.
     loo = [3 - (1 + 2 + 6) / 3, 1 - (3 + 2 + 6) / 3, 2 - (3 + 1 + 6) / 3, 6 - (3 + 1 + 2) / 3, 0, 0, 0, 0]
     np.testing.assert_allclose(losses.leave_one_out_advantages(reward, 4), loo, rtol=1e-6, atol=1e-7)
@@ -318,6 +322,8 @@ def test_each_token_task_config_declares_what_its_algorithm_uses():
         ("grpo", {"group_size": 3, "num_envs": 16}, "^group_size 3 does not divide"),
         ("grpo", {"group_size": 4, "num_envs": 16, "num_minibatches": 8}, "^num_minibatches 8 does not divide"),
         ("grpo", {"loss_norm": "mean"}, "unknown loss_norm 'mean'"),
+        ("grpo", {"group_std": "biased"}, "unknown group_std 'biased'; use one of population, sample"),
+        ("grpo", {"group_std": "sample", "group_size": 1}, "^group_std sample needs group_size >= 2"),
         ("rloo", {"clip_eps_high": -0.1}, "^clip_eps and clip_eps_high must be >= 0"),
         ("rloo", {"ref_kl_estimator": "k2", "ref_kl_direction": "forward"}, "reverse KL only"),
         ("ppo-lm", {"gae_lambda": 1.5}, "^gamma and gae_lambda must lie in"),

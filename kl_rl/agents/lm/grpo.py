@@ -18,6 +18,7 @@ from kl_rl.agents.lm import losses
 from kl_rl.agents.lm.common import outcome_agent
 from kl_rl.agents.lm.config import ClippedConfig
 from kl_rl.config import static
+from kl_rl.errors import ConfigError
 
 
 @flax.struct.dataclass
@@ -32,12 +33,25 @@ class GRPOConfig(ClippedConfig):
     """k3 in the loss, as GRPO (its expected gradient is the forward KL's; see the module doc)."""
     scale_rewards: bool = static(True)
     """Divide group-centred rewards by the group's std (GRPO); False is Dr. GRPO's."""
+    group_std: str = static("population")
+    """The group's std: population (divides by G; the default) or sample (by G - 1, TRL's)."""
+
+    def validate(self, action_space: gym.Space) -> None:
+        """Raises ConfigError on values no run could use."""
+        super().validate(action_space)
+        if self.group_std not in losses.GROUP_STDS:
+            raise ConfigError(
+                f"unknown {{group_std}} {self.group_std!r}; use one of {', '.join(losses.GROUP_STDS)}", "group_std"
+            )
+        if self.group_std == "sample" and self.group_size < 2:
+            raise ConfigError("{group_std} sample needs {group_size} >= 2 responses per prompt", "group_std",
+                              "group_size")  # fmt: skip
 
 
 def grpo(config: GRPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
     """GRPO's pure functions for a token task's spaces."""
 
     def advantages(reward):
-        return losses.group_advantages(reward, config.group_size, config.scale_rewards)
+        return losses.group_advantages(reward, config.group_size, config.scale_rewards, config.group_std)
 
     return outcome_agent("grpo", config, observation_space, action_space, advantages)

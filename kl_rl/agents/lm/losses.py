@@ -87,13 +87,20 @@ def preference_loss(log_ratio_chosen: jax.Array, log_ratio_rejected: jax.Array, 
     raise ValueError(f"unknown preference loss {kind!r}; use one of {', '.join(PREFERENCE_LOSSES)}")
 
 
-def group_advantages(reward: jax.Array, group_size: int, scale: bool = True) -> jax.Array:
+GROUP_STDS = ("population", "sample")
+"""How GRPO's group std is taken: over the G rewards (ddof 0), or TRL's unbiased sample std (ddof 1)."""
+
+
+def group_advantages(reward: jax.Array, group_size: int, scale: bool = True, std: str = "population") -> jax.Array:
     """GRPO's advantages (Shao et al. 2024): r - mean of the group, over the group's std (+1e-4)
     when `scale`; without, Dr. GRPO's (Liu et al. 2025).
 
     Args:
       reward: [n] per-response rewards, in consecutive groups of `group_size` (static).
       scale: static.
+      std: static, one of GROUP_STDS: "population" divides by sqrt(mean((r - mean)^2)), as
+        DeepSeekMath's formula reads; "sample" by the unbiased std (G - 1 in the denominator),
+        as TRL's GRPOTrainer does (torch.std). Larger groups make the two agree.
 
     Returns:
       [n] per-response advantages.
@@ -101,7 +108,8 @@ def group_advantages(reward: jax.Array, group_size: int, scale: bool = True) -> 
     r = reward.reshape(-1, group_size)
     adv = r - jnp.mean(r, -1, keepdims=True)
     if scale:
-        adv = adv / (jnp.std(r, -1, keepdims=True) + 1e-4)
+        ddof = GROUP_STDS.index(std)
+        adv = adv / (jnp.std(r, -1, keepdims=True, ddof=ddof) + 1e-4)
     return adv.reshape(-1)
 
 
