@@ -374,6 +374,17 @@ def test_sft_trains_on_the_oracles_answers(sft):
     assert 0.0 <= result.final_returns[0] <= 1.0 and (result.final_returns[0] * 16) % 1 == 0
 
 
+def test_the_table_of_a_run_leaves_out_what_its_algorithm_does_not_have(sft, capsys):
+    """SFT has no KL: `kl-rl train`'s table has no kl column rather than a column of nan."""
+    from kl_rl.cli.train import _print_table
+
+    _print_table(sft[0])
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if "final_return" in line)
+    assert header.split() == ["seed", "final_return", "train_return", "entropy"], header
+    assert "nan" not in out.lower(), out
+
+
 def test_eval_every_writes_eval_return_at_the_evaluation_points(sft):
     result, folder = sft
     rows = _rows(folder)

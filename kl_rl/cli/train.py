@@ -174,16 +174,17 @@ def _print_table(result) -> None:
     metrics = result.metrics
     # Token tasks show the KL to the reference (summed over the response); other runs KL(old || new).
     kl_col = "kl_ref" if "response_length" in metrics and "kl_ref" in metrics else "kl"
-    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13} {kl_col:>10} {'entropy':>9}")
+    # A metric the algorithm does not have (SFT's KL) is left out, not printed as nan.
+    cols = [c for c in (kl_col, "entropy") if c in metrics]
+    widths = {kl_col: 10, "entropy": 9}
+    print(f"{'seed':>6} {'final_return':>13} {'train_return':>13}" + "".join(f" {c:>{widths[c]}}" for c in cols))
     for i, (seed, diverged) in enumerate(zip(result.seeds, summary["diverged"], strict=True)):
         if diverged is not None:
             # A row of nan says nothing; where it went wrong does.
             print(f"{seed:>6}   diverged at update {diverged}")
             continue
-        print(
-            f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f} "
-            f"{metrics[kl_col][i, -1] if kl_col in metrics else float('nan'):>10.5f} {metrics['entropy'][i, -1]:>9.4f}"
-        )
+        values = "".join(f" {metrics[c][i, -1]:>{widths[c]}.{5 if c == kl_col else 4}f}" for c in cols)
+        print(f"{seed:>6} {final[i]:>13.2f} {last_train[i]:>13.2f}{values}")
     median, iqm = summary["final_return_median"], summary["final_return_iqm"]
     stats = f"{'-':>13}   IQM -" if median is None else f"{median:>13.2f}   IQM {iqm:.2f}"
     if summary["diverged_seeds"] and median is not None:
