@@ -374,6 +374,29 @@ def test_sft_trains_on_the_oracles_answers(sft):
     assert 0.0 <= result.final_returns[0] <= 1.0 and (result.final_returns[0] * 16) % 1 == 0
 
 
+def test_sft_stops_for_good_once_its_greedy_accuracy_reaches_the_target():
+    """stop_at_accuracy: an update that finds the policy at the target (or after it stopped)
+    leaves the agent as it was; below the target the policy trains."""
+    config = resolve.resolve_config("sft", ENV, None, {**TINY, "total_steps": 16 * 5 * 2, "stop_at_accuracy": 0.5})
+    trainer = make_trainer("sft", config, envs.make(ENV))
+
+    @jax.jit
+    def two_updates(stopped):
+        start = trainer.init(jax.random.key(0), config)
+        start = start.replace(agent=start.agent.replace(stopped=stopped))
+        return start, *trainer.run(start, config, 2)
+
+    for stopped in (False, True):
+        start, end, metrics = two_updates(jnp.asarray(stopped))
+        moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(start.agent.params),
+                                                           jax.tree.leaves(end.agent.params), strict=True)]  # fmt: skip
+        np.testing.assert_array_equal(metrics["stopped"], float(stopped))
+        assert np.all(np.asarray(metrics["accuracy_before"]) < 0.5)  # an untrained policy: far from the target
+        assert all(moved) if not stopped else not any(moved), moved
+    with pytest.raises(ConfigError, match="stop_at_accuracy must lie in"):
+        ALGOS["sft"].config(stop_at_accuracy=1.5).validate(ADD.action_space)
+
+
 def test_the_table_of_a_run_leaves_out_what_its_algorithm_does_not_have(sft, capsys):
     """SFT has no KL: `kl-rl train`'s table has no kl column rather than a column of nan."""
     from kl_rl.cli.train import _print_table

@@ -33,6 +33,8 @@ class LMState:
     params: dict
     opt_state: optax.OptState
     kl_ctrl: kl.KLControllerState
+    stopped: Any = None
+    """SFT with stop_at_accuracy: bool, training has stopped (the policy is frozen); else None."""
 
 
 class Responses(NamedTuple):
