@@ -70,7 +70,9 @@ def short_suite() -> dict:
     record("ppo reference reward lag", kl_rl.run("ppo", "CartPole-v1", seeds=2, reference=tmp / "teacher", **lagged))
     record("ppo replay vtrace", kl_rl.run("ppo", "CartPole-v1", seeds=2, replay_rollouts=2, **SHORT))
     record("vpg init-from", kl_rl.run("vpg", "CartPole-v1", seeds=2, init_from=tmp / "teacher", **SHORT))
-    sft = record("sft Addition-v0", kl_rl.run("sft", "Addition-v0", seeds=1, total_steps=2048, eval_episodes=64))
+    # stop_at_accuracy=0: the SFT program as it was before the preset stopped at an accuracy.
+    sft = record("sft Addition-v0", kl_rl.run("sft", "Addition-v0", seeds=1, total_steps=2048, eval_episodes=64,
+                                              stop_at_accuracy=0.0))  # fmt: skip
     sft.save(tmp / "sft")
     for algo in ("grpo", "rloo", "ppo-lm"):
         record(f"{algo} Addition-v0", kl_rl.run(algo, "Addition-v0", seeds=2, reference=tmp / "sft",
