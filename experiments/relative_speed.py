@@ -66,7 +66,8 @@ def main() -> int:
             rates[algo].append(steps[algo] / (time.perf_counter() - start))
     base = args.algos[0]
     result = {"env": args.env, "seeds": args.seeds, "total_steps": args.total_steps, "rounds": args.rounds,
-              "config": SHARED, "devices": jax.device_count(), "platform": jax.default_backend(), "algos": {}}  # fmt: skip
+              "config": SHARED, "devices": jax.device_count(), "platform": jax.default_backend(),
+              "algos": {}}  # fmt: skip
     for algo in args.algos:
         ratios = [a / b for a, b in zip(rates[algo], rates[base], strict=True)]
         result["algos"][algo] = {
@@ -75,8 +76,9 @@ def main() -> int:
             "ratios": [round(x, 4) for x in ratios],
             "compile_s": compile_s[algo],
         }
+        rounds = ", ".join(f"{x:.3f}" for x in ratios)
         print(f"{algo:6s} {statistics.median(rates[algo]):>12,.0f} env steps/s   x{statistics.median(ratios):.3f} of "
-              f"{base} (rounds: {', '.join(f'{x:.3f}' for x in ratios)})   compile {compile_s[algo]:.1f} s")  # fmt: skip
+              f"{base} (rounds: {rounds})   compile {compile_s[algo]:.1f} s")  # fmt: skip
     out = Path(__file__).parent / "results" / f"relative-speed-{args.env}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
