@@ -12,13 +12,13 @@ import pytest
 from rlax._src import mpo_ops
 
 import kl_rl
-from kl_rl import kl
+from kl_rl import buffer, kl
 from kl_rl.agents.base import UpdateContext
 from kl_rl.agents.vmpo import Constraint, VMPOConfig, e_step, m_step_kl, vmpo, vmpo_loss
 from kl_rl.distributions import Categorical, DiagGaussian
 from kl_rl.errors import ConfigError
 
-from .common import bandit_batch, train
+from .common import train
 
 pytestmark = pytest.mark.xdist_group("test_vmpo")
 
@@ -158,63 +158,88 @@ def test_bad_config_is_a_config_error(field, value):
 
 
 TINY = dict(total_steps=2048, num_envs=4, num_steps=64, num_minibatches=2, update_epochs=2)
-CARTPOLE_SPACES = (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(2))
+SPACES = {
+    "categorical": (gym.spaces.Box(-np.inf, np.inf, (4,), np.float32), gym.spaces.Discrete(2)),
+    "gaussian": (gym.spaces.Box(-np.inf, np.inf, (3,), np.float32), gym.spaces.Box(-2.0, 2.0, (1,), np.float32)),
+}
 
 
 @functools.cache
-def _update_program():
-    """One compiled V-MPO update for CartPole's spaces with the config as an argument: the agent
-    is built inside the traced function, as `kl_rl.train.make_train` builds it."""
+def _update_program(kind):
+    """One compiled V-MPO update for `kind`'s spaces with the config as an argument: the agent is
+    built inside the traced function, as `kl_rl.train.make_train` builds it."""
 
     def run(config, key, state, traj):
-        return vmpo(config, *CARTPOLE_SPACES).update(key, state, traj, UpdateContext(jnp.asarray(0.0)))
+        return vmpo(config, *SPACES[kind]).update(key, state, traj, UpdateContext(jnp.asarray(0.0)))
 
     return jax.jit(run)
 
 
-def _updates(n=3, **bounds):
-    """`n` updates on one batch of 64 one-step episodes with Gaussian rewards (varied advantages),
-    from one initial state; the metrics of each update."""
+def _batch(agent, state, obs_dim, num=64):
+    """A [1, num] batch of one-step episodes on Gaussian observations with Gaussian rewards (so
+    the advantages vary), sampled by the agent's own policy (its behaviour distribution)."""
+    obs = jax.random.normal(jax.random.key(1), (1, num, obs_dim))
+    action, log_prob, dist = agent.act(jax.random.key(2), state, obs[0])
+    return buffer.Transition(
+        obs=obs, action=action[None], reward=jax.random.normal(jax.random.key(3), (1, num)),
+        terminated=jnp.ones((1, num), bool), truncated=jnp.zeros((1, num), bool), next_obs=obs,
+        value=agent.value(state, obs), log_prob=log_prob[None], dist=jax.tree.map(lambda x: x[None], dist),
+    )  # fmt: skip
+
+
+def _updates(kind, n=3, **bounds):
+    """`n` updates on one batch from one initial state (so the behaviour policy stays the
+    anchor while the policy drifts); the metrics of each update."""
     config = VMPOConfig(**TINY, lr=1e-2, **bounds)
-    agent = vmpo(config, *CARTPOLE_SPACES)
+    agent = vmpo(config, *SPACES[kind])
     state = agent.init(jax.random.key(0))
-    traj = bandit_batch(agent, state)
-    traj = traj._replace(reward=jax.random.normal(jax.random.key(1), traj.reward.shape))
+    traj = _batch(agent, state, SPACES[kind][0].shape[0])
     history = []
     for i in range(n):
-        state, metrics = _update_program()(config, jax.random.key(2 + i), state, traj)
+        state, metrics = _update_program(kind)(config, jax.random.key(4 + i), state, traj)
         history.append(metrics)
     return {k: np.array([m[k] for m in history]) for k in history[0]}
 
 
+def _rises(x, start):
+    return x[0] > start and np.all(np.diff(x) > 0)
+
+
+def _falls(x, start):
+    return x[0] < start and np.all(np.diff(x) < 0)
+
+
 def test_sweeps_over_the_bounds_compile_once_and_move_the_duals_as_the_paper_says():
-    tight = _updates(eps_alpha=1e-6, eps_eta=0.002)
-    loose = _updates(eps_alpha=10.0, eps_eta=1.0)
-    assert _update_program()._cache_size() == 1
+    tight = _updates("categorical", eps_alpha=1e-6, eps_eta=0.002)
+    loose = _updates("categorical", eps_alpha=10.0, eps_eta=1.0)
+    assert _update_program("categorical")._cache_size() == 1
     for out in (tight, loose):
         for name in ("eta", "alpha", "kl_alpha", "estep_kl", "policy_loss", "temperature_loss", "alpha_loss", "kl"):
             assert np.all(np.isfinite(out[name])), name
-    # The batch's behaviour policy stays the anchor, so the policy drifts past a bound of 1e-6
-    # and alpha climbs from its initial 5; under a bound of 10 it falls at every update.
+    # The policy drifts past a bound of 1e-6, so alpha climbs from its initial 5; under a bound
+    # of 10 it falls at every update.
     assert np.all(tight["kl_alpha"] > 1e-6) and np.all(loose["kl_alpha"] < 10.0)
-    assert tight["alpha"][0] > 5.0 and np.all(np.diff(tight["alpha"]) > 0), tight["alpha"]
-    assert loose["alpha"][0] < 5.0 and np.all(np.diff(loose["alpha"]) < 0), loose["alpha"]
-    # The E-step's KL is below a bound of 1 (the temperature cools) and above 0.002 (it heats).
-    assert np.all(loose["estep_kl"] < 1.0) and np.all(tight["estep_kl"] > 0.002)
-    assert tight["eta"][0] > 1.0 and np.all(np.diff(tight["eta"]) > 0), tight["eta"]
-    assert loose["eta"][0] < 1.0 and np.all(np.diff(loose["eta"]) < 0), loose["eta"]
+    assert _rises(tight["alpha"], 5.0), tight["alpha"]
+    assert _falls(loose["alpha"], 5.0), loose["alpha"]
+    # The E-step's KL is above a bound of 0.002 (the temperature heats) and below 1 (it cools).
+    assert np.all(tight["estep_kl"] > 0.002) and np.all(loose["estep_kl"] < 1.0)
+    assert _rises(tight["eta"], 1.0), tight["eta"]
+    assert _falls(loose["eta"], 1.0), loose["eta"]
 
 
-def test_pendulum_run_logs_both_gaussian_multipliers():
-    out = train("vmpo", "Pendulum-v1", seeds=1, **TINY)
-    num_updates = TINY["total_steps"] // (TINY["num_envs"] * TINY["num_steps"])
-    for name in ("eta", "alpha_mu", "alpha_sigma", "kl_mu", "kl_sigma", "estep_kl", "kl", "vf_loss", "entropy"):
-        assert out.metrics[name].shape == (1, num_updates), name
-        assert np.all(np.isfinite(out.metrics[name])), name
-    assert "alpha" not in out.metrics and "kl_alpha" not in out.metrics
-    assert np.all(out.metrics["kl_mu"] >= 0) and np.any(out.metrics["kl_mu"] > 0)
-    assert np.all(out.metrics["kl_sigma"] >= 0)
-    assert np.all(np.isfinite(out.eval_returns))
+def test_gaussian_multipliers_each_answer_their_own_bound():
+    # A tight mean bound with a loose covariance bound, then the reverse, in one compiled update:
+    # each multiplier follows its own half of the KL, so the bounds are not swapped.
+    mean_tight = _updates("gaussian", eps_alpha_mu=1e-7, eps_alpha_sigma=10.0)
+    sigma_tight = _updates("gaussian", eps_alpha_mu=10.0, eps_alpha_sigma=1e-9)
+    assert _update_program("gaussian")._cache_size() == 1
+    for out in (mean_tight, sigma_tight):
+        for name in ("eta", "alpha_mu", "alpha_sigma", "kl_mu", "kl_sigma", "estep_kl", "kl"):
+            assert np.all(np.isfinite(out[name])), name
+        assert "alpha" not in out and "kl_alpha" not in out
+        assert np.all(out["kl_mu"] > 0) and np.all(out["kl_sigma"] > 0)
+    assert _rises(mean_tight["alpha_mu"], 5.0) and _falls(mean_tight["alpha_sigma"], 5.0), mean_tight
+    assert _falls(sigma_tight["alpha_mu"], 5.0) and _rises(sigma_tight["alpha_sigma"], 5.0), sigma_tight
 
 
 @pytest.mark.slow
@@ -223,3 +248,15 @@ def test_vmpo_solves_cartpole_at_its_preset():
     # seed's bits depend only on its seed and config), so they are the benchmark's rows.
     result = kl_rl.run("vmpo", "CartPole-v1", seeds=4)
     assert np.median(result.final_returns) >= 475, result.final_returns
+
+
+@pytest.mark.slow
+def test_pendulum_run_logs_both_gaussian_multipliers():
+    out = train("vmpo", "Pendulum-v1", seeds=1, **TINY)
+    num_updates = TINY["total_steps"] // (TINY["num_envs"] * TINY["num_steps"])
+    for name in ("eta", "alpha_mu", "alpha_sigma", "kl_mu", "kl_sigma", "estep_kl", "kl", "vf_loss", "entropy"):
+        assert out.metrics[name].shape == (1, num_updates), name
+        assert np.all(np.isfinite(out.metrics[name])), name
+    assert np.all(out.metrics["kl_mu"] >= 0) and np.any(out.metrics["kl_mu"] > 0)
+    assert np.all(out.metrics["kl_sigma"] >= 0)
+    assert np.all(np.isfinite(out.eval_returns))
