@@ -237,6 +237,55 @@ def kl_penalty_loss(beta: ArrayLike, kl: jax.Array) -> jax.Array:
     return beta * jnp.mean(kl)
 
 
+def decoupled_gaussian_kl(old: DiagGaussian, new: DiagGaussian) -> tuple[jax.Array, jax.Array]:
+    """The two halves of KL(old || new) that V-MPO and MPO bound separately, per state.
+
+    Song et al. (2020, arXiv:1909.12238, their Gaussian M-step) and Abdolmaleki et al. (2018, arXiv:1812.02256)
+    split the KL between diagonal Gaussians into a mean part, with the new mean and the old
+    standard deviation, and a covariance part, with the old mean and the new standard deviation:
+
+        C_mu    = KL(N(m_old, s_old) || N(m_new, s_old)) = sum_d (m_new - m_old)^2 / (2 s_old^2)
+        C_sigma = KL(N(m_old, s_old) || N(m_old, s_new))
+                = sum_d [log s_new - log s_old + s_old^2 / (2 s_new^2) - 1/2]
+
+    Both are in the direction KL(old || new) (`kl_old_new`). Only the new mean enters C_mu and
+    only the new standard deviation enters C_sigma, so a bound on each constrains the mean and
+    the covariance independently (a tight covariance bound keeps the exploration noise from
+    collapsing while the mean moves). With s_new = s_old, C_mu is the full KL; with
+    m_new = m_old, C_sigma is.
+
+    Args:
+      old: the anchor (the behaviour policy recorded in the buffer), batch shape [...].
+      new: the policy being optimized, broadcastable with old.
+
+    Returns:
+      (C_mu, C_sigma), each of shape [...].
+    """
+    c_mu = 0.5 * jnp.sum(jnp.square((new.mean - old.mean) * jnp.exp(-old.log_std)), axis=-1)
+    # Per dimension, with l = log s_old - log s_new: -l + (exp(2 l) - 1) / 2 = (exp(2 l) - 1 - 2 l) / 2,
+    # summed without the cancellation that leaves the direct form slightly negative near l = 0.
+    log_ratio = jnp.broadcast_to(old.log_std - new.log_std, jnp.broadcast_shapes(old.mean.shape, new.mean.shape))
+    c_sigma = 0.5 * jnp.sum(_expm1_minus_x(2.0 * log_ratio), axis=-1)
+    return c_mu, c_sigma
+
+
+def kl_constraint_loss(alpha: jax.Array, kl: jax.Array, epsilon: ArrayLike) -> jax.Array:
+    """alpha (epsilon - sg[mean kl]) + sg[alpha] mean kl: a KL bound enforced by a Lagrange multiplier.
+
+    The two terms move different variables (Song et al. 2020, L_alpha; rlax's `kl_constraint_loss`):
+    the first, whose gradient reaches only alpha, lowers alpha while the KL is under its bound
+    and raises it once the KL exceeds it (gradient descent on alpha follows -(epsilon - KL));
+    the second, whose gradient reaches only the policy, penalizes the KL with the current alpha.
+
+    Args:
+      alpha: the multiplier, > 0 (its gradient reaches its parameterization, e.g. log alpha).
+      kl: the constrained KL per state, [B].
+      epsilon: the bound on its mean.
+    """
+    mean_kl = jnp.mean(kl)
+    return alpha * (epsilon - jax.lax.stop_gradient(mean_kl)) + jax.lax.stop_gradient(alpha) * mean_kl
+
+
 def kl_penalized_reward(
     reward: jax.Array, log_prob_policy: jax.Array, log_prob_ref: jax.Array, beta: ArrayLike
 ) -> jax.Array:

@@ -55,6 +55,7 @@ def existing_run(tmp_path):
         (["--clip-eps"], ["--clip-eps needs a value"]),
         (["--surrogate", "spo2"], ["unknown --surrogate 'spo2'", "clip, spo"]),
         (["--algo", "mdpo", "--step-size", "0"], ["--step-size must be a positive number"]),
+        (["--algo", "vmpo", "--eps-alpha-sigma", "-1e-4"], ["--eps-alpha-sigma must be a positive number"]),
         (["--batching", "scan"], ["--batching must be one of map, vmap, got 'scan'"]),
         (["--env", "Acrobot-v1", "--env-path", "host", "--batching", "map"], ["--batching map does not apply"]),
     ],

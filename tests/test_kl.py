@@ -365,6 +365,25 @@ def test_penalties_by_hand():
     assert float(r) == pytest.approx(1.0 - 0.1 * math.log(2.0), rel=1e-6)
 
 
+def test_decoupled_gaussian_kl_halves_are_the_kl_with_one_moment_held_at_old():
+    old = DiagGaussian(jnp.array([[0.3, -1.0], [2.0, 0.0]]), jnp.array([[-0.5, 0.2], [1.0, -3.0]]))
+    new = DiagGaussian(jnp.array([[0.1, -0.2], [2.5, 0.4]]), jnp.array([[0.4, 0.1], [1.0, -2.0]]))
+    c_mu, c_sigma = kl.decoupled_gaussian_kl(old, new)
+    np.testing.assert_allclose(c_mu, kl.kl_old_new(old, DiagGaussian(new.mean, old.log_std)), rtol=1e-6)
+    np.testing.assert_allclose(c_sigma, kl.kl_old_new(old, DiagGaussian(old.mean, new.log_std)), rtol=1e-5)
+    # Near equal stds the covariance half stays >= 0 and second order: (2 l^2) / 2 per dimension.
+    unit = DiagGaussian(jnp.zeros(3), jnp.zeros(3))
+    for log_s in (1e-4, -1e-4, 3e-3):
+        _, c = kl.decoupled_gaussian_kl(DiagGaussian(jnp.zeros(3), jnp.full(3, log_s)), unit)
+        np.testing.assert_allclose(c, 3 * log_s**2, rtol=1e-2)
+    # And the constraint loss: its value is alpha * epsilon; its gradients split between alpha and the KL.
+    d = jnp.array([0.1, 0.3])
+    np.testing.assert_allclose(kl.kl_constraint_loss(2.0, d, 0.05), 2.0 * 0.05, rtol=1e-6)
+    g_alpha, g_kl = jax.grad(kl.kl_constraint_loss, argnums=(0, 1))(2.0, d, 0.05)
+    np.testing.assert_allclose(g_alpha, 0.05 - 0.2, rtol=1e-6)
+    np.testing.assert_allclose(g_kl, [1.0, 1.0], rtol=1e-6)
+
+
 def test_penalized_reward_subtracts_beta_kl_policy_ref_in_expectation():
     policy = Categorical(jnp.log(jnp.array([0.7, 0.2, 0.1])))
     ref = Categorical(jnp.log(jnp.array([0.1, 0.3, 0.6])))

@@ -9,6 +9,7 @@ from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTC
 from kl_rl.agents.mdpo import MDPOConfig, mdpo
 from kl_rl.agents.ppo import PPOConfig, ppo
 from kl_rl.agents.trpo import TRPOConfig, trpo
+from kl_rl.agents.vmpo import VMPOConfig, vmpo
 from kl_rl.agents.vpg import VPGConfig, vpg
 
 
@@ -25,6 +26,7 @@ ALGOS: dict[str, AlgoSpec] = {
     "trpo": AlgoSpec(TRPOConfig, trpo),
     "cem": AlgoSpec(CEMConfig, cem),
     "mdpo": AlgoSpec(MDPOConfig, mdpo),
+    "vmpo": AlgoSpec(VMPOConfig, vmpo),
     "sft": AlgoSpec(SFTConfig, sft),
     "grpo": AlgoSpec(GRPOConfig, grpo),
     "rloo": AlgoSpec(RLOOConfig, rloo),
@@ -42,11 +44,13 @@ __all__ = [
     "CEMConfig",
     "MDPOConfig",
     "PPOConfig", "TRPOConfig",
+    "VMPOConfig",
     "VPGConfig",
     "cem",
     "mdpo",
     "ppo",
     "trpo",
+    "vmpo",
     "vpg",
 ]
 
