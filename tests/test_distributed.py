@@ -19,6 +19,7 @@ import pytest
 
 from kl_rl import cli, distributed
 from kl_rl.errors import ConfigError
+from test_checkpoint import KILLER  # process 1 SIGKILLs itself from its progress report
 
 TESTS = os.path.dirname(__file__)
 ROOT = os.path.dirname(TESTS)
@@ -245,24 +246,6 @@ def test_host_side_envs_are_refused_by_every_process(tmp_path):
             "processes, or use a JAX port of the env (kl-rl list)"
         )
     assert not (tmp_path / "run").exists()
-
-
-# Process 1 SIGKILLs itself from the progress report once KILL_AT env steps are done (as in
-# tests/test_checkpoint.py): no cleanup, with the next segment dispatched.
-KILLER = """
-import os, signal, sys
-from kl_rl import cli, runner
-
-real_run = runner.run
-def run(*args, **kwargs):
-    def progress(env_steps, total):
-        if env_steps >= {kill_at}:
-            os.kill(os.getpid(), signal.SIGKILL)
-    kwargs["progress"] = progress
-    return real_run(*args, **kwargs)
-runner.run = run
-sys.exit(cli.main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.slow  # six processes compile PPO: about a minute on 2 loaded cores
