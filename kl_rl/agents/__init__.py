@@ -7,6 +7,7 @@ from kl_rl.agents.base import Agent
 from kl_rl.agents.cem import CEMConfig, cem
 from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTConfig, dpo, grpo, ppo_lm, rloo, sft
 from kl_rl.agents.mdpo import MDPOConfig, mdpo
+from kl_rl.agents.mpo import MPOConfig, mpo
 from kl_rl.agents.ppo import PPOConfig, ppo
 from kl_rl.agents.trpo import TRPOConfig, trpo
 from kl_rl.agents.vpg import VPGConfig, vpg
@@ -25,6 +26,7 @@ ALGOS: dict[str, AlgoSpec] = {
     "trpo": AlgoSpec(TRPOConfig, trpo),
     "cem": AlgoSpec(CEMConfig, cem),
     "mdpo": AlgoSpec(MDPOConfig, mdpo),
+    "mpo": AlgoSpec(MPOConfig, mpo),
     "sft": AlgoSpec(SFTConfig, sft),
     "grpo": AlgoSpec(GRPOConfig, grpo),
     "rloo": AlgoSpec(RLOOConfig, rloo),
@@ -41,10 +43,12 @@ __all__ = [
     "AlgoSpec",
     "CEMConfig",
     "MDPOConfig",
+    "MPOConfig",
     "PPOConfig", "TRPOConfig",
     "VPGConfig",
     "cem",
     "mdpo",
+    "mpo",
     "ppo",
     "trpo",
     "vpg",
