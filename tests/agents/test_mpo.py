@@ -149,8 +149,8 @@ def test_pendulum_run_replay_duals_and_traced_bounds_compile_once():
     # at step 55 (period 5), one step before the end.
     assert float(m["temperature"][0, -1]) != 1.0 and float(m["alpha_std"][0, -1]) != 100.0
     agent = jax.tree.map(lambda x: x[0], out.state.agent)
-    assert any(not np.array_equal(a, b) for a, b in
-               zip(jax.tree.leaves(agent.params["policy"]), jax.tree.leaves(agent.target["policy"]), strict=True))  # fmt: skip
+    online, target = jax.tree.leaves(agent.params["policy"]), jax.tree.leaves(agent.target["policy"])
+    assert any(not np.array_equal(a, b) for a, b in zip(online, target, strict=True))
 
 
 def test_cartpole_run_logs_the_categorical_dual():
