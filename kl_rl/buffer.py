@@ -172,7 +172,6 @@ def ordered(state: BufferState) -> Any:
     return jax.tree.map(lambda x: jnp.roll(x, -state.insert_pos, axis=0), state.data)
 
 
-
 def sample_windows(key: jax.Array, state: BufferState, batch_size: int, length: int) -> Any:
     """Draws windows of `length` consecutive time steps of one env, uniformly with replacement.
 
