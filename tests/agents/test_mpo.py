@@ -153,6 +153,7 @@ def test_pendulum_run_replay_duals_and_traced_bounds_compile_once():
     assert any(not np.array_equal(a, b) for a, b in zip(online, target, strict=True))
 
 
+@pytest.mark.slow  # ~30 s of compile: the default tier keeps the Pendulum run and the categorical losses
 def test_cartpole_run_logs_the_categorical_dual():
     out = _program("CartPole-v1", MPOConfig(**TINY))(jax.vmap(jax.random.key)(jnp.arange(1)), MPOConfig(**TINY))
     for name in ("temperature", "alpha", "kl", "e_step_kl", "critic_loss", "policy_loss"):
