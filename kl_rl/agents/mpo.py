@@ -53,8 +53,9 @@ _MIN_LOG_DUAL = -18.0
 
 @flax.struct.dataclass
 class MPOConfig(PolicyConfig):
-    """MPO hyperparameters. The KL bounds are Acme's MPO defaults (epsilon 0.1, the decoupled
-    Gaussian bounds scaled to a summed, not per-dimension, KL)."""
+    """MPO hyperparameters. The E-step bound 0.1 is Acme's MPO default; the M-step bounds (0.01
+    on the mean part or a categorical's KL, 1e-5 on the std part, each a KL summed over action
+    dimensions) and the duals' first values are untuned choices."""
 
     hidden_sizes: tuple[int, ...] = static((256, 256))
     """Hidden layer widths of the policy and the Q critic."""
