@@ -10,6 +10,10 @@ Why not flashbax (0.1.3 works with jax 0.10): its buffers are built for off-poli
 trajectory windows (uniform or prioritised) and it pulls in tensorstore; kl_rl's main use is a
 time-major rollout container that GAE scans in order and that checkpoints as a plain pytree. The
 few functions below cover that and uniform sampling without adding a dependency.
+
+Off-policy learning (MPO) keeps one buffer across updates instead: `RolloutSpec.replay_capacity`
+time steps of the vectorized env, to which the loop adds each rollout, and from which the agent
+draws uniform windows of consecutive steps (`sample_windows`) for n-step targets.
 """
 
 from typing import Any, NamedTuple
@@ -167,3 +171,29 @@ def ordered(state: BufferState) -> Any:
     """
     return jax.tree.map(lambda x: jnp.roll(x, -state.insert_pos, axis=0), state.data)
 
+
+def sample_windows(key: jax.Array, state: BufferState, batch_size: int, length: int) -> Any:
+    """Draws windows of `length` consecutive time steps of one env, uniformly with replacement.
+
+    The buffer is time-major over a vectorized env: each item holds one step of every env,
+    leaves [num_envs, ...]. A window starts at one of the `size - length + 1` valid items whose
+    next `length - 1` items are valid too (it never runs past the newest item into the oldest)
+    and follows one env, drawn uniformly. Windows may cross episode boundaries: each step's
+    `terminated` and `truncated` say where (`kl_rl.returns.n_step_targets` stops there).
+
+    Args:
+      key: PRNG key.
+      state: a buffer of items with leaves [num_envs, ...], holding at least `length` items.
+      batch_size: number of windows (static).
+      length: steps per window (static).
+
+    Returns:
+      A pytree like one env's items with leading axes [batch_size, length].
+    """
+    start_key, env_key = jax.random.split(key)
+    num_envs = jax.tree.leaves(state.data)[0].shape[1]
+    start = jax.random.randint(start_key, (batch_size,), 0, jnp.maximum(state.size - length + 1, 1))
+    env = jax.random.randint(env_key, (batch_size,), 0, num_envs)
+    # Chronological position p of the valid items is slot (insert_pos - size + p) % capacity.
+    slot = (state.insert_pos - state.size + start[:, None] + jnp.arange(length)) % state.capacity
+    return jax.tree.map(lambda x: x[slot, env[:, None]], state.data)

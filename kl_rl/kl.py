@@ -80,6 +80,29 @@ def kl_new_old(old: Distribution, new: Distribution) -> jax.Array:
     return kl_divergence(new, old)
 
 
+def gaussian_mean_kl(old: DiagGaussian, new: DiagGaussian) -> jax.Array:
+    """KL(old || N(mean_new, std_old)), per state: the mean part of MPO's decoupled M-step KL.
+
+    Abdolmaleki et al. (2018, arXiv:1806.06920, sec. 4.2.1; "Relative Entropy Regularized Policy
+    Iteration", arXiv:1812.02256, eq. 11) bound the Gaussian policy's change of mean and of
+    covariance separately: the new mean with the old covariance, and the old mean with the new
+    covariance. This is the first, sum_d (m_old - m_new)^2 / (2 s_old^2), in the direction
+    KL(old || new) of `kl_old_new`; it does not depend on the new std.
+    """
+    return kl_divergence(old, DiagGaussian(new.mean, old.log_std))
+
+
+def gaussian_std_kl(old: DiagGaussian, new: DiagGaussian) -> jax.Array:
+    """KL(old || N(mean_old, std_new)), per state: the covariance part of MPO's decoupled KL.
+
+    The old mean with the new std (see `gaussian_mean_kl`), direction KL(old || new):
+    sum_d [log s_new - log s_old + s_old^2 / (2 s_new^2) - 1/2]; it does not depend on the new
+    mean. Where the new std equals the old one it is 0 and `gaussian_mean_kl` is `kl_old_new`;
+    where the means agree, this one is.
+    """
+    return kl_divergence(old, DiagGaussian(old.mean, new.log_std))
+
+
 # Sample estimators (Schulman 2020, "Approximating KL Divergence"). Each takes log p(x) and
 # log q(x) for samples x ~ q and returns one estimate per sample; average them. They estimate
 # values: when x is drawn from the distribution being differentiated, the gradient of an unbiased

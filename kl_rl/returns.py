@@ -11,6 +11,8 @@ across an episode boundary inside the rollout.
 - `vtrace`: its off-policy correction with truncated importance weights (Espeholt et al. 2018).
 - `discounted_returns`: Monte Carlo returns, bootstrapping where an episode is cut.
 - `token_gae`: GAE over responses that end at their last token (the token-task agents).
+- `n_step_targets`: the n-step return of a replayed window, as a partial return and where and
+  how much to bootstrap (MPO's critic).
 """
 
 import jax
@@ -178,3 +180,38 @@ def token_gae(r_t: jax.Array, v_t: jax.Array, mask_t: jax.Array, gamma: ArrayLik
 
     _, advantages = jax.lax.scan(step, jnp.zeros(r_t.shape[1:]), (delta_t, mask_t), reverse=True)
     return advantages, advantages + v_t
+
+
+def n_step_targets(r_t: ArrayLike, terminated_t: ArrayLike, truncated_t: ArrayLike,
+                   gamma: ArrayLike) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """The n-step return of a window of n steps, up to its bootstrap (Sutton and Barto, ch. 7).
+
+    The return sums r_0 + gamma r_1 + ... up to step m, the first step of the window whose
+    episode ends (terminated or truncated), or the window's last step n - 1 if none does, and
+    then bootstraps from the value of step m's true next observation with weight
+    gamma^(m + 1) (1 - terminated_m): a truncated step (a time limit) bootstraps, a terminated
+    one does not, and nothing leaks from the next episode. The caller evaluates its bootstrap
+    value at next_obs[m] only (one critic call per window, not n). With v_tp1 at every step,
+    `partial + discount * v_tp1[m]` is `discounted_returns(...)[0]` over the window.
+
+    Args:
+      r_t: rewards [n, B].
+      terminated_t: bool [n, B].
+      truncated_t: bool [n, B].
+      gamma: discount, may be traced.
+
+    Returns:
+      (partial return [B], bootstrap step m [B] int32, bootstrap discount [B]).
+    """
+    r_t = jnp.asarray(r_t)
+    n = r_t.shape[0]
+    done = jnp.logical_or(terminated_t, truncated_t)
+    # Steps after the first done one belong to another episode; the last step always ends the sum.
+    ended = jnp.cumsum(done.astype(jnp.int32), axis=0) - done.astype(jnp.int32) > 0
+    steps = jnp.arange(n, dtype=r_t.dtype).reshape((n,) + (1,) * (r_t.ndim - 1))
+    discounts = jnp.asarray(gamma, r_t.dtype) ** steps
+    partial = jnp.sum(jnp.where(ended, 0.0, discounts * r_t), axis=0)
+    last = jnp.where(jnp.any(done, axis=0), jnp.argmax(done, axis=0), n - 1).astype(jnp.int32)
+    terminated_m = jnp.take_along_axis(jnp.asarray(terminated_t), last[None], axis=0)[0]
+    discount = jnp.asarray(gamma, r_t.dtype) ** (last + 1).astype(r_t.dtype) * (1.0 - terminated_m.astype(r_t.dtype))
+    return partial, last, discount

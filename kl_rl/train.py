@@ -243,10 +243,11 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
     # The buffer's item is what the collector records for one step: shapes only, nothing runs.
     one_step = jax.eval_shape(lambda: collect(loop, key, agent, agent_state, collector, 1, config, anchors)[1])
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
+    capacity = loop.spec.replay_capacity or loop.stale.capacity(loop.rollout_steps)
     return TrainState(
         agent=agent_state,
         collector=collector,
-        buffer=buffer.init(loop.stale.capacity(loop.rollout_steps), example),
+        buffer=buffer.init(capacity, example),
         key=key,
         update_count=jnp.zeros((), jnp.int32),
         last_return=jnp.full((), jnp.nan, jnp.float32),
@@ -265,13 +266,20 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
     behaviour = loop.stale.behaviour(anchors and anchors.lagged, state.agent)
     collector, trajectory, episodes = collect(loop, collect_key, agent, behaviour, collector, loop.rollout_steps,
                                               config, anchors)  # fmt: skip
-    buf = loop.stale.add(state.buffer, trajectory, state.update_count)
-    data = buffer.ordered(buf)
+    if loop.spec.replay_capacity:
+        # Off-policy replay: the buffer persists across updates and the agent samples it.
+        buf = buffer.add_batch(state.buffer, trajectory)
+        data = buf
+    else:
+        buf = loop.stale.add(state.buffer, trajectory, state.update_count)
+        data = buffer.ordered(buf)
     progress = state.update_count.astype(jnp.float32) / loop.num_updates
     ref_beta = None if loop.ref is None else anchors.ref_ctrl.beta
     agent_state, metrics = agent.update(update_key, state.agent, data, UpdateContext(progress, ref_beta))
     if loop.ref is not None:
-        ctrl, metrics = loop.ref.after_update(anchors.ref_ctrl, config, agent, agent_state, data, metrics)
+        # With replay, the reference's KL is measured on the newest rollout.
+        ref_data = trajectory if loop.spec.replay_capacity else data
+        ctrl, metrics = loop.ref.after_update(anchors.ref_ctrl, config, agent, agent_state, ref_data, metrics)
         anchors = anchors.replace(ref_ctrl=ctrl)
     if loop.stale.lag:
         anchors = anchors.replace(lagged=loop.stale.push(anchors.lagged, state.agent))

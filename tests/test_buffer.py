@@ -130,3 +130,37 @@ def test_transition_items_under_jit_and_vmap_over_buffers():
     for b in range(num_buffers):
         valid = {100.0 * b + t for t in range(2, 6)}
         assert set(np.asarray(drawn.reward[b, :, 0]).tolist()) <= valid
+
+
+def _time_major(start, k, num_envs=3):
+    """k items of a vectorized env: item t holds x = 10 t + e for env e."""
+    t = jnp.arange(start, start + k)[:, None]
+    return {"x": (10 * t + jnp.arange(num_envs)).astype(jnp.float32)}
+
+
+def test_sample_windows_are_consecutive_valid_steps_of_one_env():
+    example = {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    state = buffer.add_batch(buffer.init(8, example), _time_major(0, 6))
+    state = buffer.add_batch(state, _time_major(6, 5))  # wraps: the valid items are t = 3..10
+    got = np.asarray(buffer.sample_windows(jax.random.key(0), state, 6000, 3)["x"]).astype(np.int64)
+    assert got.shape == (6000, 3)
+    t, env = got // 10, got % 10
+    np.testing.assert_array_equal(np.diff(t, axis=1), 1)  # consecutive: never across the newest item
+    assert np.all(env == env[:, :1])  # one env per window
+    # Starts 3..8 (the window's last step at most 10) and envs 0..2, each uniform: 1000 and 2000 expected.
+    starts = np.bincount(t[:, 0], minlength=11)
+    assert starts[:3].sum() == 0 and starts[9:].sum() == 0
+    assert starts[3:9].min() >= 880 and starts[3:9].max() <= 1120
+    envs = np.bincount(env[:, 0])
+    assert envs.min() >= 1850 and envs.max() <= 2150
+
+
+def test_replay_persists_across_updates_up_to_its_capacity():
+    # The loop's off-policy replay (RolloutSpec.replay_capacity): a rollout of T = 4 steps is added
+    # each update to a buffer of 10 items, which keeps the newest 10 steps.
+    example = {"x": jax.ShapeDtypeStruct((3,), jnp.float32)}
+    state = buffer.init(10, example)
+    for update in range(4):
+        state = buffer.add_batch(state, _time_major(4 * update, 4))
+        assert int(state.size) == min(4 * (update + 1), 10)
+    np.testing.assert_array_equal(buffer.ordered(state)["x"][:, 0], 10 * np.arange(6, 16))

@@ -211,3 +211,29 @@ def test_token_gae_is_gae_of_episodes_that_end_at_the_last_token():
         np.testing.assert_allclose(adv[:n, b], want_adv, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(ret[:n, b], want_ret, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(adv[n:, b], 0.0)
+
+
+def test_n_step_targets_by_hand_termination_truncation_and_window_end():
+    # gamma 0.5, windows of 3 steps (columns). Column 0: no episode ends, bootstrap after step 2.
+    # Column 1: step 1 terminates: no bootstrap, step 2 (the next episode) ignored.
+    # Column 2: step 1 is truncated: bootstrap from step 1's next observation.
+    r = jnp.array([[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [4.0, 4.0, 4.0]])
+    term = jnp.array([[False, False, False], [False, True, False], [False, False, False]])
+    trunc = jnp.array([[False, False, False], [False, False, True], [False, False, False]])
+    partial, last, discount = returns.n_step_targets(r, term, trunc, 0.5)
+    np.testing.assert_allclose(partial, [1 + 0.5 * 2 + 0.25 * 4, 1 + 0.5 * 2, 1 + 0.5 * 2])
+    np.testing.assert_array_equal(last, [2, 1, 1])
+    np.testing.assert_allclose(discount, [0.125, 0.0, 0.25])
+
+
+def test_n_step_targets_agree_with_discounted_returns_over_the_window():
+    rng = np.random.default_rng(0)
+    n, b = 5, 400
+    r = rng.normal(size=(n, b)).astype(np.float32)
+    v_tp1 = rng.normal(size=(n, b)).astype(np.float32)
+    term, trunc = rng.random((n, b)) < 0.15, rng.random((n, b)) < 0.15
+    partial, last, discount = returns.n_step_targets(r, term, trunc, 0.9)
+    got = partial + discount * v_tp1[np.asarray(last), np.arange(b)]
+    expected = returns.discounted_returns(r, v_tp1, term, trunc, 0.9)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert np.any(term[:-1] & ~trunc[:-1]) and np.any(trunc[:-1] & ~term[:-1])  # both kinds of end occur

@@ -7,6 +7,7 @@ from kl_rl.agents.base import Agent
 from kl_rl.agents.cem import CEMConfig, cem
 from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTConfig, dpo, grpo, ppo_lm, rloo, sft
 from kl_rl.agents.mdpo import MDPOConfig, mdpo
+from kl_rl.agents.mpo import MPOConfig, mpo
 from kl_rl.agents.ppo import PPOConfig, ppo
 from kl_rl.agents.trpo import TRPOConfig, trpo
 from kl_rl.agents.vmpo import VMPOConfig, vmpo
@@ -27,6 +28,7 @@ ALGOS: dict[str, AlgoSpec] = {
     "cem": AlgoSpec(CEMConfig, cem),
     "mdpo": AlgoSpec(MDPOConfig, mdpo),
     "vmpo": AlgoSpec(VMPOConfig, vmpo),
+    "mpo": AlgoSpec(MPOConfig, mpo),
     "sft": AlgoSpec(SFTConfig, sft),
     "grpo": AlgoSpec(GRPOConfig, grpo),
     "rloo": AlgoSpec(RLOOConfig, rloo),
@@ -43,11 +45,13 @@ __all__ = [
     "AlgoSpec",
     "CEMConfig",
     "MDPOConfig",
+    "MPOConfig",
     "PPOConfig", "TRPOConfig",
     "VMPOConfig",
     "VPGConfig",
     "cem",
     "mdpo",
+    "mpo",
     "ppo",
     "trpo",
     "vmpo",

@@ -36,6 +36,11 @@ class RolloutSpec(NamedTuple):
     """The policy starts from the frozen reference's parameters (RLHF's start from SFT)."""
     eval_every: int = 0
     """Updates between held-out evaluation points (token tasks); 0: only the final evaluation."""
+    replay_capacity: int = 0
+    """Off-policy replay: time steps of the vectorized env (items of num_envs transitions) kept
+    in the buffer across updates; the loop adds each rollout and hands the agent's update the
+    whole `BufferState`, which it samples (`kl_rl.buffer.sample_windows`). 0: the update sees
+    the last rollout(s) in order (`kl_rl.staleness`)."""
 
 
 class UpdateContext(NamedTuple):
@@ -61,8 +66,10 @@ class Agent(NamedTuple):
         batched over any leading axes.
       policy: policy(state, obs) -> dist: the current policy's action distribution.
       update: update(key, state, trajectory, ctx) -> (state, metrics). `trajectory` is a
-        `Transition` with leaves [T, N, ...]; `ctx` an `UpdateContext` (training progress, the
-        reference penalty's coefficient); metrics is a dict of scalars.
+        `Transition` with leaves [T, N, ...], or with `RolloutSpec.replay_capacity` > 0 the
+        replay `BufferState` of such Transitions (the newest rollout included); `ctx` an
+        `UpdateContext` (training progress, the reference penalty's coefficient); metrics is a
+        dict of scalars.
       episodic: if True, every rollout starts from freshly reset envs (CEM scores each
         population member on whole episodes); otherwise episodes run on across rollouts.
       score_responses: token-task agents only: score_responses(state, tokens [N, P + H]) ->

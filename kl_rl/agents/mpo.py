@@ -1,0 +1,379 @@
+"""Maximum a posteriori Policy Optimisation (Abdolmaleki et al., ICLR 2018, arXiv:1806.06920).
+
+Off-policy: a Q critic learned from the replay buffer that persists in the loop's train state
+(`RolloutSpec.replay_capacity`), and a policy improved by EM-style policy iteration in which
+both steps are held by a KL leash. Each gradient step, on a batch of windows drawn uniformly
+from the buffer (`kl_rl.buffer.sample_windows`):
+
+1. Critic: Q(s_0, a_0) regresses on the n-step target of the window (`kl_rl.returns.n_step_targets`):
+   rewards up to the first step whose episode ends, then gamma^(m+1) V'(s'_m), where V' is the
+   target networks' E_{a ~ pi'}[Q'(s'_m, a)]: a truncated step bootstraps, a terminated one
+   does not. (The paper uses Retrace; n-step targets without importance weights are Acme's
+   choice, Hoffman et al. 2020, arXiv:2006.00979.)
+2. E-step (sec. 4.1): at each state, N actions sampled from the target policy pi' (for a
+   categorical policy: every action, weighted by pi'), and the non-parametric improved policy
+   q(a|s) proportional to pi'(a|s) exp(Q'(s, a) / eta), whose KL(q || pi') is held at most
+   `epsilon` on average. The temperature eta solves the convex dual (eq. 9)
+   g(eta) = eta epsilon + eta E_s[log E_{a ~ pi'} exp(Q'(s, a) / eta)], minimized by gradient
+   steps on log eta.
+3. M-step (sec. 4.2): weighted maximum likelihood, max E_s E_q[log pi(a|s)], subject to
+   E_s[KL(pi' || pi)] <= epsilon_mean (direction `kl_rl.kl.kl_old_new`), the constraint made a
+   Lagrangian with multiplier alpha (log-space param): the policy minimizes the loss plus
+   sg(alpha) KL, alpha minimizes alpha (epsilon_mean - sg(KL)), so alpha rises while KL exceeds
+   its bound and falls below it. A Gaussian policy's KL is decoupled (sec. 4.2.1; Abdolmaleki
+   et al. 2018b, arXiv:1812.02256): the mean, with pi's mean and pi''s std, bounded by
+   epsilon_mean (`kl.gaussian_mean_kl`); the std, with pi''s mean and pi's std, bounded by
+   epsilon_std (`kl.gaussian_std_kl`), each with its own multiplier, so exploration does not
+   collapse through the covariance while the mean moves.
+
+The target networks (policy pi' and critic Q') are hard copies of the online ones every
+`target_period` gradient steps. Every dual variable is logged each update (`temperature`,
+`alpha_mean`, `alpha_std` or `alpha`), with the KLs they hold (`kl_mean`, `kl_std`, `e_step_kl`).
+The KL bounds are traced config fields: a sweep over them is one compiled program.
+"""
+
+import math
+import flax.struct
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+
+from kl_rl import buffer, kl, networks
+from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
+from kl_rl.agents.common import PolicyConfig, adam, apply_step
+from kl_rl.config import static
+from kl_rl.distributions import DiagGaussian
+from kl_rl.errors import ConfigError
+from kl_rl.returns import n_step_targets
+
+# Floor of the log-space duals (Acme's MIN_LOG_TEMPERATURE / MIN_LOG_ALPHA): a dual can fall to
+# ~1.5e-8 and still move back up within a few hundred Adam steps.
+_MIN_LOG_DUAL = -18.0
+
+
+@flax.struct.dataclass
+class MPOConfig(PolicyConfig):
+    """MPO hyperparameters. The E-step bound 0.1 is Acme's MPO default; the M-step bounds (0.01
+    on the mean part or a categorical's KL, 1e-5 on the std part, each a KL summed over action
+    dimensions) and the duals' first values are untuned choices."""
+
+    hidden_sizes: tuple[int, ...] = static((256, 256))
+    """Hidden layer widths of the policy and the Q critic."""
+    activation: str = static("elu")
+    """Hidden activation: tanh, relu, elu or gelu."""
+    total_steps: int = static(100_000)
+    """Env steps to train for, summed over the parallel envs."""
+    num_envs: int = static(4)
+    """Parallel environments collected in lockstep."""
+    num_steps: int = static(16)
+    """Steps per env per rollout; each update adds num_envs x num_steps transitions to the buffer."""
+    normalize_obs: bool = static(False)
+    """Normalize observations with running moments; replayed observations keep the moments they
+    were collected with, so leave it off unless the scales demand it."""
+    buffer_size: int = static(1_000_000)
+    """Transitions the replay buffer holds (the oldest are overwritten)."""
+    batch_size: int = static(256)
+    """Windows per gradient step."""
+    utd_ratio: float = static(1.0)
+    """Update-to-data ratio: gradient steps per env step collected (each update takes
+    round(utd_ratio x num_envs x num_steps) of them)."""
+    learning_starts: int = static(1_000)
+    """Env steps collected before the first gradient step."""
+    n_step: int = static(5)
+    """Steps of the critic's n-step target."""
+    num_action_samples: int = static(20)
+    """N, actions sampled per state in the E-step and in the bootstrap's E_{a ~ pi'}[Q'] (a
+    categorical policy enumerates its actions instead)."""
+    target_period: int = static(100)
+    """Gradient steps between copies of the online networks into the target networks."""
+    gamma: float = 0.99
+    """Discount factor."""
+    lr: float = 3e-4
+    """Adam learning rate of the policy."""
+    critic_lr: float = 3e-4
+    """Adam learning rate of the Q critic."""
+    dual_lr: float = 1e-2
+    """Adam learning rate of the log-space duals (temperature and multipliers)."""
+    max_grad_norm: float = 40.0
+    """Gradient-norm clip of the policy's and of the critic's gradients, each on its own."""
+    epsilon: float = 0.1
+    """E-step bound on E_s[KL(q || pi')], held by the temperature eta."""
+    epsilon_mean: float = 0.01
+    """M-step bound on E_s[KL(pi' || pi)] of a Gaussian's mean part, or of a categorical's KL."""
+    epsilon_std: float = 1e-5
+    """M-step bound on E_s[KL(pi' || pi)] of a Gaussian's std part."""
+    init_temperature: float = 1.0
+    """eta's first value."""
+    init_alpha_mean: float = 1.0
+    """The first value of the multiplier of the mean (or categorical) KL constraint."""
+    init_alpha_std: float = 100.0
+    """The first value of the multiplier of the std KL constraint."""
+
+    @property
+    def grad_steps(self) -> int:
+        """Gradient steps per update: utd_ratio x the transitions one update collects."""
+        return round(self.utd_ratio * self.num_envs * self.num_steps)
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+    @property
+    def rollout(self) -> RolloutSpec:
+        """Rollouts of num_envs x num_steps added to a replay of buffer_size transitions."""
+        return RolloutSpec(num_envs=self.num_envs, num_steps=self.num_steps, eval_episodes=self.eval_episodes,
+                           normalize_obs=self.normalize_obs, env_params=True,
+                           replay_capacity=self.buffer_size // self.num_envs)  # fmt: skip
+
+    def validate(self, action_space: gym.Space) -> None:
+        """Raises ConfigError on values no run could use."""
+        self._check_common(
+            action_space,
+            ("total_steps", "num_envs", "num_steps", "buffer_size", "batch_size", "n_step", "num_action_samples",
+             "target_period"),
+            ("lr", "critic_lr", "dual_lr", "max_grad_norm", "epsilon", "epsilon_mean", "epsilon_std", "utd_ratio",
+             "init_temperature", "init_alpha_mean", "init_alpha_std"),
+        )  # fmt: skip
+        if not 0.0 <= float(self.gamma) <= 1.0:
+            raise ConfigError(f"{{gamma}} must lie in [0, 1], got {float(self.gamma)}", "gamma")
+        if self.learning_starts < 0:
+            raise ConfigError(f"{{learning_starts}} must be >= 0, got {self.learning_starts}", "learning_starts")
+        rollout = self.num_envs * self.num_steps
+        if self.total_steps < rollout:
+            raise ConfigError(
+                f"{{total_steps}} {self.total_steps} is less than one rollout ({rollout}); raise it or lower "
+                "{num_envs} / {num_steps}",
+                "total_steps", "num_envs", "num_steps",
+            )  # fmt: skip
+        if self.buffer_size // self.num_envs < max(self.num_steps, self.n_step):
+            raise ConfigError(
+                f"{{buffer_size}} {self.buffer_size} holds fewer than one rollout ({rollout} transitions) or one "
+                f"{{n_step}} window per env; raise it to at least {self.num_envs * max(self.num_steps, self.n_step)}",
+                "buffer_size", "n_step",
+            )  # fmt: skip
+        if self.grad_steps < 1:
+            raise ConfigError(
+                f"{{utd_ratio}} {float(self.utd_ratio)} gives no gradient step per update of {rollout} env steps; "
+                f"raise it to at least {1 / rollout:.3g}",
+                "utd_ratio",
+            )
+        if self.ref_kl_coef != 0.0 or self.uses_reference_options():
+            raise ConfigError(
+                "mpo takes no frozen reference penalty; leave the {ref_kl_coef} options unset", "ref_kl_coef"
+            )
+
+
+@flax.struct.dataclass
+class MPOState:
+    """Everything an MPO update changes; checkpointing it restores the agent exactly.
+
+    Attributes:
+      params: {"policy", "critic", "dual"}; "dual" holds log eta and the log multipliers.
+      target: {"policy", "critic"}, the target networks pi' and Q'.
+      opt_state: one Adam state per group of params.
+      steps: gradient steps taken (the target copy's clock).
+    """
+
+    params: dict
+    target: dict
+    opt_state: dict
+    steps: jax.Array
+
+
+def temperature_loss(q: jax.Array, log_prior: jax.Array, log_temperature: jax.Array,
+                     epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:  # fmt: skip
+    """MPO's E-step: the temperature dual g(eta) and the non-parametric policy's weights (eq. 9).
+
+    g(eta) = eta epsilon + eta E_s[log sum_i p_i exp(Q_i / eta)] with prior weights p_i:
+    1 / N for N actions sampled from pi' (then it is rlax's `mpo_loss` temperature term), or
+    pi'(a_i|s) when a categorical policy's actions are enumerated. Its minimizer over eta makes
+    E_s[KL(q || pi')] = epsilon, with q_i = p_i exp(Q_i / eta) / Z the weights returned.
+
+    Args:
+      q: Q'(s, a_i), [N, B] (sample axis first).
+      log_prior: log p_i, broadcastable to [N, B].
+      log_temperature: log eta (gradients reach it through the dual).
+      epsilon: the bound on E_s[KL(q || pi')].
+
+    Returns:
+      (g(eta), the weights q_i [N, B] with gradients stopped).
+    """
+    eta = jnp.exp(log_temperature)
+    logits = q / eta + log_prior
+    log_z = jax.scipy.special.logsumexp(logits, axis=0)
+    loss = eta * epsilon + eta * jnp.mean(log_z)
+    weights = jax.lax.stop_gradient(jnp.exp(logits - log_z))
+    return loss, weights
+
+
+def kl_constraint_loss(kl_value: jax.Array, log_alpha: jax.Array, epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A KL constraint E[KL] <= epsilon as a Lagrangian in two phases (rlax's `kl_constraint_loss`).
+
+    Returns (sg(alpha) E[KL], alpha (epsilon - sg(E[KL]))) with alpha = exp(log_alpha): the
+    first moves the policy, the second the multiplier, which rises while E[KL] > epsilon.
+
+    Args:
+      kl_value: per-state KL [B].
+      log_alpha: log of the multiplier.
+      epsilon: the bound.
+    """
+    alpha = jnp.exp(log_alpha)
+    mean_kl = jnp.mean(kl_value)
+    return jax.lax.stop_gradient(alpha) * mean_kl, alpha * (epsilon - jax.lax.stop_gradient(mean_kl))
+
+
+def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
+    """Builds MPO's pure functions for one env's spaces.
+
+    Args:
+      config: hyperparameters; numeric fields may be traced.
+      observation_space: single-env observation space.
+      action_space: single-env action space.
+    """
+    discrete = networks.resolve_distribution(config.distribution, action_space) == "categorical"
+    policy_net = networks.make_policy(
+        action_space, config.hidden_sizes, config.activation, config.distribution, config.init_log_std
+    )
+    num_q = int(action_space.n) if discrete else 1
+    critic = networks.MLP(tuple(config.hidden_sizes), config.activation, num_q, 1.0)
+    if not discrete:
+        low, high = jnp.asarray(action_space.low), jnp.asarray(action_space.high)
+    clipped_opt, dual_opt = adam(config.max_grad_norm), adam()
+    n_samples = config.num_action_samples
+
+    def q_all(params, obs):
+        """Q(s, .) [..., A] of a discrete critic."""
+        return critic.apply(params, obs)
+
+    def q_value(params, obs, action):
+        """Q(s, a), broadcasting obs [..., O] against action [..., D] (or [...] discrete)."""
+        if discrete:
+            return jnp.take_along_axis(q_all(params, obs), action[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        # The env acts on the clipped action, so the critic sees that one.
+        action = jnp.clip(action, low, high)
+        obs = jnp.broadcast_to(obs, action.shape[:-1] + obs.shape[-1:])
+        return critic.apply(params, jnp.concatenate([obs, action], axis=-1))[..., 0]
+
+    def init(key: jax.Array) -> MPOState:
+        policy_key, critic_key = jax.random.split(key)
+        obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
+        critic_in = obs if discrete else jnp.concatenate([obs, jnp.zeros((1, *action_space.shape))], axis=-1)
+        names = ("log_alpha",) if discrete else ("log_alpha_mean", "log_alpha_std")
+        inits = (config.init_alpha_mean,) if discrete else (config.init_alpha_mean, config.init_alpha_std)
+        dual = {"log_temperature": jnp.log(jnp.asarray(config.init_temperature, jnp.float32))}
+        dual.update({n: jnp.log(jnp.asarray(v, jnp.float32)) for n, v in zip(names, inits, strict=True)})
+        params = {
+            "policy": policy_net.init(policy_key, obs),
+            "critic": critic.init(critic_key, critic_in),
+            "dual": dual,
+        }
+        opt_state = {
+            "policy": clipped_opt.init(params["policy"]),
+            "critic": clipped_opt.init(params["critic"]),
+            "dual": dual_opt.init(dual),
+        }
+        target = {"policy": params["policy"], "critic": params["critic"]}
+        return MPOState(params=params, target=target, opt_state=opt_state, steps=jnp.zeros((), jnp.int32))
+
+    def policy(state: MPOState, obs: jax.Array):
+        return policy_net.apply(state.params["policy"], obs)
+
+    def act(key: jax.Array, state: MPOState, obs: jax.Array):
+        dist = policy(state, obs)
+        action = dist.sample(key)
+        return action, dist.log_prob(action), dist
+
+    def value(state: MPOState, obs: jax.Array) -> jax.Array:
+        # The collector's V(obs) is unused: MPO's critic is a Q, read from the buffer's windows.
+        del state
+        return jnp.zeros(obs.shape[:-1], jnp.float32)
+
+    def improvement_samples(key, target_dist, q_params, obs):
+        """(actions [N, B, ...], log prior [N, B], Q'(s, a) [N, B]) of the E-step at states obs [B]."""
+        if discrete:
+            actions = jnp.broadcast_to(jnp.arange(num_q)[:, None], (num_q, obs.shape[0]))
+            return actions, target_dist.log_probs.T, q_all(q_params, obs).T
+        mean, std = target_dist.mean, jnp.exp(target_dist.log_std)
+        actions = mean + std * jax.random.normal(key, (n_samples, *mean.shape), mean.dtype)
+        return actions, jnp.full((), -math.log(n_samples)), q_value(q_params, obs, actions)
+
+    def expected_target_q(key, target, obs):
+        """V'(s) = E_{a ~ pi'}[Q'(s, a)] at obs [B]."""
+        target_dist = policy_net.apply(target["policy"], obs)
+        _, log_prior, q = improvement_samples(key, target_dist, target["critic"], obs)
+        return jnp.sum(jnp.exp(log_prior) * q, axis=0)
+
+    def loss_fn(params, target, batch):
+        obs, action, y, actions, log_prior, q, target_dist = batch
+        dual = params["dual"]
+        critic_loss = 0.5 * jnp.mean(jnp.square(q_value(params["critic"], obs, action) - y))
+        temp_loss, weights = temperature_loss(q, log_prior, dual["log_temperature"], config.epsilon)
+        online = policy_net.apply(params["policy"], obs)
+        aux = {}
+        if discrete:
+            policy_loss = -jnp.mean(jnp.sum(weights * online.log_probs.T, axis=0))
+            kl_all = kl.kl_old_new(target_dist, online)
+            penalty, alpha_loss = kl_constraint_loss(kl_all, dual["log_alpha"], config.epsilon_mean)
+            aux.update(alpha=jnp.exp(dual["log_alpha"]))
+        else:
+            # Decoupled M-step: the mean moves under pi''s std, the std under pi''s mean.
+            fixed_std = DiagGaussian(online.mean, target_dist.log_std)
+            fixed_mean = DiagGaussian(target_dist.mean, online.log_std)
+            policy_loss = -jnp.mean(jnp.sum(weights * (fixed_std.log_prob(actions) + fixed_mean.log_prob(actions)), 0))
+            kl_mean = kl.gaussian_mean_kl(target_dist, online)
+            kl_std = kl.gaussian_std_kl(target_dist, online)
+            penalty_m, alpha_loss_m = kl_constraint_loss(kl_mean, dual["log_alpha_mean"], config.epsilon_mean)
+            penalty_s, alpha_loss_s = kl_constraint_loss(kl_std, dual["log_alpha_std"], config.epsilon_std)
+            penalty, alpha_loss = penalty_m + penalty_s, alpha_loss_m + alpha_loss_s
+            kl_all = kl.kl_old_new(target_dist, online)
+            aux.update(kl_mean=jnp.mean(kl_mean), kl_std=jnp.mean(kl_std), alpha_mean=jnp.exp(dual["log_alpha_mean"]),
+                       alpha_std=jnp.exp(dual["log_alpha_std"]))  # fmt: skip
+        loss = critic_loss + policy_loss + penalty + alpha_loss + temp_loss
+        # KL(q || pi') of the E-step's weights against their prior, which the temperature holds at epsilon.
+        e_step_kl = jnp.mean(jnp.sum(weights * (jnp.log(jnp.maximum(weights, 1e-30)) - log_prior), axis=0))
+        aux.update(critic_loss=critic_loss, policy_loss=policy_loss, temperature_loss=temp_loss,
+                   temperature=jnp.exp(dual["log_temperature"]), kl=jnp.mean(kl_all), e_step_kl=e_step_kl,
+                   q_mean=jnp.mean(q), entropy=jnp.mean(online.entropy()))  # fmt: skip
+        return loss, aux
+
+    def grad_step(replay, carry, key):
+        params, target, opt_state, steps = carry
+        sample_key, boot_key, e_key = jax.random.split(key, 3)
+        window = buffer.sample_windows(sample_key, replay, config.batch_size, config.n_step)
+        time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (window.reward, window.terminated, window.truncated))
+        partial, last, discount = n_step_targets(*time_major, config.gamma)
+        boot_obs = jnp.take_along_axis(window.next_obs, last[:, None, None], axis=1)[:, 0]
+        y = partial + discount * expected_target_q(boot_key, target, boot_obs)
+        obs = window.obs[:, 0]
+        target_dist = policy_net.apply(target["policy"], obs)
+        actions, log_prior, q = improvement_samples(e_key, target_dist, target["critic"], obs)
+        batch = (obs, window.action[:, 0], y, actions, log_prior, q, target_dist)
+        grads, aux = jax.grad(loss_fn, has_aux=True)(params, target, batch)
+        lrs = {"policy": config.lr, "critic": config.critic_lr, "dual": config.dual_lr}
+        new_params, new_opt = {}, {}
+        for group, opt in (("policy", clipped_opt), ("critic", clipped_opt), ("dual", dual_opt)):
+            updates, new_opt[group] = opt.update(grads[group], opt_state[group], params[group])
+            new_params[group] = apply_step(params[group], updates, lrs[group])
+        new_params["dual"] = jax.tree.map(lambda x: jnp.maximum(x, _MIN_LOG_DUAL), new_params["dual"])
+        steps = steps + 1
+        copy = steps % config.target_period == 0
+        target = jax.tree.map(lambda t, p: jnp.where(copy, p, t), target,
+                              {"policy": new_params["policy"], "critic": new_params["critic"]})  # fmt: skip
+        return (new_params, target, new_opt, steps), aux
+
+    def update(key: jax.Array, state: MPOState, replay: buffer.BufferState, ctx: UpdateContext):
+        del ctx
+        num_envs = jax.tree.leaves(replay.data)[0].shape[1]
+        ready = (replay.size * num_envs >= config.learning_starts) & (replay.size >= config.n_step)
+        carry = (state.params, state.target, state.opt_state, state.steps)
+        new_carry, aux = jax.lax.scan(lambda c, k: grad_step(replay, c, k), carry,
+                                      jax.random.split(key, config.grad_steps))  # fmt: skip
+        # Before learning_starts the update leaves the agent as it was (its metrics are computed
+        # on the data there is, and logged, but nothing moves).
+        params, target, opt_state, steps = jax.tree.map(lambda n, o: jnp.where(ready, n, o), new_carry, carry)
+        metrics = {k: jnp.mean(v) for k, v in aux.items()}
+        metrics.update(grad_steps=jnp.where(ready, config.grad_steps, 0).astype(jnp.float32),
+                       replay_size=(replay.size * num_envs).astype(jnp.float32))  # fmt: skip
+        return MPOState(params=params, target=target, opt_state=opt_state, steps=steps), metrics
+
+    return Agent(init=init, act=act, value=value, policy=policy, update=update)
