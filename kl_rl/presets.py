@@ -48,6 +48,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mdpo", "Pendulum-v1"): dict(PPO_PENDULUM),
     # PPO's Acrobot-v1 preset carries over (median -84.8 over 16 seeds, docs/sections/study.md).
     ("mdpo", "Acrobot-v1"): dict(total_steps=200_000),
+    # And PPO's MountainCarContinuous-v0 preset (median 92.0 over 16 seeds).
+    ("mdpo", "MountainCarContinuous-v0"): dict(total_steps=200_000, normalize_obs=True),
     # VPG: one batch shape on every env (VPG_BATCH).
     ("vpg", "CartPole-v1"): dict(VPG_BATCH),
     ("vpg", "Acrobot-v1"): dict(VPG_BATCH),
