@@ -1,5 +1,6 @@
 """The benchmark scripts' own arithmetic (the benchmarks themselves run outside the test suite)."""
 
+import dataclasses
 import importlib.util
 import types
 from pathlib import Path
@@ -82,3 +83,73 @@ def test_warm_compile_table_pairs_each_warm_compile_with_persistents_of_its_repe
     assert lines[-1].startswith("same bits in every run: True")
     _module("warm_compile").table([*rows[:-1], row("export", 1, "warm", 3.0, digest="b")], "train")
     assert capsys.readouterr().out.splitlines()[-1].startswith("same bits in every run: False")
+
+
+def _fake_sweep(leash: str, kl_metric: str = "kl"):
+    """A sweep's tidy table: leash values 0.1 and 0.2, seeds 0 and 1, three updates of 100 env steps."""
+    import pandas as pd
+
+    rows = []
+    returns = {(0.1, 0): [10.0, 480.0, 500.0], (0.1, 1): [10.0, 20.0, 30.0],
+               (0.2, 0): [475.0, 500.0, 500.0], (0.2, 1): [10.0, 10.0, 476.0]}  # fmt: skip
+    for (value, seed), rs in returns.items():
+        for u, r in enumerate(rs):
+            last = u == len(rs) - 1
+            rows.append({leash: value, "seed": seed, "update": u + 1, "env_steps": 100 * (u + 1),
+                         "episode_return": r, kl_metric: 0.01 * (u + 1) * (1 + seed),
+                         "eval_return": 100.0 * value + seed if last else None})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_kl_family_summary_counts_steps_to_threshold_and_kl_per_seed():
+    kl_family = _module("kl_family")
+    rows = kl_family.summarize(_fake_sweep("clip_eps"), "clip_eps", "kl", threshold=475.0, budget_steps=300)
+    assert [r["value"] for r in rows] == [0.1, 0.2]
+    loose, tight = rows
+    # Seed 0 first reaches 475 at update 2 (200 steps); seed 1 never does: censored at 2 x 300.
+    assert loose["steps_to_threshold"]["values"] == [200.0, 600.0] and loose["reached"] == 1
+    assert tight["steps_to_threshold"]["values"] == [100.0, 300.0] and tight["reached"] == 2
+    # Mean KL per update, per seed: 0.01 * mean(1, 2, 3) * (1 + seed).
+    np.testing.assert_allclose(loose["mean_kl"]["values"], [0.02, 0.04])
+    assert tight["final_return"]["values"] == [20.0, 21.0] and tight["final_return"]["median"] == 20.5
+    assert tight["env_steps"] == 300
+
+
+def test_kl_family_skips_unregistered_algorithms_and_unknown_leashes(monkeypatch):
+    kl_family = _module("kl_family")
+    table = {"ppo": kl_family.ALGORITHMS["ppo"],
+             "future": kl_family.Entry("not-an-algo", "beta", (1.0, 2.0, 3.0)),
+             "typo": kl_family.Entry("ppo", "no_such_field", (1.0, 2.0, 3.0))}  # fmt: skip
+    monkeypatch.setattr(kl_family, "ALGORITHMS", table)
+    lines = []
+    assert list(kl_family.available(log=lines.append)) == ["ppo"]
+    assert "not registered" in lines[0] and "no field 'no_such_field'" in lines[1]
+    # Every entry of the real table names three strengths of a field its config has, once registered.
+    from kl_rl.agents import ALGOS
+
+    for name, entry in _module("kl_family").ALGORITHMS.items():
+        assert len(entry.values) == 3, name
+        if entry.algo in ALGOS:
+            assert entry.leash in {f.name for f in dataclasses.fields(ALGOS[entry.algo].config)}, name
+
+
+def test_kl_family_budget_is_env_steps_or_whole_cem_iterations():
+    kl_family = _module("kl_family")
+    assert kl_family.budget_overrides("ppo", "CartPole-v1", 100_000, {}) == {"total_steps": 100_000}
+    # CEM's CartPole preset: 32 members x one 500-step episode = 16,000 env steps an iteration.
+    assert kl_family.budget_overrides("cem", "CartPole-v1", 100_000, {}) == {"iterations": 6}
+    assert kl_family.budget_overrides("cem", "CartPole-v1", 1_000, {}) == {"iterations": 1}
+
+
+def test_kl_family_writes_every_seed_to_csv_and_markdown(tmp_path):
+    kl_family = _module("kl_family")
+    stats = kl_family.summarize(_fake_sweep("max_kl"), "max_kl", "kl", threshold=475.0, budget_steps=300)
+    rows = [{"env": "CartPole-v1", "algo": "trpo", "leash": "max_kl", **r, "threshold": 475.0, "budget": 300,
+             "seeds": 2, "compiled_programs": 1, "compile_s": 3.0, "sweep_run_s": 8.0, "run_s_per_value": 4.0,
+             "diverged": []} for r in stats]  # fmt: skip
+    kl_family.write({"frontier": {"rows": rows}}, tmp_path)
+    lines = (tmp_path / "results.csv").read_text().splitlines()
+    assert len(lines) == 3 and lines[1].endswith("10.0 11.0") and lines[2].endswith("20.0 21.0")
+    md = (tmp_path / "results.md").read_text()
+    assert "| CartPole-v1 | trpo | max_kl=0.2 | 20.0, 21.0 |" in md
+    assert "| CartPole-v1 | trpo | max_kl=0.1 | 10.5 [10.0, 11.0] | 10.5 | 400 (threshold 475) | 1/2 |" in md

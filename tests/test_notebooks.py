@@ -74,11 +74,16 @@ def kernel_env(tmp_path, monkeypatch):
 
 
 # Executing a notebook compiles every program it runs, a minute or two each at the small budget.
-# The default run executes the estimator notebook (02); 01, 03, 04 and 05, whose code paths the
-# unit tests also cover (05's: tests/test_lm.py), run with `pytest -m slow`, which CI runs too.
+# The default run executes the estimator notebook (02); 01, 03, 04, 05 and 06, whose code paths the
+# unit tests also cover (05's: tests/test_lm.py; 06's: tests/test_experiments.py), run with
+# `pytest -m slow`, which CI runs too.
 # That keeps the default run within its 10-minute budget.
 SLOW_TO_RUN = {
-    "01_compare_algorithms.ipynb", "03_kl_regularization.ipynb", "04_kl_anchors.ipynb", "05_rlhf_in_miniature.ipynb"
+    "01_compare_algorithms.ipynb",
+    "03_kl_regularization.ipynb",
+    "04_kl_anchors.ipynb",
+    "05_rlhf_in_miniature.ipynb",
+    "06_kl_policy_iteration.ipynb",
 }
 RUNS = [pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_TO_RUN else p for p in NOTEBOOKS]
 

@@ -14,6 +14,19 @@ The step size t_k is annealed as in the paper's on-policy experiments: t_k = t_0
 the K updates of training, so the penalty coefficient 1 / t_k grows from 1 / t_0 (to K / t_0 at
 the last update) and the iterates settle. `anneal_step_size=False` keeps t_k = t_0.
 
+Checked against the authors' code (github.com/manantomar/Mirror-Descent-Policy-Optimization,
+`mdpo_on/mdpo.py`, method "multistep-SGD"): the same objective, mean(r A) - mean KL / t_k, with
+the KL taken as `pi_theta.kl(pi_old)` = KL(pi_theta || pi_k) in closed form, and the same linear
+schedule of t_k. Where this implementation differs, by design:
+
+- their t_k is 1 - (i - 1) / K at iteration i = 0, 1, ..., so it starts at 1 + 1/K; here it is
+  t_0 (1 - k / K), one iteration's 1/K lower throughout (the last update: t_0 / K against 2 / K);
+- their m = `sgd_steps` (5 or 10) are full-batch Adam steps (lr 3e-4, grad norm 0.5) on the policy
+  alone, with the critic fit apart (`vf_iters` epochs of 128-minibatches) and no entropy bonus;
+  here the policy and critic share PPO's loss and its `update_epochs` x `num_minibatches` steps,
+  advantages normalized per minibatch (per batch, as theirs, with num_minibatches = 1, as in the
+  CartPole preset).
+
 Everything around the policy term -- critic, entropy bonus, Adam, minibatch epochs, target-KL
 early stopping, stale data -- is `kl_rl.agents.common.proximal_agent`, the update PPO uses.
 Metrics beside PPO's: `mdpo_kl`, the KL(pi_theta || pi_k) term averaged over the update's

@@ -176,7 +176,7 @@ def test_config_errors_name_the_field():
 @pytest.mark.slow
 def test_mpo_learns_pendulum_in_25k_steps():
     # Half the preset's budget, 4 seeds: a random policy scores about -1200, the preset's 16-seed
-    # median at 50k steps is in docs/sections/mpo.md.
+    # median at 50k steps is in docs/benchmarks.md.
     from kl_rl.presets import preset
 
     fields = {**preset("mpo", "Pendulum-v1"), "total_steps": 25_000, "buffer_size": 25_000}
