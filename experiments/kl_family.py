@@ -84,8 +84,11 @@ ALGORITHMS: dict[str, Entry] = {
     # `kl` is in parameter space, not the policy's action space).
     "cem": Entry("cem", "trust_kl", (0.05, 0.5, 5.0), on_policy=False),
     # The KL-regularized policy iteration family (issue 25): run once registered.
-    "vmpo": Entry("vmpo", "epsilon_alpha", (0.001, 0.01, 0.1)),
-    "mpo": Entry("mpo", "epsilon", (0.01, 0.1, 1.0), on_policy=False),
+    # V-MPO: the M-step bound on KL(pi_old || pi) of a categorical policy (a Gaussian's is
+    # eps_alpha_mu, which this entry does not sweep).
+    "vmpo": Entry("vmpo", "eps_alpha", (0.002, 0.01, 0.05)),
+    # MPO: the M-step bound on KL(pi' || pi) (its mean part, for a Gaussian).
+    "mpo": Entry("mpo", "epsilon_mean", (0.001, 0.01, 0.1), on_policy=False),
     "awr": Entry("awr", "beta", (3.0, 1.0, 0.3), on_policy=False),
 }
 
