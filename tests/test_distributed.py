@@ -166,6 +166,9 @@ def test_a_process_that_never_sees_the_others_join_stops_with_one_line():
     assert "Check failure" not in err  # JAX's own abort did not come first
 
 
+# Slow since the checkpointed kill-and-resume test joined it (the default tier was over its 10 minutes);
+# the default tier joins processes in the never-joined and host-path tests.
+@pytest.mark.slow
 def test_a_cli_run_of_two_processes_writes_one_folder_and_survives_a_killed_process(tmp_path):
     small = ["--algo", "ppo", "--seeds", "2", "--num-envs", "2", "--num-steps", "16", "--num-minibatches", "2",
              "--update-epochs", "2", "--devices", "1"]  # fmt: skip
