@@ -83,8 +83,9 @@ def sft(config: SFTConfig, observation_space: gym.Space, action_space: gym.Space
         _, before = losses.cross_entropy(dist.logits, dist.log_prob(b.action), b.action, b.mask)
         stopped = state.stopped | (before["sequence_accuracy"] >= config.stop_at_accuracy)
         new, metrics = agent.update(key, state, traj, ctx)
-        new = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated), state, new.replace(stopped=stopped))
-        return new.replace(stopped=stopped), {**metrics, "accuracy_before": before["sequence_accuracy"],
-                                              "stopped": stopped.astype(jnp.float32)}  # fmt: skip
+        # Once stopped, the update's state is the one it was given (with the flag set).
+        kept = jax.tree.map(lambda old, updated: jnp.where(stopped, old, updated),
+                            state.replace(stopped=stopped), new.replace(stopped=stopped))  # fmt: skip
+        return kept, {**metrics, "accuracy_before": before["sequence_accuracy"], "stopped": stopped.astype(jnp.float32)}
 
     return agent._replace(init=init, update=update)
