@@ -80,29 +80,6 @@ def kl_new_old(old: Distribution, new: Distribution) -> jax.Array:
     return kl_divergence(new, old)
 
 
-def gaussian_mean_kl(old: DiagGaussian, new: DiagGaussian) -> jax.Array:
-    """KL(old || N(mean_new, std_old)), per state: the mean part of MPO's decoupled M-step KL.
-
-    Abdolmaleki et al. (2018, arXiv:1806.06920, sec. 4.2.1; "Relative Entropy Regularized Policy
-    Iteration", arXiv:1812.02256, eq. 11) bound the Gaussian policy's change of mean and of
-    covariance separately: the new mean with the old covariance, and the old mean with the new
-    covariance. This is the first, sum_d (m_old - m_new)^2 / (2 s_old^2), in the direction
-    KL(old || new) of `kl_old_new`; it does not depend on the new std.
-    """
-    return kl_divergence(old, DiagGaussian(new.mean, old.log_std))
-
-
-def gaussian_std_kl(old: DiagGaussian, new: DiagGaussian) -> jax.Array:
-    """KL(old || N(mean_old, std_new)), per state: the covariance part of MPO's decoupled KL.
-
-    The old mean with the new std (see `gaussian_mean_kl`), direction KL(old || new):
-    sum_d [log s_new - log s_old + s_old^2 / (2 s_new^2) - 1/2]; it does not depend on the new
-    mean. Where the new std equals the old one it is 0 and `gaussian_mean_kl` is `kl_old_new`;
-    where the means agree, this one is.
-    """
-    return kl_divergence(old, DiagGaussian(old.mean, new.log_std))
-
-
 # Sample estimators (Schulman 2020, "Approximating KL Divergence"). Each takes log p(x) and
 # log q(x) for samples x ~ q and returns one estimate per sample; average them. They estimate
 # values: when x is drawn from the distribution being differentiated, the gradient of an unbiased
@@ -290,6 +267,19 @@ def decoupled_gaussian_kl(old: DiagGaussian, new: DiagGaussian) -> tuple[jax.Arr
     log_ratio = jnp.broadcast_to(old.log_std - new.log_std, jnp.broadcast_shapes(old.mean.shape, new.mean.shape))
     c_sigma = 0.5 * jnp.sum(_expm1_minus_x(2.0 * log_ratio), axis=-1)
     return c_mu, c_sigma
+
+
+def m_step_kls(old: Distribution, new: Distribution) -> tuple[jax.Array, ...]:
+    """The KLs an MPO-style M-step bounds, per state, all in the direction KL(old || new).
+
+    A diagonal Gaussian's two decoupled halves (C_mu, C_sigma) (`decoupled_gaussian_kl`), each
+    with its own bound; any other distribution's whole KL(old || new) (`kl_old_new`), in a
+    1-tuple. V-MPO (`kl_rl.agents.vmpo`) and MPO (`kl_rl.agents.mpo`) both bound these, each
+    through `kl_constraint_loss`.
+    """
+    if isinstance(old, DiagGaussian):
+        return decoupled_gaussian_kl(old, new)
+    return (kl_old_new(old, new),)
 
 
 def kl_constraint_loss(alpha: jax.Array, kl: jax.Array, epsilon: ArrayLike) -> jax.Array:

@@ -524,6 +524,18 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
         return {"policy": policy_net.init(policy_key, obs), "value": value_net.init(value_key, obs)}
 
+    policy, act = policy_and_act(policy_net)
+
+    def value(state: Any, obs: jax.Array) -> jax.Array:
+        return value_net.apply(state.params["value"], obs)
+
+    return ActorCritic(policy_net, value_net, init_params, policy, act, value)
+
+
+def policy_and_act(policy_net: networks.Network) -> tuple[Callable, Callable]:
+    """An agent's policy(state, obs) -> dist and act(key, state, obs) -> (action, log_prob, dist)
+    for a policy network whose params are the agent state's params["policy"]."""
+
     def policy(state: Any, obs: jax.Array):
         return policy_net.apply(state.params["policy"], obs)
 
@@ -532,10 +544,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         action = dist.sample(key)
         return action, dist.log_prob(action), dist
 
-    def value(state: Any, obs: jax.Array) -> jax.Array:
-        return value_net.apply(state.params["value"], obs)
-
-    return ActorCritic(policy_net, value_net, init_params, policy, act, value)
+    return policy, act
 
 
 class PolicyLoss(Protocol):

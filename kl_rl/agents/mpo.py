@@ -18,12 +18,12 @@ from the buffer (`kl_rl.buffer.sample_windows`):
    steps on log eta.
 3. M-step (sec. 4.2): weighted maximum likelihood, max E_s E_q[log pi(a|s)], subject to
    E_s[KL(pi' || pi)] <= epsilon_mean (direction `kl_rl.kl.kl_old_new`), the constraint made a
-   Lagrangian with multiplier alpha (log-space param): the policy minimizes the loss plus
-   sg(alpha) KL, alpha minimizes alpha (epsilon_mean - sg(KL)), so alpha rises while KL exceeds
-   its bound and falls below it. A Gaussian policy's KL is decoupled (sec. 4.2.1; Abdolmaleki
+   Lagrangian with multiplier alpha (log-space param, `kl.kl_constraint_loss`): the policy
+   minimizes the loss plus sg(alpha) KL, alpha minimizes alpha (epsilon_mean - sg(KL)), so alpha
+   rises while KL exceeds its bound and falls below it. A Gaussian policy's KL is decoupled (sec. 4.2.1; Abdolmaleki
    et al. 2018b, arXiv:1812.02256): the mean, with pi's mean and pi''s std, bounded by
-   epsilon_mean (`kl.gaussian_mean_kl`); the std, with pi''s mean and pi's std, bounded by
-   epsilon_std (`kl.gaussian_std_kl`), each with its own multiplier, so exploration does not
+   epsilon_mean; the std, with pi''s mean and pi's std, bounded by epsilon_std
+   (`kl.m_step_kls`, the halves V-MPO bounds too), each with its own multiplier, so exploration does not
    collapse through the covariance while the mean moves.
 
 The target networks (policy pi' and critic Q') are hard copies of the online ones every
@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from kl_rl import buffer, kl, networks
 from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
-from kl_rl.agents.common import PolicyConfig, adam, apply_step
+from kl_rl.agents.common import PolicyConfig, adam, apply_step, policy_and_act
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
@@ -206,22 +206,6 @@ def temperature_loss(q: jax.Array, log_prior: jax.Array, log_temperature: jax.Ar
     return loss, weights
 
 
-def kl_constraint_loss(kl_value: jax.Array, log_alpha: jax.Array, epsilon: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """A KL constraint E[KL] <= epsilon as a Lagrangian in two phases (rlax's `kl_constraint_loss`).
-
-    Returns (sg(alpha) E[KL], alpha (epsilon - sg(E[KL]))) with alpha = exp(log_alpha): the
-    first moves the policy, the second the multiplier, which rises while E[KL] > epsilon.
-
-    Args:
-      kl_value: per-state KL [B].
-      log_alpha: log of the multiplier.
-      epsilon: the bound.
-    """
-    alpha = jnp.exp(log_alpha)
-    mean_kl = jnp.mean(kl_value)
-    return jax.lax.stop_gradient(alpha) * mean_kl, alpha * (epsilon - jax.lax.stop_gradient(mean_kl))
-
-
 def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
     """Builds MPO's pure functions for one env's spaces.
 
@@ -238,6 +222,9 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
     critic = networks.MLP(tuple(config.hidden_sizes), config.activation, num_q, 1.0)
     if not discrete:
         low, high = jnp.asarray(action_space.low), jnp.asarray(action_space.high)
+    # One multiplier per M-step bound (`kl.m_step_kls`): the categorical's KL, or the Gaussian's halves.
+    multipliers = ("alpha",) if discrete else ("alpha_mean", "alpha_std")
+    bounds = (config.epsilon_mean,) if discrete else (config.epsilon_mean, config.epsilon_std)
     clipped_opt, dual_opt = adam(config.max_grad_norm), adam()
     n_samples = config.num_action_samples
 
@@ -258,10 +245,9 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         policy_key, critic_key = jax.random.split(key)
         obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
         critic_in = obs if discrete else jnp.concatenate([obs, jnp.zeros((1, *action_space.shape))], axis=-1)
-        names = ("log_alpha",) if discrete else ("log_alpha_mean", "log_alpha_std")
         inits = (config.init_alpha_mean,) if discrete else (config.init_alpha_mean, config.init_alpha_std)
         dual = {"log_temperature": jnp.log(jnp.asarray(config.init_temperature, jnp.float32))}
-        dual.update({n: jnp.log(jnp.asarray(v, jnp.float32)) for n, v in zip(names, inits, strict=True)})
+        dual.update({f"log_{m}": jnp.log(jnp.asarray(v, jnp.float32)) for m, v in zip(multipliers, inits, strict=True)})
         params = {
             "policy": policy_net.init(policy_key, obs),
             "critic": critic.init(critic_key, critic_in),
@@ -275,13 +261,7 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         target = {"policy": params["policy"], "critic": params["critic"]}
         return MPOState(params=params, target=target, opt_state=opt_state, steps=jnp.zeros((), jnp.int32))
 
-    def policy(state: MPOState, obs: jax.Array):
-        return policy_net.apply(state.params["policy"], obs)
-
-    def act(key: jax.Array, state: MPOState, obs: jax.Array):
-        dist = policy(state, obs)
-        action = dist.sample(key)
-        return action, dist.log_prob(action), dist
+    policy, act = policy_and_act(policy_net)
 
     def value(state: MPOState, obs: jax.Array) -> jax.Array:
         # The collector's V(obs) is unused: MPO's critic is a Q, read from the buffer's windows.
@@ -312,23 +292,20 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         aux = {}
         if discrete:
             policy_loss = -jnp.mean(jnp.sum(weights * online.log_probs.T, axis=0))
-            kl_all = kl.kl_old_new(target_dist, online)
-            penalty, alpha_loss = kl_constraint_loss(kl_all, dual["log_alpha"], config.epsilon_mean)
-            aux.update(alpha=jnp.exp(dual["log_alpha"]))
         else:
             # Decoupled M-step: the mean moves under pi''s std, the std under pi''s mean.
             fixed_std = DiagGaussian(online.mean, target_dist.log_std)
             fixed_mean = DiagGaussian(target_dist.mean, online.log_std)
             policy_loss = -jnp.mean(jnp.sum(weights * (fixed_std.log_prob(actions) + fixed_mean.log_prob(actions)), 0))
-            kl_mean = kl.gaussian_mean_kl(target_dist, online)
-            kl_std = kl.gaussian_std_kl(target_dist, online)
-            penalty_m, alpha_loss_m = kl_constraint_loss(kl_mean, dual["log_alpha_mean"], config.epsilon_mean)
-            penalty_s, alpha_loss_s = kl_constraint_loss(kl_std, dual["log_alpha_std"], config.epsilon_std)
-            penalty, alpha_loss = penalty_m + penalty_s, alpha_loss_m + alpha_loss_s
-            kl_all = kl.kl_old_new(target_dist, online)
-            aux.update(kl_mean=jnp.mean(kl_mean), kl_std=jnp.mean(kl_std), alpha_mean=jnp.exp(dual["log_alpha_mean"]),
-                       alpha_std=jnp.exp(dual["log_alpha_std"]))  # fmt: skip
-        loss = critic_loss + policy_loss + penalty + alpha_loss + temp_loss
+        # The M-step's bounds: a categorical's KL(pi' || pi), or a Gaussian's mean and std halves.
+        kls = kl.m_step_kls(target_dist, online)
+        alpha_loss = sum(kl.kl_constraint_loss(jnp.exp(dual[f"log_{m}"]), d, e)
+                         for m, d, e in zip(multipliers, kls, bounds, strict=True))  # fmt: skip
+        aux.update({m: jnp.exp(dual[f"log_{m}"]) for m in multipliers})
+        if not discrete:
+            aux.update(kl_mean=jnp.mean(kls[0]), kl_std=jnp.mean(kls[1]))
+        kl_all = kl.kl_old_new(target_dist, online)
+        loss = critic_loss + policy_loss + alpha_loss + temp_loss
         # KL(q || pi') of the E-step's weights against their prior, which the temperature holds at epsilon.
         e_step_kl = jnp.mean(jnp.sum(weights * (jnp.log(jnp.maximum(weights, 1e-30)) - log_prior), axis=0))
         aux.update(critic_loss=critic_loss, policy_loss=policy_loss, temperature_loss=temp_loss,

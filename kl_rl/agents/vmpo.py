@@ -49,7 +49,6 @@ from kl_rl.agents.common import (
     check_positive, explained_variance, minibatch_epochs, normalize_advantages, value_loss
 )
 from kl_rl.config import static
-from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
 
 
@@ -147,17 +146,6 @@ def e_step(advantages: jax.Array, eta: jax.Array, eps_eta: Any, top_k_fraction: 
     return EStep(weights, temperature_loss, e_kl)
 
 
-def m_step_kl(old: Any, new: Any) -> tuple[jax.Array, ...]:
-    """The KLs the M-step bounds, per state, all in the direction KL(pi_old || pi_theta).
-
-    A Gaussian's two decoupled halves (C_mu, C_sigma) (`kl_rl.kl.decoupled_gaussian_kl`); a
-    categorical's whole KL(old || new) (`kl_rl.kl.kl_old_new`), in a 1-tuple.
-    """
-    if isinstance(old, DiagGaussian):
-        return kl.decoupled_gaussian_kl(old, new)
-    return (kl.kl_old_new(old, new),)
-
-
 class Constraint(NamedTuple):
     """One M-step bound: E_s[kl] <= epsilon, enforced by the multiplier alpha."""
 
@@ -237,7 +225,7 @@ def vmpo(config: VMPOConfig, observation_space: gym.Space, action_space: gym.Spa
         traj, advantages, returns = batch
         dist = policy_net.apply(params["policy"], traj.obs)
         alphas = [jnp.exp(duals[f"log_{m}"]) for m in multipliers]
-        kls = m_step_kl(traj.dist, dist)
+        kls = kl.m_step_kls(traj.dist, dist)
         constraints = [Constraint(a, d, e) for a, d, e in zip(alphas, kls, bounds, strict=True)]
         terms = vmpo_loss(dist.log_prob(traj.action), advantages, jnp.exp(duals["log_eta"]), config.eps_eta,
                           constraints, config.top_k_fraction)  # fmt: skip

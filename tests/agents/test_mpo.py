@@ -11,8 +11,8 @@ import optax
 import pytest
 import rlax
 
-from kl_rl import envs
-from kl_rl.agents.mpo import MPOConfig, kl_constraint_loss, temperature_loss
+from kl_rl import envs, kl
+from kl_rl.agents.mpo import MPOConfig, temperature_loss
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_train
 
@@ -36,7 +36,7 @@ def test_losses_match_rlax_mpo_loss():
     log_eta, log_alpha, eps, eps_kl = jnp.log(2.5), jnp.log(0.7), 0.1, 0.01
     n = q.shape[0]
     temp, weights = temperature_loss(q, jnp.full((), -math.log(n)), log_eta, eps)
-    penalty, alpha_loss = kl_constraint_loss(kl_value, log_alpha, eps_kl)
+    constraint = kl.kl_constraint_loss(jnp.exp(log_alpha), kl_value, eps_kl)
     policy_loss = -jnp.mean(jnp.sum(weights * log_probs, axis=0))
     ident = lambda x: x  # noqa: E731  # rlax projects the duals; ours are exp(log) already
     loss, out = rlax.mpo_loss(
@@ -47,13 +47,13 @@ def test_losses_match_rlax_mpo_loss():
     np.testing.assert_allclose(temp, jnp.mean(out.temperature_loss), rtol=1e-5)
     np.testing.assert_allclose(weights, out.normalized_weights, rtol=1e-5, atol=1e-7)
     np.testing.assert_allclose(policy_loss, jnp.mean(out.policy_loss), rtol=1e-5)
-    np.testing.assert_allclose(penalty, jnp.mean(out.kl_loss), rtol=1e-5)
-    np.testing.assert_allclose(alpha_loss, jnp.mean(out.alpha_loss), rtol=1e-5)
-    np.testing.assert_allclose(temp + policy_loss + penalty + alpha_loss, jnp.mean(loss), rtol=1e-5)
-    # The gradients rlax's stop-gradients allow: the dual's through alpha only, the policy's through KL only.
-    g_alpha = jax.grad(lambda la: kl_constraint_loss(kl_value, la, eps_kl)[1])(log_alpha)
+    np.testing.assert_allclose(constraint, jnp.mean(out.kl_loss + out.alpha_loss), rtol=1e-5)
+    np.testing.assert_allclose(temp + policy_loss + constraint, jnp.mean(loss), rtol=1e-5)
+    # The gradients rlax's stop-gradients allow: the dual's through alpha only (equal to the
+    # gradient of rlax's alpha_loss alone), the policy's through KL only (of its kl_loss alone).
+    g_alpha = jax.grad(lambda la: kl.kl_constraint_loss(jnp.exp(la), kl_value, eps_kl))(log_alpha)
     np.testing.assert_allclose(g_alpha, 0.7 * (eps_kl - jnp.mean(kl_value)), rtol=1e-5)
-    g_kl = jax.grad(lambda k: sum(kl_constraint_loss(k, log_alpha, eps_kl)))(kl_value)
+    g_kl = jax.grad(lambda k: kl.kl_constraint_loss(jnp.exp(log_alpha), k, eps_kl))(kl_value)
     np.testing.assert_allclose(g_kl, np.full(kl_value.shape, 0.7 / kl_value.shape[0]), rtol=1e-5)
 
 
@@ -108,7 +108,7 @@ def test_multipliers_rise_while_the_kl_exceeds_its_bound_and_fall_below_it():
         log_alpha = jnp.zeros(())
         state = opt.init(log_alpha)
         for _ in range(5):
-            g = jax.grad(lambda la: kl_constraint_loss(kl_value, la, epsilon)[1])(log_alpha)
+            g = jax.grad(lambda la: kl.kl_constraint_loss(jnp.exp(la), kl_value, epsilon))(log_alpha)
             updates, state = opt.update(g, state)
             log_alpha = optax.apply_updates(log_alpha, updates)
         return float(jnp.exp(log_alpha))
