@@ -3,6 +3,7 @@
 from collections.abc import Callable
 from typing import NamedTuple
 
+from kl_rl.agents.awr import AWRConfig, awr
 from kl_rl.agents.base import Agent
 from kl_rl.agents.cem import CEMConfig, cem
 from kl_rl.agents.lm import DPOConfig, GRPOConfig, PPOLMConfig, RLOOConfig, SFTConfig, dpo, grpo, ppo_lm, rloo, sft
@@ -29,6 +30,7 @@ ALGOS: dict[str, AlgoSpec] = {
     "mdpo": AlgoSpec(MDPOConfig, mdpo),
     "vmpo": AlgoSpec(VMPOConfig, vmpo),
     "mpo": AlgoSpec(MPOConfig, mpo),
+    "awr": AlgoSpec(AWRConfig, awr),
     "sft": AlgoSpec(SFTConfig, sft),
     "grpo": AlgoSpec(GRPOConfig, grpo),
     "rloo": AlgoSpec(RLOOConfig, rloo),
@@ -41,6 +43,7 @@ SEQUENCE_ALGOS: tuple[str, ...] = ("sft", "grpo", "rloo", "ppo-lm", "dpo")
 __all__ = [
     "ALGOS",
     "SEQUENCE_ALGOS",
+    "AWRConfig",
     "Agent",
     "AlgoSpec",
     "CEMConfig",
@@ -49,6 +52,7 @@ __all__ = [
     "PPOConfig", "TRPOConfig",
     "VMPOConfig",
     "VPGConfig",
+    "awr",
     "cem",
     "mdpo",
     "mpo",
