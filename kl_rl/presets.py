@@ -79,6 +79,8 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # lambda 0.95, a 50k buffer; 8 envs x 128 steps an update, 100 critic and 250 policy steps of
     # 256), at 60 updates on CartPole (4 seeds at 50 updates: 459.7-500).
     ("awr", "CartPole-v1"): dict(total_steps=61_440),
+    # Acrobot: the defaults at the other agents' Acrobot budget (4 seeds at 100 updates: -110.5 to -83.2).
+    ("awr", "Acrobot-v1"): dict(total_steps=200_704),
     # VPG: one batch shape on every env (VPG_BATCH).
     ("vpg", "CartPole-v1"): dict(VPG_BATCH),
     ("vpg", "Acrobot-v1"): dict(VPG_BATCH),
