@@ -568,8 +568,8 @@ class LoadedRun:
             run_dir=self.run_dir, algo=self.algo, env_id=self.env_id, update=self.update,
             num_updates=int(self.config.num_updates), seeds=[self.seeds[r] for r in rows], returns=returns,
             stochastic=not config.eval_deterministic, env_params=dict(config.env_params),
-            overrides=dict(sorted((env_params or {}).items())), keys="given" if keys is not None else "training",
-            subset=seeds is not None,
+            overrides={k: config.env_params[k] for k in sorted(env_params or {})},
+            keys="given" if keys is not None else "training", subset=seeds is not None,
         )  # fmt: skip
 
 
