@@ -509,7 +509,9 @@ class LoadedRun:
         The program is the trainer's own `evaluate` over the seeds, laid out on the devices as
         training laid out its seeds (`kl_rl.parallel`, with the run's batching). By default each
         seed uses the evaluation key its training run used, so at the run's own settings a
-        finished run reproduces its summary.json's final returns exactly.
+        finished run reproduces its summary.json's final returns exactly. With "map" batching
+        (CPU's default) a seed's returns are the same whichever seeds run beside it; with "vmap"
+        they may differ in the last bits with the batch (`kl_rl.parallel`).
 
         Args:
           keys: [len(seeds)] PRNG keys; default each seed's training evaluation key.
