@@ -570,6 +570,30 @@ class Comparison(NamedTuple):
     every ordered pair of distinct groups, so P(X > Y) + P(Y > X) = 1 (ties count half each way)."""
 
 
+def evaluated_scores(final: pd.DataFrame, name: str) -> pd.DataFrame:
+    """`final` with each run's `final_return` replaced by its `eval/<name>.json` (`kl-rl eval
+    --name NAME`): per seed, the mean return of that evaluation. Seeds the evaluation left out
+    are dropped; `update` becomes the evaluated checkpoint's.
+
+    Raises:
+      ConfigError: a run folder without that file, or a file that is not an evaluation.
+    """
+    parts = []
+    for path, run in final.groupby("path", sort=False):
+        file = Path(path) / "eval" / f"{name}.json"
+        if not file.is_file():
+            raise ConfigError(f"{path} has no eval/{name}.json; write it with kl-rl eval {path} --name {name}")
+        record = _read_json(file)
+        if not isinstance(record.get("seeds"), list) or not isinstance(record.get("return"), list):
+            raise ConfigError(f"{file} is not a kl-rl eval file (no seeds and return lists)")
+        returns = dict(zip(record["seeds"], record["return"], strict=False))
+        rows = run[run["seed"].isin(list(returns))].copy()
+        rows["final_return"] = [np.nan if returns[s] is None else float(returns[s]) for s in rows["seed"]]
+        rows["update"] = record.get("update", np.nan)
+        parts.append(rows)
+    return pd.concat(parts, ignore_index=True)
+
+
 def compare(
     final: pd.DataFrame, by: str = "algo", reps: int = 10_000, level: float = 0.95, seed: int = 0
 ) -> Comparison:

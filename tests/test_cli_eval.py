@@ -171,3 +171,27 @@ def test_compare_bad_input_is_one_line(tmp_path, capsys):
     assert_one_line_error(capsys, main(["compare"]), "at least one run folder")
     assert_one_line_error(capsys, main(["compare", str(tmp_path / "none")]), "does not exist")
     assert_one_line_error(capsys, main(["compare", str(run), "--reps", "0"]), "--reps must be a positive")
+
+
+def test_compare_reads_an_evaluation_instead_of_the_final_returns(tmp_path, capsys):
+    from kl_rl import analysis
+    from kl_rl.runfolder import Evaluation
+
+    ppo = write_train_run(tmp_path / "ppo", "ppo", seeds=4)
+    trpo = write_train_run(tmp_path / "trpo", "trpo", seeds=4)
+    heavy = {ppo: [[10.0, 12.0], [20.0, 22.0], [30.0, 32.0], [40.0, 42.0]], trpo: [[5.0, 5.0], [25.0, 25.0]]}
+    for folder, returns in heavy.items():
+        seeds = list(range(len(returns)))  # trpo's evaluation: seeds 0 and 1 only
+        Evaluation(folder, "x", "CartPole-v1", 8, 8, seeds, np.array(returns), False, {"masspole": 0.5},
+                   {"masspole": 0.5}, "training", subset=folder == trpo).save("heavy")  # fmt: skip
+    assert main(["compare", str(ppo), str(trpo), "--eval", "heavy", "--reps", "200"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("IQM of returns of eval/heavy.json")
+    want = analysis.interval(np.array([11.0, 21.0, 31.0, 41.0]), "iqm", reps=200)
+    assert want.estimate == 26.0 and f"{want.estimate:.2f} [{want.low:.2f}, {want.high:.2f}] n=4" in out
+    trpo_row = out.splitlines()[3]
+    assert trpo_row.startswith("trpo") and "15.00 [" in trpo_row and "n=2" in trpo_row  # its two evaluated seeds
+    # ppo {11, 21, 31, 41} against trpo {5, 25}: 6 of 8 pairs won.
+    assert "0.75 [" in out and "0.25 [" in out
+    (trpo / "eval" / "heavy.json").unlink()
+    assert_one_line_error(capsys, main(["compare", str(ppo), str(trpo), "--eval", "heavy"]), "has no eval/heavy.json")

@@ -6,7 +6,7 @@ import warnings
 from kl_rl.cli.common import Parser
 from kl_rl.errors import ConfigError
 
-USAGE = """usage: kl-rl compare RUN_DIR... [--by algo|run] [--reps N] [--seed S]
+USAGE = """usage: kl-rl compare RUN_DIR... [--by algo|run] [--eval NAME] [--reps N] [--seed S]
 
 One table of the final returns of kl-rl train run folders (a folder holding run folders stands
 for all of them), from kl_rl.analysis.compare (Agarwal et al. 2021, arXiv:2108.13264):
@@ -15,6 +15,8 @@ for all of them), from kl_rl.analysis.compare (Agarwal et al. 2021, arXiv:2108.1
                         other, averaged over the envs both ran (ties count half), with its CI
   --by algo             an algorithm's folders on one env pool as its seeds there (default);
   --by run              each folder is its own row
+  --eval NAME           the returns of each folder's eval/NAME.json (kl-rl eval --name NAME,
+                        e.g. under other env params) instead of training's final evaluation
   --reps N              bootstrap resamples (default 10000); --seed S their seed (default 0)
 Diverged seeds (no finite final return) are left out, and their count is shown."""
 
@@ -30,6 +32,7 @@ def main(argv: list[str]) -> int:
     parser = Parser(prog="kl-rl compare", add_help=False)
     parser.add_argument("folders", nargs="*")
     parser.add_argument("--by", default="algo", choices=("algo", "run"))
+    parser.add_argument("--eval", default=None)
     parser.add_argument("--reps", default="10000")
     parser.add_argument("--seed", default="0")
     parser.add_argument("-h", "--help", action="store_true")
@@ -46,14 +49,17 @@ def main(argv: list[str]) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         final = analysis.final_scores(analysis.load(args.folders))
+        if args.eval is not None:
+            final = analysis.evaluated_scores(final, args.eval)
         table = analysis.compare(final, by=args.by, reps=reps, seed=seed)
     for w in caught:
         print(f"kl-rl compare: note: {w.message}", file=sys.stderr)
-    print(format_table(table, args.by, reps))
+    source = "final returns" if args.eval is None else f"returns of eval/{args.eval}.json"
+    print(format_table(table, args.by, reps, source))
     return 0
 
 
-def format_table(table, by: str, reps: int) -> str:
+def format_table(table, by: str, reps: int, source: str = "final returns") -> str:
     """The comparison as text: one row per group, one column per env, then the pairs' matrix."""
     cells, pairs = table.cells, table.pairs
     groups = list(dict.fromkeys(cells["group"]))
@@ -69,7 +75,7 @@ def format_table(table, by: str, reps: int) -> str:
         text[row.group, row.env] = f"{interval(row.iqm, row.low, row.high)} n={row.runs}{dropped}"
     col = max(len(e) for e in envs)
     col = max(col, *(len(t) for t in text.values())) + 3
-    lines = [f"IQM of final returns, 95% stratified bootstrap CI ({reps:,} resamples), n seeds per cell"]
+    lines = [f"IQM of {source}, 95% stratified bootstrap CI ({reps:,} resamples), n seeds per cell"]
     lines.append(f"{by:<{width}}" + "".join(f"{e:<{col}}" for e in envs).rstrip())
     for g in groups:
         lines.append(f"{g!s:<{width}}" + "".join(f"{text.get((g, e), '-'):<{col}}" for e in envs).rstrip())
