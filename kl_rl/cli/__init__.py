@@ -11,7 +11,7 @@
                [--batch-size N] [--seeds N] [--rungs N] [--storage URL|journal:PATH] [--study-name NAME] [--out DIR]
     kl-rl eval RUN_DIR [--episodes N] [--stochastic] [--seeds S,S,...] [--update U] [--env.NAME VALUE ...]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
-    kl-rl compare RUN_DIR... [--by algo|run]
+    kl-rl compare RUN_DIR... [--by algo|run] [--eval NAME]
     kl-rl list
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
