@@ -526,6 +526,8 @@ class LoadedRun:
         if keys is None:
             seed_keys = jax.vmap(jax.random.key)(np.asarray([self.seeds[r] for r in rows]))
             keys = jax.vmap(jax.random.split)(seed_keys)[:, 1]
+        elif len(keys) != len(rows):
+            raise ConfigError(f"{{keys}} holds {len(keys)} keys for {len(rows)} seeds; give one per seed", "keys")
         state = self.state
         if len(rows) != len(self.seeds) or rows != sorted(rows):
             state = jax.tree.map(lambda x: x[np.asarray(rows)], state)
