@@ -549,3 +549,103 @@ def score_matrix(
             matrix = _normalize(matrix, low, high)
         out[key] = matrix
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison table of `kl-rl compare`
+# ---------------------------------------------------------------------------------------------
+
+
+class Comparison(NamedTuple):
+    """What `compare` gives: per (group, env) the IQM of the final returns, and per ordered pair
+    of groups the probability of improvement over the envs both ran."""
+
+    cells: pd.DataFrame
+    """Columns `group`, `env`, `runs` (finite final returns), `dropped` (runs whose final return
+    is not finite: diverged seeds), `iqm`, `low`, `high`: `interval` of the cell's runs as a
+    one-task score matrix."""
+    pairs: pd.DataFrame
+    """Columns `x`, `y`, `envs` (the envs both ran, sorted), `p`, `low`, `high`:
+    `probability_of_improvement(X, Y)` on `score_matrix`'s [runs, envs] matrices of those envs;
+    every ordered pair of distinct groups, so P(X > Y) + P(Y > X) = 1 (ties count half each way)."""
+
+
+def evaluated_scores(final: pd.DataFrame, name: str) -> pd.DataFrame:
+    """`final` with each run's `final_return` replaced by its `eval/<name>.json` (`kl-rl eval
+    --name NAME`): per seed, the mean return of that evaluation. Seeds the evaluation left out
+    are dropped; `update` becomes the evaluated checkpoint's.
+
+    Raises:
+      ConfigError: a run folder without that file, or a file that is not an evaluation.
+    """
+    parts = []
+    for path, run in final.groupby("path", sort=False):
+        file = Path(path) / "eval" / f"{name}.json"
+        if not file.is_file():
+            raise ConfigError(f"{path} has no eval/{name}.json; write it with kl-rl eval {path} --name {name}")
+        record = _read_json(file)
+        if not isinstance(record.get("seeds"), list) or not isinstance(record.get("return"), list):
+            raise ConfigError(f"{file} is not a kl-rl eval file (no seeds and return lists)")
+        returns = dict(zip(record["seeds"], record["return"], strict=False))
+        rows = run[run["seed"].isin(list(returns))].copy()
+        rows["final_return"] = [np.nan if returns[s] is None else float(returns[s]) for s in rows["seed"]]
+        rows["update"] = record.get("update", np.nan)
+        parts.append(rows)
+    return pd.concat(parts, ignore_index=True)
+
+
+def compare(
+    final: pd.DataFrame, by: str = "algo", reps: int = 10_000, level: float = 0.95, seed: int = 0
+) -> Comparison:
+    """The algorithm x env table rliable users read: IQM with its stratified bootstrap CI per
+    cell, and the probability of improvement between each pair (Agarwal et al. 2021,
+    arXiv:2108.13264), on raw (unnormalized) final returns.
+
+    Args:
+      final: `final_scores(load(...))` of train run folders.
+      by: "algo" (an algorithm's folders on one env pooled as its runs there) or "run" (each
+        folder its own row).
+      reps, level, seed: the bootstrap, as in `interval_estimates`.
+
+    Raises:
+      ConfigError: a sweep folder among the runs (its points would pool), an unknown `by`, or
+        groups that share no env.
+    """
+    if by not in ("algo", "run"):
+        raise ConfigError(f"unknown grouping {by!r}; use 'algo' or 'run'")
+    sweeps = final.loc[final["kind"] != "train", "run"].unique()
+    if len(sweeps):
+        raise ConfigError(
+            f"{sweeps[0]} is a sweep folder; compare takes train run folders (compare a sweep's points with "
+            "kl-rl plot or analysis.interval_estimates)"
+        )
+    finite = final[np.isfinite(final["final_return"].to_numpy(np.float64))]
+    groups = list(dict.fromkeys(final[by]))
+    envs = sorted(final["env"].unique())
+    cells = []
+    for group in groups:
+        for env in envs:
+            here = final[(final[by] == group) & (final["env"] == env)]
+            if here.empty:
+                continue
+            scores = here["final_return"].to_numpy(np.float64)
+            kept = scores[np.isfinite(scores)]
+            est = interval(kept, "iqm", reps, level, seed) if len(kept) else Interval(np.nan, np.nan, np.nan)
+            cells.append((group, env, len(kept), len(scores) - len(kept), *est))
+    pairs = []
+    for x in groups:
+        for y in groups:
+            if x == y:
+                continue
+            shared = sorted(set(finite.loc[finite[by] == x, "env"]) & set(finite.loc[finite[by] == y, "env"]))
+            if not shared:
+                continue
+            both = finite[finite[by].isin([x, y])]
+            matrices = score_matrix(both, by=by, tasks=shared)
+            est = probability_of_improvement(matrices[x], matrices[y], reps, level, seed)
+            pairs.append((x, y, shared, *est))
+    if len(groups) > 1 and not pairs:
+        raise ConfigError(f"the {by}s given share no env with finite returns; compare runs on a common env")
+    cells_df = pd.DataFrame(cells, columns=["group", "env", "runs", "dropped", "iqm", "low", "high"])
+    pairs_df = pd.DataFrame(pairs, columns=["x", "y", "envs", "p", "low", "high"])
+    return Comparison(cells_df, pairs_df)

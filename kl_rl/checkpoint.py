@@ -120,6 +120,10 @@ class Checkpointer:
         """The update count of the newest complete checkpoint, or None."""
         return self._manager.latest_step()
 
+    def updates(self) -> list[int]:
+        """The update counts of every complete checkpoint, oldest first."""
+        return sorted(self._manager.all_steps())
+
     def record(self, update: int) -> dict[str, Any]:
         """The JSON record saved with checkpoint `update`."""
         try:

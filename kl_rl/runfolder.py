@@ -19,6 +19,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -391,10 +392,12 @@ def read_run_config(run_dir: str | os.PathLike) -> RunSpec:
 
 @dataclasses.dataclass
 class LoadedRun:
-    """A run folder's final (or latest checkpointed) policies, for evaluation from Python.
+    """A run folder's final (or an earlier checkpointed) policies, for evaluation from Python.
 
-    >>> run = kl_rl.runfolder.load("runs/ppo-cartpole")
+    >>> run = kl_rl.load("runs/ppo-cartpole")          # or kl_rl.load(DIR, update=U)
     >>> run.evaluate()                    # [seeds, eval_episodes] returns, as in summary.json
+    >>> run.evaluate(episodes=100, env_params={"masspole": 0.5})
+    >>> run.evaluation(stochastic=True).save()         # DIR/eval/<name>.json, as kl-rl eval writes
     >>> action = run.act(obs, seed=0)     # obs unnormalized: the saved normalizer is applied
     """
 
@@ -407,6 +410,15 @@ class LoadedRun:
     state: Any
     """The `TrainState`, batched over seeds."""
     trainer: Any
+    env: Any = None
+    """What `kl_rl.envs.make` made of the run's env; evaluation under other settings builds its
+    trainer on it."""
+    batching: str | None = None
+    """How the run's devices ran their seeds ("map" or "vmap"), which evaluation repeats; None:
+    the platform's default."""
+    sources: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The records of the run's reference and starting run (`RunSources.records`)."""
+    run_dir: Path | None = None
 
     def _agent(self):
         spec = algo_spec(self.algo)
@@ -433,47 +445,289 @@ class LoadedRun:
         action = dist.mode() if key is None else dist.sample(key)
         return rollout.env_action(self.trainer.vec_env.action_space, action)
 
-    def evaluate(self, keys: jax.Array | None = None) -> np.ndarray:
-        """[seeds, eval_episodes] returns of the loaded policies.
+    def eval_config(
+        self, episodes: int | None = None, stochastic: bool | None = None, env_params: dict[str, Any] | None = None
+    ) -> Any:
+        """The run's config with its evaluation settings changed, checked against the env.
 
-        By default each seed uses the evaluation key its training run used, so a finished run
-        reproduces its summary.json's final returns exactly.
+        Args:
+          episodes: evaluation episodes per seed (`eval_episodes`, static: one env copy each).
+          stochastic: sample actions (True) or act with the distribution's mode (False); None
+            keeps the run's `eval_deterministic`.
+          env_params: env params by name, on top of the run's own `env_params` (traced, so JAX
+            ports and the env families only).
+
+        Raises:
+          ConfigError: episodes not a positive integer; an env param the env does not have, a
+            non-finite value, or any env param on the host path.
         """
+        changes: dict[str, Any] = {}
+        if episodes is not None:
+            if isinstance(episodes, bool) or not isinstance(episodes, int | np.integer) or episodes <= 0:
+                raise ConfigError(f"{{episodes}} must be a positive integer, got {episodes!r}", "episodes")
+            changes["eval_episodes"] = int(episodes)
+        if stochastic is not None:
+            changes["eval_deterministic"] = not stochastic
+        if env_params:
+            values = {str(k): config_lib.parse_value(f"env.{k}", v, float) for k, v in env_params.items()}
+            changes["env_params"] = {**self.config.env_params, **values}
+        if not changes:
+            return self.config
+        from kl_rl import resolve
+
+        config = self.config.replace(**changes)
+        if env_params and not config.rollout.env_params:
+            raise ConfigError(f"{self.algo} runs take no env params; evaluate without them")
+        resolve.check_config(self.algo, self.env_id, self.env, config)
+        return config
+
+    def _rows(self, seeds: Any) -> list[int]:
+        """The rows of the loaded state that hold `seeds` (None: every seed)."""
+        if seeds is None:
+            return list(range(len(self.seeds)))
+        given = [seeds] if isinstance(seeds, int | np.integer) else list(seeds)
+        have = ", ".join(map(str, self.seeds))
+        bad = [s for s in given if isinstance(s, bool) or not isinstance(s, int | np.integer) or s not in self.seeds]
+        if not given or bad:
+            what = f"seed {bad[0]!r} is not one of the run's" if bad else "no seed given; choose from the run's"
+            raise ConfigError(f"{{seeds}}: {what} seeds {have}", "seeds")
+        if len(set(given)) != len(given):
+            raise ConfigError(f"{{seeds}} names a seed twice ({', '.join(map(str, given))}); name each once", "seeds")
+        return [self.seeds.index(s) for s in given]
+
+    def evaluate(
+        self,
+        keys: jax.Array | None = None,
+        *,
+        episodes: int | None = None,
+        stochastic: bool | None = None,
+        seeds: Any = None,
+        env_params: dict[str, Any] | None = None,
+    ) -> np.ndarray:
+        """[seeds, episodes] returns of the loaded policies, all in one compiled program.
+
+        The program is the trainer's own `evaluate` over the seeds, laid out on the devices as
+        training laid out its seeds (`kl_rl.parallel`, with the run's batching). By default each
+        seed uses the evaluation key its training run used, so at the run's own settings a
+        finished run reproduces its summary.json's final returns exactly. With "map" batching
+        (CPU's default) a seed's returns are the same whichever seeds run beside it; with "vmap"
+        they may differ in the last bits with the batch (`kl_rl.parallel`).
+
+        Args:
+          keys: [len(seeds)] PRNG keys; default each seed's training evaluation key.
+          episodes, stochastic, env_params: see `eval_config`; each None keeps the run's.
+          seeds: the run's seeds to evaluate (a list, or one seed), default all.
+
+        Raises:
+          ConfigError: a seed the run does not have, or bad settings (`eval_config`).
+        """
+        rows = self._rows(seeds)
+        config = self.eval_config(episodes, stochastic, env_params)
         if keys is None:
-            seed_keys = jax.vmap(jax.random.key)(np.asarray(self.seeds))
+            seed_keys = jax.vmap(jax.random.key)(np.asarray([self.seeds[r] for r in rows]))
             keys = jax.vmap(jax.random.split)(seed_keys)[:, 1]
-        # Laid out as training laid it out, so each seed's evaluation is the same program.
-        lay = parallel.layout(len(self.seeds), host_env=self.trainer.env_path == "host")
-        programs = parallel.Programs(self.trainer, lay)
-        configs = parallel.stack([self.config] * len(self.seeds))
-        args = (parallel.pad(x, lay) for x in (keys, self.state, configs))
-        return np.asarray(parallel.unpad(programs.evaluate(*args), lay))
+        elif len(keys) != len(rows):
+            raise ConfigError(f"{{keys}} holds {len(keys)} keys for {len(rows)} seeds; give one per seed", "keys")
+        state = self.state
+        if len(rows) != len(self.seeds) or rows != sorted(rows):
+            state = jax.tree.map(lambda x: x[np.asarray(rows)], state)
+        trainer = self.trainer
+        if config is not self.config:
+            trainer = make_trainer(self.algo, config, self.env, self.trainer.reference)
+        lay = parallel.layout(len(rows), host_env=trainer.env_path == "host", batching=self.batching)
+        try:
+            programs = parallel.Programs(trainer, lay, *self._program_cache(trainer, config))
+            configs = parallel.stack([config] * len(rows))
+            args = (parallel.pad(x, lay) for x in (keys, state, configs))
+            return np.asarray(parallel.unpad(programs.evaluate(*args), lay))
+        finally:
+            if trainer is not self.trainer:
+                for vec in (trainer.vec_env, trainer.eval_env):
+                    if hasattr(vec, "close"):
+                        vec.close()
+
+    def _program_cache(self, trainer: Any, config: Any) -> tuple[str | None, Any]:
+        """(cache folder, key) under which training kept its programs: at the run's own settings
+        its evaluate program loads from there (`kl_rl.parallel.Programs`)."""
+        from kl_rl import pipeline, sources
+
+        run_sources = sources.RunSources(reference=trainer.reference, records=self.sources)
+        key = pipeline.program_key(self.algo, self.env_id, trainer.env_path, config, run_sources)
+        return pipeline.enable_compilation_cache(), key
+
+    def evaluation(
+        self,
+        keys: jax.Array | None = None,
+        *,
+        episodes: int | None = None,
+        stochastic: bool | None = None,
+        seeds: Any = None,
+        env_params: dict[str, Any] | None = None,
+    ) -> "Evaluation":
+        """`evaluate`'s returns with what produced them, ready to `save` as eval/<name>.json."""
+        rows = self._rows(seeds)
+        config = self.eval_config(episodes, stochastic, env_params)
+        returns = self.evaluate(keys, episodes=episodes, stochastic=stochastic, seeds=seeds, env_params=env_params)
+        return Evaluation(
+            run_dir=self.run_dir, algo=self.algo, env_id=self.env_id, update=self.update,
+            num_updates=int(self.config.num_updates), seeds=[self.seeds[r] for r in rows], returns=returns,
+            stochastic=not config.eval_deterministic, env_params=dict(config.env_params),
+            overrides={k: config.env_params[k] for k in sorted(env_params or {})},
+            keys="given" if keys is not None else "training", subset=seeds is not None,
+        )  # fmt: skip
+
+
+EVAL_FOLDER = "eval"
+"""The run folder's subfolder that `Evaluation.save` writes into; training never reads it."""
+
+
+@dataclasses.dataclass
+class Evaluation:
+    """An evaluation of a run folder's policies (`LoadedRun.evaluation`, `kl-rl eval`)."""
+
+    run_dir: Path | None
+    algo: str
+    env_id: str
+    update: int
+    """Updates done by the evaluated policies."""
+    num_updates: int
+    """Updates of the whole run."""
+    seeds: list[int]
+    returns: np.ndarray
+    """[seeds, episodes] undiscounted returns."""
+    stochastic: bool
+    """Whether actions were sampled (else the distribution's mode)."""
+    env_params: dict[str, Any]
+    """Every env param the evaluation set (the run's own and the overrides)."""
+    overrides: dict[str, Any]
+    """The env params given for this evaluation only."""
+    keys: str
+    """"training" (each seed's training evaluation key) or "given"."""
+    subset: bool = False
+    """Whether only some of the run's seeds were chosen."""
+
+    @property
+    def episodes(self) -> int:
+        return int(self.returns.shape[1])
+
+    @property
+    def final_returns(self) -> np.ndarray:
+        """Per seed: the mean return over the episodes."""
+        return self.returns.mean(axis=1)
+
+    def default_name(self) -> str:
+        """A file name that says what was evaluated, e.g. `update24-16ep-mode-masspole=0.5`."""
+        parts = [f"update{self.update}", f"{self.episodes}ep", "stochastic" if self.stochastic else "mode"]
+        parts += [f"{k}={v:g}" for k, v in self.overrides.items()]
+        if self.subset:
+            parts.append("seeds" + ",".join(map(str, self.seeds)))
+        if self.keys != "training":
+            parts.append("keys")
+        return re.sub(r"[^A-Za-z0-9._=,+-]", "_", "-".join(parts))
+
+    def summary(self) -> dict[str, Any]:
+        """eval/<name>.json's content: the settings, per-seed returns and every episode's.
+
+        A seed whose returns are not finite (a diverged policy) has a null return and is left out
+        of the median, mean and IQM, as in summary.json.
+        """
+        final = [plain(x) if np.isfinite(x) else None for x in self.final_returns]
+        finite = [x for x in final if x is not None]
+        return {
+            "algo": self.algo,
+            "env": self.env_id,
+            "run": None if self.run_dir is None else str(self.run_dir),
+            "update": self.update,
+            "num_updates": self.num_updates,
+            "seeds": self.seeds,
+            "episodes": self.episodes,
+            "stochastic": self.stochastic,
+            "env_params": self.env_params,
+            "env_param_overrides": self.overrides,
+            "keys": self.keys,
+            "return": final,
+            "return_median": float(np.median(finite)) if finite else None,
+            "return_mean": float(np.mean(finite)) if finite else None,
+            "return_iqm": float(iqm(finite)) if finite else None,
+            "returns": [[plain(x) for x in row] for row in self.returns],
+            **provenance(),
+        }
+
+    def save(self, name: str | None = None, run_dir: str | os.PathLike | None = None) -> Path:
+        """Writes `summary()` to <run_dir>/eval/<name>.json atomically (a temporary file renamed
+        into place); nothing else in the run folder is touched. An existing file of that name is
+        replaced.
+
+        Raises:
+          ConfigError: no run folder, or a name that is not a plain file name.
+        """
+        folder = Path(run_dir) if run_dir is not None else self.run_dir
+        if folder is None:
+            raise ConfigError("this evaluation has no run folder to save into; pass {run_dir}", "run_dir")
+        name = self.default_name() if name is None else check_eval_name(name)
+        text = json.dumps(self.summary(), indent=2) + "\n"
+        out = folder / EVAL_FOLDER
+        out.mkdir(exist_ok=True)
+        path = out / f"{name}.json"
+        with tempfile.NamedTemporaryFile("w", dir=out, prefix=f".{name}.", suffix=".tmp", delete=False) as f:
+            try:
+                f.write(text)
+            except BaseException:
+                os.unlink(f.name)
+                raise
+        os.replace(f.name, path)
+        return path
+
+
+def check_eval_name(name: str) -> str:
+    """`name` if it can name a file in eval/ (letters, digits and ._=,+-, not starting with a dot).
+
+    Raises:
+      ConfigError: any other name.
+    """
+    if not re.fullmatch(r"[A-Za-z0-9_=,+-][A-Za-z0-9._=,+-]*", name or "") or name.endswith(".json"):
+        raise ConfigError(
+            f"{{name}} {name!r} is not a plain file name; use letters, digits and ._=,+- "
+            "(no folder, no leading dot, no .json)",
+            "name",
+        )
+    return name
 
 
 def load(run_dir: str | os.PathLike, update: int | None = None) -> LoadedRun:
     """Loads a run folder's checkpoint (the newest unless `update` is given) for evaluation.
 
+    `kl_rl.load` is the same function.
+
     Raises:
-      ConfigError: not a run folder, no checkpoint, or a checkpoint that does not match.
+      ConfigError: not a run folder, no checkpoint (at `update`), or a checkpoint that does not match.
     """
     from kl_rl.checkpoint import Checkpointer
 
+    if update is not None and (isinstance(update, bool) or not isinstance(update, int | np.integer) or update < 0):
+        raise ConfigError(f"{{update}} must be a non-negative integer, got {update!r}", "update")
     spec = read_run_config(run_dir)
     algo, env, seeds, config = spec.algo, spec.env, spec.seeds, spec.config
     ref = spec.sources.get("reference")
     ref_spec = None if ref is None else ref_spec_from_record(ref)
-    trainer = make_trainer(algo, config, envs.make(env, spec.env_path, spec.vectorization), ref_spec)
+    env_obj = envs.make(env, spec.env_path, spec.vectorization)
+    trainer = make_trainer(algo, config, env_obj, ref_spec)
     keys = jax.vmap(jax.random.key)(np.asarray(seeds))
     template = jax.eval_shape(jax.vmap(trainer.init, in_axes=(0, None)), keys, config)
     ckpt = Checkpointer(run_dir, read_only=True)
     try:
-        update = ckpt.latest() if update is None else update
+        if update is None:
+            update = ckpt.latest()
+        elif int(update) not in ckpt.updates():
+            held = ", ".join(map(str, ckpt.updates())) or "none"
+            raise ConfigError(f"{run_dir} has no checkpoint at {{update}} {update}; it holds updates {held}", "update")
         if update is None:
             raise ConfigError(f"{run_dir} holds no checkpoint; it was written before runs saved their state")
-        state, _ = ckpt.restore(update, template)
+        state, _ = ckpt.restore(int(update), template)
     finally:
         ckpt.close()
-    return LoadedRun(algo, env, config, seeds, int(update), state, trainer)
+    return LoadedRun(algo, env, config, seeds, int(update), state, trainer, env_obj, spec.batching, spec.sources,
+                     Path(run_dir))  # fmt: skip
 
 
 def ref_spec_from_record(record: dict[str, Any]) -> RefSpec:

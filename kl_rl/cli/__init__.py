@@ -9,7 +9,9 @@
                 [--<hyperparameter> VALUE ...]
     kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
                [--batch-size N] [--seeds N] [--rungs N] [--storage URL|journal:PATH] [--study-name NAME] [--out DIR]
+    kl-rl eval RUN_DIR [--episodes N] [--stochastic] [--seeds S,S,...] [--update U] [--env.NAME VALUE ...]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
+    kl-rl compare RUN_DIR... [--by algo|run] [--eval NAME]
     kl-rl list
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
@@ -41,14 +43,16 @@ from __future__ import annotations
 import sys
 
 from kl_rl.cli import list as list_command
-from kl_rl.cli import plot, sweep, train, tune
+from kl_rl.cli import compare, plot, sweep, train, tune
+from kl_rl.cli import eval as eval_command
 from kl_rl.cli.common import Diverged, expose_cpu_devices, flag_value, join_processes, lost
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 
-COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main}
+COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main,
+            "eval": eval_command.main, "compare": compare.main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

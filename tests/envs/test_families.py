@@ -429,11 +429,18 @@ def test_list_shows_the_installed_families(capsys):
 
 
 @needs_gymnax
-def test_ppo_trains_on_a_gymnax_env():
+def test_ppo_trains_on_a_gymnax_env_and_its_folder_evaluates_under_other_params(tmp_path):
     result = kl_rl.run("ppo", "gymnax/CartPole-v1", seeds=1, total_steps=2048, num_envs=4, num_steps=128)
     assert result.env_path == "jax"
     assert np.isfinite(result.final_returns).all()
     assert all(np.isfinite(v).all() for v in result.metrics.values() if v.dtype.kind == "f")
+    # kl-rl eval's path: the saved policy, re-evaluated, gives training's returns exactly; a
+    # time limit of 20 steps (gymnax's max_steps_in_episode, a param) caps CartPole's return at 20.
+    loaded = kl_rl.load(result.save(tmp_path / "run"))
+    np.testing.assert_array_equal(loaded.evaluate(), result.eval_returns)
+    short = loaded.evaluate(episodes=3, env_params={"max_steps_in_episode": 20})
+    assert short.shape == (1, 3) and np.all(short <= 20) and np.all(short > 0)
+    assert result.eval_returns.max() > 20
 
 
 @needs_gymnax

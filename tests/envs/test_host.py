@@ -24,6 +24,7 @@ import kl_rl
 from kl_rl import envs, normalize, rollout
 from kl_rl.agents import ALGOS
 from kl_rl.cli import main
+from kl_rl.errors import ConfigError
 from kl_rl.train import make_trainer
 
 TIME_LIMIT = 15  # short episodes, so the runs below see truncations as well as terminations
@@ -174,6 +175,11 @@ def test_mujoco_run_folder_records_the_host_path(tmp_path, capsys):
     loaded = kl_rl.load(out)
     action = np.asarray(loaded.act(np.zeros((3, 17), np.float32)))
     assert action.shape == (3, 6) and np.all(np.abs(action) <= 1.0)
+    # kl-rl eval's path on the host: training's final returns again, exactly; env params are
+    # JAX values, which a gymnasium env has none of.
+    np.testing.assert_array_equal(loaded.evaluate().mean(axis=1), np.asarray(summary["final_return"], np.float32))
+    with pytest.raises(ConfigError, match="runs on the host path"):
+        loaded.evaluate(env_params={"opt.timestep": 0.01})
 
 
 class DictObsEnv(gym.Env):
