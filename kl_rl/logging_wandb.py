@@ -34,6 +34,8 @@ from kl_rl.errors import ConfigError
 
 _BAD_PROJECT_CHARS = set("/\\#?%:")
 """Characters W&B refuses in a project name."""
+VIDEO_SUFFIXES = (".mp4", ".gif", ".webm", ".ogg")
+"""The video files W&B plays (`wandb.Video`)."""
 _KEYS = {"env_steps": "env_steps", "eval_return": "eval/return"}
 """History keys of the metrics not logged as `train/<name>`."""
 
@@ -221,34 +223,38 @@ def log_tune(result: Any, project: str, folder: str) -> list[str]:
 
 
 def log_video(
-    project: str, group: str, path: str | os.PathLike, fps: int | None = None, name: str | None = None,
-    config: dict[str, Any] | None = None, key: str = "video",
+    project: str, group: str, path: str | os.PathLike, name: str | None = None, config: dict[str, Any] | None = None,
+    key: str = "video",
 ) -> str:  # fmt: skip
-    """Logs a video file (.mp4 or .gif, e.g. from `kl-rl play`) as one W&B run in `group`.
+    """Logs a video file (e.g. from `kl-rl play`) as one W&B run in `group`, played at the file's
+    own frame rate.
 
     Args:
       project: the W&B project.
-      group: the W&B group, the run folder's name, so the video sits beside the seeds' runs.
-      path: the video file.
-      fps: its frame rate, for W&B's player (default: the file's own).
+      group: the W&B group: the run folder's name puts the video beside the seeds' runs.
+      path: the video file: .mp4, .gif, .webm or .ogg, the formats W&B plays.
       name: the W&B run's name (default `<group>-video`).
-      config: what the run records as config (the seed, the episodes played, ...).
+      config: what the run records as its config (the seed, the episodes played, ...).
       key: the history key the video is logged under.
 
     Returns:
       The W&B run id.
+
+    Raises:
+      ConfigError: no such file, or a format W&B does not play.
     """
     wandb = require_wandb()
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ConfigError(f"no video file {path!r} to log to W&B")
+    if os.path.splitext(path)[1].lower() not in VIDEO_SUFFIXES:
+        raise ConfigError(f"W&B plays {', '.join(VIDEO_SUFFIXES)} videos, not {path!r}")
     run = wandb.init(
         project=project, group=group, name=name or f"{group}-video", job_type="play", config=_jsonable(config or {}),
         reinit="create_new", settings=wandb.Settings(console="off"),
     )  # fmt: skip
     try:
-        video = wandb.Video(path, fps=fps, format=os.path.splitext(path)[1].lstrip(".").lower() or None)
-        run.log({key: video})
+        run.log({key: wandb.Video(path)})
         return run.id
     finally:
         run.finish()

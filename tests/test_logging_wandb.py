@@ -3,6 +3,7 @@ every update's metrics of every seed, as metrics.csv does, with the config and t
 
 import csv
 import json
+import re
 import sys
 import time
 
@@ -143,7 +144,7 @@ def test_log_video_logs_the_file(offline, tmp_path):
     path = tmp_path / "play.gif"
     frames = [Image.new("RGB", (8, 6), (40 * i, 0, 0)) for i in range(3)]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=50)
-    logging_wandb.log_video("kl-rl-test", "ppo-cartpole", path, fps=20, config={"seed": 3})
+    logging_wandb.log_video("kl-rl-test", "ppo-cartpole", path, config={"seed": 3})
     (run,) = read_runs(offline)
     assert (run["group"], run["name"], run["job_type"], run["config"]) == (
         "ppo-cartpole", "ppo-cartpole-video", "play", {"seed": 3}
@@ -154,6 +155,10 @@ def test_log_video_logs_the_file(offline, tmp_path):
     assert logged.read_bytes() == path.read_bytes()
     with pytest.raises(ConfigError, match="no video file"):
         logging_wandb.log_video("kl-rl-test", "g", tmp_path / "missing.mp4")
+    (tmp_path / "play.avi").write_bytes(b"RIFF")
+    with pytest.raises(ConfigError, match=re.escape("W&B plays .mp4, .gif, .webm, .ogg videos, not")):
+        logging_wandb.log_video("kl-rl-test", "g", tmp_path / "play.avi")
+    assert len(read_runs(offline)) == 1  # neither started a W&B run
 
 
 COMMANDS = {
