@@ -410,12 +410,29 @@ def _run_group(study: Any, group: pipeline.Group, members: list, keys: jax.Array
                 value = float(returns[j].mean())
                 study.tell(trial, value)
                 record.update(state="COMPLETE", value=value, final_return=[float(x) for x in returns[j]])
-    per_trial = []
-    for j, (_, _, record) in enumerate(members):
-        pruned = record["pruned_at_env_steps"]
-        updates = None if pruned is None else pruned // group.trainer.steps_per_update
-        per_trial.append({k: np.asarray(v)[j * seeds : (j + 1) * seeds, :updates] for k, v in outcome.metrics.items()})
+    records = [record for _, _, record in members]
+    per_trial = trial_metrics(outcome.metrics, records, seeds, group.trainer.steps_per_update)
     return next(iter(outcome.metrics.values())).shape[1], per_trial
+
+
+def trial_metrics(
+    metrics: dict[str, np.ndarray], records: list[dict[str, Any]], seeds: int, steps_per_update: int
+) -> list[dict[str, np.ndarray]]:
+    """A batch's [items, updates] metrics split per trial, each [seeds, updates], cut at the rung a
+    pruned trial was pruned at (its slot trains on with its group, but the trial has ended).
+
+    Args:
+      metrics: the batch's metrics, items trial-major (`seeds` per trial), padding after them.
+      records: the batch's trials' records (`TuneResult.trials`), in batch order.
+      seeds: items per trial.
+      steps_per_update: env steps of one update of one item.
+    """
+    out = []
+    for j, record in enumerate(records):
+        pruned = record["pruned_at_env_steps"]
+        updates = None if pruned is None else pruned // steps_per_update
+        out.append({k: np.asarray(v)[j * seeds : (j + 1) * seeds, :updates] for k, v in metrics.items()})
+    return out
 
 
 def run_tune(

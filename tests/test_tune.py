@@ -162,6 +162,16 @@ def test_save_writes_one_row_per_trial(study_run, tmp_path):
     assert summary["batching"] == config["batching"] == "map"  # the platform's default, as it ran
 
 
+def test_a_pruned_trials_metrics_end_at_its_rung_while_its_group_trains_on():
+    # Two trials x two seeds (items trial-major) and a padding item, 3 updates of 100 env steps;
+    # trial 1 was pruned after update 2, trial 0 ran to the end.
+    metrics = {"kl": np.arange(15.0).reshape(5, 3), "env_steps": np.tile([100, 200, 300], (5, 1))}
+    records = [{"pruned_at_env_steps": None}, {"pruned_at_env_steps": 200}]
+    first, second = tune.trial_metrics(metrics, records, seeds=2, steps_per_update=100)
+    assert first["kl"].tolist() == [[0, 1, 2], [3, 4, 5]] and first["env_steps"].shape == (2, 3)
+    assert second["kl"].tolist() == [[6, 7], [9, 10]] and second["env_steps"].tolist() == [[100, 200]] * 2
+
+
 @pytest.fixture
 def offline(tmp_path, monkeypatch):
     """W&B in offline mode, writing under the test's tmp_path; yields its wandb/ folder."""
