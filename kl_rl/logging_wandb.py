@@ -176,9 +176,9 @@ def log_run(result: Any, project: str, group: str) -> list[str]:
     )  # fmt: skip
 
 
-def log_sweep(result: Any, project: str, folder: str) -> list[str]:
+def log_sweep(result: Any, project: str, folder: str, base_config: dict[str, Any] | None = None) -> list[str]:
     """Logs a `kl_rl.sweep.SweepResult`: grid point p is the group `<folder>-point<p>`, one W&B
-    run per seed, its config the sweep's base config with the point's values over it.
+    run per seed, its config `base_config` (the sweep's config.json) with the point's values over it.
 
     Returns:
       The W&B run ids, point-major.
@@ -188,7 +188,8 @@ def log_sweep(result: Any, project: str, folder: str) -> list[str]:
     ids = []
     for p, point in enumerate(result.points):
         stats = {k: v for k, v in ranking[p].items() if k not in ("final_return", "diverged")}
-        config = {"algo": result.algo, "env": result.env_id, "sweep": folder, **result.sources, **point, "point": p}
+        config = {"algo": result.algo, "env": result.env_id, **result.sources, **(base_config or {}), **point,
+                  "sweep": folder, "point": p}  # fmt: skip
         ids += log_seeds(
             project, f"{folder}-point{p}", config, result.seeds, {k: v[p] for k, v in result.metrics.items()},
             [None if math.isnan(x) else float(x) for x in final[p]], stats, "sweep", result.num_updates[p],

@@ -136,6 +136,9 @@ def test_sweep_logs_one_group_per_grid_point(offline, tmp_path, monkeypatch, cap
     assert runs[2]["history"][-1]["eval/return"] == 61.0 and runs[2]["summary"]["final_return"] == 61.0
     assert runs[3]["summary"]["final_return"] is None and "eval/return" not in runs[3]["history"][-1]
     assert runs[0]["summary"]["final_return_iqm"] == pytest.approx(46.0)  # the point's IQM over seeds
+    base = json.loads((out / "config.json").read_text())
+    assert runs[0]["config"]["lr"] == runs[2]["config"]["lr"] == base["lr"]  # the base config under the point
+    assert runs[0]["config"]["seeds"] == 2 and runs[0]["config"]["sweep"] == "sweep-steps"
 
 
 def test_log_video_logs_the_file(offline, tmp_path):

@@ -59,9 +59,10 @@ def main(argv: list[str]) -> int:
     if env_path == "host":
         run["vectorization"] = args.vectorization
     if distributed.is_main():  # of several processes, process 0 writes the folder with every item
-        result.save(out, {**run, **config_lib.to_dict(base)})
+        folder_config = {**run, **config_lib.to_dict(base)}
+        result.save(out, folder_config)
         if args.wandb is not None:
-            logging_wandb.log_sweep(result, args.wandb, folder=out.name)
+            logging_wandb.log_sweep(result, args.wandb, folder=out.name, base_config=folder_config)
             print(f"logged {points} grid point(s) to W&B project {args.wandb!r}, groups {out.name}-point<P>")
     print(f"sweep folder: {out}")
     diverged = result.diverged_items()
