@@ -179,6 +179,9 @@ class TuneResult:
     batching: str | None = None
     """How each device ran its (trial, seed) items: "map" or "vmap" (`kl_rl.parallel`); None if
     this worker trained nothing (every trial failed validation)."""
+    metrics: dict[int, dict[str, np.ndarray]] = dataclasses.field(default_factory=dict)
+    """Per trial number of this worker that trained, its per-update metrics, each [seeds,
+    updates]: up to the rung it was pruned at, else the updates its group ran."""
 
     def diverged_items(self) -> list[dict[str, Any]]:
         """Every (trial, seed) of this worker that went non-finite, with its first non-finite update."""
@@ -388,7 +391,8 @@ def _run_group(study: Any, group: pipeline.Group, members: list, keys: jax.Array
     written into the trial's record.
 
     Returns:
-      The updates the group ran (fewer than its budget when every trial was pruned or failed).
+      The updates the group ran (fewer than its budget when every trial was pruned or failed),
+      and per member its metrics ({name: [seeds, updates]}), cut at the rung a pruned trial stopped.
     """
     seeds = keys.shape[0]
     configs = [c for _, c, _ in members]
@@ -406,7 +410,29 @@ def _run_group(study: Any, group: pipeline.Group, members: list, keys: jax.Array
                 value = float(returns[j].mean())
                 study.tell(trial, value)
                 record.update(state="COMPLETE", value=value, final_return=[float(x) for x in returns[j]])
-    return next(iter(outcome.metrics.values())).shape[1]
+    records = [record for _, _, record in members]
+    per_trial = trial_metrics(outcome.metrics, records, seeds, group.trainer.steps_per_update)
+    return next(iter(outcome.metrics.values())).shape[1], per_trial
+
+
+def trial_metrics(
+    metrics: dict[str, np.ndarray], records: list[dict[str, Any]], seeds: int, steps_per_update: int
+) -> list[dict[str, np.ndarray]]:
+    """A batch's [items, updates] metrics split per trial, each [seeds, updates], cut at the rung a
+    pruned trial was pruned at (its slot trains on with its group, but the trial has ended).
+
+    Args:
+      metrics: the batch's metrics, items trial-major (`seeds` per trial), padding after them.
+      records: the batch's trials' records (`TuneResult.trials`), in batch order.
+      seeds: items per trial.
+      steps_per_update: env steps of one update of one item.
+    """
+    out = []
+    for j, record in enumerate(records):
+        pruned = record["pruned_at_env_steps"]
+        updates = None if pruned is None else pruned // steps_per_update
+        out.append({k: np.asarray(v)[j * seeds : (j + 1) * seeds, :updates] for k, v in metrics.items()})
+    return out
 
 
 def run_tune(
@@ -473,6 +499,7 @@ def run_tune(
     log = log or (lambda line: None)
     groups_built: dict[tuple, pipeline.Group] = {}
     records: list[dict[str, Any]] = []
+    histories: dict[int, dict[str, np.ndarray]] = {}  # trial number -> its metrics
     # Env steps over all trials and seeds: the total moves when a trial trains more or less than
     # the base config's budget (a space over num_steps, a failed config, a group stopped early).
     budget = base.num_updates * make_trainer(algo, base, env_obj).steps_per_update
@@ -515,7 +542,9 @@ def run_tune(
                         if progress is not None:
                             progress(steps["done"], steps["total"])
 
-                    ran = _run_group(study, group, members, keys, size, rungs, report, run_sources)
+                    ran, per_trial = _run_group(study, group, members, keys, size, rungs, report, run_sources)
+                    for (_, _, record), trial_metrics in zip(members, per_trial, strict=True):
+                        histories[record["number"]] = trial_metrics
                     steps["total"] -= (num_updates - ran) * unit
                     for trial, _, record in members:
                         if "diverged" in record:
@@ -555,6 +584,7 @@ def run_tune(
         compiled_programs=sum(len(g.programs.compiled) for g in groups_built.values()),
         wall_time_s=time.perf_counter() - start,
         batching=next((g.layout.mode for g in groups_built.values()), None),
+        metrics=histories,
     )
 
 

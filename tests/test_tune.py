@@ -15,6 +15,7 @@ import kl_rl  # noqa: E402
 from kl_rl import cli, tune  # noqa: E402
 from kl_rl.cli import tune as tune_cli  # noqa: E402
 from kl_rl.errors import ConfigError  # noqa: E402
+from wandb_files import offline_mode, read_runs  # noqa: E402
 
 # Module-scoped fixtures: the whole file runs on one pytest-xdist worker (--dist loadgroup).
 pytestmark = pytest.mark.xdist_group("test_tune")
@@ -124,6 +125,10 @@ def test_a_trial_equals_a_separate_run_and_reports_its_training_return(study_run
     assert sorted(reported) == [1024, 2048]
     expected = alone.metrics["episode_return"][:, [3, 7]].mean(axis=0)
     np.testing.assert_allclose([reported[1024], reported[2048]], expected, rtol=1e-5)
+    # The trial's per-update metrics (what --wandb logs) are the run's.
+    assert set(result.metrics[0]) == set(alone.metrics)
+    for name, values in alone.metrics.items():
+        np.testing.assert_allclose(result.metrics[0][name], values, rtol=1e-5, err_msg=name)
 
 
 def test_the_median_pruner_stops_collapsed_trials_after_the_first_rung(study_run):
@@ -136,6 +141,8 @@ def test_the_median_pruner_stops_collapsed_trials_after_the_first_rung(study_run
         assert result.trials[number]["env_steps"] == 1024
         assert trial.intermediate_values[1024] < study.trials[0].intermediate_values[1024]
         assert result.trials[number]["pruned_at_env_steps"] == 1024 and result.trials[number]["value"] is None
+        # Its metrics end at the rung it was pruned at: 4 updates of 256 env steps.
+        assert result.metrics[number]["env_steps"].tolist() == [[256, 512, 768, 1024]] * 2
     assert [t["env_steps"] for t in result.trials[:2]] == [2048, 2048]
 
 
@@ -153,6 +160,52 @@ def test_save_writes_one_row_per_trial(study_run, tmp_path):
     assert summary["best"]["number"] == result.best["number"] and summary["study_name"] == "cartpole"
     assert [t["number"] for t in summary["trials"]] == list(range(6))
     assert summary["batching"] == config["batching"] == "map"  # the platform's default, as it ran
+
+
+def test_a_pruned_trials_metrics_end_at_its_rung_while_its_group_trains_on():
+    # Two trials x two seeds (items trial-major) and a padding item, 3 updates of 100 env steps;
+    # trial 1 was pruned after update 2, trial 0 ran to the end.
+    metrics = {"kl": np.arange(15.0).reshape(5, 3), "env_steps": np.tile([100, 200, 300], (5, 1))}
+    records = [{"pruned_at_env_steps": None}, {"pruned_at_env_steps": 200}]
+    first, second = tune.trial_metrics(metrics, records, seeds=2, steps_per_update=100)
+    assert first["kl"].tolist() == [[0, 1, 2], [3, 4, 5]] and first["env_steps"].shape == (2, 3)
+    assert second["kl"].tolist() == [[6, 7], [9, 10]] and second["env_steps"].tolist() == [[100, 200]] * 2
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    """W&B in offline mode, writing under the test's tmp_path; yields its wandb/ folder."""
+    yield from offline_mode(tmp_path, monkeypatch)
+
+
+def test_wandb_logs_one_group_per_trial(study_run, offline, tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    full, _, _ = study_run
+    # A complete and a pruned trial of the study above, as this worker's, through the CLI.
+    kept = (0, 2)
+    result = dataclasses.replace(full, trials=[full.trials[n] for n in kept],
+                                 metrics={n: full.metrics[n] for n in kept})  # fmt: skip
+    monkeypatch.setattr(tune, "run_tune", lambda *args, **kwargs: result)
+    out = tmp_path / "tune-ppo"
+    args = ["--space", "lr=log:1e-4:0.5", "clip_eps=0.1:0.3", "--out", str(out), "--wandb", "kl-rl-test"]
+    assert cli.main(["tune", *args, "--storage", f"sqlite:///{tmp_path / 's.db'}", "--no-progress"]) == 0
+    assert "logged 2 trial(s) to W&B project 'kl-rl-test', groups tune-ppo-trial<N>" in capsys.readouterr().out
+    runs = read_runs(offline)
+    groups = [(r["group"], r["config"]["seed"]) for r in runs]
+    assert groups == [(f"tune-ppo-trial{n}", s) for n in kept for s in (0, 1)]
+    for run in runs:
+        number, seed = run["config"]["trial"], run["config"]["seed"]
+        trial = full.trials[number]
+        assert run["config"]["lr"] == trial["params"]["lr"] and run["config"]["total_steps"] == 2048
+        assert run["summary"]["state"] == trial["state"] and run["summary"]["value"] == trial["value"]
+        metrics = full.metrics[number]
+        assert [row["_step"] for row in run["history"]] == list(range(1, metrics["env_steps"].shape[1] + 1))
+        assert [row["train/kl"] for row in run["history"]] == metrics["kl"][seed].tolist()
+        assert [row["env_steps"] for row in run["history"]] == metrics["env_steps"][seed].tolist()
+        final = trial["final_return"]
+        assert run["history"][-1].get("eval/return") == (final[seed] if final else None)
+    assert [len(r["history"]) for r in runs] == [8, 8, 4, 4]  # the pruned trial's stop at its rung
 
 
 def test_sampled_configs_that_fail_validation_are_failed_trials(tmp_path):

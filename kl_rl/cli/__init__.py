@@ -1,8 +1,8 @@
 """The `kl-rl` command line.
 
     kl-rl train --algo ppo --env CartPole-v1 [--seeds N] [--total-steps N] [--out DIR]
-                [--config FILE] [--checkpoint-every UPDATES] [--tensorboard] [--<hyperparameter> VALUE ...]
-                [--env-path auto|jax|host] [--vectorization sync|async]
+                [--config FILE] [--checkpoint-every UPDATES] [--tensorboard] [--wandb PROJECT]
+                [--<hyperparameter> VALUE ...] [--env-path auto|jax|host] [--vectorization sync|async]
     kl-rl train --resume DIR
     kl-rl sweep --algo ppo --env CartPole-v1 --grid lr=3e-4,1e-3 clip_eps=0.1,0.2 [--seeds N]
                 [--out DIR] [--total-steps N] [--config FILE] [--chunk-size N] [--no-progress]
@@ -29,6 +29,10 @@ that loses another stops within a minute with one line, exit code 4.
 --env takes a JAX port (kl-rl list) or any gymnasium id, e.g. HalfCheetah-v5 with the mujoco
 extra; an id with no port runs on the host-side path (gymnasium.make_vec, stepped from inside the
 compiled program), sync or async across processes. --env-path host forces it for a ported id.
+
+--wandb PROJECT logs train, sweep and tune to Weights & Biases (the wandb extra) once they
+finish: a seed is a W&B run, grouped by run folder (a sweep's grid point or a tune trial is a
+group of its own); with WANDB_MODE=offline nothing leaves the machine until wandb sync.
 
 Bad input is one line on stderr and exit code 2; an existing run folder is only replaced once a
 run has succeeded. A run that went non-finite (inf or nan) still writes its folder, then says at

@@ -45,6 +45,7 @@ def run_parser(prog: str, description: str, seeds_default: str) -> Parser:
     add_flags(parser, algo="ppo", env="CartPole-v1", env_path="auto", vectorization="sync", seeds=seeds_default)
     add_flags(parser, total_steps=None, out=None, config=None, devices=None, batching=None)
     add_flags(parser, reference=None, reference_seed=None, init_from=None)
+    add_flags(parser, wandb=None)  # --wandb PROJECT (`kl_rl.logging_wandb`)
     parser.add_argument("--no-progress", action="store_true")
     # Read by `join_processes` before JAX starts; declared so that they are not hyperparameters.
     add_flags(parser, coordinator=None, num_processes=None, process_id=None)

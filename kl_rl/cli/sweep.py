@@ -7,7 +7,7 @@ from kl_rl.errors import ConfigError
 
 def main(argv: list[str]) -> int:
     """`kl-rl sweep ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
-    from kl_rl import cli, distributed, envs, parallel, resolve, sweep
+    from kl_rl import cli, distributed, envs, logging_wandb, parallel, resolve, sweep
     from kl_rl import config as config_lib
 
     parser = run_parser("kl-rl sweep", "A grid of hyperparameters x seeds.", seeds_default="4")
@@ -31,6 +31,8 @@ def main(argv: list[str]) -> int:
     grid = sweep.parse_grid(args.algo, args.grid)
     base = resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     out = out_dir(args, prefix="sweep-")
+    if args.wandb is not None:
+        logging_wandb.check(args.wandb)
     points = len(sweep.expand(grid))
     print(f"sweep of {args.algo} on {args.env}: {points} grid point(s) x {seeds} seed(s)", flush=True)
     with Bar(f"sweep {args.algo} {args.env}", enabled=not args.no_progress) as bar:
@@ -57,7 +59,11 @@ def main(argv: list[str]) -> int:
     if env_path == "host":
         run["vectorization"] = args.vectorization
     if distributed.is_main():  # of several processes, process 0 writes the folder with every item
-        result.save(out, {**run, **config_lib.to_dict(base)})
+        folder_config = {**run, **config_lib.to_dict(base)}
+        result.save(out, folder_config)
+        if args.wandb is not None:
+            logging_wandb.log_sweep(result, args.wandb, folder=out.name, base_config=folder_config)
+            print(f"logged {points} grid point(s) to W&B project {args.wandb!r}, groups {out.name}-point<P>")
     print(f"sweep folder: {out}")
     diverged = result.diverged_items()
     if diverged:

@@ -17,7 +17,7 @@ _RUN_FLAGS = (
 def main(argv: list[str]) -> int:
     """`kl-rl train ...`: bad input raises ConfigError, which `kl_rl.cli.main` prints as one line."""
     from kl_rl import config as config_lib
-    from kl_rl import distributed, envs, parallel, resolve, runfolder, sources
+    from kl_rl import distributed, envs, logging_wandb, parallel, resolve, runfolder, sources
 
     parser = run_parser("kl-rl train", "Train an agent on seeds 0..N-1.", seeds_default="1")
     parser.add_argument("--checkpoint-every", default=None)
@@ -27,10 +27,11 @@ def main(argv: list[str]) -> int:
     if args.help:
         print(
             "usage: kl-rl train --algo ALGO --env ENV [--seeds N] [--total-steps N] [--out DIR] "
-            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--no-progress] [--devices N] "
+            "[--config FILE.yaml|.toml] [--checkpoint-every UPDATES] [--tensorboard] [--wandb PROJECT] "
+            "[--no-progress] [--devices N] "
             "[--batching map|vmap] "
             "[--reference RUN_DIR [--reference-seed S]] [--init-from RUN_DIR] [--<hyperparameter> VALUE ...]\n"
-            "       kl-rl train --resume DIR [--tensorboard] [--no-progress]\n"
+            "       kl-rl train --resume DIR [--tensorboard] [--wandb PROJECT] [--no-progress]\n"
         )
         print(_help(args.algo))
         return 0
@@ -50,6 +51,8 @@ def main(argv: list[str]) -> int:
     out = out_dir(args, prefix="")
     if args.tensorboard:
         runfolder.require_tensorboard()
+    if args.wandb is not None:
+        logging_wandb.check(args.wandb)
     checkpoint_dir = None
     if every:
         # Checkpoints go into the run folder while it trains, so it must not hold another run.
@@ -98,7 +101,7 @@ def _run_and_save(
     Raises:
       Diverged: a seed went non-finite; the folder is written first, for its metrics up to then.
     """
-    from kl_rl import distributed, runner
+    from kl_rl import distributed, logging_wandb, runner
 
     with Bar(f"{algo} {env}", enabled=not args.no_progress) as bar:
         result = runner.run(
@@ -109,6 +112,9 @@ def _run_and_save(
     _print_table(result)
     if distributed.is_main():  # of several processes, process 0 writes the folder with every item
         result.save(out, checkpoint_every=every, tensorboard=args.tensorboard)
+        if args.wandb is not None:
+            logging_wandb.log_run(result, args.wandb, group=out.name)
+            print(f"logged {len(result.seeds)} seed(s) to W&B project {args.wandb!r}, group {out.name!r}")
     print(f"run folder: {out}")
     diverged = [(seed, u) for seed, u in zip(result.seeds, result.diverged, strict=True) if u is not None]
     if diverged:
@@ -124,7 +130,7 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     """kl-rl train --resume DIR: continues a checkpointed run from its newest checkpoint."""
     from pathlib import Path
 
-    from kl_rl import runfolder, sources
+    from kl_rl import logging_wandb, runfolder, sources
 
     run_dir = Path(args.resume)
     spec = runfolder.read_run_config(run_dir)
@@ -139,12 +145,15 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
     changed = any(flag in argv or any(a.startswith(flag + "=") for a in argv) for flag in _RUN_FLAGS)
     if extra or args.config or args.total_steps or args.out or args.checkpoint_every or changed:
         raise ConfigError(
-            "--resume continues a run exactly as configured; give no other settings than --no-progress, --tensorboard"
+            "--resume continues a run exactly as configured; give no other settings than --no-progress, "
+            "--tensorboard, --wandb"
         )
     if (run_dir / "summary.json").exists():
         raise ConfigError(f"the run in {str(run_dir)!r} has already finished; there is nothing to resume")
     if args.tensorboard:
         runfolder.require_tensorboard()
+    if args.wandb is not None:
+        logging_wandb.check(args.wandb)
     from kl_rl.checkpoint import Checkpointer
 
     ckpt = Checkpointer(run_dir, read_only=True)

@@ -10,7 +10,7 @@ USAGE = (
     "usage: kl-rl tune --algo ALGO --env ENV --space NAME=LOW:HIGH NAME=log:LOW:HIGH NAME=V1,V2 ... "
     "[--trials N] [--batch-size N] [--seeds N] [--total-steps N] [--rungs N] [--storage URL|journal:PATH] "
     "[--study-name NAME] [--sampler-seed N] [--startup-trials N] [--out DIR] [--config FILE] [--batching map|vmap] "
-    "[--no-progress] [--<hyperparameter> VALUE ...]"
+    "[--wandb PROJECT] [--no-progress] [--<hyperparameter> VALUE ...]"
 )
 
 HELP = """
@@ -30,6 +30,7 @@ A trial's value is the mean over seeds of its final evaluation return (train's f
   --sampler-seed  default: a fresh seed, printed, so workers sharing a study draw different trials
   --startup-trials  random trials before TPE, and finished trials before pruning (default 10)
   --batching      map or vmap: how a device runs its (trial, seed) pairs (kl-rl --help)
+  --wandb         a W&B project: each trial that trained is a group of runs, one per seed (kl-rl --help)
 
 Writes config.json (space and base config), metrics.csv (one row per trial of this worker) and
 summary.json (the study's best trial, counts by state, this worker's trials)."""
@@ -40,7 +41,7 @@ def main(argv: list[str]) -> int:
     import numpy as np
 
     from kl_rl import config as config_lib
-    from kl_rl import distributed, parallel, resolve, tune
+    from kl_rl import distributed, logging_wandb, parallel, resolve, tune
 
     parser = run_parser("kl-rl tune", "Hyperparameter search with Optuna.", seeds_default="4")
     parser.add_argument("--space", nargs="+", default=[], metavar="NAME=SPEC")
@@ -68,6 +69,8 @@ def main(argv: list[str]) -> int:
     space = tune.parse_space(args.algo, args.space)
     resolve.resolve_config(args.algo, args.env, args.config, overrides, args.env_path)
     out = out_dir(args, prefix="tune-")
+    if args.wandb is not None:
+        logging_wandb.check(args.wandb)
     storage = args.storage
     if storage is None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -91,6 +94,9 @@ def main(argv: list[str]) -> int:
     _print_top(result)
     if distributed.is_main():  # of several processes, process 0 holds the study and writes the folder
         result.save(out)
+        if args.wandb is not None:
+            logging_wandb.log_tune(result, args.wandb, folder=out.name)
+            print(f"logged {len(result.metrics)} trial(s) to W&B project {args.wandb!r}, groups {out.name}-trial<N>")
     print(f"tune folder: {out}")
     diverged = result.diverged_items()
     if diverged:
