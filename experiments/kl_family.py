@@ -180,7 +180,8 @@ def summarize(df: pd.DataFrame, leash: str, kl_metric: str, threshold: float, bu
     return rows
 
 
-def _sweep(budget: str, env: str, name: str, entry: Entry, steps: int, seeds: int, log=print) -> Path:
+def _sweep(budget: str, env: str, name: str, entry: Entry, steps: int, seeds: int, log=print,
+           batching: str | None = None) -> Path:  # fmt: skip
     """The leash sweep of one algorithm on one env, saved under runs/kl_family_<budget>/<env>/<name>.
 
     At the full budget a sweep already there is read back; otherwise it is (re)run.
@@ -191,22 +192,26 @@ def _sweep(budget: str, env: str, name: str, entry: Entry, steps: int, seeds: in
     shutil.rmtree(folder, ignore_errors=True)
     base = {**dict(entry.overrides), **budget_overrides(entry.algo, env, steps, dict(entry.overrides))}
     start = time.perf_counter()
-    result = sweep.run_sweep(entry.algo, env, {entry.leash: list(entry.values)}, seeds, overrides=base, log=log)
+    result = sweep.run_sweep(entry.algo, env, {entry.leash: list(entry.values)}, seeds, overrides=base, log=log,
+                             batching=batching)  # fmt: skip
     config = config_lib.to_dict(resolve.resolve_config(entry.algo, env, None, base))
     result.save(folder, {"algo": entry.algo, "env": env, "seeds": seeds, **config})
     log(f"{env} {name}: {len(result.points)} x {seeds} seeds in {time.perf_counter() - start:.0f}s")
     return folder
 
 
-def frontier(budget: str, envs_: tuple[str, ...] | None = None, algos: list[str] | None = None, log=print) -> dict:
-    """The frontier study: {"rows": one per (env, algorithm, leash value)}."""
+def frontier(budget: str, envs_: tuple[str, ...] | None = None, algos: list[str] | None = None, log=print,
+             seeds: int | None = None, batching: str | None = None) -> dict:  # fmt: skip
+    """The frontier study: {"rows": one per (env, algorithm, leash value)}; `seeds` and
+    `batching` override the budget's seed count and the CPU default (map) for the off-policy
+    agents' many small gradient steps, which vmap runs faster (every row records its seeds)."""
     b = BUDGETS[budget]
     rows = []
     for env in envs_ or b["envs"]:
         env_steps, threshold = ENVS[env]
         steps = b["steps"] or env_steps
         for name, entry in available(algos, log).items():
-            folder = _sweep(budget, env, name, entry, steps, b["seeds"], log)
+            folder = _sweep(budget, env, name, entry, steps, seeds or b["seeds"], log, batching)
             summary = json.loads((folder / "summary.json").read_text())
             df = analysis.load(folder)
             per_value = summarize(df, entry.leash, entry.kl_metric, threshold, steps)
@@ -348,6 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--envs", nargs="+", choices=tuple(ENVS), help="the envs of the frontier study")
     parser.add_argument("--algos", nargs="+", choices=tuple(ALGORITHMS), help="entries of ALGORITHMS")
     parser.add_argument("--table", action="store_true", help="print the tables of the full budget's results")
+    parser.add_argument("--seeds", type=int, help="seeds per leash value (default: the budget's, 16 at full)")
+    parser.add_argument("--batching", choices=("map", "vmap"), help="how a device runs its seeds (default: map on CPU)")
     args = parser.parse_args(argv)
     if args.table:
         print(tables(json.loads((RESULTS / "kl-family.json").read_text())))
@@ -363,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     for study in args.studies or ("frontier", "speed"):
         start = time.perf_counter()
         if study == "frontier":
-            new = frontier(budget, tuple(args.envs) if args.envs else None, args.algos)
+            new = frontier(budget, tuple(args.envs) if args.envs else None, args.algos, seeds=args.seeds,
+                           batching=args.batching)  # fmt: skip
             # Rows of envs and algorithms not rerun now are kept.
             done = {(r["env"], r["algo"]) for r in new["rows"]}
             kept = [r for r in results.get("frontier", {}).get("rows", []) if (r["env"], r["algo"]) not in done]
