@@ -10,6 +10,7 @@
     kl-rl tune --algo ppo --env CartPole-v1 --space lr=log:1e-5:1e-2 clip_eps=0.1:0.3 [--trials N]
                [--batch-size N] [--seeds N] [--rungs N] [--storage URL|journal:PATH] [--study-name NAME] [--out DIR]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
+    kl-rl play RUN_DIR --video FILE.mp4|FILE.gif [--seed S] [--episodes N] [--fps F] [--stochastic]
     kl-rl list
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
@@ -41,14 +42,15 @@ from __future__ import annotations
 import sys
 
 from kl_rl.cli import list as list_command
-from kl_rl.cli import plot, sweep, train, tune
+from kl_rl.cli import play, plot, sweep, train, tune
 from kl_rl.cli.common import Diverged, expose_cpu_devices, flag_value, join_processes, lost
 from kl_rl.errors import ConfigError
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 
-COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main}
+COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main,
+            "play": play.main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
