@@ -23,11 +23,12 @@ OpenGL backend chosen before mujoco is imported: `MUJOCO_GL=egl` (Mesa's or a GP
 """
 
 import dataclasses
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -96,7 +97,6 @@ def play(
       ConfigError: not a run folder, a seed the run does not have, a bad episode count, or an
         env kl_rl cannot draw (before anything is played).
     """
-    from kl_rl.envs import render
 
     if not isinstance(episodes, int) or episodes < 1:
         raise ConfigError(f"{{episodes}} must be a positive integer, got {episodes!r}", "episodes")
@@ -105,48 +105,83 @@ def play(
     seed = run.seeds[0] if seed is None else seed
     if seed not in run.seeds:
         raise ConfigError(f"the run has no {{seed}} {seed}; its seeds: {', '.join(map(str, run.seeds))}", "seed")
+    deterministic = run.config.eval_deterministic and not stochastic
+    program = _program(run, episodes, deterministic)
+    if key is None:
+        key = jax.random.split(jax.random.key(seed))[1]
+    state = run.seed_state(seed)
+    host = program.draw_episode is None
+    try:
+        returns, recording = jax.device_get(program.run(key, state.agent, state.collector.obs_norm))
+    finally:
+        if host:
+            program.vec_env.close()
+    recorded = program.vec_env.frames if host else None  # a later play's reset starts new lists
+    lengths = np.asarray(recording.running).sum(axis=0)
+
+    def draw(episode: int) -> Iterator[np.ndarray]:
+        length = int(lengths[episode])
+        if host:
+            yield from recorded[episode][:length]
+        else:
+            yield from program.draw_episode(jax.tree.map(lambda x: x[:length, episode], recording))
+
+    return Playback(seed, np.asarray(returns), lengths, program.fps, draw)
+
+
+class _Program(NamedTuple):
+    run: Callable[..., Any]
+    """run(key, agent_state, obs_norm) -> (returns, recording), compiled."""
+    vec_env: Any
+    draw_episode: Callable[[Any], Iterator[np.ndarray]] | None
+    """The JAX path's renderer; None on the host path, whose `vec_env` records the frames."""
+    fps: float
+
+
+_PROGRAMS: dict[str, _Program] = {}
+_KEEP = 8
+
+
+def _program(run: "runfolder.LoadedRun", episodes: int, deterministic: bool) -> _Program:
+    """The compiled episodes of a run's policy, its env copies and renderer: kept for the last few
+    (algo, env, config, episodes) asked for, so playing a run again (another seed, another file,
+    a notebook cell run twice) does not compile again.
+
+    Raises:
+      ConfigError: an env kl_rl cannot draw.
+    """
+    from kl_rl import config as config_lib
+    from kl_rl.envs import render
+
     config, spec = run.config, run.config.rollout
     host = run.trainer.env_path == "host"
+    fields = json.dumps(config_lib.to_dict(config), sort_keys=True, default=str)
+    name = f"{run.algo} {run.env_id} {host} {episodes} {deterministic} {fields}"
+    if name in _PROGRAMS:
+        return _PROGRAMS[name]
     if host:
         gym_env = envs.GymEnv(run.env_id, "sync", render_mode="rgb_array")
         render.check_host_render(gym_env)
         vec_env = render.FrameRecorder(gym_env, episodes)
-        fps = _gymnasium_fps(run.env_id)
-        draw_episode = None
+        draw_episode, fps = None, _gymnasium_fps(run.env_id)
     else:
         env = run.trainer.vec_env.env
         vec_env = envs.vectorize(env, episodes, evaluation=True)
         if spec.env_params and config.env_params:
             vec_env = vec_env.with_params(config.env_params)
-        draw_episode = render.renderer(env, vec_env.params)
-        fps = _fps(env)
+        draw_episode, fps = render.renderer(env, vec_env.params), _fps(env)
     max_steps = vec_env.max_episode_steps or 1000  # as the run's evaluation (kl_rl.train.make_trainer)
     agent = algo_spec(run.algo).make(config, vec_env.observation_space, vec_env.action_space)
-    deterministic = config.eval_deterministic and not stochastic
-    if key is None:
-        key = jax.random.split(jax.random.key(seed))[1]
 
     @jax.jit
     def episodes_of(key, agent_state, obs_norm):
         policy = train.eval_policy(agent, agent_state, deterministic)
         return rollout.record(key, policy, vec_env, obs_norm, spec.normalize_obs, max_steps)
 
-    state = run.seed_state(seed)
-    try:
-        returns, recording = jax.device_get(episodes_of(key, state.agent, state.collector.obs_norm))
-    finally:
-        if host:
-            vec_env.close()
-    lengths = np.asarray(recording.running).sum(axis=0)
-
-    def draw(episode: int) -> Iterator[np.ndarray]:
-        length = int(lengths[episode])
-        if host:
-            yield from vec_env.frames[episode][:length]
-        else:
-            yield from draw_episode(jax.tree.map(lambda x: x[:length, episode], recording))
-
-    return Playback(seed, np.asarray(returns), lengths, fps, draw)
+    while len(_PROGRAMS) >= _KEEP:
+        del _PROGRAMS[next(iter(_PROGRAMS))]
+    _PROGRAMS[name] = _Program(episodes_of, vec_env, draw_episode, fps)
+    return _PROGRAMS[name]
 
 
 def frames(run: "runfolder.LoadedRun | str | os.PathLike", **kwargs: Any) -> np.ndarray:
@@ -233,13 +268,18 @@ def _write_mp4(path: Path, frames: Iterable[np.ndarray], fps: float) -> int:
     count = 0
     writer = imageio.get_writer(path, format="FFMPEG", fps=fps, codec="libx264", pixelformat="yuv420p",
                                 macro_block_size=1, ffmpeg_log_level="error")  # fmt: skip
-    with writer, warnings.catch_warnings():
-        # imageio-ffmpeg starts ffmpeg with subprocess, which JAX's fork warning flags; the
-        # child execs ffmpeg at once, which is what that warning says is safe.
-        warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
-        for frame in frames:
-            writer.append_data(_even(np.asarray(frame, np.uint8)))
-            count += 1
+    try:
+        with warnings.catch_warnings():
+            # imageio-ffmpeg starts ffmpeg with subprocess, which JAX's fork warning flags; the
+            # child execs ffmpeg at once, which is what that warning says is safe.
+            warnings.filterwarnings("ignore", "os.fork", RuntimeWarning)
+            for frame in frames:
+                writer.append_data(_even(np.asarray(frame, np.uint8)))
+                count += 1
+    finally:
+        # Closed on an error too: imageio's own `with` skips the close then, and ffmpeg would
+        # finish the file later, after `write` removed it.
+        writer.close()
     return count
 
 

@@ -23,6 +23,7 @@ acted on at step t.
 import contextlib
 import dataclasses
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -125,9 +126,14 @@ def cubehelix(x: np.ndarray, gamma: float = 1.0, s: float = 0.5, r: float = -1.5
 
 
 def minatar_palette(channels: int) -> np.ndarray:
-    """[channels + 1, 3] uint8: black for an empty cell, then channel c's colour (MinAtar's
-    display: seaborn's cubehelix palette of `channels` colours, n + 2 points with the ends cut)."""
-    colours = cubehelix(np.linspace(0, 1, channels + 2)[1:-1])
+    """[channels + 1, 3] uint8: black for an empty cell, then channel c's colour.
+
+    MinAtar's display takes seaborn's color_palette("cubehelix", n): matplotlib's colormap at
+    n + 2 even points with the ends cut, each read from its 256-entry table (entry i is the
+    scheme at i / 255), as done here.
+    """
+    points = np.linspace(0, 1, channels + 2)[1:-1]
+    colours = cubehelix(np.minimum((points * 256).astype(int), 255) / 255)
     return np.round(np.concatenate([np.zeros((1, 3)), colours]) * 255).astype(np.uint8)
 
 
@@ -151,15 +157,20 @@ def _minatar_view(shape: tuple[int, ...]) -> EpisodeRenderer:
 
 
 def _brax_view(system: Any, height: int = 240, width: int = 320) -> EpisodeRenderer:
-    """brax's image renderer of `system` (the env's params, overrides included)."""
+    """brax's image renderer of `system` (the env's params, overrides included), through the
+    model's "track" camera where it has one (Brax's locomotion envs: it follows the body), else
+    MuJoCo's free camera."""
+    import mujoco
     from brax.io import image
+
+    camera = "track" if mujoco.mj_name2id(system.mj_model, mujoco.mjtObj.mjOBJ_CAMERA, "track") >= 0 else None
 
     def episode(recording: Any) -> Iterator[np.ndarray]:
         pipeline = recording.state.env_state.pipeline_state
         length = len(np.asarray(recording.running))
         states = [jax.tree.map(lambda x, t=t: x[t], pipeline) for t in range(length)]
         try:
-            frames = image.render_array(system, states, height, width)
+            frames = image.render_array(system, states, height, width, camera)
         except Exception as err:  # MuJoCo raises its own FatalError, or ImportError for a missing GL
             raise ConfigError(f"Brax frames need MuJoCo's offscreen OpenGL, which failed ({_first_line(err)}); "
                               f"{GL_HINT}") from None  # fmt: skip
@@ -185,7 +196,10 @@ def check_host_render(env: Any) -> None:
         raise ConfigError(f"{env.id} cannot render: gymnasium.make does not take render_mode ({err})") from None
     try:
         copy.reset(seed=0)
-        with _quiet_pygame():
+        # GLFW's complaints about a missing display come as warnings before its error: the error
+        # below is the one line that says what to do.
+        with _quiet_pygame(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             frame = copy.render()
     except Exception as err:  # MuJoCo's FatalError, a GL import error, pygame's
         raise ConfigError(f"{env.id} could not render ({_first_line(err)}); {GL_HINT}") from None
