@@ -199,3 +199,73 @@ def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path
     # An odd-sized frame is padded to even sides for yuv420p; the count is the frames given.
     assert video.write(target, [np.zeros((7, 9, 3), np.uint8)] * 4, fps=10) == 4
     assert len(iio.imread(target, index=None)) in (1, 4)  # a GIF merges the 4 identical frames
+
+
+BRAX_FRAMES = """
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from kl_rl import envs, rollout
+from kl_rl.envs import render
+from kl_rl.errors import ConfigError
+
+env = envs.make("brax/hopper")
+vec = envs.VecEnv(env, 1)
+first = jax.jit(vec.reset)(jax.random.key(0))  # no step compiled: the hopper is moved by hand
+state = jax.tree.map(lambda x: jnp.repeat(x, 4, axis=0), first)
+pipeline = state.env_state.pipeline_state
+q = pipeline.q.at[:, 2].add(jnp.linspace(0.0, 0.9, 4))  # the torso tilts further each frame
+state = state.replace(env_state=state.env_state.replace(pipeline_state=pipeline.replace(q=q)))
+recording = rollout.Recording(state, jnp.zeros((4, 3)), jnp.ones(4, bool))
+try:
+    frames = np.stack(list(render.renderer(env, vec.params)(recording)))
+except ConfigError as err:
+    print("ConfigError:", err)
+    sys.exit(2)
+np.save(sys.argv[1], frames)
+"""
+
+
+@pytest.mark.slow
+def test_brax_frames_come_from_brax_s_renderer_through_egl_or_say_what_is_missing(tmp_path):
+    """Brax 0.14's image renderer is MuJoCo's offscreen renderer: with MUJOCO_GL=egl it draws
+    (Mesa's libEGL here); with GLFW and no display it is one ConfigError naming MUJOCO_GL."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}
+    out = tmp_path / "frames.npy"
+    done = subprocess.run([sys.executable, "-c", BRAX_FRAMES, str(out)], env={**env, "MUJOCO_GL": "egl"},
+                          check=False, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    frames = np.load(out)
+    assert frames.shape == (4, 240, 320, 3) and frames.dtype == np.uint8
+    assert frames.std() > 10 and np.any(frames[0] != frames[3])  # a picture, and the body tilted
+    without_display = {**env, "MUJOCO_GL": "glfw", "DISPLAY": ""}
+    done = subprocess.run([sys.executable, "-c", BRAX_FRAMES, str(out)], env=without_display,
+                          check=False, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 2, done.stdout + done.stderr[-2000:]
+    assert "ConfigError: Brax frames need MuJoCo's offscreen OpenGL" in done.stdout and "MUJOCO_GL=egl" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_mujoco_env_on_the_host_path_plays_with_egl_set_by_kl_rl_play(tmp_path):
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "MUJOCO_GL"}  # play sets egl itself
+    run_dir, target = tmp_path / "hopper", tmp_path / "hopper.mp4"
+    tiny = ["--total-steps", "32", "--num-envs", "2", "--num-steps", "16", "--update-epochs", "1",
+            "--num-minibatches", "1", "--eval-episodes", "1"]  # fmt: skip
+    cli = [sys.executable, "-m", "kl_rl.cli"]
+    train = [*cli, "train", "--algo", "ppo", "--env", "Hopper-v5", *tiny, "--out", str(run_dir), "--no-progress"]
+    done = subprocess.run(train, env=env, check=False, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    done = subprocess.run([*cli, "play", str(run_dir), "--video", str(target)], env=env, check=False,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = int(re.search(r"steps (\d+)", done.stdout).group(1))
+    count, first = 0, None
+    for frame in imageio.get_reader(target):  # one at a time: a long episode is many 480x480 frames
+        first = frame if first is None else first
+        count += 1
+    assert count == steps and first.shape == (480, 480, 3) and np.std(first) > 10
