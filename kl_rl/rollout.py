@@ -177,6 +177,21 @@ def collect(
     return state, trajectory, stats
 
 
+class Recording(NamedTuple):
+    """What `record` keeps of every step of an evaluation, leaves [T, N, ...].
+
+    Attributes:
+      state: the envs' state the policy acted on at step t (`VecEnvState`; a host env's
+        `env_state` is each copy's index, its own state lives on the host).
+      action: the action the env received at step t.
+      running: step t belongs to its env's first episode (the one whose return counts).
+    """
+
+    state: VecEnvState
+    action: jax.Array
+    running: jax.Array
+
+
 def evaluate(
     key: jax.Array,
     policy: Callable[[jax.Array, jax.Array], jax.Array],
@@ -201,19 +216,43 @@ def evaluate(
     Returns:
       [N] returns, each of the first episode of its env.
     """
+    total, _ = _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, False)
+    return total
+
+
+def record(
+    key: jax.Array,
+    policy: Callable[[jax.Array, jax.Array], jax.Array],
+    vec_env: VecEnv,
+    obs_norm: normalize.RunningMeanStd,
+    normalize_obs: bool,
+    max_steps: int,
+    batch_like: Any = (),
+) -> tuple[jax.Array, Recording]:
+    """`evaluate`, also keeping every step's env state and action: what a video of the episodes
+    is drawn from (`kl_rl.video`). The same steps from the same key, so the same returns.
+
+    Returns:
+      [N] returns of each env's first episode, and the `Recording` of the max_steps steps.
+    """
+    return _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, True)
+
+
+def _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, keep):
+    """The one evaluation loop of `evaluate` and `record`; `keep` (static) stacks a `Recording`."""
     reset_key, run_key = jax.random.split(key)
     env_state = vec_env.reset(reset_key, batch_like)
 
     def step(carry, step_key):
         env_state, total, running = carry
         act_key, env_key = jax.random.split(step_key)
-        action = policy(act_key, observe(obs_norm, env_state.obs, normalize_obs))
-        env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
+        action = env_action(vec_env.action_space, policy(act_key, observe(obs_norm, env_state.obs, normalize_obs)))
+        next_state, out = vec_env.step(env_key, env_state, action)
         total = total + jnp.where(running, out.reward, 0.0)
+        kept = Recording(env_state, action, running) if keep else None
         running = running & ~(out.terminated | out.truncated)
-        return (env_state, total, running), None
+        return (next_state, total, running), kept
 
     init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool))
-    (_, total, _), _ = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
-    return total
-
+    (_, total, _), recording = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
+    return total, recording

@@ -300,14 +300,19 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
 
 def evaluate_policy(loop: Loop, key: jax.Array, state: TrainState, config: Any) -> jax.Array:
     """Returns of `eval_episodes` episodes of the current policy, one per env."""
-    agent = loop.agent(config)
-
-    def policy(k, obs):
-        dist = agent.policy(state.agent, obs)
-        return dist.mode() if config.eval_deterministic else dist.sample(k)
-
+    policy = eval_policy(loop.agent(config), state.agent, config.eval_deterministic)
     return rollout.evaluate(key, policy, loop.envs(config)[1], state.collector.obs_norm, loop.spec.normalize_obs,
                             loop.eval_steps, state.collector.env)  # fmt: skip
+
+
+def eval_policy(agent: Any, agent_state: Any, deterministic: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """policy(key, obs) -> action of an evaluation: the distribution's mode, or a sample."""
+
+    def policy(k, obs):
+        dist = agent.policy(agent_state, obs)
+        return dist.mode() if deterministic else dist.sample(k)
+
+    return policy
 
 
 def episode_means(episodes: rollout.EpisodeStats, last_return: jax.Array, last_length: jax.Array):

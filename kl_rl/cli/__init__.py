@@ -12,6 +12,7 @@
     kl-rl eval RUN_DIR [--episodes N] [--stochastic] [--seeds S,S,...] [--update U] [--env.NAME VALUE ...]
     kl-rl plot RUN_OR_SWEEP_DIR... [--out DIR]
     kl-rl compare RUN_DIR... [--by algo|run] [--eval NAME]
+    kl-rl play RUN_DIR --video FILE.mp4|FILE.gif [--seed S] [--episodes N] [--fps F] [--stochastic]
     kl-rl list
 
 train, sweep and tune spread their runs over every local device; on CPU one device per core,
@@ -47,7 +48,7 @@ from __future__ import annotations
 import sys
 
 from kl_rl.cli import list as list_command
-from kl_rl.cli import compare, plot, sweep, train, tune
+from kl_rl.cli import compare, play, plot, sweep, train, tune
 from kl_rl.cli import eval as eval_command
 from kl_rl.cli.common import Diverged, expose_cpu_devices, flag_value, join_processes, lost
 from kl_rl.errors import ConfigError
@@ -56,7 +57,7 @@ EXIT_USAGE = 2
 EXIT_DIVERGED = 3
 
 COMMANDS = {"train": train.main, "sweep": sweep.main, "tune": tune.main, "plot": plot.main, "list": list_command.main,
-            "eval": eval_command.main, "compare": compare.main}  # fmt: skip
+            "eval": eval_command.main, "compare": compare.main, "play": play.main}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
