@@ -183,6 +183,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(runs, tmp_path, capsys,
     check(["play", run, "--video", str(tmp_path / "v.gif")], "needs pillow", "pip install 'kl_rl[video]'")
 
 
+@pytest.fixture
+def wandb_dir(tmp_path, monkeypatch):
+    """W&B in offline mode under tmp_path; yields its wandb/ folder (tests/wandb_files.py)."""
+    from tests.wandb_files import offline_mode
+
+    yield from offline_mode(tmp_path, monkeypatch)
+
+
+def test_play_wandb_logs_the_video_beside_the_seeds_runs(runs, tmp_path, wandb_dir, capsys):
+    from tests.wandb_files import read_runs
+
+    out = tmp_path / "play.gif"
+    assert main(["play", str(runs["cartpole"]), "--video", str(out), "--seed", "1", "--wandb", "kl-rl-test"]) == 0
+    assert "logged the video to W&B project 'kl-rl-test', group 'cartpole'" in capsys.readouterr().out
+    (run,) = read_runs(wandb_dir)
+    assert (run["group"], run["name"], run["job_type"]) == ("cartpole", "cartpole-play-seed1", "play")
+    assert run["config"]["seed"] == 1 and run["config"]["episodes"] == 1
+    (row,) = run["history"]
+    (logged,) = wandb_dir.glob(f"offline-run-*-{run['id']}/files/{row['video']['path']}")
+    assert logged.read_bytes() == out.read_bytes()
+    # A bad project name is refused before anything is played or written.
+    capsys.readouterr()
+    assert_one_line_error(capsys, main(["play", str(runs["cartpole"]), "--video", str(tmp_path / "b.gif"),
+                                        "--wandb", "a/b"]), "W&B project name")  # fmt: skip
+    assert not (tmp_path / "b.gif").exists()
+
+
 @pytest.mark.parametrize("suffix", ["mp4", "gif"])
 def test_a_write_that_fails_midway_leaves_the_old_file_and_no_temporary(tmp_path, suffix):
     target = tmp_path / f"v.{suffix}"
