@@ -33,7 +33,7 @@ class PolicyConfig:
     """The policy network: mlp, or a recurrent cell, gru or lstm, whose state the collector
     carries between steps and resets where an episode starts (hidden_sizes[0] is the cell's
     width, the rest the head's layers; the critic stays an MLP of the observation). Recurrent
-    policies are unrolled by PPO's and MDPO's updates."""
+    policies are unrolled by PPO's, MDPO's and VPG's updates."""
     activation: str = static("tanh")
     """Hidden activation: tanh, relu, elu or gelu."""
     distribution: str = static("auto")
@@ -88,7 +88,7 @@ class PolicyConfig:
             )
         if self.recurrent and not self.recurrent_update:
             raise ConfigError(
-                f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo); "
+                f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo, vpg); "
                 "this algorithm's policy is a function of the observation: use {network} mlp",
                 "network",
             )
@@ -211,6 +211,12 @@ class PenalizedConfig(OnPolicyConfig):
             raise ConfigError(
                 f"{{behaviour_kl_coef}} must be >= 0, got {float(self.behaviour_kl_coef)}", "behaviour_kl_coef"
             )
+        if self.recurrent and self.stale:
+            raise ConfigError(
+                f"{{network}} {self.network} learns from fresh rollouts only: use {{policy_lag}} 0 and "
+                "{replay_rollouts} 1 (or network mlp)",
+                "network", "policy_lag", "replay_rollouts",
+            )  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -251,20 +257,13 @@ class ProximalConfig(PenalizedConfig):
             action_space, ("update_epochs", "num_minibatches"), ("lr", "clip_eps", "max_grad_norm", *positive_float)
         )
         check_divides("num_minibatches", self.num_minibatches, self.batch_size)
-        if self.recurrent:
-            # Minibatches are whole envs' sequences, so the envs must split evenly.
-            if self.num_envs % self.num_minibatches:
-                raise ConfigError(
-                    f"with {{network}} {self.network}, minibatches hold whole envs' sequences: {{num_minibatches}} "
-                    f"{self.num_minibatches} must divide {{num_envs}} {self.num_envs}",
-                    "network", "num_minibatches", "num_envs",
-                )  # fmt: skip
-            if self.stale:
-                raise ConfigError(
-                    f"{{network}} {self.network} learns from fresh rollouts only: use {{policy_lag}} 0 and "
-                    "{replay_rollouts} 1 (or network mlp)",
-                    "network", "policy_lag", "replay_rollouts",
-                )  # fmt: skip
+        # Minibatches are whole envs' sequences, so the envs must split evenly.
+        if self.recurrent and self.num_envs % self.num_minibatches:
+            raise ConfigError(
+                f"with {{network}} {self.network}, minibatches hold whole envs' sequences: {{num_minibatches}} "
+                f"{self.num_minibatches} must divide {{num_envs}} {self.num_envs}",
+                "network", "num_minibatches", "num_envs",
+            )  # fmt: skip
 
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
