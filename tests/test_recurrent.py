@@ -165,7 +165,7 @@ def test_recurrent_multi_seed_program_has_no_lapack_call(network):
 SLOW_CONFIG = dict(num_envs=8, num_steps=32, num_minibatches=1, update_epochs=20, gamma=0.98, gae_lambda=0.8,
                    lr=1e-3, ent_coef=0.0)  # fmt: skip
 # At 20k steps the 16-seed runs of docs/sections/rnn.md had median training returns of 112 (GRU)
-# and 42 (MLP, whose best seed never passed 56 in 100k steps).
+# and 42 (MLP, whose median stayed within 40-49 from there to 100k steps).
 SLOW_STEPS, SLOW_SEEDS = 20_000, 4
 SLOW_GRU_AT_LEAST, SLOW_MLP_AT_MOST = 80.0, 60.0
 
@@ -176,10 +176,10 @@ def test_recurrent_ppo_beats_mlp_ppo_on_cartpole_without_velocities():
     them from consecutive positions, an MLP cannot (docs/sections/rnn.md has the 16-seed table)."""
     config = PPOConfig(total_steps=SLOW_STEPS, **SLOW_CONFIG)
     keys = jax.vmap(jax.random.key)(jnp.arange(SLOW_SEEDS))
-    medians = {}
+    returns = {}
     for network in ("gru", "mlp"):
         fn = train.make_train("ppo", config.replace(network=network), envs.make("CartPoleNoVel-v1"))
-        out = jax.jit(jax.vmap(fn))(keys)
-        medians[network] = float(np.median(np.asarray(out.eval_returns).mean(axis=1)))
-        print(network, np.asarray(out.eval_returns).mean(axis=1))
-    assert medians["gru"] >= SLOW_GRU_AT_LEAST and medians["mlp"] <= SLOW_MLP_AT_MOST, medians
+        returns[network] = np.asarray(jax.jit(jax.vmap(fn))(keys).eval_returns).mean(axis=1)
+    # Seen once: GRU [198.6, 98.8, 354.3, 90.6], MLP [46.8, 43.1, 45.0, 45.9].
+    assert np.median(returns["gru"]) >= SLOW_GRU_AT_LEAST, returns
+    assert np.median(returns["mlp"]) <= SLOW_MLP_AT_MOST, returns
