@@ -75,7 +75,7 @@ def test_the_state_is_reset_where_an_episode_starts_and_carried_elsewhere():
     assert np.all(np.abs(state[~start]).max(axis=-1) > 0.0)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "vpg"])
+@pytest.mark.parametrize("algo", ["ppo", "vpg", pytest.param("mdpo", marks=pytest.mark.slow)])
 def test_an_update_with_zero_lr_recomputes_the_behaviour_policy_exactly(algo):
     """Through the real update (env-major minibatches, the unroll in the loss): at lr 0 the
     policy it recomputes is the one that collected, so its KL to the behaviour policy is ~0.
