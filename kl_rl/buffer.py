@@ -38,6 +38,11 @@ class Transition(NamedTuple):
       dist: the behaviour policy's distribution as a pytree (a kl_rl.distributions NamedTuple).
       ref_dist: a frozen reference policy's distribution at obs, for runs with a reference
         (`kl-rl train --reference`); None otherwise.
+      policy_state: a stateful policy's state as it acted on obs (after any reset where an
+        episode starts); None for a stateless policy. An update unrolls the policy from the
+        state at its data's first step (`kl_rl.networks.unroll`).
+      start: bool, obs is the first of an episode (where a stateful policy's state was reset);
+        None for a stateless policy.
     """
 
     obs: jax.Array
@@ -50,6 +55,8 @@ class Transition(NamedTuple):
     log_prob: jax.Array
     dist: Any
     ref_dist: Any = None
+    policy_state: Any = None
+    start: Any = None
 
 
 def in_first_episode(traj: Transition) -> jax.Array:

@@ -107,11 +107,16 @@ class Network(NamedTuple):
     A token transformer also has `sequence(params, tokens [..., L]) -> output at every position
     [..., L, ...]`: by causality, position i's output is what `apply` gives for the buffer whose
     last token is at i, so one pass scores a whole response.
+
+    A network with a carried state (a recurrent cell) has `initial_state(batch) -> state` (zeros,
+    leaves [batch, ...]) and `apply(params, obs, state) -> (output, state)`; `initial_state` is
+    None for a network without one, whose apply is (params, obs) -> output.
     """
 
     init: Callable[[jax.Array, jax.Array], Any]
-    apply: Callable[[Any, jax.Array], Any]
+    apply: Callable[..., Any]
     sequence: Callable[[Any, jax.Array], Any] | None = None
+    initial_state: Callable[[int], Any] | None = None
 
 
 def resolve_distribution(distribution: str, action_space: gym.Space) -> str:
@@ -136,21 +141,100 @@ def resolve_distribution(distribution: str, action_space: gym.Space) -> str:
     return distribution
 
 
+NETWORKS = ("mlp", "gru", "lstm")
+"""Policy networks: mlp (a function of the observation) or a recurrent cell (gru, lstm) whose
+state the collector carries from step to step (`kl_rl.rollout`)."""
+
+
+class Recurrent(nn.Module):
+    """obs -> a Dense layer of `width` units and the activation -> a GRU or LSTM cell of `width`
+    units -> `head` (PureJaxRL's `ppo_rnn.py` torso: embed, cell, MLP head).
+
+    `__call__(obs, state) -> (head output, state)` takes one step of a batch [B, ...]; the state
+    is the cell's carry ([B, width], or (c, h) for an LSTM).
+    """
+
+    cell: str
+    width: int
+    activation: str
+    head: nn.Module
+
+    @nn.compact
+    def __call__(self, obs: jax.Array, state: Any) -> tuple[Any, Any]:
+        x = ACTIVATIONS[self.activation](nn.Dense(self.width, kernel_init=orthogonal(np.sqrt(2.0)))(obs))
+        # The recurrent kernel's orthogonal init is this module's (flax's calls LAPACK's QR).
+        cell = nn.GRUCell if self.cell == "gru" else nn.OptimizedLSTMCell
+        state, y = cell(self.width, recurrent_kernel_init=orthogonal())(state, x)
+        return self.head(y), state
+
+
+def recurrent_state(cell: str, width: int, batch: int) -> Any:
+    """A cell's initial state for `batch` rows: zeros, [batch, width] (GRU) or a (c, h) pair (LSTM)."""
+    zeros = jnp.zeros((batch, width), jnp.float32)
+    return zeros if cell == "gru" else (zeros, zeros)
+
+
+def reset_state(state: Any, initial: Any, start: jax.Array) -> Any:
+    """`state` with the rows where `start` [B] is True replaced by `initial`'s: where an episode
+    starts, the policy forgets. The collector and the update both reset through here."""
+    return jax.tree.map(lambda s, i: jnp.where(start.reshape(start.shape + (1,) * (s.ndim - 1)), i, s), state,
+                        initial)  # fmt: skip
+
+
+def unroll(network: Network, params: Any, state: Any, obs: jax.Array, start: jax.Array) -> Any:
+    """A stateful network's outputs along sequences: [B, T, ...] from each row's state at t = 0.
+
+    The state is reset to the initial one at every step whose `start` [B, T] is True, before the
+    step, as the collector resets it after the step that ended the episode; the state at t = 0
+    is taken as given (the collector's, already reset). Gradients flow through all T steps
+    (truncated backpropagation through time, truncated at the rollout's start).
+    """
+    initial = network.initial_state(start.shape[0])
+
+    def step(carry, xs):
+        obs_t, start_t = xs
+        out, carry = network.apply(params, obs_t, reset_state(carry, initial, start_t))
+        return carry, out
+
+    _, out = jax.lax.scan(step, state, (jnp.swapaxes(obs, 0, 1), jnp.swapaxes(start, 0, 1)))
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+
+
 def make_policy(
     action_space: gym.Space,
     hidden_sizes: Sequence[int],
     activation: str,
     distribution: str = "auto",
     init_log_std: Any = 0.0,
+    network: str = "mlp",
 ) -> Network:
-    """The policy network: observation -> distribution over actions."""
+    """The policy network: observation -> distribution over actions.
+
+    With a recurrent `network` (gru, lstm) the first hidden size is the cell's width and the
+    rest are the head's hidden layers; the network then carries a state (`Network`).
+    """
     if activation not in ACTIVATIONS:
         raise ConfigError(f"unknown activation {activation!r}; use one of {', '.join(ACTIVATIONS)}")
+    if network not in NETWORKS:
+        raise ConfigError(f"unknown {{network}} {network!r}; use one of {', '.join(NETWORKS)}", "network")
+    head_sizes = tuple(hidden_sizes) if network == "mlp" else tuple(hidden_sizes)[1:]
     if resolve_distribution(distribution, action_space) == "categorical":
-        module = CategoricalHead(tuple(hidden_sizes), activation, int(action_space.n))
+        module = CategoricalHead(head_sizes, activation, int(action_space.n))
     else:
-        module = GaussianHead(tuple(hidden_sizes), activation, int(np.prod(action_space.shape)), init_log_std)
-    return Network(init=module.init, apply=module.apply)
+        module = GaussianHead(head_sizes, activation, int(np.prod(action_space.shape)), init_log_std)
+    if network == "mlp":
+        return Network(init=module.init, apply=module.apply)
+    width = int(hidden_sizes[0])
+    recurrent = Recurrent(network, width, activation, module)
+
+    def initial_state(batch: int) -> Any:
+        return recurrent_state(network, width, batch)
+
+    return Network(
+        init=lambda key, obs: recurrent.init(key, obs, initial_state(obs.shape[0])),
+        apply=recurrent.apply,
+        initial_state=initial_state,
+    )
 
 
 def make_value(hidden_sizes: Sequence[int], activation: str) -> Network:

@@ -4,6 +4,13 @@ Every algorithm collects experience through `collect`. It records, for each step
 observation the policy acted on, the behaviour policy's distribution and log-prob, and the true
 next observation (before autoreset), so returns can bootstrap on truncation and updates can
 measure KL to the policy that collected the data.
+
+A policy may carry a state from step to step (a recurrent cell): the collector threads it
+through the rollout in `CollectorState.policy`, resets it per env where an episode ends (the
+terminated | truncated signal the buffer records), and records the state each step acted with
+and whether that step started an episode, from which an update recomputes the same
+distributions (`kl_rl.networks.unroll`). A stateless policy carries None, and every branch on it
+is static: its program is the one it was before the carried state existed.
 """
 
 from collections.abc import Callable
@@ -13,12 +20,13 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 
-from kl_rl import buffer, normalize
+from kl_rl import buffer, networks, normalize
 from kl_rl.buffer import Transition
 from kl_rl.envs.vector import VecEnv, VecEnvState
 
-# act(key, obs) -> (action, log_prob, dist), batched over the env axis.
-ActFn = Callable[[jax.Array, jax.Array], tuple[jax.Array, jax.Array, Any]]
+# act(key, obs) -> (action, log_prob, dist), batched over the env axis; a stateful policy's is
+# act(key, obs, policy_state) -> (action, log_prob, dist, policy_state).
+ActFn = Callable[..., tuple]
 # value(obs) -> V(obs), batched over any leading axes.
 ValueFn = Callable[[jax.Array], jax.Array]
 
@@ -31,6 +39,18 @@ class EpisodeStats(NamedTuple):
     count: jax.Array
 
 
+class PolicyCarry(NamedTuple):
+    """A stateful policy's state between steps.
+
+    Attributes:
+      state: the state the policy acts with at the next step, leaves [N, ...].
+      start: [N] bool, the next step's observation is the first of an episode.
+    """
+
+    state: Any
+    start: jax.Array
+
+
 class CollectorState(NamedTuple):
     """What the collector carries from one rollout to the next.
 
@@ -39,17 +59,28 @@ class CollectorState(NamedTuple):
       obs_norm: running moments of the raw observations.
       reward_norm: running moments of each env's discounted return, whose std scales rewards.
       discounted_return: [N] each env's discounted return so far in its current episode.
+      policy: a stateful policy's `PolicyCarry`; None (no leaves) for a stateless policy.
     """
 
     env: VecEnvState
     obs_norm: normalize.RunningMeanStd
     reward_norm: normalize.RunningMeanStd
     discounted_return: jax.Array
+    policy: PolicyCarry | None = None
 
 
-def init_collector(env: VecEnvState, obs_shape: tuple[int, ...]) -> CollectorState:
-    """A collector over `env` whose normalizers have seen nothing yet."""
-    return CollectorState(env, normalize.init(obs_shape), normalize.init(()), jnp.zeros_like(env.episode_return))
+def init_collector(env: VecEnvState, obs_shape: tuple[int, ...], initial_state: Any = None) -> CollectorState:
+    """A collector over `env` whose normalizers have seen nothing yet; with a stateful policy's
+    `initial_state` (leaves [N, ...]), every env starts an episode with it."""
+    policy = None if initial_state is None else fresh_policy(initial_state)
+    return CollectorState(env, normalize.init(obs_shape), normalize.init(()), jnp.zeros_like(env.episode_return),
+                          policy)  # fmt: skip
+
+
+def fresh_policy(initial_state: Any) -> PolicyCarry:
+    """The carry of a stateful policy whose every env starts a new episode."""
+    num_envs = jax.tree.leaves(initial_state)[0].shape[0]
+    return PolicyCarry(initial_state, jnp.ones(num_envs, bool))
 
 
 def scale_reward(
@@ -101,6 +132,7 @@ def collect(
     reference: Callable[[jax.Array], Any] | None = None,
     reward_penalty: Callable[[Any, jax.Array, Any], jax.Array] | None = None,
     first_episode_only: bool = False,
+    initial_state: Any = None,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -124,6 +156,8 @@ def collect(
         reward before any scaling (a KL penalty in the reward, as in RLHF). Needs `reference`.
       first_episode_only: count only each env's first episode of the rollout in the episode
         statistics (an episodic agent's rollout starts from reset envs and learns from those).
+      initial_state: a stateful policy's initial state (leaves [N, ...]), which an env's state
+        is reset to where its episode ends; needed when `state.policy` is not None.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -131,12 +165,15 @@ def collect(
     """
 
     def step(carry: CollectorState, keys: jax.Array):
-        env_state, obs_norm, reward_norm, discounted_return = carry
+        env_state, obs_norm, reward_norm, discounted_return, policy = carry
         if normalize_obs:
             obs_norm = normalize.update(obs_norm, env_state.obs)
         obs = observe(obs_norm, env_state.obs, normalize_obs)
         act_key, env_key = keys
-        action, log_prob, dist = act(act_key, obs)
+        if policy is None:
+            action, log_prob, dist = act(act_key, obs)
+        else:
+            action, log_prob, dist, policy_state = act(act_key, obs, policy.state)
         ref_dist = None if reference is None else reference(env_state.obs)
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
         reward = out.reward
@@ -158,7 +195,11 @@ def collect(
             dist=dist,
             ref_dist=ref_dist,
         )
-        carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return)
+        if policy is not None:
+            transition = transition._replace(policy_state=policy.state, start=policy.start)
+            done = out.terminated | out.truncated
+            policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
+        carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy)
         return carry, (transition, out.episode_return, out.episode_length)
 
     # Keys for all steps in one PRNG call, and episode sums over [T, N] after the loop: both
@@ -200,6 +241,7 @@ def evaluate(
     normalize_obs: bool,
     max_steps: int,
     batch_like: Any = (),
+    initial_state: Any = None,
 ) -> jax.Array:
     """Undiscounted return of one episode in each of `vec_env`'s envs.
 
@@ -212,11 +254,15 @@ def evaluate(
       max_steps: steps to run; at least the env's time limit, so every episode ends (static).
       batch_like: passed to `vec_env.reset` (a host env makes copies for every axis it is
         batched along; the training env's state is).
+      initial_state: a stateful policy's initial state (leaves [N, ...]); `policy` is then
+        policy(key, obs, policy_state) -> (action, policy_state). Only each env's first
+        episode counts, so the state is never reset.
 
     Returns:
       [N] returns, each of the first episode of its env.
     """
-    total, _ = _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, False)
+    total, _ = _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, False,
+                               initial_state)  # fmt: skip
     return total
 
 
@@ -228,6 +274,7 @@ def record(
     normalize_obs: bool,
     max_steps: int,
     batch_like: Any = (),
+    initial_state: Any = None,
 ) -> tuple[jax.Array, Recording]:
     """`evaluate`, also keeping every step's env state and action: what a video of the episodes
     is drawn from (`kl_rl.video`). The same steps from the same key, so the same returns.
@@ -235,24 +282,31 @@ def record(
     Returns:
       [N] returns of each env's first episode, and the `Recording` of the max_steps steps.
     """
-    return _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, True)
+    return _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, True, initial_state)
 
 
-def _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, keep):
-    """The one evaluation loop of `evaluate` and `record`; `keep` (static) stacks a `Recording`."""
+def _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, batch_like, keep, initial_state):
+    """The one evaluation loop of `evaluate` and `record`; `keep` (static) stacks a `Recording`;
+    a stateful policy (`initial_state` not None) carries its state, never reset (first episodes only)."""
     reset_key, run_key = jax.random.split(key)
     env_state = vec_env.reset(reset_key, batch_like)
 
     def step(carry, step_key):
-        env_state, total, running = carry
+        env_state, total, running, policy_state = carry
         act_key, env_key = jax.random.split(step_key)
-        action = env_action(vec_env.action_space, policy(act_key, observe(obs_norm, env_state.obs, normalize_obs)))
+        obs = observe(obs_norm, env_state.obs, normalize_obs)
+        if policy_state is None:
+            action = policy(act_key, obs)
+        else:
+            action, policy_state = policy(act_key, obs, policy_state)
+        action = env_action(vec_env.action_space, action)
         next_state, out = vec_env.step(env_key, env_state, action)
         total = total + jnp.where(running, out.reward, 0.0)
         kept = Recording(env_state, action, running) if keep else None
         running = running & ~(out.terminated | out.truncated)
-        return (next_state, total, running), kept
+        return (next_state, total, running, policy_state), kept
 
-    init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool))
-    (_, total, _), recording = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
+    init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool), initial_state)
+    (_, total, _, _), recording = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
     return total, recording
+

@@ -433,9 +433,16 @@ class LoadedRun:
         """The policy's action distribution for a batch of raw observations [B, *obs_shape]."""
         from kl_rl import rollout
 
+        agent = self._agent()
+        if agent.initial_state is not None:
+            raise ConfigError(
+                f"this run's policy is recurrent ({{network}} {self.config.network}): its action depends on the "
+                "observations before this one, so dist/act of single observations are undefined; use evaluate",
+                "network",
+            )
         state = self.seed_state(seed)
         obs = rollout.observe(state.collector.obs_norm, jax.numpy.asarray(obs), self.config.normalize_obs)
-        return self._agent().policy(state.agent, obs)
+        return agent.policy(state.agent, obs)
 
     def act(self, obs: Any, seed: int = 0, key: jax.Array | None = None) -> jax.Array:
         """Env-ready actions for raw observations [B, *obs_shape]: the mode, or a sample with `key`."""

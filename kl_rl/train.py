@@ -21,6 +21,7 @@ from kl_rl import reference as reference_lib
 from kl_rl.agents import ALGOS
 from kl_rl.agents.base import RolloutSpec, UpdateContext
 from kl_rl.divergence import nonfinite
+from kl_rl.errors import ConfigError
 from kl_rl.reference import Reference, RefSpec
 from kl_rl.staleness import Staleness
 
@@ -147,6 +148,12 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         `ref_beta` (`kl_rl.reference`).
     """
     spec = config.rollout
+    if reference is not None and getattr(config, "recurrent", False):
+        raise ConfigError(
+            f"{{network}} {config.network} does not take a --reference yet (the reference's KL is measured "
+            "observation by observation); use {network} mlp",
+            "network",
+        )
     vec_env = envs.vectorize(env, spec.num_envs, group_size=spec.group_size)
     if spec.task_params is not None:
         vec_env.params = spec.task_params
@@ -187,6 +194,8 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         collector = state.collector
         env_state = loop.envs(config)[0].reset(key, collector.env.env_state)
         collector = collector._replace(env=env_state, discounted_return=jnp.zeros_like(collector.discounted_return))
+        if collector.policy is not None:
+            collector = collector._replace(policy=rollout.fresh_policy(initial_state(loop, config)))
         return state.replace(collector=collector)
 
     return Trainer(init, run, evaluate, train, loop.steps_per_update, envs.path_of(env), vec_env, eval_env,
@@ -208,16 +217,33 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
     # so its episode statistics count those only (CEM counts every episode that ends).
     whole_responses = agent.score_responses is not None
     scored = ref_fn is not None and loop.ref.score is not None
+    initial = initial_state(loop, config, agent)
+    if initial is None:
+
+        def act(k, obs):
+            return agent.act(k, agent_state, obs)
+    else:
+
+        def act(k, obs, policy_state):
+            return agent.act(k, agent_state, obs, policy_state)
+
     collector, trajectory, episodes = rollout.collect(
-        key, lambda k, obs: agent.act(k, agent_state, obs), loop.envs(config)[0], collector, num_steps,
+        key, act, loop.envs(config)[0], collector, num_steps,
         loop.spec.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
         None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
+        initial_state=initial,
     )  # fmt: skip
     if scored:
         # One causal pass per response after the rollout: the distributions a per-step call
         # gives, at 1/H of the work.
         trajectory = loop.ref.score(anchors.reference, trajectory, penalty)
     return collector, trajectory, episodes
+
+
+def initial_state(loop: Loop, config: Any, agent: Any = None) -> Any:
+    """A stateful policy's initial state for the training env's copies; None for a stateless one."""
+    agent = loop.agent(config) if agent is None else agent
+    return None if agent.initial_state is None else agent.initial_state(loop.spec.num_envs)
 
 
 def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainState:
@@ -228,7 +254,8 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
     # The config marks every axis the run is vmapped along (seeds, sweep points), which a
     # host env needs to make one copy per element (see HostVecEnv.reset).
     obs_shape = loop.vec_env.observation_space.shape
-    collector = rollout.init_collector(loop.envs(config)[0].reset(env_key, config), obs_shape)
+    collector = rollout.init_collector(loop.envs(config)[0].reset(env_key, config), obs_shape,
+                                       initial_state(loop, config, agent))  # fmt: skip
     if setup.start is not None:
         agent_state = agent_state.replace(params=setup.start.params)
         collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
@@ -263,6 +290,8 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
     collector, anchors = state.collector, state.anchors
     if agent.episodic:
         collector = collector._replace(env=loop.envs(config)[0].reset(reset_key, collector.env.env_state))
+        if collector.policy is not None:
+            collector = collector._replace(policy=rollout.fresh_policy(initial_state(loop, config, agent)))
     behaviour = loop.stale.behaviour(anchors and anchors.lagged, state.agent)
     collector, trajectory, episodes = collect(loop, collect_key, agent, behaviour, collector, loop.rollout_steps,
                                               config, anchors)  # fmt: skip
@@ -300,19 +329,33 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
 
 def evaluate_policy(loop: Loop, key: jax.Array, state: TrainState, config: Any) -> jax.Array:
     """Returns of `eval_episodes` episodes of the current policy, one per env."""
-    policy = eval_policy(loop.agent(config), state.agent, config.eval_deterministic)
-    return rollout.evaluate(key, policy, loop.envs(config)[1], state.collector.obs_norm, loop.spec.normalize_obs,
-                            loop.eval_steps, state.collector.env)  # fmt: skip
+    agent = loop.agent(config)
+    eval_env = loop.envs(config)[1]
+    initial = None if agent.initial_state is None else agent.initial_state(eval_env.num_envs)
+    policy = eval_policy(agent, state.agent, config.eval_deterministic)
+    return rollout.evaluate(key, policy, eval_env, state.collector.obs_norm, loop.spec.normalize_obs,
+                            loop.eval_steps, state.collector.env, initial)  # fmt: skip
 
 
-def eval_policy(agent: Any, agent_state: Any, deterministic: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """policy(key, obs) -> action of an evaluation: the distribution's mode, or a sample."""
+def eval_policy(agent: Any, agent_state: Any, deterministic: Any) -> Callable:
+    """policy(key, obs) -> action of an evaluation: the distribution's mode, or a sample. For a
+    stateful agent (`agent.initial_state`), policy(key, obs, policy_state) -> (action, policy_state)."""
 
-    def policy(k, obs):
-        dist = agent.policy(agent_state, obs)
+    def choose(k, dist):
         return dist.mode() if deterministic else dist.sample(k)
 
-    return policy
+    if agent.initial_state is None:
+
+        def policy(k, obs):
+            return choose(k, agent.policy(agent_state, obs))
+
+        return policy
+
+    def recurrent(k, obs, policy_state):
+        dist, policy_state = agent.policy(agent_state, obs, policy_state)
+        return choose(k, dist), policy_state
+
+    return recurrent
 
 
 def episode_means(episodes: rollout.EpisodeStats, last_return: jax.Array, last_length: jax.Array):

@@ -176,7 +176,8 @@ def _program(run: "runfolder.LoadedRun", episodes: int, deterministic: bool) -> 
     @jax.jit
     def episodes_of(key, agent_state, obs_norm):
         policy = train.eval_policy(agent, agent_state, deterministic)
-        return rollout.record(key, policy, vec_env, obs_norm, spec.normalize_obs, max_steps)
+        initial = None if agent.initial_state is None else agent.initial_state(vec_env.num_envs)
+        return rollout.record(key, policy, vec_env, obs_norm, spec.normalize_obs, max_steps, initial_state=initial)
 
     while len(_PROGRAMS) >= _KEEP:
         del _PROGRAMS[next(iter(_PROGRAMS))]

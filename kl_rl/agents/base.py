@@ -75,12 +75,18 @@ class Agent(NamedTuple):
       score_responses: token-task agents only: score_responses(state, tokens [N, P + H]) ->
         the policy's distribution at each response position [N, H, ...], in one causal pass
         (what `policy` gives at each step of generating the response); None otherwise.
+      initial_state: a stateful policy's (a recurrent cell's) initial_state(n) -> its state for
+        n envs; None for a stateless policy. With one, act(key, state, obs, policy_state) ->
+        (action, log_prob, dist, policy_state) and policy(state, obs, policy_state) -> (dist,
+        policy_state); the collector carries the state and `update` receives a trajectory with
+        `policy_state` and `start` (`kl_rl.rollout`).
     """
 
     init: Callable[[jax.Array], Any]
-    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    act: Callable[..., tuple]
     value: Callable[[Any, jax.Array], jax.Array]
-    policy: Callable[[Any, jax.Array], Any]
+    policy: Callable[..., Any]
     update: Callable[[jax.Array, Any, Transition, "UpdateContext"], tuple[Any, dict[str, jax.Array]]]
     episodic: bool = False
     score_responses: Callable[[Any, jax.Array], Any] | None = None
+    initial_state: Callable[[int], Any] | None = None

@@ -8,7 +8,7 @@ here once, so a fix to any of it reaches every algorithm.
 
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import flax.struct
 import gymnasium as gym
@@ -29,6 +29,11 @@ class PolicyConfig:
 
     hidden_sizes: tuple[int, ...] = static((64, 64))
     """Hidden layer widths of the policy (and value) MLPs."""
+    network: str = static("mlp")
+    """The policy network: mlp, or a recurrent cell, gru or lstm, whose state the collector
+    carries between steps and resets where an episode starts (hidden_sizes[0] is the cell's
+    width, the rest the head's layers; the critic stays an MLP of the observation). Recurrent
+    policies are unrolled by PPO's, MDPO's and VPG's updates."""
     activation: str = static("tanh")
     """Hidden activation: tanh, relu, elu or gelu."""
     distribution: str = static("auto")
@@ -65,10 +70,31 @@ class PolicyConfig:
     gymnax's EnvParams fields (max_steps_in_episode), Brax System paths (opt.timestep). Traced,
     so a sweep or vmap can vary them. On the CLI: --env.NAME VALUE; in --grid: env.NAME=V1,V2."""
 
+    recurrent_update: ClassVar[bool] = False
+    """Whether this algorithm's update unrolls a stateful policy (`network` gru or lstm)."""
+
+    @property
+    def recurrent(self) -> bool:
+        """Whether the policy carries a state between steps (static)."""
+        return self.network != "mlp"
+
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
         check_positive(self, ("eval_episodes", *positive), positive_float)
         if any(w <= 0 for w in self.hidden_sizes):
             raise ConfigError(f"{{hidden_sizes}} must be positive widths, got {self.hidden_sizes}", "hidden_sizes")
+        if self.network not in networks.NETWORKS:
+            raise ConfigError(
+                f"unknown {{network}} {self.network!r}; use one of {', '.join(networks.NETWORKS)}", "network"
+            )
+        if self.recurrent and not self.recurrent_update:
+            raise ConfigError(
+                f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo, vpg); "
+                "this algorithm's policy is a function of the observation: use {network} mlp",
+                "network",
+            )
+        if self.recurrent and not self.hidden_sizes:
+            raise ConfigError("{network} " + self.network + " needs {hidden_sizes} to name the cell's width",
+                              "network", "hidden_sizes")  # fmt: skip
         networks.resolve_distribution(self.distribution, action_space)
         check_reference(self)
 
@@ -185,6 +211,12 @@ class PenalizedConfig(OnPolicyConfig):
             raise ConfigError(
                 f"{{behaviour_kl_coef}} must be >= 0, got {float(self.behaviour_kl_coef)}", "behaviour_kl_coef"
             )
+        if self.recurrent and self.stale:
+            raise ConfigError(
+                f"{{network}} {self.network} learns from fresh rollouts only: use {{policy_lag}} 0 and "
+                "{replay_rollouts} 1 (or network mlp)",
+                "network", "policy_lag", "replay_rollouts",
+            )  # fmt: skip
 
 
 @flax.struct.dataclass
@@ -218,11 +250,20 @@ class ProximalConfig(PenalizedConfig):
     def minibatch_size(self) -> int:
         return self.batch_size // self.num_minibatches
 
+    recurrent_update: ClassVar[bool] = True
+
     def _check_proximal(self, action_space: gym.Space, positive_float: tuple[str, ...] = ()) -> None:
         self._check_on_policy(
             action_space, ("update_epochs", "num_minibatches"), ("lr", "clip_eps", "max_grad_norm", *positive_float)
         )
         check_divides("num_minibatches", self.num_minibatches, self.batch_size)
+        # Minibatches are whole envs' sequences, so the envs must split evenly.
+        if self.recurrent and self.num_envs % self.num_minibatches:
+            raise ConfigError(
+                f"with {{network}} {self.network}, minibatches hold whole envs' sequences: {{num_minibatches}} "
+                f"{self.num_minibatches} must divide {{num_envs}} {self.num_envs}",
+                "network", "num_minibatches", "num_envs",
+            )  # fmt: skip
 
 
 KL_PENALTIES = ("none", "fixed", "adaptive", "proportional")
@@ -345,7 +386,9 @@ def advantages_and_returns(
 
     Returns:
       (flat trajectory, advantages, returns), each with a leading batch axis of T * N; on stale
-      data with correction the trajectory's `value` is the current critic's.
+      data with correction the trajectory's `value` is the current critic's. A stateful
+      policy's trajectory (one with `start` flags) is not flattened but made env-major [N, T],
+      so that minibatches split over envs keep each env's sequence whole.
     """
     spec = config.rollout
     stale = spec.policy_lag > 0 or spec.replay_rollouts > 1
@@ -372,6 +415,8 @@ def advantages_and_returns(
 
         advantages, returns = jax.vmap(estimate)(*(None if a is None else per_rollout(a) for a in args))
         advantages, returns = (x.reshape(traj.reward.shape) for x in (advantages, returns))
+    if traj.start is not None:
+        return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (traj, advantages, returns))
     batch = traj.reward.size
     return jax.tree.map(lambda x: x.reshape(batch, *x.shape[2:]), (traj, advantages, returns))
 
@@ -498,25 +543,32 @@ def fit_value(
 
 
 class ActorCritic(NamedTuple):
-    """A policy MLP and a value MLP, and the agent functions that only read their parameters.
+    """A policy network and a value MLP, and the agent functions that only read their parameters.
 
     `policy`, `act` and `value` take any agent state with a `params` dict holding "policy" and
-    "value", so PPO, VPG and TRPO share them.
+    "value", so PPO, VPG and TRPO share them. A stateful policy's `policy` and `act` take and
+    return its state (`kl_rl.agents.base.Agent`), and `initial_state` is not None.
     """
 
     policy_net: networks.Network
     value_net: networks.Network
     init_params: Callable[[jax.Array], dict]
-    policy: Callable[[Any, jax.Array], Any]
-    act: Callable[[jax.Array, Any, jax.Array], tuple[jax.Array, jax.Array, Any]]
+    policy: Callable[..., Any]
+    act: Callable[..., tuple]
     value: Callable[[Any, jax.Array], jax.Array]
+    distribution: Callable[[Any, buffer.Transition], Any]
+    """distribution(policy_params, traj) -> the policy's distribution at every step of an update's
+    data: of each observation, or for a stateful policy unrolled along env-major [N, T]
+    sequences from each env's first recorded state, reset where `traj.start` says."""
+    initial_state: Callable[[int], Any] | None = None
 
 
 def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_space: gym.Space) -> ActorCritic:
     """The networks named by `config` for one env's spaces, with their init, policy, act and value."""
     policy_net = networks.make_policy(
-        action_space, config.hidden_sizes, config.activation, config.distribution, config.init_log_std
-    )
+        action_space, config.hidden_sizes, config.activation, config.distribution, config.init_log_std,
+        config.network,
+    )  # fmt: skip
     value_net = networks.make_value(config.hidden_sizes, config.activation)
 
     def init_params(key: jax.Array) -> dict:
@@ -524,17 +576,36 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
         return {"policy": policy_net.init(policy_key, obs), "value": value_net.init(value_key, obs)}
 
-    policy, act = policy_and_act(policy_net)
-
     def value(state: Any, obs: jax.Array) -> jax.Array:
         return value_net.apply(state.params["value"], obs)
 
-    return ActorCritic(policy_net, value_net, init_params, policy, act, value)
+    if policy_net.initial_state is None:
+        policy, act = policy_and_act(policy_net)
+
+        def distribution(params: Any, traj: buffer.Transition):
+            return policy_net.apply(params, traj.obs)
+
+        return ActorCritic(policy_net, value_net, init_params, policy, act, value, distribution)
+
+    def recurrent_policy(state: Any, obs: jax.Array, policy_state: Any):
+        return policy_net.apply(state.params["policy"], obs, policy_state)
+
+    def recurrent_act(key: jax.Array, state: Any, obs: jax.Array, policy_state: Any):
+        dist, policy_state = recurrent_policy(state, obs, policy_state)
+        action = dist.sample(key)
+        return action, dist.log_prob(action), dist, policy_state
+
+    def unrolled(params: Any, traj: buffer.Transition):
+        first = jax.tree.map(lambda x: x[:, 0], traj.policy_state)
+        return networks.unroll(policy_net, params, first, traj.obs, traj.start)
+
+    return ActorCritic(policy_net, value_net, init_params, recurrent_policy, recurrent_act, value, unrolled,
+                       policy_net.initial_state)  # fmt: skip
 
 
 def policy_and_act(policy_net: networks.Network) -> tuple[Callable, Callable]:
     """An agent's policy(state, obs) -> dist and act(key, state, obs) -> (action, log_prob, dist)
-    for a policy network whose params are the agent state's params["policy"]."""
+    for a stateless policy network whose params are the agent state's params["policy"]."""
 
     def policy(state: Any, obs: jax.Array):
         return policy_net.apply(state.params["policy"], obs)
@@ -602,7 +673,7 @@ def proximal_agent(
 
     def loss_fn(params, batch, beta, ref_beta, progress):
         traj, advantages, returns, prox = batch
-        dist = policy_net.apply(params["policy"], traj.obs)
+        dist = ac.distribution(params["policy"], traj)
         log_prob = dist.log_prob(traj.action)
         # The policy the clip and the previous-iterate KL are taken around: the behaviour
         # policy, or on corrected stale data the proximal one (the policy before this update).
@@ -654,7 +725,7 @@ def proximal_agent(
             key, minibatch_step, carry, (traj, advantages, returns, prox), config.update_epochs, config.num_minibatches
         )
 
-        new_dist = policy_net.apply(params["policy"], traj.obs)
+        new_dist = ac.distribution(params["policy"], traj)
         kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
         kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
         kl_ctrl = controller.update(state.kl_ctrl, kl_batch, config.batch_size)
@@ -673,4 +744,5 @@ def proximal_agent(
         )
         return PPOState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
 
-    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update)
+    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update,
+                 initial_state=ac.initial_state)  # fmt: skip

@@ -17,6 +17,8 @@ the off-policy policy gradient with truncated weights, -E[min(rho_clip, pi_prox 
 on V-trace advantages; the KL penalty is taken around pi_prox.
 """
 
+from typing import ClassVar
+
 import flax.struct
 import gymnasium as gym
 import jax
@@ -54,6 +56,8 @@ class VPGConfig(PenalizedConfig):
     ent_coef: float = 0.0
     """Entropy bonus coefficient."""
 
+    recurrent_update: ClassVar[bool] = True
+
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
         self._check_on_policy(action_space, ("policy_iters", "vf_epochs", "vf_minibatches"), ("lr", "vf_lr"))
@@ -85,7 +89,7 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
     decoupled = stale and config.is_correction
 
     def policy_loss(params, traj, advantages, beta, ref_beta, prox):
-        dist = ac.policy_net.apply(params, traj.obs)
+        dist = ac.distribution(params, traj)
         log_prob = dist.log_prob(traj.action)
         if decoupled:
             prox_log_prob, anchor_dist = prox
@@ -123,11 +127,15 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         (policy_params, policy_opt), pg_losses = jax.lax.scan(
             policy_step, (params["policy"], state.opt_state["policy"]), None, length=config.policy_iters
         )
+        obs, value_returns = traj.obs, returns
+        if config.recurrent:
+            # The critic is an MLP of the observation: its regression needs no sequences.
+            obs, value_returns = obs.reshape(-1, *obs.shape[2:]), value_returns.reshape(-1)
         value_params, value_opt, vf_loss = fit_value(
             key, ac.value_net, params["value"], state.opt_state["value"], optimizer, config.vf_lr,
-            traj.obs, returns, config.vf_epochs, config.vf_minibatches,
+            obs, value_returns, config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
-        new_dist = ac.policy_net.apply(policy_params, traj.obs)
+        new_dist = ac.distribution(policy_params, traj)
         kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
         kl_batch = jnp.mean(kl.kl_old_new(prox_dist, new_dist)) if decoupled else kl_behaviour
         new_state = VPGState(
@@ -148,5 +156,6 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         }
         return new_state, metrics
 
-    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update)
+    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update,
+                 initial_state=ac.initial_state)  # fmt: skip
 

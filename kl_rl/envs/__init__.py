@@ -19,6 +19,7 @@ from kl_rl.envs.classic import (
     Acrobot,
     AcrobotParams,
     CartPole,
+    CartPoleNoVel,
     CartPoleParams,
     MountainCar,
     MountainCarContinuous,
@@ -34,7 +35,7 @@ from kl_rl.envs.vector import StepEnv, StepOut, VecEnv, VecEnvState, param_names
 from kl_rl.errors import ConfigError
 
 _REGISTRY: dict[str, type[FuncEnv]] = {
-    cls.id: cls for cls in (Acrobot, CartPole, MountainCar, MountainCarContinuous, Pendulum, *TASKS)
+    cls.id: cls for cls in (Acrobot, CartPole, CartPoleNoVel, MountainCar, MountainCarContinuous, Pendulum, *TASKS)
 }
 ENV_IDS: tuple[str, ...] = tuple(sorted(_REGISTRY))
 TASK_IDS: tuple[str, ...] = tuple(sorted(cls.id for cls in TASKS))
@@ -118,6 +119,7 @@ __all__ = [
     "Acrobot",
     "AcrobotParams",
     "CartPole",
+    "CartPoleNoVel",
     "CartPoleParams",
     "GymEnv",
     "HostVecEnv",

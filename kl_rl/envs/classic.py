@@ -137,6 +137,23 @@ class CartPole(_ClassicEnv):
         return (jnp.abs(state[0]) > p.x_threshold) | (jnp.abs(state[2]) > p.theta_threshold_radians)
 
 
+class CartPoleNoVel(CartPole):
+    """CartPole-v1 with its velocities hidden: the observation is [x, theta] of the state
+    [x, x_dot, theta, theta_dot], whose dynamics, reward, termination and time limit are
+    CartPole-v1's. A policy of the observation alone cannot tell which way the pole is falling,
+    so the task needs memory: the "velocity-only/position-only CartPole" POMDPs of recurrent RL
+    benchmarks (Ni et al. 2022, arXiv:2110.05038; Morad et al. 2023, POPGym, arXiv:2303.01859).
+    No gymnasium env has this id: it runs on the JAX path only.
+    """
+
+    id = "CartPoleNoVel-v1"
+    observation_high = (2.4 * 2, 12 * 2 * PI / 360 * 2)
+
+    def observation(self, state: jax.Array, rng: jax.Array | None = None, params: Any = None) -> jax.Array:
+        """[x, theta]: the positions, without the velocities."""
+        return state[jnp.array([0, 2])].astype(jnp.float32)
+
+
 AcrobotParams = _constants(
     "AcrobotParams",
     "Acrobot-v1's constants (both links share `link_moi`; link 2's length is never used).",

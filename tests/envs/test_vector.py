@@ -171,6 +171,7 @@ def test_make_knows_the_ids_and_lists_them_for_an_unknown_one():
         "Acrobot-v1",
         "Addition-v0",
         "CartPole-v1",
+        "CartPoleNoVel-v1",
         "MountainCar-v0",
         "MountainCarContinuous-v0",
         "Pendulum-v1",
@@ -182,7 +183,7 @@ def test_make_knows_the_ids_and_lists_them_for_an_unknown_one():
     with pytest.raises(ConfigError) as excinfo:
         envs.make("Foo-v0")
     assert str(excinfo.value).startswith(
-        "unknown env 'Foo-v0': not a kl_rl JAX port (Acrobot-v1, Addition-v0, CartPole-v1, MountainCar-v0, "
-        "MountainCarContinuous-v0, Pendulum-v1, Sort-v0) and gymnasium cannot make it ("
+        "unknown env 'Foo-v0': not a kl_rl JAX port (Acrobot-v1, Addition-v0, CartPole-v1, CartPoleNoVel-v1, "
+        "MountainCar-v0, MountainCarContinuous-v0, Pendulum-v1, Sort-v0) and gymnasium cannot make it ("
     )
     assert "\n" not in str(excinfo.value)
