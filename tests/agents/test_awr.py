@@ -145,6 +145,8 @@ def test_config_errors_name_the_field():
         AWRConfig(**{**TINY, "beta": 0.0}).validate(space)
     with pytest.raises(ConfigError, match="normalize_reward"):
         AWRConfig(**{**TINY, "normalize_reward": True}).validate(space)
+    with pytest.raises(ConfigError, match="network"):  # its update regresses on single steps
+        AWRConfig(**{**TINY, "network": "gru"}).validate(space)
     AWRConfig(**TINY).validate(space)
 
 
