@@ -10,8 +10,6 @@ from kl_rl import sweep
 from kl_rl.cli import main
 from kl_rl.errors import ConfigError
 
-BASE = dict(total_steps=1024, num_envs=4, num_steps=64, update_epochs=1)
-
 
 def test_parse_grid_types_values_and_tuples():
     grid = sweep.parse_grid("ppo", ["lr=3e-4,1e-3", "clip-eps=0.1", "hidden_sizes=64:64,32"])
@@ -35,17 +33,29 @@ def test_bad_grids_are_config_errors(items, needle):
         sweep.parse_grid("ppo", items)
 
 
-def test_traced_grid_is_one_program_and_matches_separate_runs():
-    grid = {"lr": [3e-4, 1e-2], "clip_eps": [0.2]}
-    result = sweep.run_sweep("ppo", "CartPole-v1", grid, seeds=2, overrides=BASE)
+def test_traced_grid_is_one_program_and_each_point_is_the_run_of_its_config_and_seed():
+    # Two traced fields in one program; each value of each is checked against a separate run,
+    # bit for bit (on CPU a point's result depends only on its config and seed). gamma with
+    # reward normalization: the collector used to read gamma from the trainer's own config, so
+    # every point of a sweep over gamma got the first point's. 60 updates of a few env steps.
+    small = dict(num_envs=2, num_steps=16, total_steps=2 * 16 * 60, num_minibatches=2, update_epochs=2,
+                 normalize_reward=True)  # fmt: skip
+    grid = {"lr": [3e-4, 1e-2], "gamma": [0.9, 0.99], "clip_eps": [0.2]}
+    result = sweep.run_sweep("ppo", "CartPole-v1", grid, seeds=2, overrides=small)
     assert len(result.programs) == 1
-    assert result.metrics["kl"].shape == (2, 2, 4)
-    for p, point in enumerate(result.points):
-        alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, **BASE, **point)
-        np.testing.assert_allclose(result.metrics["kl"][p], alone.metrics["kl"], rtol=1e-3, atol=1e-7)
-        np.testing.assert_allclose(result.final_returns[p], alone.final_returns, rtol=1e-4)
-    # The two learning rates really differ in effect.
-    assert not np.allclose(result.metrics["kl"][0], result.metrics["kl"][1])
+    assert result.metrics["kl"].shape == (4, 2, 60)
+    index = {(p["lr"], p["gamma"]): i for i, p in enumerate(result.points)}
+    # Each lr and each gamma once, away from the first point (3e-4, 0.9).
+    for lr, gamma in ((3e-4, 0.99), (1e-2, 0.9)):
+        p = index[lr, gamma]
+        alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, **{**small, "lr": lr, "gamma": gamma, "clip_eps": 0.2})
+        for name in ("kl", "pg_loss", "vf_loss", "episode_return"):
+            np.testing.assert_array_equal(result.metrics[name][p], alone.metrics[name], err_msg=name)
+        np.testing.assert_array_equal(result.final_returns[p], alone.final_returns)
+    # The two learning rates and the two discounts really differ in effect.
+    first = index[3e-4, 0.9]
+    assert not np.allclose(result.metrics["kl"][first], result.metrics["kl"][index[1e-2, 0.9]])
+    assert not np.array_equal(result.metrics["vf_loss"][first], result.metrics["vf_loss"][index[3e-4, 0.99]])
 
 
 def test_static_values_make_separate_programs_and_chunks_reuse_one():
