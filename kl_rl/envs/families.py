@@ -14,7 +14,8 @@ How each family's own autoreset and time limit are handled:
   `max_steps_in_episode`, a param), and `terminated` is `step_env`'s natural termination. Where
   both hold, termination wins (no bootstrap). Observations are flattened to one float32 vector,
   as PureJaxRL's `FlattenObservationWrapper` does (MinAtar's 10x10xC images become 100*C
-  features for the MLP policies).
+  features for the MLP policies). Where an env's declared bounds do not hold its observations
+  (`GYMNAX_UNBOUNDED`: MemoryChain-bsuite), the adapter's Box is unbounded.
 - **Brax** (`brax/...`: the generalized pipeline, Brax's default; `brax-positional/...`,
   `brax-spring/...`; `mjx/...`: MuJoCo MJX). The adapter uses the raw env, which has neither.
   Brax's training wrappers are not used: its `AutoResetWrapper` restarts an ended episode from
@@ -55,6 +56,11 @@ from kl_rl.envs.vector import StepEnv, cast_like, param_names
 from kl_rl.errors import ConfigError
 
 GYMNAX_LEFT_OUT = {"MNISTBandit-bsuite": "it downloads MNIST when made"}
+GYMNAX_UNBOUNDED = {
+    "MemoryChain-bsuite": "it shows its context bit as -1 or +1 under a declared Box(0, 2)",
+}
+"""gymnax envs whose declared observation bounds their observations break: the adapter gives
+them an unbounded Box of the same shape."""
 BRAX_LEFT_OUT = {
     "fast": "it is Brax's test stand-in, with no physical System",
     "swimmer": "Brax 0.14's fluid model calls jnp.clip(a_min=...), which this JAX no longer accepts",
@@ -65,7 +71,8 @@ BRAX_EPISODE_STEPS = 1000
 
 def _observation_box(space: Any, shape: tuple[int, ...], flatten: bool) -> spaces.Box:
     """A float32 Box of the observations' real `shape` (flattened), bounded by the family's space
-    where its bounds fit that shape (gymnax's FrozenLake declares Discrete(16) for [1] floats)."""
+    where its bounds fit that shape (gymnax's FrozenLake declares Discrete(16) for [1] floats);
+    unbounded where `space` is None."""
     kind = type(space).__name__
     low, high = -np.inf, np.inf
     if kind == "Discrete":
@@ -114,7 +121,8 @@ class GymnaxEnv(StepEnv):
         self.flatten = flatten
         self.default_params = params
         obs = jax.eval_shape(lambda k: self.family_env.reset_env(k, params)[0], jax.random.key(0))
-        self.observation_space = _observation_box(self.family_env.observation_space(params), obs.shape, flatten)
+        declared = None if name in GYMNAX_UNBOUNDED else self.family_env.observation_space(params)
+        self.observation_space = _observation_box(declared, obs.shape, flatten)
         self.action_space = _action_space(self.family_env.action_space(params))
         self.max_episode_steps = int(params.max_steps_in_episode)
 

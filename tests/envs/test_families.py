@@ -450,3 +450,31 @@ def test_a_sweep_over_an_env_param_is_one_compiled_program():
     assert len(result.programs) == 1 and result.programs[0]["points"] == [0, 1]
     assert np.isfinite(result.final_returns).all()
     assert result.final_returns[0, 0] != result.final_returns[1, 0]
+
+
+# -- memory ------------------------------------------------------------------------------------
+
+
+@needs_gymnax
+def test_memorychain_observations_lie_in_the_adapters_space():
+    # gymnax declares Box(0, 2) but shows the context bit as -1 or +1: the adapter's Box must
+    # hold what the env gives (GYMNAX_UNBOUNDED), the -1s included.
+    vec = VecEnv(envs.make("gymnax/MemoryChain-bsuite"), 8)
+    actions = _random_actions(vec.action_space, (12, 8))
+    reset_obs, outs = _vec_rollout(vec, jax.random.key(0), actions)
+    obs = np.concatenate([np.asarray(reset_obs), np.asarray(outs.obs).reshape(-1, 3)])
+    assert (obs[:, 2] == -1).any() and (obs[:, 2] == 1).any()
+    space = vec.observation_space
+    assert all(space.contains(o) for o in obs)
+
+
+@needs_gymnax
+def test_a_recurrent_ppo_run_on_memorychain_completes_with_finite_metrics():
+    # A tiny GRU run through the adapter at a traced memory length of 3 (episodes of 4 steps,
+    # one reward of +1 or -1 at the last): every evaluation episode ends with exactly that reward.
+    result = kl_rl.run("ppo", "gymnax/MemoryChain-bsuite", seeds=1, total_steps=256, num_envs=4, num_steps=32,
+                       num_minibatches=2, update_epochs=1, network="gru", eval_episodes=4,
+                       env_params={"memory_length": 3})  # fmt: skip
+    assert all(np.isfinite(v).all() for v in result.metrics.values() if v.dtype.kind == "f")
+    assert result.metrics["kl"].shape[-1] == 2
+    assert set(np.asarray(result.eval_returns).ravel()) <= {-1.0, 1.0}
