@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from kl_rl import buffer, kl
 from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
-from kl_rl.agents.common import OnPolicyConfig, actor_critic, adam, apply_step, check_positive
+from kl_rl.agents.common import OnPolicyConfig, actor_critic, adam, apply_step, check_positive, replay_rollout
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
 from kl_rl.returns import gae
@@ -76,9 +76,7 @@ class AWRConfig(OnPolicyConfig):
     @property
     def rollout(self) -> RolloutSpec:
         """Rollouts of num_envs x num_steps added to a replay of buffer_size transitions."""
-        return RolloutSpec(num_envs=self.num_envs, num_steps=self.num_steps, eval_episodes=self.eval_episodes,
-                           normalize_obs=self.normalize_obs, env_params=True,
-                           replay_capacity=self.buffer_size // self.num_envs)  # fmt: skip
+        return replay_rollout(self)
 
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
@@ -109,18 +107,6 @@ class AWRConfig(OnPolicyConfig):
     @property
     def num_updates(self) -> int:
         return self.total_steps // self.batch_size_per_update
-
-    def _check_on_policy(self, action_space, positive=(), positive_float=()):
-        # OnPolicyConfig's check, against the rollout (its batch_size is AWR's minibatch here).
-        self._check_common(action_space, ("total_steps", "num_envs", "num_steps", *positive), positive_float)
-        if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
-            raise ConfigError("{gamma} and {gae_lambda} must lie in [0, 1]", "gamma", "gae_lambda")
-        if self.total_steps < self.batch_size_per_update:
-            raise ConfigError(
-                f"{{total_steps}} {self.total_steps} is less than one rollout ({self.batch_size_per_update}); "
-                "raise it or lower {num_envs} / {num_steps}",
-                "total_steps", "num_envs", "num_steps",
-            )  # fmt: skip
 
 
 @flax.struct.dataclass

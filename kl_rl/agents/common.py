@@ -144,9 +144,11 @@ class OnPolicyConfig(PolicyConfig):
         self._check_common(action_space, ("total_steps", "num_envs", "num_steps", *positive), positive_float)
         if not 0.0 <= float(self.gamma) <= 1.0 or not 0.0 <= float(self.gae_lambda) <= 1.0:
             raise ConfigError("{gamma} and {gae_lambda} must lie in [0, 1]", "gamma", "gae_lambda")
-        if self.total_steps < self.batch_size:
+        # num_envs x num_steps, not batch_size: an off-policy subclass (AWR) names its minibatch so.
+        rollout = self.num_envs * self.num_steps
+        if self.total_steps < rollout:
             raise ConfigError(
-                f"{{total_steps}} {self.total_steps} is less than one batch ({self.batch_size}); raise it "
+                f"{{total_steps}} {self.total_steps} is less than one batch ({rollout}); raise it "
                 "or lower {num_envs} / {num_steps}",
                 "total_steps",
                 "num_envs",
@@ -271,6 +273,14 @@ KL_CONTROLS = ("fixed", "adaptive", "proportional")
 REFERENCE_OPTIONS = ("ref_kl_coef", "ref_kl_control", "ref_kl_target", "ref_kl_horizon", "ref_kl_in",
                      "ref_kl_estimator", "ref_kl_direction")  # fmt: skip
 """The fields of a penalty toward a frozen reference policy (`--reference`)."""
+
+
+def replay_rollout(config: Any) -> RolloutSpec:
+    """The rollout of an off-policy agent (MPO, AWR): num_envs x num_steps an update, added to a
+    replay of config.buffer_size transitions that persists across updates."""
+    return RolloutSpec(num_envs=config.num_envs, num_steps=config.num_steps, eval_episodes=config.eval_episodes,
+                       normalize_obs=config.normalize_obs, env_params=True,
+                       replay_capacity=config.buffer_size // config.num_envs)  # fmt: skip
 
 
 def check_positive(config: Any, ints: tuple[str, ...] = (), floats: tuple[str, ...] = ()) -> None:

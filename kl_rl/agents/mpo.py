@@ -40,7 +40,7 @@ import jax.numpy as jnp
 
 from kl_rl import buffer, kl, networks
 from kl_rl.agents.base import Agent, RolloutSpec, UpdateContext
-from kl_rl.agents.common import PolicyConfig, adam, apply_step, policy_and_act
+from kl_rl.agents.common import PolicyConfig, adam, apply_step, policy_and_act, replay_rollout
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
@@ -121,9 +121,7 @@ class MPOConfig(PolicyConfig):
     @property
     def rollout(self) -> RolloutSpec:
         """Rollouts of num_envs x num_steps added to a replay of buffer_size transitions."""
-        return RolloutSpec(num_envs=self.num_envs, num_steps=self.num_steps, eval_episodes=self.eval_episodes,
-                           normalize_obs=self.normalize_obs, env_params=True,
-                           replay_capacity=self.buffer_size // self.num_envs)  # fmt: skip
+        return replay_rollout(self)
 
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
