@@ -469,6 +469,7 @@ def test_memorychain_observations_lie_in_the_adapters_space():
 
 
 @needs_gymnax
+@pytest.mark.slow  # the default tier keeps MemoryChain's space check and tests/test_recurrent.py's recurrent run
 def test_a_recurrent_ppo_run_on_memorychain_completes_with_finite_metrics():
     # A tiny GRU run through the adapter at a traced memory length of 3 (episodes of 4 steps,
     # one reward of +1 or -1 at the last): every evaluation episode ends with exactly that reward.
