@@ -20,6 +20,19 @@ def train(algo, env_id="CartPole-v1", seeds=1, **fields):
     return jax.jit(jax.vmap(fn, in_axes=(0, None)))(keys, config)
 
 
+def counted_program(algo, config, env_id):
+    """(jit(vmap(train)) of `algo` on `env_id` over seed keys with the config unbatched, the list
+    that gains one entry each time it is traced): a sweep over traced fields compiles it once."""
+    traces = []
+    fn = make_train(algo, config, envs.make(env_id))
+
+    def counted(key, cfg):
+        traces.append(1)
+        return fn(key, cfg)
+
+    return jax.jit(jax.vmap(counted, in_axes=(0, None))), traces
+
+
 @functools.cache
 def _made(algo, env_id, fields):
     env = envs.make(env_id)

@@ -14,6 +14,7 @@ from kl_rl.buffer import Transition
 from kl_rl.distributions import Categorical
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_train
+from .common import counted_program
 
 # Tiny: 2 envs x 8 steps a rollout, 6 updates, a buffer of 32 transitions (16 items of 2 envs).
 TINY = dict(total_steps=96, num_envs=2, num_steps=8, hidden_sizes=(16, 16), buffer_size=32, batch_size=8,
@@ -115,14 +116,7 @@ def test_update_reads_only_the_filled_part_of_the_replay():
 
 def test_cartpole_run_logs_its_kls_and_a_traced_beta_compiles_once():
     config = AWRConfig(**TINY)
-    traces = []
-    train = make_train("awr", config, envs.make("CartPole-v1"))
-
-    def counted(key, cfg):
-        traces.append(1)
-        return train(key, cfg)
-
-    program = jax.jit(jax.vmap(counted, in_axes=(0, None)))
+    program, traces = counted_program("awr", config, "CartPole-v1")
     keys = jax.vmap(jax.random.key)(jnp.arange(1))
     out = program(keys, config)
     tight = program(keys, config.replace(beta=0.05))

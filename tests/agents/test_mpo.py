@@ -15,6 +15,7 @@ from kl_rl import envs, kl
 from kl_rl.agents.mpo import MPOConfig, temperature_loss
 from kl_rl.errors import ConfigError
 from kl_rl.train import make_train
+from .common import counted_program
 
 pytestmark = pytest.mark.xdist_group("test_mpo")
 
@@ -123,14 +124,7 @@ def _program(env_id, config):
 
 def test_pendulum_run_replay_duals_and_traced_bounds_compile_once():
     config = MPOConfig(**TINY)
-    traces = []
-    train = make_train("mpo", config, envs.make("Pendulum-v1"))
-
-    def counted(key, cfg):
-        traces.append(1)
-        return train(key, cfg)
-
-    program = jax.jit(jax.vmap(counted, in_axes=(0, None)))
+    program, traces = counted_program("mpo", config, "Pendulum-v1")
     keys = jax.vmap(jax.random.key)(jnp.arange(1))
     out = program(keys, config)
     tight = program(keys, config.replace(epsilon=1e-3, epsilon_mean=1e-4, epsilon_std=1e-7))
