@@ -40,7 +40,15 @@ def join_timeout() -> int:
     except ValueError:
         raise ConfigError(f"${TIMEOUT_ENV} must be a whole number of seconds, got {text!r}") from None
 
+
 _FLAGS = ("coordinator", "num_processes", "process_id")
+
+_joined = {"seconds": None}
+
+
+def join_time_s() -> float | None:
+    """How long this process's `join` waited for the others (seconds), or None if it joined none."""
+    return _joined["seconds"]
 
 
 def cluster_detected() -> bool:
@@ -120,8 +128,10 @@ def join(
     # CPU devices talk to other processes through gloo; GPUs and TPUs have their own collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeout_s = join_timeout() if timeout_s is None else timeout_s
+    start = time.perf_counter()
     jax.distributed.initialize(coordinator, num_processes, process_id,
                                initialization_timeout=timeout_s + 10, heartbeat_timeout_seconds=timeout_s)  # fmt: skip
+    _joined["seconds"] = time.perf_counter() - start
     return True
 
 

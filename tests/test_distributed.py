@@ -8,6 +8,7 @@ process of two devices, for PPO and TRPO at 50+ updates and for a sweep.
 import json
 import os
 import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -186,6 +187,7 @@ def test_a_cli_run_of_two_processes_writes_one_folder_and_survives_a_killed_proc
     err0, err1 = ((tmp_path / f"run{i}.err").read_text() for i in (0, 1))
     assert [p.returncode for p in procs] == [0, 0], err0[-2000:] + err1[-2000:]
     assert "final_return" in out0 and f"run folder: {tmp_path / 'run'}" in out0
+    assert re.search(r"^joined 2 processes in \d+\.\ds$", out0, re.M), out0  # its wait, beside the wall time
     assert [line for line in out1.splitlines() if not line.startswith("[Gloo]")] == []
     assert "step/s" in err0 and err1 == ""  # the bar is process 0's alone
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [

@@ -176,6 +176,10 @@ def _resume(args: argparse.Namespace, extra: list[str], argv: list[str]) -> int:
 
 
 def _print_table(result) -> None:
+    import jax
+
+    from kl_rl import distributed
+
     final = result.final_returns
     last_train = result.metrics["episode_return"][:, -1]
     summary = result.summary()
@@ -204,6 +208,9 @@ def _print_table(result) -> None:
         f"{' (cached)' if result.compiled_from_cache else ''}   "
         f"{result.env_steps_per_s:,.0f} env steps/s on {result.devices} device(s), {result.batching} batching"
     )
+    joined_s = distributed.join_time_s()
+    if joined_s is not None:  # the wall time above holds the gathers; the join came before it
+        print(f"joined {jax.process_count()} processes in {joined_s:.1f}s")
     if result.env_time_s is not None:
         share = result.env_time_s / result.wall_time_s
         print(f"host-side envs ({result.vectorization}): {result.env_time_s:.1f}s stepping, {share:.0%} of wall time")
