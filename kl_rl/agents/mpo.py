@@ -44,11 +44,14 @@ from kl_rl.agents.common import PolicyConfig, adam, apply_step, policy_and_act, 
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
-from kl_rl.returns import n_step_targets
+from kl_rl.returns import n_step_targets, retrace_targets
 
 # Floor of the log-space duals (Acme's MIN_LOG_TEMPERATURE / MIN_LOG_ALPHA): a dual can fall to
 # ~1.5e-8 and still move back up within a few hundred Adam steps.
 _MIN_LOG_DUAL = -18.0
+
+# The critic's targets of a replayed window (`MPOConfig.critic_target`).
+CRITIC_TARGETS = ("n_step", "retrace")
 
 
 @flax.struct.dataclass
@@ -80,7 +83,10 @@ class MPOConfig(PolicyConfig):
     learning_starts: int = static(1_000)
     """Env steps collected before the first gradient step."""
     n_step: int = static(5)
-    """Steps of the critic's n-step target."""
+    """Steps of the critic's n-step (or Retrace) target window."""
+    critic_target: str = static("n_step")
+    """The critic's target of a window: "n_step" (uncorrected n-step return, Acme's choice) or
+    "retrace" (Munos et al. 2016, the paper's; costs n times the target-critic calls)."""
     num_action_samples: int = static(20)
     """N, actions sampled per state in the E-step and in the bootstrap's E_{a ~ pi'}[Q'] (a
     categorical policy enumerates its actions instead)."""
@@ -108,6 +114,9 @@ class MPOConfig(PolicyConfig):
     """The first value of the multiplier of the mean (or categorical) KL constraint."""
     init_alpha_std: float = 100.0
     """The first value of the multiplier of the std KL constraint."""
+    retrace_lambda: float = 1.0
+    """Retrace's lambda in c_i = lambda min(1, pi'/mu) (the paper's c_i has none: 1); used only
+    with critic_target "retrace"."""
 
     @property
     def grad_steps(self) -> int:
@@ -134,6 +143,14 @@ class MPOConfig(PolicyConfig):
         )  # fmt: skip
         if not 0.0 <= float(self.gamma) <= 1.0:
             raise ConfigError(f"{{gamma}} must lie in [0, 1], got {float(self.gamma)}", "gamma")
+        if self.critic_target not in CRITIC_TARGETS:
+            raise ConfigError(
+                f"unknown {{critic_target}} {self.critic_target!r}; use one of {', '.join(CRITIC_TARGETS)}",
+                "critic_target",
+            )
+        if not 0.0 <= float(self.retrace_lambda) <= 1.0:
+            raise ConfigError(f"{{retrace_lambda}} must lie in [0, 1], got {float(self.retrace_lambda)}",
+                              "retrace_lambda")  # fmt: skip
         if self.learning_starts < 0:
             raise ConfigError(f"{{learning_starts}} must be >= 0, got {self.learning_starts}", "learning_starts")
         rollout = self.num_envs * self.num_steps
@@ -281,6 +298,27 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         _, log_prior, q = improvement_samples(key, target_dist, target["critic"], obs)
         return jnp.sum(jnp.exp(log_prior) * q, axis=0)
 
+    def critic_targets(key, target, window):
+        """(The critic's regression target y [B] for Q(s_0, a_0) of windows [B, n, ...], metrics)."""
+        time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (window.reward, window.terminated, window.truncated))
+        if config.critic_target == "n_step":
+            partial, last, discount = n_step_targets(*time_major, config.gamma)
+            boot_obs = jnp.take_along_axis(window.next_obs, last[:, None, None], axis=1)[:, 0]
+            return partial + discount * expected_target_q(key, target, boot_obs), {}
+        # Retrace: Q'(s_j, a_j), V'(s'_j) and pi'(a_j|s_j) at every step of the window. The buffer's
+        # action is the behaviour's unclipped sample and log_prob its density, so the weights use
+        # that sample; the critic sees it clipped, as the env did (`q_value`).
+        batch, n = window.reward.shape
+        q_t = q_value(target["critic"], window.obs, window.action)
+        next_obs = window.next_obs.reshape((batch * n, *window.next_obs.shape[2:]))
+        v_tp1 = expected_target_q(key, target, next_obs).reshape(batch, n)
+        log_rho = policy_net.apply(target["policy"], window.obs).log_prob(window.action) - window.log_prob
+        q_t, v_tp1, log_rho = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (q_t, v_tp1, log_rho))
+        q_ret = retrace_targets(q_t, v_tp1, *time_major, log_rho, config.gamma, config.retrace_lambda)
+        # The mean truncated weight min(1, pi'/mu) of the steps the trace passes through (step 0's
+        # never enters): 1 on-policy, falling as the replayed data go stale.
+        return q_ret[0], {"retrace_weight": jnp.mean(jnp.exp(jnp.minimum(log_rho[1:], 0.0)))}
+
     def loss_fn(params, target, batch):
         obs, action, y, actions, log_prior, q, target_dist = batch
         dual = params["dual"]
@@ -315,15 +353,13 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         params, target, opt_state, steps = carry
         sample_key, boot_key, e_key = jax.random.split(key, 3)
         window = buffer.sample_windows(sample_key, replay, config.batch_size, config.n_step)
-        time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (window.reward, window.terminated, window.truncated))
-        partial, last, discount = n_step_targets(*time_major, config.gamma)
-        boot_obs = jnp.take_along_axis(window.next_obs, last[:, None, None], axis=1)[:, 0]
-        y = partial + discount * expected_target_q(boot_key, target, boot_obs)
+        y, target_metrics = critic_targets(boot_key, target, window)
         obs = window.obs[:, 0]
         target_dist = policy_net.apply(target["policy"], obs)
         actions, log_prior, q = improvement_samples(e_key, target_dist, target["critic"], obs)
         batch = (obs, window.action[:, 0], y, actions, log_prior, q, target_dist)
         grads, aux = jax.grad(loss_fn, has_aux=True)(params, target, batch)
+        aux = {**aux, **target_metrics}
         lrs = {"policy": config.lr, "critic": config.critic_lr, "dual": config.dual_lr}
         new_params, new_opt = {}, {}
         for group, opt in (("policy", clipped_opt), ("critic", clipped_opt), ("dual", dual_opt)):
