@@ -315,9 +315,11 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         log_rho = policy_net.apply(target["policy"], window.obs).log_prob(window.action) - window.log_prob
         q_t, v_tp1, log_rho = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (q_t, v_tp1, log_rho))
         q_ret = retrace_targets(q_t, v_tp1, *time_major, log_rho, config.gamma, config.retrace_lambda)
-        # The mean truncated weight min(1, pi'/mu) of the steps the trace passes through (step 0's
-        # never enters): 1 on-policy, falling as the replayed data go stale.
-        return q_ret[0], {"retrace_weight": jnp.mean(jnp.exp(jnp.minimum(log_rho[1:], 0.0)))}
+        # Over the window's steps (step 0's included, so a window of one step has one): the mean
+        # truncated weight min(1, pi'/mu), 1 on-policy and falling as the replayed data go stale,
+        # and the sample estimate E_mu[log mu - log pi'] of KL(mu || pi'), 0 on-policy.
+        return q_ret[0], {"retrace_weight": jnp.mean(jnp.exp(jnp.minimum(log_rho, 0.0))),
+                          "behaviour_kl": -jnp.mean(log_rho)}  # fmt: skip
 
     def loss_fn(params, target, batch):
         obs, action, y, actions, log_prior, q, target_dist = batch
