@@ -5,11 +5,20 @@ Off-policy: a Q critic learned from the replay buffer that persists in the loop'
 both steps are held by a KL leash. Each gradient step, on a batch of windows drawn uniformly
 from the buffer (`kl_rl.buffer.sample_windows`):
 
-1. Critic: Q(s_0, a_0) regresses on the n-step target of the window (`kl_rl.returns.n_step_targets`):
-   rewards up to the first step whose episode ends, then gamma^(m+1) V'(s'_m), where V' is the
-   target networks' E_{a ~ pi'}[Q'(s'_m, a)]: a truncated step bootstraps, a terminated one
-   does not. (The paper uses Retrace; n-step targets without importance weights are Acme's
-   choice, Hoffman et al. 2020, arXiv:2006.00979.)
+1. Critic: Q(s_0, a_0) regresses on a target of the window, `critic_target`:
+   - "n_step" (default): the n-step target (`kl_rl.returns.n_step_targets`): rewards up to the
+     first step m whose episode ends, then gamma^(m+1) V'(s'_m), where V' is the target
+     networks' E_{a ~ pi'}[Q'(s'_m, a)]: a truncated step bootstraps, a terminated one does not.
+     No importance weights: Acme's choice (Hoffman et al. 2020, arXiv:2006.00979).
+   - "retrace": the paper's Retrace target (Munos et al. 2016, arXiv:1606.02647;
+     `kl_rl.returns.retrace_targets`), Q'(s_0, a_0) + sum_j gamma^j (prod_{i=1..j} c_i) delta_j
+     with delta_j = r_j + gamma (1 - terminated_j) V'(s'_j) - Q'(s_j, a_j) and
+     c_i = retrace_lambda min(1, pi'(a_i|s_i) / mu(a_i|s_i)), mu the behaviour's log_prob stored
+     in the buffer, cut at the same first done step. It evaluates Q', V' and pi' at every step of
+     the window (V' at n x batch_size states, N actions each, where n_step needs batch_size),
+     so each gradient step costs more. The weights are taken on the stored (unclipped) Gaussian
+     sample, whose density the behaviour's log_prob is; the critic sees the clipped action.
+     Logged: `retrace_weight` (mean min(1, pi'/mu)) and `behaviour_kl` (E_mu[log mu - log pi']).
 2. E-step (sec. 4.1): at each state, N actions sampled from the target policy pi' (for a
    categorical policy: every action, weighted by pi'), and the non-parametric improved policy
    q(a|s) proportional to pi'(a|s) exp(Q'(s, a) / eta), whose KL(q || pi') is held at most
