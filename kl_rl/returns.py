@@ -13,6 +13,8 @@ across an episode boundary inside the rollout.
 - `token_gae`: GAE over responses that end at their last token (the token-task agents).
 - `n_step_targets`: the n-step return of a replayed window, as a partial return and where and
   how much to bootstrap (MPO's critic).
+- `retrace_targets`: Retrace's off-policy Q targets of a replayed window (Munos et al. 2016), the
+  same truncation handling (MPO's critic with `critic_target="retrace"`).
 """
 
 import jax
@@ -215,3 +217,49 @@ def n_step_targets(r_t: ArrayLike, terminated_t: ArrayLike, truncated_t: ArrayLi
     terminated_m = jnp.take_along_axis(jnp.asarray(terminated_t), last[None], axis=0)[0]
     discount = jnp.asarray(gamma, r_t.dtype) ** (last + 1).astype(r_t.dtype) * (1.0 - terminated_m.astype(r_t.dtype))
     return partial, last, discount
+
+
+def retrace_targets(
+    q_t: ArrayLike,
+    v_tp1: ArrayLike,
+    r_t: ArrayLike,
+    terminated_t: ArrayLike,
+    truncated_t: ArrayLike,
+    log_rho_t: ArrayLike,
+    gamma: ArrayLike,
+    lambda_: ArrayLike,
+) -> jax.Array:
+    """Retrace targets of a window of n steps (Munos et al. 2016, arXiv:1606.02647, eq. 3).
+
+    Q_ret(s_0, a_0) = Q'(s_0, a_0) + sum_j gamma^j (prod_{i=1..j} c_i) delta_j, with
+    delta_j = r_j + gamma (1 - terminated_j) V'(s'_j) - Q'(s_j, a_j), s'_j step j's true next
+    observation, and c_i = lambda min(1, pi'(a_i|s_i) / mu(a_i|s_i)) the truncated importance
+    weight of the target policy pi' against the behaviour policy mu (c_0 never enters: a_0 is the
+    action being evaluated). As in `n_step_targets`, the sum stops at the first step m whose
+    episode ends: a truncated step bootstraps from V'(s'_m), a terminated one does not, and
+    nothing of the next episode enters. With every c_i = 1 and V'(s'_j) = Q'(s_{j+1}, a_{j+1})
+    inside the episode it is the n-step return built from the same V'.
+
+    Computed backwards, A_j = delta_j + gamma c_{j+1} (1 - done_j) A_{j+1} from A_n = 0, so
+    element j of the result is the target of the window's remainder from step j (element 0 is
+    the whole window's); it matches rlax's `retrace_continuous` targets where no episode ends.
+
+    Args:
+      q_t: Q'(s_j, a_j) [n, B], the target critic at the window's actions.
+      v_tp1: V'(s'_j) = E_{a ~ pi'}[Q'(s'_j, a)] [n, B].
+      r_t: rewards [n, B].
+      terminated_t: bool [n, B].
+      truncated_t: bool [n, B].
+      log_rho_t: log pi'(a_j|s_j) - log mu(a_j|s_j) [n, B]; step 0's is unused.
+      gamma: discount, may be traced.
+      lambda_: Retrace's lambda, may be traced.
+
+    Returns:
+      Q_ret [n, B].
+    """
+    q_t, v_tp1, r_t = jnp.asarray(q_t), jnp.asarray(v_tp1), jnp.asarray(r_t)
+    delta_t, not_done_t = _td_errors(r_t, q_t, v_tp1, terminated_t, truncated_t, gamma)
+    # min(1, w) = exp(min(0, log w)): never overflows.
+    c_t = jnp.exp(jnp.minimum(jnp.asarray(log_rho_t, r_t.dtype), 0.0))
+    c_tp1 = jnp.concatenate([c_t[1:], jnp.zeros_like(c_t[:1])], axis=0)
+    return q_t + _lambda_sum(delta_t, c_tp1 * not_done_t, gamma, lambda_)

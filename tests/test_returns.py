@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import rlax
 
 from kl_rl import returns
 
@@ -237,3 +238,76 @@ def test_n_step_targets_agree_with_discounted_returns_over_the_window():
     expected = returns.discounted_returns(r, v_tp1, term, trunc, 0.9)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     assert np.any(term[:-1] & ~trunc[:-1]) and np.any(trunc[:-1] & ~term[:-1])  # both kinds of end occur
+
+
+def _window(n=6, b=300, seed=0, dones=True):
+    """A random replayed window, time-major: Q'(s_j, a_j), V'(s'_j), rewards, ends, log weights
+    spread on both sides of 1."""
+    rng = np.random.default_rng(seed)
+    q, v_tp1, r = rng.normal(size=(3, n, b)).astype(np.float32)
+    log_rho = rng.normal(scale=1.0, size=(n, b)).astype(np.float32)
+    term = rng.random((n, b)) < (0.15 if dones else 0.0)
+    trunc = (rng.random((n, b)) < (0.15 if dones else 0.0)) & ~term
+    return q, v_tp1, r, term, trunc, log_rho
+
+
+def _retrace_loop(q, v_tp1, r, term, trunc, log_rho, gamma, lam):
+    """Q_ret(s_0, a_0) straight from the formula, one window at a time."""
+    n, b = r.shape
+    out = np.zeros(b)
+    for k in range(b):
+        target, coef = float(q[0, k]), 1.0
+        for j in range(n):
+            if j > 0:
+                coef *= gamma * lam * min(1.0, float(np.exp(log_rho[j, k])))
+            target += coef * (r[j, k] + gamma * (1.0 - term[j, k]) * v_tp1[j, k] - q[j, k])
+            if term[j, k] or trunc[j, k]:
+                break
+        out[k] = target
+    return out
+
+
+def test_retrace_matches_rlax_retrace_continuous_without_truncations():
+    # rlax's targets are for times [0, K - 1] from q_t, log_rhos at [1, K - 1] and v_t, r_t,
+    # discount_t at [1, K]: shifted by one, its v_t is our V'(s'_j). A termination is a zero
+    # discount in rlax (truncation has no rlax counterpart: the loop test covers it).
+    q, v_tp1, r, term, _, log_rho = _window(dones=True)
+    no_trunc = np.zeros_like(term)
+    for terminated in (np.zeros_like(term), term):
+        got = returns.retrace_targets(q, v_tp1, r, terminated, no_trunc, log_rho, 0.9, 0.8)
+        discount = 0.9 * (1.0 - terminated.astype(np.float32))
+        errors = jax.vmap(rlax.retrace_continuous, in_axes=(1, 1, 1, 1, 1, 1, None), out_axes=1)(
+            q, q[1:], v_tp1, r, discount, log_rho[1:], 0.8
+        )
+        np.testing.assert_allclose(got, errors + q, rtol=1e-5, atol=1e-5)
+
+
+def test_retrace_matches_the_formula_with_terminations_and_truncations():
+    q, v_tp1, r, term, trunc, log_rho = _window(seed=1)
+    assert np.any(term[:-1]) and np.any(trunc[:-1])
+    for lam in (1.0, 0.7):
+        got = returns.retrace_targets(q, v_tp1, r, term, trunc, log_rho, 0.95, lam)[0]
+        np.testing.assert_allclose(got, _retrace_loop(q, v_tp1, r, term, trunc, log_rho, 0.95, lam), rtol=1e-5,
+                                   atol=1e-5)  # fmt: skip
+
+
+def test_retrace_by_hand_truncation_bootstraps_and_termination_does_not():
+    # gamma 0.5, lambda 1, every weight 1. Column 0 is truncated at step 0, column 1 terminated
+    # there: step 1 is the next episode's and must not enter either.
+    q = jnp.array([[1.0, 1.0], [50.0, 50.0]])
+    v_tp1 = jnp.array([[4.0, 4.0], [70.0, 70.0]])
+    r = jnp.array([[2.0, 2.0], [30.0, 30.0]])
+    term, trunc = jnp.array([[False, True], [False, False]]), jnp.array([[True, False], [False, False]])
+    got = returns.retrace_targets(q, v_tp1, r, term, trunc, jnp.zeros((2, 2)), 0.5, 1.0)[0]
+    np.testing.assert_allclose(got, [2.0 + 0.5 * 4.0, 2.0])
+
+
+def test_retrace_on_policy_is_the_n_step_return_of_the_same_critic():
+    # c_i = 1 (weights at or above 1, lambda 1) and an action-blind critic (Q'(s_{j+1}, a_{j+1})
+    # = V'(s'_j) inside an episode): the corrections telescope to `n_step_targets`'s return.
+    q, v_tp1, r, term, trunc, log_rho = _window(seed=2)
+    q[1:] = np.where(term[:-1] | trunc[:-1], q[1:], v_tp1[:-1])
+    got = returns.retrace_targets(q, v_tp1, r, term, trunc, np.abs(log_rho), 0.9, 1.0)[0]
+    partial, last, discount = returns.n_step_targets(r, term, trunc, 0.9)
+    want = partial + discount * v_tp1[np.asarray(last), np.arange(r.shape[1])]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

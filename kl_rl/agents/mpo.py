@@ -5,11 +5,20 @@ Off-policy: a Q critic learned from the replay buffer that persists in the loop'
 both steps are held by a KL leash. Each gradient step, on a batch of windows drawn uniformly
 from the buffer (`kl_rl.buffer.sample_windows`):
 
-1. Critic: Q(s_0, a_0) regresses on the n-step target of the window (`kl_rl.returns.n_step_targets`):
-   rewards up to the first step whose episode ends, then gamma^(m+1) V'(s'_m), where V' is the
-   target networks' E_{a ~ pi'}[Q'(s'_m, a)]: a truncated step bootstraps, a terminated one
-   does not. (The paper uses Retrace; n-step targets without importance weights are Acme's
-   choice, Hoffman et al. 2020, arXiv:2006.00979.)
+1. Critic: Q(s_0, a_0) regresses on a target of the window, `critic_target`:
+   - "n_step" (default): the n-step target (`kl_rl.returns.n_step_targets`): rewards up to the
+     first step m whose episode ends, then gamma^(m+1) V'(s'_m), where V' is the target
+     networks' E_{a ~ pi'}[Q'(s'_m, a)]: a truncated step bootstraps, a terminated one does not.
+     No importance weights: Acme's choice (Hoffman et al. 2020, arXiv:2006.00979).
+   - "retrace": the paper's Retrace target (Munos et al. 2016, arXiv:1606.02647;
+     `kl_rl.returns.retrace_targets`), Q'(s_0, a_0) + sum_j gamma^j (prod_{i=1..j} c_i) delta_j
+     with delta_j = r_j + gamma (1 - terminated_j) V'(s'_j) - Q'(s_j, a_j) and
+     c_i = retrace_lambda min(1, pi'(a_i|s_i) / mu(a_i|s_i)), mu the behaviour's log_prob stored
+     in the buffer, cut at the same first done step. It evaluates Q', V' and pi' at every step of
+     the window (V' at n x batch_size states, N actions each, where n_step needs batch_size),
+     so each gradient step costs more. The weights are taken on the stored (unclipped) Gaussian
+     sample, whose density the behaviour's log_prob is; the critic sees the clipped action.
+     Logged: `retrace_weight` (mean min(1, pi'/mu)) and `behaviour_kl` (E_mu[log mu - log pi']).
 2. E-step (sec. 4.1): at each state, N actions sampled from the target policy pi' (for a
    categorical policy: every action, weighted by pi'), and the non-parametric improved policy
    q(a|s) proportional to pi'(a|s) exp(Q'(s, a) / eta), whose KL(q || pi') is held at most
@@ -44,11 +53,14 @@ from kl_rl.agents.common import PolicyConfig, adam, apply_step, policy_and_act, 
 from kl_rl.config import static
 from kl_rl.distributions import DiagGaussian
 from kl_rl.errors import ConfigError
-from kl_rl.returns import n_step_targets
+from kl_rl.returns import n_step_targets, retrace_targets
 
 # Floor of the log-space duals (Acme's MIN_LOG_TEMPERATURE / MIN_LOG_ALPHA): a dual can fall to
 # ~1.5e-8 and still move back up within a few hundred Adam steps.
 _MIN_LOG_DUAL = -18.0
+
+# The critic's targets of a replayed window (`MPOConfig.critic_target`).
+CRITIC_TARGETS = ("n_step", "retrace")
 
 
 @flax.struct.dataclass
@@ -80,7 +92,10 @@ class MPOConfig(PolicyConfig):
     learning_starts: int = static(1_000)
     """Env steps collected before the first gradient step."""
     n_step: int = static(5)
-    """Steps of the critic's n-step target."""
+    """Steps of the critic's n-step (or Retrace) target window."""
+    critic_target: str = static("n_step")
+    """The critic's target of a window: "n_step" (uncorrected n-step return, Acme's choice) or
+    "retrace" (Munos et al. 2016, the paper's; costs n times the target-critic calls)."""
     num_action_samples: int = static(20)
     """N, actions sampled per state in the E-step and in the bootstrap's E_{a ~ pi'}[Q'] (a
     categorical policy enumerates its actions instead)."""
@@ -108,6 +123,9 @@ class MPOConfig(PolicyConfig):
     """The first value of the multiplier of the mean (or categorical) KL constraint."""
     init_alpha_std: float = 100.0
     """The first value of the multiplier of the std KL constraint."""
+    retrace_lambda: float = 1.0
+    """Retrace's lambda in c_i = lambda min(1, pi'/mu) (the paper's c_i has none: 1); used only
+    with critic_target "retrace"."""
 
     @property
     def grad_steps(self) -> int:
@@ -134,6 +152,14 @@ class MPOConfig(PolicyConfig):
         )  # fmt: skip
         if not 0.0 <= float(self.gamma) <= 1.0:
             raise ConfigError(f"{{gamma}} must lie in [0, 1], got {float(self.gamma)}", "gamma")
+        if self.critic_target not in CRITIC_TARGETS:
+            raise ConfigError(
+                f"unknown {{critic_target}} {self.critic_target!r}; use one of {', '.join(CRITIC_TARGETS)}",
+                "critic_target",
+            )
+        if not 0.0 <= float(self.retrace_lambda) <= 1.0:
+            raise ConfigError(f"{{retrace_lambda}} must lie in [0, 1], got {float(self.retrace_lambda)}",
+                              "retrace_lambda")  # fmt: skip
         if self.learning_starts < 0:
             raise ConfigError(f"{{learning_starts}} must be >= 0, got {self.learning_starts}", "learning_starts")
         rollout = self.num_envs * self.num_steps
@@ -281,6 +307,29 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         _, log_prior, q = improvement_samples(key, target_dist, target["critic"], obs)
         return jnp.sum(jnp.exp(log_prior) * q, axis=0)
 
+    def critic_targets(key, target, window):
+        """(The critic's regression target y [B] for Q(s_0, a_0) of windows [B, n, ...], metrics)."""
+        time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (window.reward, window.terminated, window.truncated))
+        if config.critic_target == "n_step":
+            partial, last, discount = n_step_targets(*time_major, config.gamma)
+            boot_obs = jnp.take_along_axis(window.next_obs, last[:, None, None], axis=1)[:, 0]
+            return partial + discount * expected_target_q(key, target, boot_obs), {}
+        # Retrace: Q'(s_j, a_j), V'(s'_j) and pi'(a_j|s_j) at every step of the window. The buffer's
+        # action is the behaviour's unclipped sample and log_prob its density, so the weights use
+        # that sample; the critic sees it clipped, as the env did (`q_value`).
+        batch, n = window.reward.shape
+        q_t = q_value(target["critic"], window.obs, window.action)
+        next_obs = window.next_obs.reshape((batch * n, *window.next_obs.shape[2:]))
+        v_tp1 = expected_target_q(key, target, next_obs).reshape(batch, n)
+        log_rho = policy_net.apply(target["policy"], window.obs).log_prob(window.action) - window.log_prob
+        q_t, v_tp1, log_rho = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (q_t, v_tp1, log_rho))
+        q_ret = retrace_targets(q_t, v_tp1, *time_major, log_rho, config.gamma, config.retrace_lambda)
+        # Over the window's steps (step 0's included, so a window of one step has one): the mean
+        # truncated weight min(1, pi'/mu), 1 on-policy and falling as the replayed data go stale,
+        # and the sample estimate E_mu[log mu - log pi'] of KL(mu || pi'), 0 on-policy.
+        return q_ret[0], {"retrace_weight": jnp.mean(jnp.exp(jnp.minimum(log_rho, 0.0))),
+                          "behaviour_kl": -jnp.mean(log_rho)}  # fmt: skip
+
     def loss_fn(params, target, batch):
         obs, action, y, actions, log_prior, q, target_dist = batch
         dual = params["dual"]
@@ -315,15 +364,13 @@ def mpo(config: MPOConfig, observation_space: gym.Space, action_space: gym.Space
         params, target, opt_state, steps = carry
         sample_key, boot_key, e_key = jax.random.split(key, 3)
         window = buffer.sample_windows(sample_key, replay, config.batch_size, config.n_step)
-        time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (window.reward, window.terminated, window.truncated))
-        partial, last, discount = n_step_targets(*time_major, config.gamma)
-        boot_obs = jnp.take_along_axis(window.next_obs, last[:, None, None], axis=1)[:, 0]
-        y = partial + discount * expected_target_q(boot_key, target, boot_obs)
+        y, target_metrics = critic_targets(boot_key, target, window)
         obs = window.obs[:, 0]
         target_dist = policy_net.apply(target["policy"], obs)
         actions, log_prior, q = improvement_samples(e_key, target_dist, target["critic"], obs)
         batch = (obs, window.action[:, 0], y, actions, log_prior, q, target_dist)
         grads, aux = jax.grad(loss_fn, has_aux=True)(params, target, batch)
+        aux = {**aux, **target_metrics}
         lrs = {"policy": config.lr, "critic": config.critic_lr, "dual": config.dual_lr}
         new_params, new_opt = {}, {}
         for group, opt in (("policy", clipped_opt), ("critic", clipped_opt), ("dual", dual_opt)):

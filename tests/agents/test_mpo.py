@@ -147,6 +147,42 @@ def test_pendulum_run_replay_duals_and_traced_bounds_compile_once():
     assert any(not np.array_equal(a, b) for a, b in zip(online, target, strict=True))
 
 
+def test_retrace_weights_are_one_on_policy_and_lambda_is_traced():
+    # The target policy is never copied here (period 1000): it stays the initial policy, which
+    # collected update 0's data, so there every weight pi'/mu on the buffer's (unclipped) actions
+    # is 1; once the online policy trains, its replayed actions are off-policy to pi' and the
+    # weights drop below 1. The wide initial std (e^1) sends many actions past Pendulum's bounds
+    # [-2, 2]: the weights must use the unclipped sample the behaviour's log_prob is of.
+    config = MPOConfig(**{**TINY, "target_period": 1000, "critic_target": "retrace", "init_log_std": 1.0})
+    program, traces = counted_program("mpo", config, "Pendulum-v1")
+    keys = jax.vmap(jax.random.key)(jnp.arange(1))
+    out = program(keys, config)
+    cut = program(keys, config.replace(retrace_lambda=0.5))
+    assert len(traces) == 1  # retrace_lambda is traced
+    w, behaviour_kl = np.asarray(out.metrics["retrace_weight"][0]), np.asarray(out.metrics["behaviour_kl"][0])
+    np.testing.assert_allclose(w[0], 1.0, rtol=1e-6)
+    assert abs(behaviour_kl[0]) < 1e-5, behaviour_kl  # the truncated weight alone hides ratios above 1
+    assert np.all((w > 0.0) & (w <= 1.0 + 1e-6)) and w[-1] < 0.999 and abs(behaviour_kl[-1]) > 1e-4, (w, behaviour_kl)
+    for name in ("critic_loss", "temperature", "alpha_mean", "q_mean"):
+        assert np.all(np.isfinite(out.metrics[name])), name
+    assert not np.allclose(out.metrics["critic_loss"][0, -1], cut.metrics["critic_loss"][0, -1])  # lambda reached it
+
+
+@pytest.mark.slow  # two CartPole compiles (~60 s)
+def test_one_step_retrace_is_the_one_step_target_on_a_categorical_policy():
+    # A window of one step has no trace: Retrace's target Q' + delta_0 is the n-step target
+    # r_0 + gamma (1 - terminated_0) V'(s'_0) up to rounding, so the two runs stay together.
+    config = MPOConfig(**{**TINY, "n_step": 1})
+    keys = jax.vmap(jax.random.key)(jnp.arange(1))
+    n_step = _program("CartPole-v1", config)(keys, config)
+    retrace = MPOConfig(**{**TINY, "n_step": 1, "critic_target": "retrace"})
+    out = _program("CartPole-v1", retrace)(keys, retrace)
+    assert np.all(np.isfinite(out.metrics["retrace_weight"]))
+    for name in ("critic_loss", "q_mean", "temperature", "alpha"):
+        np.testing.assert_allclose(out.metrics[name], n_step.metrics[name], rtol=1e-3, atol=1e-5, err_msg=name)
+    assert not np.allclose(n_step.metrics["critic_loss"][0, 2], n_step.metrics["critic_loss"][0, -1])  # it learned
+
+
 @pytest.mark.slow  # ~30 s of compile: the default tier keeps the Pendulum run and the categorical losses
 def test_cartpole_run_logs_the_categorical_dual():
     out = _program("CartPole-v1", MPOConfig(**TINY))(jax.vmap(jax.random.key)(jnp.arange(1)), MPOConfig(**TINY))
@@ -164,6 +200,10 @@ def test_config_errors_name_the_field():
         MPOConfig(**{**TINY, "utd_ratio": 0.01}).validate(space)
     with pytest.raises(ConfigError, match="epsilon_mean"):
         MPOConfig(**{**TINY, "epsilon_mean": -1.0}).validate(space)
+    with pytest.raises(ConfigError, match="critic_target"):
+        MPOConfig(**{**TINY, "critic_target": "td"}).validate(space)
+    with pytest.raises(ConfigError, match="retrace_lambda"):
+        MPOConfig(**{**TINY, "retrace_lambda": 1.5}).validate(space)
     MPOConfig(**TINY).validate(space)
 
 
