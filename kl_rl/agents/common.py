@@ -33,7 +33,7 @@ class PolicyConfig:
     """The policy network: mlp, or a recurrent cell, gru or lstm, whose state the collector
     carries between steps and resets where an episode starts (hidden_sizes[0] is the cell's
     width, the rest the head's layers; the critic stays an MLP of the observation). Recurrent
-    policies are unrolled by PPO's, MDPO's and VPG's updates."""
+    policies are unrolled by PPO's, MDPO's, VPG's and TRPO's updates."""
     activation: str = static("tanh")
     """Hidden activation: tanh, relu, elu or gelu."""
     distribution: str = static("auto")
@@ -88,7 +88,7 @@ class PolicyConfig:
             )
         if self.recurrent and not self.recurrent_update:
             raise ConfigError(
-                f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo, vpg); "
+                f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo, vpg, trpo); "
                 "this algorithm's policy is a function of the observation: use {network} mlp",
                 "network",
             )
@@ -517,6 +517,15 @@ def adam(max_grad_norm: Any = None) -> optax.GradientTransformation:
 def apply_step(params: Any, updates: Any, lr: jax.Array) -> Any:
     """params - lr * updates, leaf by leaf."""
     return jax.tree.map(lambda p, u: p - lr * u, params, updates)
+
+
+def value_regression_data(config: PolicyConfig, obs: jax.Array, returns: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(obs, returns) for `fit_value`: as given, or a recurrent policy's env-major [N, T] batch
+    flattened to [N * T] -- the critic is an MLP of the observation, so its regression needs no
+    sequences and its minibatches are of steps, as for a stateless policy."""
+    if not config.recurrent:
+        return obs, returns
+    return obs.reshape(-1, *obs.shape[2:]), returns.reshape(-1)
 
 
 def fit_value(

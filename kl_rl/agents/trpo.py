@@ -19,9 +19,16 @@ penalty in the loss, L(theta) - beta * KL to the reference):
 The critic is fitted separately afterwards (minibatch Adam regression on the lambda-returns). The
 behaviour distribution pi_old comes from the buffer, so the KL is measured against the policy
 that collected the data.
+
+A recurrent policy (`network` gru or lstm) is a function of the whole history, so pi_theta at a
+step is the policy unrolled along its env's sequence from the state recorded at the rollout's
+first step, reset where an episode starts (`kl_rl.networks.unroll`, the same unroll as PPO's
+update): the surrogate, the Fisher-vector products (the Hessian of the sequence KL, with
+gradients through every step of the unroll) and the line search's KL checks all see that policy.
 """
 
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import flax.struct
 import gymnasium as gym
@@ -33,7 +40,7 @@ from kl_rl import kl
 from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
     OnPolicyConfig, add_reference_loss, actor_critic, adam, advantages_and_returns, check_divides, explained_variance,
-    fit_value, normalize_advantages
+    fit_value, normalize_advantages, value_regression_data
 )
 from kl_rl.config import static
 from kl_rl.errors import ConfigError
@@ -68,6 +75,8 @@ class TRPOConfig(OnPolicyConfig):
     """Each line-search candidate shrinks the step by this factor."""
     vf_lr: float = 1e-3
     """Critic Adam learning rate."""
+
+    recurrent_update: ClassVar[bool] = True
 
     def validate(self, action_space: gym.Space) -> None:
         """Raises ConfigError on values no run could use."""
@@ -138,6 +147,28 @@ def conjugate_gradient(
     return jax.lax.while_loop(cond, body, init)[1]
 
 
+def surrogate_and_kl(distribution: Callable[[Any, Any], Any], unravel: Callable[[jax.Array], Any], traj,
+                     advantages: jax.Array, config: TRPOConfig,
+                     ref_beta: Any) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:  # fmt: skip
+    """theta -> (surrogate L(theta), mean KL(pi_old || pi_theta)) over an update's batch.
+
+    `distribution(policy_params, traj)` is the policy's distribution at every step of the batch
+    (`kl_rl.agents.common.ActorCritic.distribution`: of each observation, or a recurrent policy
+    unrolled along the env-major sequences); pi_old is the behaviour distribution the buffer
+    recorded. The surrogate is mean(pi_theta(a) / pi_old(a) * A), less the reference penalty when
+    it goes in the loss. One policy pass gives both.
+    """
+
+    def fn(theta):
+        dist = distribution(unravel(theta), traj)
+        surr = jnp.mean(jnp.exp(dist.log_prob(traj.action) - traj.log_prob) * advantages)
+        # A reference penalty in the loss is subtracted from the surrogate it maximizes.
+        surr = -add_reference_loss(-surr, config, dist, traj, ref_beta)
+        return surr, jnp.mean(kl.kl_old_new(traj.dist, dist))
+
+    return fn
+
+
 def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Space) -> Agent:
     """Builds TRPO's pure functions for one env's spaces."""
     ac = actor_critic(config, observation_space, action_space)
@@ -154,21 +185,13 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
             advantages = normalize_advantages(advantages)
         theta_old, unravel = ravel_pytree(state.params["policy"])
 
-        def dist_at(theta):
-            return ac.policy_net.apply(unravel(theta), traj.obs)
-
-        def surrogate_and_kl(theta):
-            dist = dist_at(theta)
-            surr = jnp.mean(jnp.exp(dist.log_prob(traj.action) - traj.log_prob) * advantages)
-            # A reference penalty in the loss is subtracted from the surrogate it maximizes.
-            surr = -add_reference_loss(-surr, config, dist, traj, ref_beta)
-            return surr, jnp.mean(kl.kl_old_new(traj.dist, dist))
+        objectives = surrogate_and_kl(ac.distribution, unravel, traj, advantages, config, ref_beta)
 
         def surrogate(theta):
-            return surrogate_and_kl(theta)[0]
+            return objectives(theta)[0]
 
         def mean_kl(theta):
-            return surrogate_and_kl(theta)[1]
+            return objectives(theta)[1]
 
         surr_old, g = jax.value_and_grad(surrogate)(theta_old)
         fvp = fisher_vector_product(mean_kl, theta_old, config.cg_damping)
@@ -190,7 +213,7 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
         def search_body(carry):
             j, _, theta, _, _ = carry
             candidate = theta_old + config.backtrack_coeff**j * full_step
-            surr, kl_value = surrogate_and_kl(candidate)  # one policy pass per candidate
+            surr, kl_value = objectives(candidate)  # one policy pass per candidate
             ok = (kl_value <= config.max_kl) & (surr > surr_old) & jnp.isfinite(surr) & jnp.isfinite(kl_value)
             return (
                 j + 1,
@@ -206,7 +229,7 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
 
         value_params, value_opt, vf_loss = fit_value(
             key, ac.value_net, state.params["value"], state.opt_state["value"], value_optimizer, config.vf_lr,
-            traj.obs, returns, config.vf_epochs, config.vf_minibatches,
+            *value_regression_data(config, traj.obs, returns), config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
         new_state = TRPOState(
             params={"policy": unravel(theta_new), "value": value_params}, opt_state={"value": value_opt}
@@ -220,9 +243,10 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
             "surrogate_improvement": surr_new - surr_old,
             "expected_improvement": jnp.vdot(g, full_step),
             "vf_loss": vf_loss,
-            "entropy": jnp.mean(dist_at(theta_new).entropy()),
+            "entropy": jnp.mean(ac.distribution(unravel(theta_new), traj).entropy()),
             "explained_variance": explained_variance(returns, traj.value),
         }
         return new_state, metrics
 
-    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update)
+    return Agent(init=init, act=ac.act, value=ac.value, policy=ac.policy, update=update,
+                 initial_state=ac.initial_state)  # fmt: skip

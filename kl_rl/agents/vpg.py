@@ -28,7 +28,7 @@ from kl_rl import kl
 from kl_rl.agents.base import Agent, UpdateContext
 from kl_rl.agents.common import (
     PenalizedConfig, add_reference_loss, actor_critic, adam, estimates, apply_step, check_divides, explained_variance,
-    fit_value, kl_controller, normalize_advantages
+    fit_value, kl_controller, normalize_advantages, value_regression_data
 )
 from kl_rl.config import static
 
@@ -127,13 +127,9 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         (policy_params, policy_opt), pg_losses = jax.lax.scan(
             policy_step, (params["policy"], state.opt_state["policy"]), None, length=config.policy_iters
         )
-        obs, value_returns = traj.obs, returns
-        if config.recurrent:
-            # The critic is an MLP of the observation: its regression needs no sequences.
-            obs, value_returns = obs.reshape(-1, *obs.shape[2:]), value_returns.reshape(-1)
         value_params, value_opt, vf_loss = fit_value(
             key, ac.value_net, params["value"], state.opt_state["value"], optimizer, config.vf_lr,
-            obs, value_returns, config.vf_epochs, config.vf_minibatches,
+            *value_regression_data(config, traj.obs, returns), config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
         new_dist = ac.distribution(policy_params, traj)
         kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
