@@ -147,6 +147,11 @@ class OnlineConfig(SequenceConfig):
     """KL the adaptive and proportional controllers steer beta towards."""
     kl_horizon: float = 10_000.0
     """Horizon of the proportional controller (Ziegler et al. 2019), in tokens."""
+    kv_cache: bool = static(True)
+    """Sample through a KV cache carried as the policy's state: each step embeds only the new
+    token and attends to the cached keys and values (`kl_rl.networks.kv_sampler`); False
+    recomputes the whole buffer at every token. Both give the same distributions to float
+    rounding; the update scores whole responses in one causal pass either way."""
 
     @property
     def rollout(self) -> RolloutSpec:
