@@ -440,9 +440,12 @@ def kv_sampler(observation_space: gym.Space, action_space: gym.Space, layers: in
         last = jnp.sum(tokens != pad, axis=-1) - 1
         token = jnp.take_along_axis(tokens, last[:, None], axis=-1)
         x, key, value = _cached_pass(shape, params, token, last[:, None], cache.key, cache.value)
+        # The prefill attends within the prompt: a cache of P positions, padded to L after.
         positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
-        empty = jnp.zeros_like(cache.key)
+        empty = jnp.zeros((batch, layers, prompt, *cache_shape[2:]), jnp.float32)
         pre_x, pre_key, pre_value = _cached_pass(shape, params, tokens[:, :prompt], positions, empty, empty)
+        widen = ((0, 0), (0, 0), (0, length - prompt), (0, 0), (0, 0))
+        pre_key, pre_value = jnp.pad(pre_key, widen), jnp.pad(pre_value, widen)
         fresh = cache.fresh
         logits = _head(shape, params, jnp.where(fresh[:, None], pre_x[:, -1], x[:, 0]))
         cache = KVCache(jnp.where(fresh[:, None, None, None, None], pre_key, key),
