@@ -24,6 +24,7 @@ from kl_rl import envs, resolve, rollout, sources, train
 from kl_rl.agents import ALGOS
 
 ENV, ALGO = "Addition-v0", "grpo"
+KINDS = (("cached", True), ("uncached", False))
 
 
 def sampler(kv_cache: bool, reference: str, seeds: int):
@@ -88,8 +89,7 @@ def main() -> int:
             "tokens_per_rollout": tokens,
             "compile_s": {"cached": fns[True][2], "uncached": fns[False][2]},
             "rollout_s": {"cached": times[True], "uncached": times[False]},
-            "tokens_per_s_median": {"cached": tokens / float(np.median(times[True])),
-                                    "uncached": tokens / float(np.median(times[False]))},  # fmt: skip
+            "tokens_per_s_median": {kind: tokens / float(np.median(times[kv])) for kind, kv in KINDS},
             "speedup_per_round": ratios,
             "speedup_median": float(np.median(ratios)),
             "same_tokens_fraction": same,
