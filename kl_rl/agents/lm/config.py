@@ -152,7 +152,7 @@ class OnlineConfig(SequenceConfig):
     token and attends to the cached keys and values (`kl_rl.networks.kv_sampler`); False (the
     default) recomputes the whole buffer at every token. Both give the same distributions to
     float rounding; the update scores whole responses in one causal pass either way. At
-    Addition-v0's preset the cache samples 1.5x faster with 8 seeds vmapped and no faster with
+    Addition-v0's preset the cache samples 1.5-2x faster with 8 seeds vmapped and no faster with
     one (docs/benchmarks.md, "The KV cache")."""
 
     @property
