@@ -133,6 +133,7 @@ def test_the_cached_step_is_the_uncached_policy_on_any_buffer():
     rng = np.random.default_rng(0)
     prompts = np.asarray(jax.vmap(env.problem_tokens)(jnp.asarray(rng.integers(0, 10**6, 6), jnp.int32)))
     responses = rng.choice([*range(10), 11, 12, 13], size=(6, H))
+    step, apply = jax.jit(step), jax.jit(policy.apply)
     cache = initial_state(6)
     for t in range(H):
         # Rows 0 and 1 start a new episode (the same prompt) at t = 2: their cache is reset and
@@ -142,9 +143,8 @@ def test_the_cached_step_is_the_uncached_policy_on_any_buffer():
             cache = networks.reset_state(cache, initial_state(6), jnp.arange(6) < 2)
         obs = np.where(np.arange(H) < written[:, None], responses, PAD)
         obs = jnp.asarray(np.concatenate([prompts, obs], 1), jnp.float32)
-        dist, cache = jax.jit(step)(params, obs, cache)
-        np.testing.assert_allclose(np.asarray(dist.logits), np.asarray(policy.apply(params, obs).logits), rtol=0,
-                                   atol=2e-5)  # fmt: skip
+        dist, cache = step(params, obs, cache)
+        np.testing.assert_allclose(np.asarray(dist.logits), np.asarray(apply(params, obs).logits), rtol=0, atol=2e-5)
         assert not np.asarray(cache.fresh).any()
 
 
