@@ -313,6 +313,70 @@ class TokenTransformer(nn.Module):
         return self.head(jnp.take_along_axis(x, last[..., None, None], axis=-2)[..., 0, :])
 
 
+class KVCache(NamedTuple):
+    """A token policy's carried state while it samples: every layer's attention keys and values
+    of the buffer's positions so far, and whether the row starts an episode.
+
+    Attributes:
+      key, value: [B, layers, L, heads, head_dim]; positions not yet written hold zeros.
+      fresh: [B] bool, the row has cached nothing (an episode starts): its next step prefills the
+        prompt. The collector's reset (`reset_state`) sets it where an episode ends.
+    """
+
+    key: jax.Array
+    value: jax.Array
+    fresh: jax.Array
+
+
+def _sub(module: nn.Module, params: Any, x: jax.Array) -> jax.Array:
+    return module.apply({"params": params}, x)
+
+
+def _cached_pass(shape: dict, params: Any, tokens: jax.Array, position: jax.Array, key: jax.Array,
+                 value: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
+    """`TokenTransformer`'s pass over n new tokens [B, n] at positions `position` [B, n], which
+    attend to themselves causally and to the cached keys and values [B, layers, L, heads, d] of
+    the positions before them (writes past a row's positions are never read: the mask stops at
+    each query's own position). The same parameters and flax modules as the one-pass
+    `features`, so the outputs agree with it to float rounding.
+
+    Returns:
+      The last block's output [B, n, width] (before the final LayerNorm and the head), and the
+      cache with the new tokens' keys and values written.
+    """
+    p = params["params"]
+    layers, width, heads = shape["layers"], shape["width"], shape["heads"]
+    length = key.shape[2]
+    x = jnp.take(p["embed"]["embedding"], tokens, axis=0) + jnp.take(p["position"], position, axis=0)
+    # [B, n, L]: the query at position q sees cache slot k iff k <= q.
+    mask = (jnp.arange(length)[None, None, :] <= position[..., None])[:, None]
+    write = jax.nn.one_hot(position, length, dtype=x.dtype)  # [B, n, L]
+    written = jnp.max(write, axis=1)[:, :, None, None]  # [B, L, 1, 1]
+    qkv = nn.DenseGeneral((heads, width // heads), axis=-1)
+    new_key, new_value = [], []
+    for i in range(layers):
+        b = p[f"blocks_{i}"]
+        a = b["MultiHeadDotProductAttention_0"]
+        h = _sub(nn.LayerNorm(), b["LayerNorm_0"], x)
+        q, k, v = (_sub(qkv, a[name], h) for name in ("query", "key", "value"))
+        # Scatter the new rows' keys and values into the cache (one-hot: positions differ per row).
+        k_all = key[:, i] * (1 - written) + jnp.einsum("bnl,bnhd->blhd", write, k)
+        v_all = value[:, i] * (1 - written) + jnp.einsum("bnl,bnhd->blhd", write, v)
+        new_key.append(k_all)
+        new_value.append(v_all)
+        attended = nn.dot_product_attention(q, k_all, v_all, mask=mask)
+        x = x + _sub(nn.DenseGeneral(width, axis=(-2, -1)), a["out"], attended)
+        h = _sub(nn.LayerNorm(), b["LayerNorm_1"], x)
+        x = x + _sub(nn.Dense(width), b["Dense_0"], nn.gelu(_sub(nn.Dense(4 * width), b["Dense_1"], h)))
+    return x, jnp.stack(new_key, 1), jnp.stack(new_value, 1)
+
+
+def _head(shape: dict, params: Any, x: jax.Array) -> jax.Array:
+    """`TokenTransformer`'s final LayerNorm and head on features [..., width]."""
+    p = params["params"]
+    return _sub(nn.Dense(shape["out_dim"]), p["head"], _sub(nn.LayerNorm(), p["norm"], x))
+
+
 def make_token_networks(observation_space: gym.Space, action_space: gym.Space, layers: int, width: int,
                         heads: int) -> tuple[Network, Network]:  # fmt: skip
     """A token policy (buffer -> Categorical over the next token) and a token critic (buffer ->
@@ -346,3 +410,47 @@ def make_token_networks(observation_space: gym.Space, action_space: gym.Space, l
             sequence=lambda p, tokens: value.apply(p, tokens, method="all_positions")[..., 0],
         ),
     )
+
+
+def kv_sampler(observation_space: gym.Space, action_space: gym.Space, layers: int, width: int,
+               heads: int) -> tuple[Callable[[int], KVCache], Callable[..., tuple[Any, KVCache]]]:  # fmt: skip
+    """The token policy of `make_token_networks` as a stateful sampler that carries a `KVCache`:
+    (initial_state(batch) -> an empty cache, step(params, obs, cache) -> (Categorical, cache)).
+
+    A step embeds only the buffer's last token, at its position (the non-PAD count - 1), and
+    attends to the cached keys and values of the positions before it. A row whose cache is
+    `fresh` (an episode starts; its buffer is the prompt alone) prefills instead: the prompt's P
+    tokens in one causal pass. Both run for every row and each row keeps its own, so a rollout's
+    rows may start episodes at different steps; the work per step is P + 1 tokens against the
+    uncached policy's P + H. The distribution is `apply`'s on the same buffer, to float rounding.
+    """
+    length, pad = int(observation_space.shape[0]), int(observation_space.pad)
+    prompt = int(observation_space.prompt_length)
+    shape = dict(layers=layers, width=width, heads=heads, out_dim=int(action_space.n))
+    allowed = jnp.arange(int(action_space.n)) != pad
+    cache_shape = (layers, length, heads, width // heads)
+
+    def initial_state(batch: int) -> KVCache:
+        zeros = jnp.zeros((batch, *cache_shape), jnp.float32)
+        return KVCache(zeros, zeros, jnp.ones(batch, bool))
+
+    def step(params: Any, obs: jax.Array, cache: KVCache) -> tuple[Any, KVCache]:
+        tokens = jnp.asarray(obs).astype(jnp.int32)
+        batch = tokens.shape[0]
+        last = jnp.sum(tokens != pad, axis=-1) - 1
+        token = jnp.take_along_axis(tokens, last[:, None], axis=-1)
+        x, key, value = _cached_pass(shape, params, token, last[:, None], cache.key, cache.value)
+        # The prefill attends within the prompt: a cache of P positions, padded to L after.
+        positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
+        empty = jnp.zeros((batch, layers, prompt, *cache_shape[2:]), jnp.float32)
+        pre_x, pre_key, pre_value = _cached_pass(shape, params, tokens[:, :prompt], positions, empty, empty)
+        widen = ((0, 0), (0, 0), (0, length - prompt), (0, 0), (0, 0))
+        pre_key, pre_value = jnp.pad(pre_key, widen), jnp.pad(pre_value, widen)
+        fresh = cache.fresh
+        logits = _head(shape, params, jnp.where(fresh[:, None], pre_x[:, -1], x[:, 0]))
+        cache = KVCache(jnp.where(fresh[:, None, None, None, None], pre_key, key),
+                        jnp.where(fresh[:, None, None, None, None], pre_value, value),
+                        jnp.zeros_like(fresh))  # fmt: skip
+        return categorical(logits, allowed), cache
+
+    return initial_state, step

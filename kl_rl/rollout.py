@@ -133,6 +133,7 @@ def collect(
     reward_penalty: Callable[[Any, jax.Array, Any], jax.Array] | None = None,
     first_episode_only: bool = False,
     initial_state: Any = None,
+    keep_state: bool = True,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -158,6 +159,9 @@ def collect(
         statistics (an episodic agent's rollout starts from reset envs and learns from those).
       initial_state: a stateful policy's initial state (leaves [N, ...]), which an env's state
         is reset to where its episode ends; needed when `state.policy` is not None.
+      keep_state: store each step's policy state in the trajectory (static); False where the
+        update reads none (a token policy's KV cache: the update scores whole responses). The
+        `start` flags are stored either way.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -196,7 +200,7 @@ def collect(
             ref_dist=ref_dist,
         )
         if policy is not None:
-            transition = transition._replace(policy_state=policy.state, start=policy.start)
+            transition = transition._replace(policy_state=policy.state if keep_state else None, start=policy.start)
             done = out.terminated | out.truncated
             policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
         carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy)

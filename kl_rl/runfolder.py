@@ -434,7 +434,8 @@ class LoadedRun:
         from kl_rl import rollout
 
         agent = self._agent()
-        if agent.initial_state is not None:
+        # A token policy's KV cache is a way to sample; its policy is a function of the buffer.
+        if agent.initial_state is not None and agent.score_responses is None:
             raise ConfigError(
                 f"this run's policy is recurrent ({{network}} {self.config.network}): its action depends on the "
                 "observations before this one, so dist/act of single observations are undefined; use evaluate",

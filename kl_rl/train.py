@@ -227,11 +227,13 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
         def act(k, obs, policy_state):
             return agent.act(k, agent_state, obs, policy_state)
 
+    # A token-task agent's update reads no policy state (its KV cache is a way to sample, the
+    # update scores each response in one pass), so the trajectory does not store it.
     collector, trajectory, episodes = rollout.collect(
         key, act, loop.envs(config)[0], collector, num_steps,
         loop.spec.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
         None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
-        initial_state=initial,
+        initial_state=initial, keep_state=not whole_responses,
     )  # fmt: skip
     if scored:
         # One causal pass per response after the rollout: the distributions a per-step call
@@ -246,6 +248,14 @@ def initial_state(loop: Loop, config: Any, agent: Any = None) -> Any:
     return None if agent.initial_state is None else agent.initial_state(loop.spec.num_envs)
 
 
+def episodic_start(loop: Loop, config: Any, agent: Any, collector: rollout.CollectorState) -> rollout.CollectorState:
+    """The collector of an episodic agent's rollout, whose envs were just reset: a stateful
+    policy starts every env afresh. Its state lives for the rollout only (the train state keeps
+    None, so a run's state has the shape it has without one)."""
+    initial = initial_state(loop, config, agent)
+    return collector if initial is None else collector._replace(policy=rollout.fresh_policy(initial))
+
+
 def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainState:
     """A run's first state: the agent (fresh, or from `setup.start`), fresh envs, the anchors' state."""
     agent = loop.agent(config)
@@ -255,7 +265,7 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
     # host env needs to make one copy per element (see HostVecEnv.reset).
     obs_shape = loop.vec_env.observation_space.shape
     collector = rollout.init_collector(loop.envs(config)[0].reset(env_key, config), obs_shape,
-                                       initial_state(loop, config, agent))  # fmt: skip
+                                       None if agent.episodic else initial_state(loop, config, agent))  # fmt: skip
     if setup.start is not None:
         agent_state = agent_state.replace(params=setup.start.params)
         collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
@@ -268,7 +278,8 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
         ref, ctrl = loop.ref.init(setup.reference, agent_key, config) if loop.ref is not None else (None, None)
         anchors = Anchors(reference=ref, ref_ctrl=ctrl, lagged=loop.stale.init_lag(agent_state))
     # The buffer's item is what the collector records for one step: shapes only, nothing runs.
-    one_step = jax.eval_shape(lambda: collect(loop, key, agent, agent_state, collector, 1, config, anchors)[1])
+    probe = episodic_start(loop, config, agent, collector) if agent.episodic else collector
+    one_step = jax.eval_shape(lambda: collect(loop, key, agent, agent_state, probe, 1, config, anchors)[1])
     example = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), one_step)
     capacity = loop.spec.replay_capacity or loop.stale.capacity(loop.rollout_steps)
     return TrainState(
@@ -290,11 +301,12 @@ def update_step(loop: Loop, state: TrainState, config: Any) -> tuple[TrainState,
     collector, anchors = state.collector, state.anchors
     if agent.episodic:
         collector = collector._replace(env=loop.envs(config)[0].reset(reset_key, collector.env.env_state))
-        if collector.policy is not None:
-            collector = collector._replace(policy=rollout.fresh_policy(initial_state(loop, config, agent)))
+        collector = episodic_start(loop, config, agent, collector)
     behaviour = loop.stale.behaviour(anchors and anchors.lagged, state.agent)
     collector, trajectory, episodes = collect(loop, collect_key, agent, behaviour, collector, loop.rollout_steps,
                                               config, anchors)  # fmt: skip
+    if agent.episodic:
+        collector = collector._replace(policy=None)
     if loop.spec.replay_capacity:
         # Off-policy replay: the buffer persists across updates and the agent samples it.
         buf = buffer.add_batch(state.buffer, trajectory)

@@ -89,7 +89,9 @@ def responses(traj: buffer.Transition, prompt_length: int, pad: int) -> Response
 
 class TokenNetworks(NamedTuple):
     """A token task's policy and critic transformers (`networks.make_token_networks`), and where
-    a response sits in their token buffer [P + H]: prompt_length P, horizon H, the PAD id."""
+    a response sits in their token buffer [P + H]: prompt_length P, horizon H, the PAD id.
+    `sampler`: the policy as a stateful sampler carrying a KV cache (`networks.kv_sampler`:
+    its initial_state and step), or None to sample with `policy.apply`."""
 
     policy: networks.Network
     value: networks.Network
@@ -97,6 +99,7 @@ class TokenNetworks(NamedTuple):
     prompt_length: int
     horizon: int
     pad: int
+    sampler: tuple[Callable, Callable] | None = None
 
     def response_dist(self, params: dict, tokens: jax.Array) -> Categorical:
         """The policy's distribution at each response position [n, H, V], in one causal pass over
@@ -118,8 +121,11 @@ def token_networks(algo: str, config: SequenceConfig, observation_space: gym.Spa
     policy, value = networks.make_token_networks(observation_space, action_space, config.layers, config.width,
                                                  config.heads)  # fmt: skip
     task = observation_space.task
+    sampler = None
+    if getattr(config, "kv_cache", False):
+        sampler = networks.kv_sampler(observation_space, action_space, config.layers, config.width, config.heads)
     return TokenNetworks(policy, value, observation_space.shape, task.prompt_length, task.response_length,
-                         observation_space.pad)  # fmt: skip
+                         observation_space.pad, sampler)  # fmt: skip
 
 
 def policy_gradient_loss(nets: TokenNetworks, config: ClippedConfig, params: dict, b: Responses,
@@ -177,6 +183,11 @@ def sequence_agent(config: SequenceConfig, nets: TokenNetworks, estimate: Estima
         None samples the policy. The `kl` metric, the exact KL(pi_old || pi) per token, is
         logged when the policy is its own behaviour policy (pi_old the previous iterate).
 
+    With `nets.sampler` (config.kv_cache) the agent samples its own policy through a KV cache:
+    its `initial_state` is the empty cache, the collector carries it, and `act` and `policy`
+    take and return it (`kl_rl.agents.base.Agent`). `policy(state, obs)` without a cache is the
+    same distribution from the whole buffer, for callers that hold no cache (the reference).
+
     Metrics: `reward` (the verifier's, before any KL penalty in the reward), `response_length`,
     `entropy` (per token), `beta`; `kl_ref` (exact per-token KL(pi || pi_ref) of the updated
     policy, summed over each response, averaged over responses; `kl_ref_forward` too with
@@ -192,13 +203,22 @@ def sequence_agent(config: SequenceConfig, nets: TokenNetworks, estimate: Estima
             params["value"] = nets.value.init(value_key, obs)
         return LMState(params=params, opt_state=optimizer.init(params), kl_ctrl=controller.init())
 
-    def policy(state: LMState, obs: jax.Array) -> Categorical:
-        return nets.policy.apply(state.params["policy"], obs)
+    cached = act is None and nets.sampler is not None
+
+    def policy(state: LMState, obs: jax.Array, policy_state: Any = None) -> Any:
+        if policy_state is None:
+            return nets.policy.apply(state.params["policy"], obs)
+        return nets.sampler[1](state.params["policy"], obs, policy_state)
 
     def sample(key: jax.Array, state: LMState, obs: jax.Array):
         dist = policy(state, obs)
         action = dist.sample(key)
         return action, dist.log_prob(action), dist
+
+    def cached_sample(key: jax.Array, state: LMState, obs: jax.Array, cache: networks.KVCache):
+        dist, cache = policy(state, obs, cache)
+        action = dist.sample(key)
+        return action, dist.log_prob(action), dist, cache
 
     def value(state: LMState, obs: jax.Array) -> jax.Array:
         if critic:
@@ -257,8 +277,9 @@ def sequence_agent(config: SequenceConfig, nets: TokenNetworks, estimate: Estima
         kl_ctrl = controller.update(state.kl_ctrl, kl_prev, jnp.sum(b.mask))
         return LMState(params=params, opt_state=opt_state, kl_ctrl=kl_ctrl), metrics
 
-    return Agent(init=init, act=act or sample, value=value, policy=policy, update=update, episodic=True,
-                 score_responses=score_responses)  # fmt: skip
+    return Agent(init=init, act=act or (cached_sample if cached else sample), value=value, policy=policy,
+                 update=update, episodic=True, score_responses=score_responses,
+                 initial_state=nets.sampler[0] if cached else None)  # fmt: skip
 
 
 def outcome_agent(algo: str, config: ClippedConfig, observation_space: gym.Space, action_space: gym.Space,
