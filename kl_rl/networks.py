@@ -166,7 +166,7 @@ class ConvTorso(nn.Module):
         conv = nn.Conv(self.channels, (self.kernel, self.kernel), strides=1, padding="VALID",
                        kernel_init=orthogonal(np.sqrt(2.0)))  # fmt: skip
         x = nn.relu(conv(obs))
-        return x.reshape(x.shape[:-3] + (-1,))
+        return x.reshape((*x.shape[:-3], -1))
 
 
 class Conv(nn.Module):
