@@ -163,9 +163,14 @@ class ConvTorso(nn.Module):
 
     @nn.compact
     def __call__(self, obs: jax.Array) -> jax.Array:
-        conv = nn.Conv(self.channels, (self.kernel, self.kernel), strides=1, padding="VALID",
-                       kernel_init=orthogonal(np.sqrt(2.0)))  # fmt: skip
-        x = nn.relu(conv(obs))
+        k, (height, width, channels) = self.kernel, obs.shape[-3:]
+        kernel = self.param("kernel", orthogonal(np.sqrt(2.0)), (k, k, channels, self.channels))
+        bias = self.param("bias", nn.initializers.zeros, (self.channels,))
+        # The convolution as k*k shifted views and one matrix product (im2col): on this CPU the
+        # gradient of PPO's loss on 1024 MinAtar frames costs about 2/3 of XLA's convolution's.
+        rows, cols = height - k + 1, width - k + 1
+        patches = [obs[..., i : i + rows, j : j + cols, :] for i in range(k) for j in range(k)]
+        x = nn.relu(jnp.concatenate(patches, axis=-1) @ kernel.reshape(k * k * channels, -1) + bias)
         return x.reshape((*x.shape[:-3], -1))
 
 

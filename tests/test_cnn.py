@@ -35,7 +35,7 @@ def test_the_conv_torso_is_minatars_layer_computed_by_hand():
     obs = np.asarray(jax.random.bernoulli(jax.random.key(0), 0.3, (3, 10, 10, 4)), np.float32)
     torso = networks.ConvTorso()
     params = torso.init(jax.random.key(1), obs)
-    conv = params["params"]["Conv_0"]
+    conv = params["params"]
     assert conv["kernel"].shape == (3, 3, 4, 16) and conv["bias"].shape == (16,)
     # A nonzero bias, so that the ReLU and the bias both show.
     conv["bias"] = 0.1 * jax.random.normal(jax.random.key(2), (16,))
@@ -57,7 +57,7 @@ def test_cnn_policy_and_value_take_any_leading_batch_axes():
     # Separate nets: each has its own torso, then the dense layer on the 1024 features.
     for params in (pp, vp):
         leaves = {"/".join(str(k.key) for k in path): x.shape for path, x in jax.tree.leaves_with_path(params)}
-        assert leaves["params/ConvTorso_0/Conv_0/kernel"] == (3, 3, 6, 16)
+        assert leaves["params/ConvTorso_0/kernel"] == (3, 3, 6, 16)
         assert (1024, 8) in leaves.values()
 
 
@@ -84,7 +84,7 @@ def test_a_tiny_ppo_update_runs_with_a_cnn_on_breakout_minatar():
     kl = np.asarray(out.metrics["kl"])
     assert kl.shape == (2,) and np.all(np.isfinite(kl)) and np.all(kl > 0)  # the policy moved
     for net in ("policy", "value"):
-        assert out.state.agent.params[net]["params"]["ConvTorso_0"]["Conv_0"]["kernel"].shape == (3, 3, 4, 16)
+        assert out.state.agent.params[net]["params"]["ConvTorso_0"]["kernel"].shape == (3, 3, 4, 16)
     assert out.eval_returns.shape == (2,) and np.all(np.isfinite(np.asarray(out.eval_returns)))
 
 
