@@ -107,8 +107,8 @@ def with_images(env: FuncEnv | StepEnv | GymEnv, env_id: str = "") -> StepEnv:
     if images is None:
         name = env_id or getattr(env, "id", type(env).__name__)
         raise ConfigError(
-            f"{{network}} cnn needs image observations [H, W, C] (gymnax's MinAtar games), but {name}'s are "
-            f"{env.observation_space}; use {{network}} mlp",
+            f"{{network}} cnn needs image observations [H, W, C] (gymnax's MinAtar games), but {name}'s have "
+            f"shape {env.observation_space.shape}; use {{network}} mlp",
             "network",
         )
     return images
