@@ -49,6 +49,8 @@ def check_config(algo: str, env_id: str, env: Any, config: Any) -> None:
     check_task_algo(algo, env_id, env)
     config.validate(env.action_space)
     check_env_params(env, env_id, config)
+    if getattr(config, "images", False):
+        envs.with_images(env, env_id)
     check_staleness(config)
     if envs.is_token_space(env.observation_space) and config.eval_episodes > env.held_out_size:
         raise ConfigError(

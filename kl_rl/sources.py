@@ -113,6 +113,8 @@ def _load_source(run_dir: Any, field: str, env: str, env_path: str) -> LoadedRun
             f"{{{field}}} {str(path)!r} is a run on {loaded.env_id}, not {env}; give a run of {env}", field
         )
     ours = envs.make(env, env_path)
+    if getattr(loaded.config, "images", False):
+        ours = envs.with_images(ours, env)  # a conv net's run sees the images unflattened
     theirs = loaded.trainer.vec_env
     if theirs.observation_space != ours.observation_space or theirs.action_space != ours.action_space:
         raise ConfigError(

@@ -154,6 +154,11 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
             "observation by observation); use {network} mlp",
             "network",
         )
+    if reference is not None and (getattr(config, "images", False) or getattr(reference.config, "images", False)):
+        raise ConfigError("{network} cnn takes no --reference yet, nor is a cnn run one; use {network} mlp",
+                          "network")  # fmt: skip
+    if getattr(config, "images", False):
+        env = envs.with_images(env)
     vec_env = envs.vectorize(env, spec.num_envs, group_size=spec.group_size)
     if spec.task_params is not None:
         vec_env.params = spec.task_params

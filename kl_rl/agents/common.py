@@ -33,7 +33,10 @@ class PolicyConfig:
     """The policy network: mlp, or a recurrent cell, gru or lstm, whose state the collector
     carries between steps and resets where an episode starts (hidden_sizes[0] is the cell's
     width, the rest the head's layers; the critic stays an MLP of the observation). Recurrent
-    policies are unrolled by PPO's, MDPO's, VPG's and TRPO's updates."""
+    policies are unrolled by PPO's, MDPO's, VPG's and TRPO's updates. Or cnn, for image observations
+    (gymnax's MinAtar games, which then stay [10, 10, C] instead of being flattened): MinAtar's
+    conv torso (16 3x3 filters, ReLU) before the hidden layers, in the policy and in the critic
+    (MinAtar's own network: cnn with hidden_sizes (128,) and relu)."""
     activation: str = static("tanh")
     """Hidden activation: tanh, relu, elu or gelu."""
     distribution: str = static("auto")
@@ -72,11 +75,19 @@ class PolicyConfig:
 
     recurrent_update: ClassVar[bool] = False
     """Whether this algorithm's update unrolls a stateful policy (`network` gru or lstm)."""
+    image_networks: ClassVar[bool] = False
+    """Whether this algorithm's networks can be conv nets (`network` cnn): the actor-critics'
+    policy and value networks, built by `actor_critic`."""
 
     @property
     def recurrent(self) -> bool:
         """Whether the policy carries a state between steps (static)."""
-        return self.network != "mlp"
+        return self.network in networks.RECURRENT
+
+    @property
+    def images(self) -> bool:
+        """Whether the networks read image observations unflattened (static)."""
+        return self.network == "cnn"
 
     def _check_common(self, action_space: gym.Space, positive: tuple[str, ...], positive_float: tuple[str, ...]):
         check_positive(self, ("eval_episodes", *positive), positive_float)
@@ -90,6 +101,12 @@ class PolicyConfig:
             raise ConfigError(
                 f"{{network}} {self.network} needs an update that unrolls a recurrent policy (ppo, mdpo, vpg, trpo); "
                 "this algorithm's policy is a function of the observation: use {network} mlp",
+                "network",
+            )
+        if self.images and not self.image_networks:
+            raise ConfigError(
+                "{network} cnn is for the actor-critic agents (ppo, mdpo, vpg, trpo, awr, vmpo), whose policy and "
+                "critic both take the conv torso; use {network} mlp",
                 "network",
             )
         if self.recurrent and not self.hidden_sizes:
@@ -106,6 +123,8 @@ class PolicyConfig:
 @flax.struct.dataclass
 class OnPolicyConfig(PolicyConfig):
     """Fields of the actor-critic algorithms (PPO, VPG, TRPO): rollout shape and returns."""
+
+    image_networks: ClassVar[bool] = True
 
     total_steps: int = static(500_000)
     """Env steps to train for, summed over the parallel envs."""
@@ -588,7 +607,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         action_space, config.hidden_sizes, config.activation, config.distribution, config.init_log_std,
         config.network,
     )  # fmt: skip
-    value_net = networks.make_value(config.hidden_sizes, config.activation)
+    value_net = networks.make_value(config.hidden_sizes, config.activation, config.network)
 
     def init_params(key: jax.Array) -> dict:
         policy_key, value_key = jax.random.split(key)

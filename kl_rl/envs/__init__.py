@@ -94,6 +94,26 @@ def path_of(env: FuncEnv | GymEnv) -> str:
     return "host" if isinstance(env, GymEnv) else "jax"
 
 
+def with_images(env: FuncEnv | StepEnv | GymEnv, env_id: str = "") -> StepEnv:
+    """`env` with image observations [H, W, C], unflattened, for a conv net (`--network cnn`):
+    gymnax's MinAtar games (10x10xC).
+
+    Raises:
+      ConfigError: the env's observations are not images.
+    """
+    from kl_rl.envs.families import GymnaxEnv
+
+    images = env.images() if isinstance(env, GymnaxEnv) else None
+    if images is None:
+        name = env_id or getattr(env, "id", type(env).__name__)
+        raise ConfigError(
+            f"{{network}} cnn needs image observations [H, W, C] (gymnax's MinAtar games), but {name}'s have "
+            f"shape {env.observation_space.shape}; use {{network}} mlp",
+            "network",
+        )
+    return images
+
+
 def vectorize(
     env: FuncEnv | GymEnv, num_envs: int, evaluation: bool = False, group_size: int = 1
 ) -> VecEnv | HostVecEnv:
@@ -144,4 +164,5 @@ __all__ = [
     "path_of",
     "resolve_path",
     "vectorize",
+    "with_images",
 ]

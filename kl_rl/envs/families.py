@@ -14,7 +14,8 @@ How each family's own autoreset and time limit are handled:
   `max_steps_in_episode`, a param), and `terminated` is `step_env`'s natural termination. Where
   both hold, termination wins (no bootstrap). Observations are flattened to one float32 vector,
   as PureJaxRL's `FlattenObservationWrapper` does (MinAtar's 10x10xC images become 100*C
-  features for the MLP policies). Where an env's declared bounds do not hold its observations
+  features for the MLP policies), except for a conv net (`--network cnn`), which gets the
+  images (`GymnaxEnv.images`, `kl_rl.envs.with_images`). Where an env's declared bounds do not hold its observations
   (`GYMNAX_UNBOUNDED`: MemoryChain-bsuite), the adapter's Box is unbounded.
 - **Brax** (`brax/...`: the generalized pipeline, Brax's default; `brax-positional/...`,
   `brax-spring/...`; `mjx/...`: MuJoCo MJX). The adapter uses the raw env, which has neither.
@@ -125,6 +126,12 @@ class GymnaxEnv(StepEnv):
         self.observation_space = _observation_box(declared, obs.shape, flatten)
         self.action_space = _action_space(self.family_env.action_space(params))
         self.max_episode_steps = int(params.max_steps_in_episode)
+
+    def images(self) -> "GymnaxEnv | None":
+        """This env with its observations unflattened, where they are images [H, W, C]
+        (MinAtar's 10x10xC grids), for a conv net; None where they are not."""
+        unflattened = self if not self.flatten else GymnaxEnv(self.id.partition("/")[2], flatten=False)
+        return unflattened if len(unflattened.observation_space.shape) == 3 else None
 
     def _obs(self, obs: jax.Array) -> jax.Array:
         obs = jnp.asarray(obs, jnp.float32)
