@@ -130,15 +130,20 @@ def test_trpo_at_its_old_parameters_sees_kl_zero_to_the_behaviour_policy_on_a_re
 
 
 def _sequence_kl_by_hand(net, params, old_logits, state0, obs, start):
-    """mean KL(old || pi) of a GRU policy stepped one step at a time in Python, its state zeroed
-    at each flagged step: the sequence KL written without networks.unroll."""
-    state, total = state0, 0.0
-    for t in range(obs.shape[1]):
-        state = jnp.where(start[:, t, None], 0.0, state)
-        dist, state = net.apply(params, obs[:, t], state)
-        old = jax.nn.log_softmax(old_logits[:, t])
-        total = total + jnp.sum(jnp.exp(old) * (old - jax.nn.log_softmax(dist.logits)))
-    return total / (obs.shape[0] * obs.shape[1])
+    """mean KL(old || pi) of a GRU policy stepped one step at a time (a scan over time, not a
+    Python loop, so its Hessian compiles one step), its state zeroed at each flagged step: the
+    sequence KL written without networks.unroll."""
+
+    def step(state, xs):
+        obs_t, start_t, old_logits_t = xs
+        state = jnp.where(start_t[:, None], 0.0, state)
+        dist, state = net.apply(params, obs_t, state)
+        old = jax.nn.log_softmax(old_logits_t)
+        return state, jnp.sum(jnp.exp(old) * (old - jax.nn.log_softmax(dist.logits)))
+
+    time_major = jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), (obs, start, old_logits))
+    _, per_step = jax.lax.scan(step, state0, time_major)
+    return jnp.sum(per_step) / (obs.shape[0] * obs.shape[1])
 
 
 def test_trpo_fisher_vector_product_through_the_sequence_is_the_hessian_of_the_sequence_kl():
@@ -165,7 +170,7 @@ def test_trpo_fisher_vector_product_through_the_sequence_is_the_hessian_of_the_s
     state0 = jnp.zeros((n, 4)).at[0].set(jax.random.normal(jax.random.key(3), (4,)))
     start = start.at[0, 0].set(False)  # env 0's rollout begins mid-episode, from a carried state
     theta_old, unravel = ravel_pytree(params)
-    old = networks.unroll(ac.policy_net, params, state0, obs, start)
+    old = jax.jit(networks.unroll, static_argnums=0)(ac.policy_net, params, state0, obs, start)
     traj = buffer.Transition(
         obs=obs, action=jnp.zeros((n, t), jnp.int32), reward=jnp.zeros((n, t)), terminated=jnp.zeros((n, t), bool),
         truncated=jnp.zeros((n, t), bool), next_obs=obs, log_prob=old.log_prob(jnp.zeros((n, t), jnp.int32)),
@@ -180,19 +185,22 @@ def test_trpo_fisher_vector_product_through_the_sequence_is_the_hessian_of_the_s
         return _sequence_kl_by_hand(ac.policy_net, unravel(theta), old.logits, state0, obs, start)
 
     @jax.jit
-    def compare(theta):
-        columns = jax.vmap(fisher_vector_product(trpo_kl, theta, 0.0))(jnp.eye(theta.size)).T
-        return trpo_kl(theta), by_hand(theta), columns, jax.hessian(by_hand)(theta)
+    def fvp_columns(theta):
+        return trpo_kl(theta), jax.vmap(fisher_vector_product(trpo_kl, theta, 0.0))(jnp.eye(theta.size)).T
 
+    # One compiled program per side: the episode starts are an argument of the by-hand Hessian.
+    by_hand_kl, dense_hessian = jax.jit(by_hand), jax.jit(jax.hessian(by_hand))
     v = jax.random.normal(jax.random.key(4), theta_old.shape)
     for theta in (theta_old, theta_old + 0.05 * v):
-        kl_trpo, kl_hand, columns, dense = compare(theta)
-        np.testing.assert_allclose(kl_trpo, kl_hand, rtol=1e-5, atol=1e-8)
+        kl_trpo, columns = fvp_columns(theta)
+        dense = dense_hessian(theta, start)
+        np.testing.assert_allclose(kl_trpo, by_hand_kl(theta, start), rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(columns, dense, rtol=1e-3, atol=1e-5 * np.abs(dense).max())
-    assert abs(float(compare(theta_old)[0])) < 1e-7
+    assert abs(float(fvp_columns(theta_old)[0])) < 1e-7
     # The recurrence matters: with the state cut at every step the Hessian is another matrix.
-    cut = jax.jit(jax.hessian(lambda theta: by_hand(theta, jnp.ones((n, t), bool))))(theta_old)
-    assert np.abs(cut - compare(theta_old)[3]).max() > 1e-2 * np.abs(dense).max()
+    at_old = dense_hessian(theta_old, start)
+    cut = dense_hessian(theta_old, jnp.ones((n, t), bool))
+    assert np.abs(cut - at_old).max() > 1e-2 * np.abs(at_old).max()
 
 
 def test_trpo_update_on_a_recurrent_rollout_checks_the_sequence_kl():
