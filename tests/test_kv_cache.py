@@ -8,10 +8,14 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from kl_rl import envs, networks, normalize, resolve, rollout, train
 from kl_rl.agents import ALGOS
 from kl_rl.envs.tasks import EOS, PAD
+
+# The first two tests read the same rollout (`_rollout` is cached): one worker, one compile.
+pytestmark = pytest.mark.xdist_group("kv_cache")
 
 ENV = "Addition-v0"
 P, H = 8, 5
@@ -28,6 +32,7 @@ def _random(params, seed, scale=0.5):
 
 
 @functools.cache
+@functools.lru_cache(maxsize=None)
 def _rollout(kv_cache: bool = True, num_steps: int = 3 * H):
     """A GRPO trainer's collector run for `num_steps` (three response lengths, so envs finish
     episodes and start new prompts mid-rollout) with random policy parameters."""
