@@ -301,9 +301,8 @@ def test_two_workers_share_one_study(tmp_path):
         "a": ["--out", str(tmp_path / "shared"), "--sampler-seed", "1"],
         "b": ["--out", str(tmp_path / "b"), "--storage", storage, "--study-name", "shared", "--sampler-seed", "2"],
     }
-    # Each worker compiles its own programs; XLA's lowest optimization level halves that time here.
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KL_RL_CACHE_DIR": "off",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # fmt: skip
+    # Each worker compiles its own programs, with conftest's fast-compile XLA_FLAGS (inherited).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KL_RL_CACHE_DIR": "off"}
     workers = {
         name: subprocess.Popen(
             [sys.executable, "-m", "kl_rl.cli", "tune", *common, *args],
@@ -355,8 +354,7 @@ def test_two_workers_started_together_lose_and_repeat_no_trial(tmp_path, kind):
     storage = f"journal:{tmp_path / 'study.log'}" if kind == "journal" else f"sqlite:///{tmp_path / 'study.db'}"
     common = ["--space", "lr=log:1e-4:1e-2", "--trials", "3", "--batch-size", "2", "--storage", storage,
               "--study-name", "shared", *FAST]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "KL_RL_CACHE_DIR": "off",
-           "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "KL_RL_CACHE_DIR": "off"}
     commands = [[*common, "--out", str(tmp_path / f"w{i}"), "--sampler-seed", str(i)] for i in (1, 2)]
     pipes = dict(env=env, cwd=tmp_path, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     workers = [subprocess.Popen([sys.executable, "-m", "kl_rl.cli", "tune", *args], **pipes) for args in commands]
