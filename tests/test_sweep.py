@@ -45,13 +45,13 @@ def test_traced_grid_is_one_program_and_each_point_is_the_run_of_its_config_and_
     assert len(result.programs) == 1
     assert result.metrics["kl"].shape == (4, 2, 60)
     index = {(p["lr"], p["gamma"]): i for i, p in enumerate(result.points)}
-    # Each lr and each gamma once, away from the first point (3e-4, 0.9).
-    for lr, gamma in ((3e-4, 0.99), (1e-2, 0.9)):
-        p = index[lr, gamma]
-        alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, **{**small, "lr": lr, "gamma": gamma, "clip_eps": 0.2})
-        for name in ("kl", "pg_loss", "vf_loss", "episode_return"):
-            np.testing.assert_array_equal(result.metrics[name][p], alone.metrics[name], err_msg=name)
-        np.testing.assert_array_equal(result.final_returns[p], alone.final_returns)
+    # The last point, whose lr and gamma both differ from the first point's (3e-4, 0.9): a field
+    # that took the first point's value (or either point's) gives other bits.
+    p = index[1e-2, 0.99]
+    alone = kl_rl.run("ppo", "CartPole-v1", seeds=2, **{**small, "lr": 1e-2, "gamma": 0.99, "clip_eps": 0.2})
+    for name in ("kl", "pg_loss", "vf_loss", "episode_return"):
+        np.testing.assert_array_equal(result.metrics[name][p], alone.metrics[name], err_msg=name)
+    np.testing.assert_array_equal(result.final_returns[p], alone.final_returns)
     # The two learning rates and the two discounts really differ in effect.
     first = index[3e-4, 0.9]
     assert not np.allclose(result.metrics["kl"][first], result.metrics["kl"][index[1e-2, 0.9]])
@@ -117,13 +117,14 @@ def test_cli_sweep_bad_input_is_one_line(tmp_path, capsys, args, needle):
     assert (out / "summary.json").read_text() == "{}"
 
 
-SHARD_SCRIPT = """
+SMALL_PPO = dict(total_steps=1024, num_envs=4, num_steps=64, update_epochs=2)
+SHARD = dict(grid={"lr": [3e-4, 3e-3, 1e-2]}, seeds=2, overrides=SMALL_PPO)
+SHARD_SCRIPT = f"""
 import json, sys
 from kl_rl import sweep
 import jax
-r = sweep.run_sweep("ppo", "CartPole-v1", {"lr": [3e-4, 3e-3, 1e-2]}, seeds=2,
-                    overrides=dict(total_steps=1024, num_envs=4, num_steps=64, update_epochs=2))
-print(json.dumps({"devices": len(jax.devices()), "final": r.final_returns.tolist(), "kl": r.metrics["kl"].tolist()}))
+r = sweep.run_sweep("ppo", "CartPole-v1", **{SHARD!r})
+print(json.dumps({{"devices": len(jax.devices()), "final": r.final_returns.tolist(), "kl": r.metrics["kl"].tolist()}}))
 """
 
 
@@ -132,18 +133,19 @@ def test_four_forced_host_devices_give_the_results_of_one(tmp_path):
     import subprocess
     import sys
 
-    def run(devices):
-        # Keeps conftest's compile flags; only the device count differs between the two runs.
-        flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
-        env = {**os.environ, "XLA_FLAGS": flags.strip()}
-        out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, check=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])
+    import jax
 
-    one, four = run(1), run(4)
-    assert one["devices"] == 1 and four["devices"] == 4
+    # Four devices in a fresh process (the count is fixed when JAX starts), with conftest's compile
+    # flags; one device here, in this process.
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4"
+    env = {**os.environ, "XLA_FLAGS": flags.strip()}
+    out = subprocess.run([sys.executable, "-c", SHARD_SCRIPT], env=env, capture_output=True, text=True, check=True)
+    four = json.loads(out.stdout.strip().splitlines()[-1])
+    assert four["devices"] == 4 and len(jax.devices()) == 1
+    one = sweep.run_sweep("ppo", "CartPole-v1", **SHARD)
     # 3 grid points over 4 devices: padded to 4, the pad dropped.
-    np.testing.assert_array_equal(four["final"], one["final"])
-    np.testing.assert_allclose(four["kl"], one["kl"], rtol=2e-3, atol=1e-8)
+    np.testing.assert_array_equal(four["final"], one.final_returns)
+    np.testing.assert_allclose(four["kl"], one.metrics["kl"], rtol=2e-3, atol=1e-8)
 
 
 def test_cem_elite_fraction_is_traced_so_its_sweep_is_one_program():
