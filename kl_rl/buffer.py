@@ -43,6 +43,9 @@ class Transition(NamedTuple):
         state at its data's first step (`kl_rl.networks.unroll`).
       start: bool, obs is the first of an episode (where a stateful policy's state was reset);
         None for a stateless policy.
+      next_policy_state: a stateful policy's state after acting on obs, before any reset where
+        the episode ends: the state next_obs is read with, which a critic of the policy's state
+        bootstraps a truncated step from; None for a stateless policy.
     """
 
     obs: jax.Array
@@ -57,6 +60,7 @@ class Transition(NamedTuple):
     ref_dist: Any = None
     policy_state: Any = None
     start: Any = None
+    next_policy_state: Any = None
 
 
 def in_first_episode(traj: Transition) -> jax.Array:

@@ -283,7 +283,9 @@ def make_value(hidden_sizes: Sequence[int], activation: str, network: str = "mlp
     """The critic: observation -> scalar value (the trailing unit axis is squeezed).
 
     With `network` cnn it has its own `ConvTorso` (a separate net from the policy's, as the
-    MLPs are); otherwise it is an MLP of the observation (a recurrent policy's critic too).
+    MLPs are); otherwise it is an MLP of its input: the observation, or for a recurrent policy
+    with `critic_state` the observation beside the policy's carried state
+    (`kl_rl.agents.common.critic_input`).
     """
     module = MLP(tuple(hidden_sizes), activation, 1, 1.0)
     if network == "cnn":

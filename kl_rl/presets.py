@@ -50,6 +50,12 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     **{("ppo", env_id): dict(PUREJAXRL_MINATAR) for env_id in MINATAR_IDS},
     ("ppo", "CartPole-v1"): dict(PPO_CARTPOLE),
     ("ppo", "Pendulum-v1"): dict(PPO_PENDULUM),
+    # CartPole without velocities: a GRU policy on normalized observations, at the CartPole
+    # preset's batch shape with gamma 0.99, lambda 0.95 and an entropy bonus (16 seeds: median
+    # 495.8; --network mlp at the same settings: median 41.3, every seed below 47).
+    ("ppo", "CartPoleNoVel-v1"): dict(
+        PPO_CARTPOLE, gamma=0.99, gae_lambda=0.95, ent_coef=0.01, normalize_obs=True, network="gru"
+    ),
     # PureJaxRL's CartPole defaults, at 200k steps.
     ("ppo", "Acrobot-v1"): dict(total_steps=200_000),
     # MDPO: PPO's presets, untuned beyond them, with the step size t_k annealed from t_0 = 1.

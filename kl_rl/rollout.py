@@ -27,8 +27,9 @@ from kl_rl.envs.vector import VecEnv, VecEnvState
 # act(key, obs) -> (action, log_prob, dist), batched over the env axis; a stateful policy's is
 # act(key, obs, policy_state) -> (action, log_prob, dist, policy_state).
 ActFn = Callable[..., tuple]
-# value(obs) -> V(obs), batched over any leading axes.
-ValueFn = Callable[[jax.Array], jax.Array]
+# value(obs) -> V(obs), batched over any leading axes; for a stateful policy whose states are
+# kept, value(obs, policy_state) (the state the policy acted with on obs).
+ValueFn = Callable[..., jax.Array]
 
 
 class EpisodeStats(NamedTuple):
@@ -148,7 +149,8 @@ def collect(
       value: the behaviour critic, or None (values are then 0). It is applied to all [T, N]
         observations in one batched call after the loop: the parameters are the same at every
         step, so the values are the ones a per-step call would give, at a fraction of the
-        per-step work in the loop.
+        per-step work in the loop. With a stateful policy's states kept, it is given them too,
+        value(obs, policy_state), for a critic that reads them.
       reward_gamma: None stores raw rewards; a discount stores rewards scaled by the running
         std of the discounted return (`scale_reward`). Episode returns stay unscaled.
       reference: reference(raw_obs) -> the distribution of a frozen reference policy, which
@@ -200,7 +202,11 @@ def collect(
             ref_dist=ref_dist,
         )
         if policy is not None:
-            transition = transition._replace(policy_state=policy.state if keep_state else None, start=policy.start)
+            transition = transition._replace(
+                policy_state=policy.state if keep_state else None,
+                start=policy.start,
+                next_policy_state=policy_state if keep_state else None,
+            )
             done = out.terminated | out.truncated
             policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
         carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy)
@@ -210,7 +216,8 @@ def collect(
     # keep work out of the loop body, which runs once per env step.
     state, (trajectory, returns, lengths) = jax.lax.scan(step, state, jax.random.split(key, (num_steps, 2)))
     if value is not None:
-        trajectory = trajectory._replace(value=value(trajectory.obs))
+        with_state = () if trajectory.policy_state is None else (trajectory.policy_state,)
+        trajectory = trajectory._replace(value=value(trajectory.obs, *with_state))
     done = trajectory.terminated | trajectory.truncated
     if first_episode_only:
         done = done & buffer.in_first_episode(trajectory)

@@ -236,7 +236,7 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
     # update scores each response in one pass), so the trajectory does not store it.
     collector, trajectory, episodes = rollout.collect(
         key, act, loop.envs(config)[0], collector, num_steps,
-        loop.spec.normalize_obs, lambda obs: agent.value(agent_state, obs), reward_gamma,
+        loop.spec.normalize_obs, lambda obs, *state: agent.value(agent_state, obs, *state), reward_gamma,
         None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
         initial_state=initial, keep_state=not whole_responses,
     )  # fmt: skip

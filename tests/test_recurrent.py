@@ -15,11 +15,16 @@ from kl_rl.agents.ppo import PPOConfig
 from kl_rl.errors import ConfigError
 
 
+def _spaces():
+    env = envs.make("CartPole-v1")
+    return env.observation_space, env.action_space
+
+
 @functools.cache
-def _rollout(network: str, num_envs: int = 4, num_steps: int = 32, env_id: str = "CartPole-v1"):
+def _rollout(network: str, num_envs: int = 4, num_steps: int = 32, env_id: str = "CartPole-v1", **fields):
     """One rollout of a fresh PPO policy: the trainer's loop, its first collector state and the trajectory."""
     config = PPOConfig(total_steps=num_envs * num_steps, num_envs=num_envs, num_steps=num_steps, network=network,
-                       num_minibatches=2)  # fmt: skip
+                       num_minibatches=2, **fields)  # fmt: skip
     env = envs.make(env_id)
     trainer = train.make_trainer("ppo", config, env)
     state = jax.jit(trainer.init)(jax.random.key(0))
@@ -75,20 +80,83 @@ def test_the_state_is_reset_where_an_episode_starts_and_carried_elsewhere():
     assert np.all(np.abs(state[~start]).max(axis=-1) > 0.0)
 
 
-@pytest.mark.parametrize("algo", ["ppo", "vpg", pytest.param("mdpo", marks=pytest.mark.slow)])
-def test_an_update_with_zero_lr_recomputes_the_behaviour_policy_exactly(algo):
+def test_the_collector_keeps_the_state_each_step_left_before_any_reset():
+    *_, traj = _rollout("gru")
+    state, after = np.asarray(traj.policy_state), np.asarray(traj.next_policy_state)
+    done = np.asarray(traj.terminated | traj.truncated)
+    assert done[:-1].sum() >= 3
+    # Where the episode goes on, the state after a step is the one the next step acts with.
+    np.testing.assert_array_equal(after[:-1][~done[:-1]], state[1:][~done[:-1]])
+    # Where it ends, the next step starts from zeros, but the state after the step is kept: it
+    # is what the last observation was read with, and what a truncated step bootstraps from.
+    assert np.all(state[1:][done[:-1]] == 0.0)
+    assert np.all(np.abs(after[:-1][done[:-1]]).max(axis=-1) > 0.0)
+
+
+def test_a_critic_of_the_state_reads_the_state_the_policy_acted_with():
+    config, ac, state, _, traj = _rollout("gru", critic_state=True)
+    assert config.critic_state
+    agent_state = state.agent
+    # The collector's values are the critic's on the recorded states ...
+    np.testing.assert_allclose(
+        np.asarray(traj.value), np.asarray(ac.value(agent_state, traj.obs, traj.policy_state)), rtol=1e-6, atol=1e-6
+    )
+    # ... and the state matters to them; without critic_state it does not, and the critic is
+    # the observation's MLP alone.
+    other = jax.tree.map(lambda x: jnp.roll(x, 1, axis=1), traj.policy_state)
+    assert np.abs(np.asarray(ac.value(agent_state, traj.obs, other) - traj.value)).max() > 1e-3
+    blind = actor_critic(config.replace(critic_state=False), *_spaces())
+    params = blind.init_params(jax.random.key(0))
+    first_layer = [x.shape[0] for x in jax.tree.leaves(params["value"]) if x.ndim == 2]
+    assert traj.obs.shape[-1] in first_layer and traj.obs.shape[-1] + 64 not in first_layer
+    st = agent_state.replace(params=params)
+    np.testing.assert_array_equal(blind.value(st, traj.obs, traj.policy_state), blind.value(st, traj.obs, other))
+    with pytest.raises(ValueError, match="reads the policy's state"):
+        ac.value(agent_state, traj.obs)
+
+
+def test_a_truncated_step_bootstraps_from_the_state_after_it():
+    from kl_rl.agents.common import advantages_and_returns
+
+    config, ac, state, _, traj = _rollout("gru", critic_state=True)
+    done = np.asarray(traj.terminated)
+    assert done[:-1].sum() >= 3
+    # The same steps, cut by a time limit instead: next_obs is then bootstrapped.
+    cut = traj._replace(truncated=traj.terminated, terminated=jnp.zeros_like(traj.terminated))
+
+    def value_fn(obs, *policy_state):
+        return ac.value(state.agent, obs, *policy_state)
+
+    _, _, returns = advantages_and_returns(value_fn, cut, config)
+    returns = np.asarray(jnp.swapaxes(returns, 0, 1))  # back to [T, N]
+    v_next = np.asarray(value_fn(traj.next_obs, traj.next_policy_state))
+    want = np.asarray(traj.reward) + config.gamma * v_next
+    np.testing.assert_allclose(returns[done], want[done], rtol=1e-5, atol=1e-5)
+    # The state the next step starts from (zeros, after the reset) gives other bootstraps.
+    v_reset = np.asarray(value_fn(traj.next_obs, jax.tree.map(jnp.zeros_like, traj.next_policy_state)))
+    assert np.abs((np.asarray(traj.reward) + config.gamma * v_reset)[done] - returns[done]).max() > 1e-3
+
+
+@pytest.mark.parametrize(
+    "algo, critic_state", [("ppo", False), ("vpg", True), pytest.param("mdpo", False, marks=pytest.mark.slow)]
+)
+def test_an_update_with_zero_lr_recomputes_the_behaviour_policy_exactly(algo, critic_state):
     """Through the real update (env-major minibatches, the unroll in the loss): at lr 0 the
     policy it recomputes is the one that collected, so its KL to the behaviour policy is ~0.
-    Both agents' params are {"policy", "value"}, so PPO's collected state serves VPG's update."""
+    Both agents' params are {"policy", "value"}, so PPO's collected state serves VPG's update
+    (VPG's with a critic of the state: its value regression reads the recorded states)."""
     from kl_rl.agents.base import UpdateContext
 
-    _, _, state, _, traj = _rollout("gru")
-    config = ALGOS[algo].config(total_steps=128, num_envs=4, num_steps=32, network="gru", lr=0.0)
+    _, _, state, _, traj = _rollout("gru", critic_state=critic_state)
+    config = ALGOS[algo].config(
+        total_steps=128, num_envs=4, num_steps=32, network="gru", lr=0.0, critic_state=critic_state
+    )
     space = envs.make("CartPole-v1")
     agent = ALGOS[algo].make(config, space.observation_space, space.action_space)
     agent_state = agent.init(jax.random.key(0)).replace(params=state.agent.params)
     _, metrics = jax.jit(agent.update)(jax.random.key(2), agent_state, traj, UpdateContext(jnp.float32(0.0)))
     assert float(metrics["kl"]) < 1e-10 and float(metrics["kl_behaviour"]) < 1e-10
+    assert np.isfinite(float(metrics["vf_loss"]))
 
 
 def _trpo_objectives(traj, params, config, start=None):
@@ -101,7 +169,9 @@ def _trpo_objectives(traj, params, config, start=None):
 
     space = envs.make("CartPole-v1")
     ac = actor_critic(config, space.observation_space, space.action_space)
-    env_major, advantages, _ = advantages_and_returns(lambda o: ac.value_net.apply(params["value"], o), traj, config)
+    env_major, advantages, _ = advantages_and_returns(
+        lambda o, *s: ac.value_net.apply(params["value"], ac.critic_input(o, *s)), traj, config
+    )
     if start is not None:
         env_major = env_major._replace(start=start)
     theta_old, unravel = ravel_pytree(params["policy"])

@@ -32,11 +32,18 @@ class PolicyConfig:
     network: str = static("mlp")
     """The policy network: mlp, or a recurrent cell, gru or lstm, whose state the collector
     carries between steps and resets where an episode starts (hidden_sizes[0] is the cell's
-    width, the rest the head's layers; the critic stays an MLP of the observation). Recurrent
+    width, the rest the head's layers; the critic is an MLP, of the observation and, with
+    critic_state, of the cell's state). Recurrent
     policies are unrolled by PPO's, MDPO's, VPG's and TRPO's updates. Or cnn, for image observations
     (gymnax's MinAtar games, which then stay [10, 10, C] instead of being flattened): MinAtar's
     conv torso (16 3x3 filters, ReLU) before the hidden layers, in the policy and in the critic
     (MinAtar's own network: cnn with hidden_sizes (128,) and relu)."""
+    critic_state: bool = static(False)
+    """With a recurrent network: the critic, an MLP, reads the policy's carried state beside the
+    observation (the state the policy acted with, as data: no gradient flows into the cell), so
+    it sees the history the policy remembers, not only what one observation shows. A truncated
+    step bootstraps from the state after that step. Ignored by a stateless policy. Off by
+    default: on CartPoleNoVel-v1's preset it did not help (16 seeds, docs/benchmarks.md)."""
     activation: str = static("tanh")
     """Hidden activation: tanh, relu, elu or gelu."""
     distribution: str = static("auto")
@@ -425,7 +432,9 @@ def advantages_and_returns(
         traj = traj._replace(value=value_fn(traj.obs))
     else:
         log_rho = None
-    v_tp1 = value_fn(traj.next_obs)
+    # A critic of the policy's state reads next_obs with the state after the step (before any reset).
+    next_state = () if traj.next_policy_state is None else (traj.next_policy_state,)
+    v_tp1 = value_fn(traj.next_obs, *next_state)
 
     def estimate(r_t, v_t, v_tp1, terminated_t, truncated_t, log_rho_t):
         if log_rho_t is None:
@@ -540,8 +549,9 @@ def apply_step(params: Any, updates: Any, lr: jax.Array) -> Any:
 
 def value_regression_data(config: PolicyConfig, obs: jax.Array, returns: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(obs, returns) for `fit_value`: as given, or a recurrent policy's env-major [N, T] batch
-    flattened to [N * T] -- the critic is an MLP of the observation, so its regression needs no
-    sequences and its minibatches are of steps, as for a stateless policy."""
+    flattened to [N * T] -- the critic is an MLP (of `ActorCritic.critic_input`: the observation,
+    and with critic_state the policy's recorded state), so its regression needs no sequences and
+    its minibatches are of steps, as for a stateless policy."""
     if not config.recurrent:
         return obs, returns
     return obs.reshape(-1, *obs.shape[2:]), returns.reshape(-1)
@@ -593,12 +603,28 @@ class ActorCritic(NamedTuple):
     init_params: Callable[[jax.Array], dict]
     policy: Callable[..., Any]
     act: Callable[..., tuple]
-    value: Callable[[Any, jax.Array], jax.Array]
+    value: Callable[..., jax.Array]
+    """value(state, obs[, policy_state]) -> V; a recurrent policy's critic with `critic_state`
+    reads the state the policy acted with on obs."""
     distribution: Callable[[Any, buffer.Transition], Any]
     """distribution(policy_params, traj) -> the policy's distribution at every step of an update's
     data: of each observation, or for a stateful policy unrolled along env-major [N, T]
     sequences from each env's first recorded state, reset where `traj.start` says."""
     initial_state: Callable[[int], Any] | None = None
+    critic_input: Callable[[jax.Array, Any], jax.Array] = lambda obs, policy_state=None: obs
+    """critic_input(obs, policy_state) -> what the value MLP reads: obs, or with `critic_state`
+    obs (flattened) beside the policy's state at the same steps."""
+
+
+def critic_input(obs: jax.Array, policy_state: Any) -> jax.Array:
+    """The observation, flattened past the batch axes, beside a policy state's leaves (a GRU's
+    h, an LSTM's c and h), as one array: the input of a critic of the policy's state."""
+    if policy_state is None:
+        return obs
+    leaves = jax.tree.leaves(policy_state)
+    batch = leaves[0].shape[:-1]
+    parts = [obs.reshape(*batch, -1), *(jax.lax.stop_gradient(x).reshape(*batch, -1) for x in leaves)]
+    return jnp.concatenate([p.astype(jnp.float32) for p in parts], -1)
 
 
 def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_space: gym.Space) -> ActorCritic:
@@ -609,13 +635,21 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
     )  # fmt: skip
     value_net = networks.make_value(config.hidden_sizes, config.activation, config.network)
 
+    reads_state = config.critic_state and policy_net.initial_state is not None and config.recurrent
+
+    def value_input(obs: jax.Array, policy_state: Any = None) -> jax.Array:
+        return critic_input(obs, policy_state) if reads_state else obs
+
     def init_params(key: jax.Array) -> dict:
         policy_key, value_key = jax.random.split(key)
         obs = jnp.zeros((1, *observation_space.shape), jnp.float32)
-        return {"policy": policy_net.init(policy_key, obs), "value": value_net.init(value_key, obs)}
+        state = policy_net.initial_state(1) if reads_state else None
+        return {"policy": policy_net.init(policy_key, obs), "value": value_net.init(value_key, value_input(obs, state))}
 
-    def value(state: Any, obs: jax.Array) -> jax.Array:
-        return value_net.apply(state.params["value"], obs)
+    def value(state: Any, obs: jax.Array, policy_state: Any = None) -> jax.Array:
+        if reads_state and policy_state is None:
+            raise ValueError("this critic reads the policy's state: call value(state, obs, policy_state)")
+        return value_net.apply(state.params["value"], value_input(obs, policy_state))
 
     if policy_net.initial_state is None:
         policy, act = policy_and_act(policy_net)
@@ -638,7 +672,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         return networks.unroll(policy_net, params, first, traj.obs, traj.start)
 
     return ActorCritic(policy_net, value_net, init_params, recurrent_policy, recurrent_act, value, unrolled,
-                       policy_net.initial_state)  # fmt: skip
+                       policy_net.initial_state, value_input)  # fmt: skip
 
 
 def policy_and_act(policy_net: networks.Network) -> tuple[Callable, Callable]:
@@ -724,7 +758,7 @@ def proximal_agent(
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
         pg_loss, pg_aux = policy_loss(log_ratio, advantages, weight, dist, anchor_dist, progress)
-        value = value_net.apply(params["value"], traj.obs)
+        value = value_net.apply(params["value"], ac.critic_input(traj.obs, traj.policy_state))
         vf_loss = value_loss(value, traj.value, returns, config.clip_eps, config.clip_value)
         entropy = jnp.mean(dist.entropy())
         approx_kl = jnp.mean(kl.kl_k3(log_prob, anchor_log_prob))
@@ -740,7 +774,7 @@ def proximal_agent(
     def update(key: jax.Array, state: PPOState, traj, ctx: UpdateContext):
         ref_beta = ctx.ref_beta
         params = state.params
-        est = estimates(policy_net, params["policy"], lambda obs: ac.value(state, obs), traj, config)
+        est = estimates(policy_net, params["policy"], lambda obs, *s: ac.value(state, obs, *s), traj, config)
         traj, advantages, returns, prox_dist, log_rho, prox = est
         lr = config.lr * (1.0 - ctx.progress) if config.anneal_lr else config.lr
         beta = state.kl_ctrl.beta

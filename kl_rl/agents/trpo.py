@@ -180,7 +180,7 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
 
     def update(key: jax.Array, state: TRPOState, traj, ctx: UpdateContext):
         ref_beta = ctx.ref_beta
-        traj, advantages, returns = advantages_and_returns(lambda o: ac.value(state, o), traj, config)
+        traj, advantages, returns = advantages_and_returns(lambda o, *s: ac.value(state, o, *s), traj, config)
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
         theta_old, unravel = ravel_pytree(state.params["policy"])
@@ -229,7 +229,8 @@ def trpo(config: TRPOConfig, observation_space: gym.Space, action_space: gym.Spa
 
         value_params, value_opt, vf_loss = fit_value(
             key, ac.value_net, state.params["value"], state.opt_state["value"], value_optimizer, config.vf_lr,
-            *value_regression_data(config, traj.obs, returns), config.vf_epochs, config.vf_minibatches,
+            *value_regression_data(config, ac.critic_input(traj.obs, traj.policy_state), returns),
+            config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
         new_state = TRPOState(
             params={"policy": unravel(theta_new), "value": value_params}, opt_state={"value": value_opt}

@@ -110,7 +110,7 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
     def update(key: jax.Array, state: VPGState, traj, ctx: UpdateContext):
         ref_beta = ctx.ref_beta
         params = state.params
-        est = estimates(ac.policy_net, params["policy"], lambda o: ac.value(state, o), traj, config)
+        est = estimates(ac.policy_net, params["policy"], lambda o, *s: ac.value(state, o, *s), traj, config)
         traj, advantages, returns, prox_dist, log_rho, prox = est
         if config.normalize_advantages:
             advantages = normalize_advantages(advantages)
@@ -129,7 +129,8 @@ def vpg(config: VPGConfig, observation_space: gym.Space, action_space: gym.Space
         )
         value_params, value_opt, vf_loss = fit_value(
             key, ac.value_net, params["value"], state.opt_state["value"], optimizer, config.vf_lr,
-            *value_regression_data(config, traj.obs, returns), config.vf_epochs, config.vf_minibatches,
+            *value_regression_data(config, ac.critic_input(traj.obs, traj.policy_state), returns),
+            config.vf_epochs, config.vf_minibatches,
         )  # fmt: skip
         new_dist = ac.distribution(policy_params, traj)
         kl_behaviour = jnp.mean(kl.kl_old_new(traj.dist, new_dist))
