@@ -86,6 +86,13 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("mpo", "CartPole-v1"): dict(MPO_DISCRETE, total_steps=70_000),
     # Acrobot: CartPole's settings at 50k steps (4 seeds: -91.1, -91.5, -87.6, -88.4).
     ("mpo", "Acrobot-v1"): dict(MPO_DISCRETE, total_steps=50_000),
+    # MountainCarContinuous: Pendulum's settings with normalized observations and a wider first
+    # Gaussian (log std 0.5) to find the goal (4 seeds at 50k steps: 93.0, 93.6, 93.6, -0.1;
+    # without the normalization every seed stood still, near 0; with it alone 2 of 4 found the goal).
+    # 16 seeds: median 93.1, 11 reach the goal, 5 stand still.
+    ("mpo", "MountainCarContinuous-v0"): dict(
+        MPO_SMALL, total_steps=50_000, buffer_size=50_000, normalize_obs=True, init_log_std=0.5
+    ),
     # AWR: the dataclass defaults (the authors' beta 1 on normalized advantages, weight clip 20,
     # lambda 0.95, a 50k buffer; 8 envs x 128 steps an update, 100 critic and 250 policy steps of
     # 256), at 60 updates on CartPole (4 seeds at 50 updates: 459.7-500).
