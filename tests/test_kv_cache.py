@@ -32,7 +32,6 @@ def _random(params, seed, scale=0.5):
 
 
 @functools.cache
-@functools.lru_cache(maxsize=None)
 def _rollout(kv_cache: bool = True, num_steps: int = 3 * H):
     """A GRPO trainer's collector run for `num_steps` (three response lengths, so envs finish
     episodes and start new prompts mid-rollout) with random policy parameters."""

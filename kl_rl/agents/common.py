@@ -610,10 +610,10 @@ class ActorCritic(NamedTuple):
     """distribution(policy_params, traj) -> the policy's distribution at every step of an update's
     data: of each observation, or for a stateful policy unrolled along env-major [N, T]
     sequences from each env's first recorded state, reset where `traj.start` says."""
-    initial_state: Callable[[int], Any] | None = None
-    critic_input: Callable[[jax.Array, Any], jax.Array] = lambda obs, policy_state=None: obs
+    critic_input: Callable[[jax.Array, Any], jax.Array]
     """critic_input(obs, policy_state) -> what the value MLP reads: obs, or with `critic_state`
     obs (flattened) beside the policy's state at the same steps."""
+    initial_state: Callable[[int], Any] | None = None
 
 
 def critic_input(obs: jax.Array, policy_state: Any) -> jax.Array:
@@ -635,7 +635,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
     )  # fmt: skip
     value_net = networks.make_value(config.hidden_sizes, config.activation, config.network)
 
-    reads_state = config.critic_state and policy_net.initial_state is not None and config.recurrent
+    reads_state = config.critic_state and config.recurrent
 
     def value_input(obs: jax.Array, policy_state: Any = None) -> jax.Array:
         return critic_input(obs, policy_state) if reads_state else obs
@@ -657,7 +657,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         def distribution(params: Any, traj: buffer.Transition):
             return policy_net.apply(params, traj.obs)
 
-        return ActorCritic(policy_net, value_net, init_params, policy, act, value, distribution)
+        return ActorCritic(policy_net, value_net, init_params, policy, act, value, distribution, value_input)
 
     def recurrent_policy(state: Any, obs: jax.Array, policy_state: Any):
         return policy_net.apply(state.params["policy"], obs, policy_state)
@@ -672,7 +672,7 @@ def actor_critic(config: PolicyConfig, observation_space: gym.Space, action_spac
         return networks.unroll(policy_net, params, first, traj.obs, traj.start)
 
     return ActorCritic(policy_net, value_net, init_params, recurrent_policy, recurrent_act, value, unrolled,
-                       policy_net.initial_state, value_input)  # fmt: skip
+                       value_input, policy_net.initial_state)  # fmt: skip
 
 
 def policy_and_act(policy_net: networks.Network) -> tuple[Callable, Callable]:
