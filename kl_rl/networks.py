@@ -227,15 +227,29 @@ def unroll(network: Network, params: Any, state: Any, obs: jax.Array, start: jax
     is taken as given (the collector's, already reset). Gradients flow through all T steps
     (truncated backpropagation through time, truncated at the rollout's start).
     """
-    initial = network.initial_state(start.shape[0])
+
+    def apply(obs_t, state_t):
+        return network.apply(params, obs_t, state_t)
+
+    out = unroll_steps(apply, network.initial_state(start.shape[0]), state, jnp.swapaxes(obs, 0, 1),
+                       jnp.swapaxes(start, 0, 1))  # fmt: skip
+    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+
+
+def unroll_steps(apply: Callable[[jax.Array, Any], tuple[Any, Any]], initial: Any, state: Any, obs: jax.Array,
+                 start: jax.Array) -> Any:  # fmt: skip
+    """`unroll`'s loop, time-major: apply(obs_t, state) -> (output, state) along [T, B] steps
+    from `state` at t = 0, reset to `initial` before every step whose `start` [T, B] is True.
+    Returns the outputs [T, B, ...]. Anything with a carried state replays a recorded
+    trajectory through here: a network's parameters, or an agent's policy (`kl_rl.reference`)."""
 
     def step(carry, xs):
         obs_t, start_t = xs
-        out, carry = network.apply(params, obs_t, reset_state(carry, initial, start_t))
+        out, carry = apply(obs_t, reset_state(carry, initial, start_t))
         return carry, out
 
-    _, out = jax.lax.scan(step, state, (jnp.swapaxes(obs, 0, 1), jnp.swapaxes(start, 0, 1)))
-    return jax.tree.map(lambda x: jnp.swapaxes(x, 0, 1), out)
+    _, out = jax.lax.scan(step, state, (obs, start))
+    return out
 
 
 def make_policy(

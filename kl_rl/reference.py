@@ -24,7 +24,7 @@ import gymnasium as gym
 import jax
 import jax.numpy as jnp
 
-from kl_rl import buffer, kl, normalize, rollout
+from kl_rl import buffer, kl, networks, normalize, rollout
 from kl_rl.agents import ALGOS
 from kl_rl.agents.common import ref_kl_controller
 from kl_rl.agents.lm import response_tokens
@@ -58,13 +58,18 @@ class RefAnchor(NamedTuple):
     """init(reference, key, config) -> (the reference, its controller's state); a None reference
     gives zeros of its shapes (a template for checkpoints; a run is given its reference)."""
     behaviour: Callable[[Reference, kl.KLControllerState, Any], tuple[Callable, Penalty | None]]
-    """behaviour(reference, ctrl, config) -> (raw obs -> pi_ref's distribution, the reward penalty or None)."""
+    """behaviour(reference, ctrl, config) -> (raw obs -> pi_ref's distribution, the reward penalty
+    or None); with `initial_state`, (raw obs, ref state) -> (pi_ref's distribution, ref state)."""
     score: Callable[[Reference, buffer.Transition, Penalty | None], buffer.Transition] | None
     """Token tasks: the trajectory with `ref_dist` from one causal pass per response and the
     penalty subtracted from its rewards; None where the reference scores each step."""
     after_update: Callable[..., tuple[kl.KLControllerState, dict[str, jax.Array]]]
     """after_update(ctrl, config, agent, agent_state, data, metrics) -> (ctrl, metrics with
     kl_ref, ref_beta and, when the penalty is forward, kl_ref_forward)."""
+    initial_state: Callable[[int], Any] | None = None
+    """A recurrent reference's initial_state(n) -> its state for n envs, which the collector
+    carries beside the policy's (`rollout.CollectorState.reference`); None for a stateless one
+    and for a token reference, which scores whole responses."""
 
 
 def anchor(spec: RefSpec, observation_space: gym.Space, action_space: gym.Space) -> RefAnchor:
@@ -82,10 +87,11 @@ def anchor(spec: RefSpec, observation_space: gym.Space, action_space: gym.Space)
         return reference, ref_kl_controller(config).init()
 
     def behaviour(reference: Reference, ctrl: kl.KLControllerState, config: Any):
-        def ref_fn(raw_obs):
-            """raw obs -> the reference's distribution, through its own observation normalizer."""
+        def ref_fn(raw_obs, *ref_state):
+            """raw obs [, ref state] -> the reference's distribution [and next state], through its
+            own observation normalizer."""
             obs = rollout.observe(reference.obs_norm, raw_obs, spec.config.normalize_obs)
-            return ref_agent.policy(reference.agent, obs)
+            return ref_agent.policy(reference.agent, obs, *ref_state)
 
         penalty = None
         if config.ref_kl_in == "reward":
@@ -117,19 +123,35 @@ def anchor(spec: RefSpec, observation_space: gym.Space, action_space: gym.Space)
             # The agent measured it its own way (token tasks: summed over each response).
             kl_ref = metrics["kl_ref"]
         else:
-            kl_ref = jnp.mean(kl.anchor_kl(agent.policy(agent_state, data.obs), data.ref_dist, "reverse"))
+            kl_ref = jnp.mean(kl.anchor_kl(updated_policy(agent, agent_state, data), data.ref_dist, "reverse"))
         controlled = kl_ref
         if config.ref_kl_direction == "forward":
             if "kl_ref_forward" not in metrics:
-                new_dist = agent.policy(agent_state, data.obs)
+                new_dist = updated_policy(agent, agent_state, data)
                 metrics["kl_ref_forward"] = jnp.mean(kl.anchor_kl(new_dist, data.ref_dist, "forward"))
             controlled = metrics["kl_ref_forward"]
         new_ctrl = ref_kl_controller(config).update(ctrl, controlled, data.reward.size)
         return new_ctrl, {**metrics, "kl_ref": kl_ref, "ref_beta": ctrl.beta}
 
+    scores = ref_agent.score_responses is not None
     return RefAnchor(
         init=init,
         behaviour=behaviour,
-        score=score if ref_agent.score_responses is not None else None,
+        score=score if scores else None,
         after_update=after_update,
+        initial_state=None if scores else ref_agent.initial_state,
     )
+
+
+def updated_policy(agent: Any, agent_state: Any, data: buffer.Transition) -> Any:
+    """The agent's policy at every step of an update's [T, N] data: of each observation, or for a
+    stateful policy replayed along the rollout from each env's first recorded state, reset where
+    `data.start` says (the distributions the update itself gives)."""
+    if data.policy_state is None:
+        return agent.policy(agent_state, data.obs)
+    first = jax.tree.map(lambda x: x[0], data.policy_state)
+
+    def apply(obs, policy_state):
+        return agent.policy(agent_state, obs, policy_state)
+
+    return networks.unroll_steps(apply, agent.initial_state(data.start.shape[1]), first, data.obs, data.start)

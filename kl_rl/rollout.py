@@ -61,6 +61,8 @@ class CollectorState(NamedTuple):
       reward_norm: running moments of each env's discounted return, whose std scales rewards.
       discounted_return: [N] each env's discounted return so far in its current episode.
       policy: a stateful policy's `PolicyCarry`; None (no leaves) for a stateless policy.
+      reference: a stateful frozen reference's state (leaves [N, ...]), the one it scores the
+        next step with; reset where the policy's is. None for a stateless reference or none.
     """
 
     env: VecEnvState
@@ -68,14 +70,18 @@ class CollectorState(NamedTuple):
     reward_norm: normalize.RunningMeanStd
     discounted_return: jax.Array
     policy: PolicyCarry | None = None
+    reference: Any = None
 
 
-def init_collector(env: VecEnvState, obs_shape: tuple[int, ...], initial_state: Any = None) -> CollectorState:
+def init_collector(
+    env: VecEnvState, obs_shape: tuple[int, ...], initial_state: Any = None, reference_state: Any = None
+) -> CollectorState:
     """A collector over `env` whose normalizers have seen nothing yet; with a stateful policy's
-    `initial_state` (leaves [N, ...]), every env starts an episode with it."""
+    `initial_state` (leaves [N, ...]), every env starts an episode with it, and likewise with a
+    stateful reference's `reference_state`."""
     policy = None if initial_state is None else fresh_policy(initial_state)
     return CollectorState(env, normalize.init(obs_shape), normalize.init(()), jnp.zeros_like(env.episode_return),
-                          policy)  # fmt: skip
+                          policy, reference_state)  # fmt: skip
 
 
 def fresh_policy(initial_state: Any) -> PolicyCarry:
@@ -135,6 +141,7 @@ def collect(
     first_episode_only: bool = False,
     initial_state: Any = None,
     keep_state: bool = True,
+    reference_initial_state: Any = None,
 ) -> tuple[CollectorState, Transition, EpisodeStats]:
     """Runs `act` for `num_steps` steps of every env in `vec_env`.
 
@@ -154,7 +161,9 @@ def collect(
       reward_gamma: None stores raw rewards; a discount stores rewards scaled by the running
         std of the discounted return (`scale_reward`). Episode returns stay unscaled.
       reference: reference(raw_obs) -> the distribution of a frozen reference policy, which
-        applies its own observation normalizer; recorded as each transition's `ref_dist`.
+        applies its own observation normalizer; recorded as each transition's `ref_dist`. A
+        stateful reference (`state.reference` not None) is reference(raw_obs, ref_state) ->
+        (distribution, ref_state), and its state is carried and reset as the policy's is.
       reward_penalty: reward_penalty(dist, action, ref_dist) -> [N], subtracted from the raw
         reward before any scaling (a KL penalty in the reward, as in RLHF). Needs `reference`.
       first_episode_only: count only each env's first episode of the rollout in the episode
@@ -164,6 +173,9 @@ def collect(
       keep_state: store each step's policy state in the trajectory (static); False where the
         update reads none (a token policy's KV cache: the update scores whole responses). The
         `start` flags are stored either way.
+      reference_initial_state: a stateful reference's initial state (leaves [N, ...]), which an
+        env's reference state is reset to where its episode ends; needed when
+        `state.reference` is not None.
 
     Returns:
       The new collector state, the trajectory as a `Transition` with leaves [T, N, ...], and the
@@ -171,7 +183,7 @@ def collect(
     """
 
     def step(carry: CollectorState, keys: jax.Array):
-        env_state, obs_norm, reward_norm, discounted_return, policy = carry
+        env_state, obs_norm, reward_norm, discounted_return, policy, ref_state = carry
         if normalize_obs:
             obs_norm = normalize.update(obs_norm, env_state.obs)
         obs = observe(obs_norm, env_state.obs, normalize_obs)
@@ -180,7 +192,11 @@ def collect(
             action, log_prob, dist = act(act_key, obs)
         else:
             action, log_prob, dist, policy_state = act(act_key, obs, policy.state)
-        ref_dist = None if reference is None else reference(env_state.obs)
+        ref_dist = None
+        if ref_state is not None:
+            ref_dist, ref_state = reference(env_state.obs, ref_state)
+        elif reference is not None:
+            ref_dist = reference(env_state.obs)
         env_state, out = vec_env.step(env_key, env_state, env_action(vec_env.action_space, action))
         reward = out.reward
         if reward_penalty is not None:
@@ -201,15 +217,17 @@ def collect(
             dist=dist,
             ref_dist=ref_dist,
         )
+        done = out.terminated | out.truncated
         if policy is not None:
             transition = transition._replace(
                 policy_state=policy.state if keep_state else None,
                 start=policy.start,
                 next_policy_state=policy_state if keep_state else None,
             )
-            done = out.terminated | out.truncated
             policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
-        carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy)
+        if ref_state is not None:
+            ref_state = networks.reset_state(ref_state, reference_initial_state, done)
+        carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy, ref_state)
         return carry, (transition, out.episode_return, out.episode_length)
 
     # Keys for all steps in one PRNG call, and episode sums over [T, N] after the loop: both
@@ -320,4 +338,3 @@ def _first_episodes(key, policy, vec_env, obs_norm, normalize_obs, max_steps, ba
     init = (env_state, jnp.zeros(vec_env.num_envs), jnp.ones(vec_env.num_envs, bool), initial_state)
     (_, total, _, _), recording = jax.lax.scan(step, init, jax.random.split(run_key, max_steps))
     return total, recording
-

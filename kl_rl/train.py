@@ -148,12 +148,6 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         `ref_beta` (`kl_rl.reference`).
     """
     spec = config.rollout
-    if reference is not None and getattr(config, "recurrent", False):
-        raise ConfigError(
-            f"{{network}} {config.network} does not take a --reference yet (the reference's KL is measured "
-            "observation by observation); use {network} mlp",
-            "network",
-        )
     if reference is not None and (getattr(config, "images", False) or getattr(reference.config, "images", False)):
         raise ConfigError("{network} cnn takes no --reference yet, nor is a cnn run one; use {network} mlp",
                           "network")  # fmt: skip
@@ -201,7 +195,7 @@ def make_trainer(algo: str, config: Any, env: Any, reference: RefSpec | None = N
         collector = collector._replace(env=env_state, discounted_return=jnp.zeros_like(collector.discounted_return))
         if collector.policy is not None:
             collector = collector._replace(policy=rollout.fresh_policy(initial_state(loop, config)))
-        return state.replace(collector=collector)
+        return state.replace(collector=fresh_reference(loop, collector))
 
     return Trainer(init, run, evaluate, train, loop.steps_per_update, envs.path_of(env), vec_env, eval_env,
                    restart_envs, reference)  # fmt: skip
@@ -239,6 +233,7 @@ def collect(loop: Loop, key: jax.Array, agent: Any, agent_state: Any, collector:
         loop.spec.normalize_obs, lambda obs, *state: agent.value(agent_state, obs, *state), reward_gamma,
         None if scored else ref_fn, None if scored else penalty, first_episode_only=whole_responses,
         initial_state=initial, keep_state=not whole_responses,
+        reference_initial_state=reference_state(loop),
     )  # fmt: skip
     if scored:
         # One causal pass per response after the rollout: the distributions a per-step call
@@ -258,7 +253,21 @@ def episodic_start(loop: Loop, config: Any, agent: Any, collector: rollout.Colle
     policy starts every env afresh. Its state lives for the rollout only (the train state keeps
     None, so a run's state has the shape it has without one)."""
     initial = initial_state(loop, config, agent)
+    collector = fresh_reference(loop, collector)
     return collector if initial is None else collector._replace(policy=rollout.fresh_policy(initial))
+
+
+def reference_state(loop: Loop) -> Any:
+    """A recurrent reference's initial state for the training env's copies; None for a
+    stateless reference or none."""
+    if loop.ref is None or loop.ref.initial_state is None:
+        return None
+    return loop.ref.initial_state(loop.spec.num_envs)
+
+
+def fresh_reference(loop: Loop, collector: rollout.CollectorState) -> rollout.CollectorState:
+    """The collector with a recurrent reference's state back at its start (every env afresh)."""
+    return collector if collector.reference is None else collector._replace(reference=reference_state(loop))
 
 
 def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainState:
@@ -270,7 +279,8 @@ def init_state(loop: Loop, key: jax.Array, config: Any, setup: Setup) -> TrainSt
     # host env needs to make one copy per element (see HostVecEnv.reset).
     obs_shape = loop.vec_env.observation_space.shape
     collector = rollout.init_collector(loop.envs(config)[0].reset(env_key, config), obs_shape,
-                                       None if agent.episodic else initial_state(loop, config, agent))  # fmt: skip
+                                       None if agent.episodic else initial_state(loop, config, agent),
+                                       reference_state(loop))  # fmt: skip
     if setup.start is not None:
         agent_state = agent_state.replace(params=setup.start.params)
         collector = collector._replace(obs_norm=setup.start.obs_norm, reward_norm=setup.start.reward_norm)
