@@ -18,6 +18,9 @@ swept over three strengths:
 - speed: env steps/s of each on-policy agent against PPO's, all at one rollout shape (4 envs x
   128 steps on CartPole-v1, each algorithm's dataclass defaults otherwise), compiled once each
   and timed in turns in this one process (order rotated every round), as per-round ratios to PPO.
+  The off-policy agents (MPO, AWR) are timed in the same turns at their own dataclass defaults
+  (their rollout shape included: their cost is their gradient steps), for a few updates, and
+  report gradient steps/s beside env steps/s.
 
 Add an algorithm by adding an `Entry`; an entry whose algo is not registered (or whose leash field
 its config lacks) is skipped with one line, so entries for agents in progress can wait here.
@@ -67,6 +70,9 @@ class Entry(NamedTuple):
     """The per-update KL the frontier plots (every agent here logs its KL(old || new) as `kl`)."""
     on_policy: bool = True
     """Whether the speed study times it against PPO at PPO's rollout shape."""
+    grad_steps: bool = False
+    """An off-policy agent whose config's `grad_steps` (gradient steps per update) the speed
+    study reports per second, timed at its own defaults."""
 
 
 ALGORITHMS: dict[str, Entry] = {
@@ -88,8 +94,8 @@ ALGORITHMS: dict[str, Entry] = {
     # eps_alpha_mu, which this entry does not sweep).
     "vmpo": Entry("vmpo", "eps_alpha", (0.002, 0.01, 0.05)),
     # MPO: the M-step bound on KL(pi' || pi) (its mean part, for a Gaussian).
-    "mpo": Entry("mpo", "epsilon_mean", (0.001, 0.01, 0.1), on_policy=False),
-    "awr": Entry("awr", "beta", (3.0, 1.0, 0.3), on_policy=False),
+    "mpo": Entry("mpo", "epsilon_mean", (0.001, 0.01, 0.1), on_policy=False, grad_steps=True),
+    "awr": Entry("awr", "beta", (3.0, 1.0, 0.3), on_policy=False, grad_steps=True),
 }
 
 ENVS = {
@@ -102,10 +108,10 @@ ENVS = {
 BUDGETS = {
     # A test of every code path: 2 seeds, a few updates on CartPole-v1.
     "quick": {"seeds": 2, "envs": ("CartPole-v1",), "steps": 2_048, "speed_steps": 1_024, "speed_seeds": 1,
-              "speed_rounds": 1},
+              "speed_rounds": 1, "speed_updates": 1},
     # The published numbers: 16 seeds at each env's budget (ENVS).
     "full": {"seeds": 16, "envs": ("CartPole-v1", "Pendulum-v1"), "steps": None, "speed_steps": 51_200,
-             "speed_seeds": 4, "speed_rounds": 5},
+             "speed_seeds": 4, "speed_rounds": 5, "speed_updates": 20},
 }  # fmt: skip
 SPEED_ROLLOUT = {"num_envs": 4, "num_steps": 128}
 """The rollout shape every agent of the speed study shares (PureJaxRL's CartPole default)."""
@@ -228,11 +234,17 @@ def frontier(budget: str, envs_: tuple[str, ...] | None = None, algos: list[str]
     return {"rows": rows}
 
 
-def _speed_program(algo: str, overrides: dict, steps: int, seeds: int):
-    """A compiled run of `algo` on CartPole-v1 at SPEED_ROLLOUT and its dataclass defaults otherwise
-    (no preset): (run, compile_s, env steps)."""
+def _speed_program(algo: str, overrides: dict, steps: int | None, seeds: int, updates: int = 0):
+    """A compiled run of `algo` on CartPole-v1 at its dataclass defaults (no preset): at
+    SPEED_ROLLOUT for `steps` env steps, or with steps None at its own rollout shape for
+    `updates` updates. Returns (run, compile_s, env steps, gradient steps or None)."""
     env = envs.make("CartPole-v1")
-    config = config_lib.build(ALGOS[algo].config, {**SPEED_ROLLOUT, **overrides, "total_steps": steps})
+    if steps is None:
+        defaults = ALGOS[algo].config()
+        fields = {**overrides, "total_steps": updates * defaults.num_envs * defaults.num_steps}
+    else:
+        fields = {**SPEED_ROLLOUT, **overrides, "total_steps": steps}
+    config = config_lib.build(ALGOS[algo].config, fields)
     resolve.check_config(algo, "CartPole-v1", env, config)
     trainer = make_trainer(algo, config, env)
     lay = parallel.layout(seeds)
@@ -243,33 +255,47 @@ def _speed_program(algo: str, overrides: dict, steps: int, seeds: int):
         return pipeline.execute(pipeline.Group(trainer, lay, programs), keys, [config] * seeds)
 
     run()
-    return run, programs.compile_time_s, seeds * config.num_updates * config.batch_size
+    grad_steps = seeds * config.num_updates * config.grad_steps if steps is None else None
+    return run, programs.compile_time_s, seeds * config.num_updates * config.num_envs * config.num_steps, grad_steps
 
 
 def speed(budget: str, algos: list[str] | None = None, log=print) -> dict:
-    """Env steps/s of each on-policy agent and its per-round ratio to PPO's, timed in turns."""
+    """Env steps/s of each on-policy agent and its per-round ratio to PPO's, timed in turns; the
+    off-policy agents' env and gradient steps/s at their own defaults, in the same turns."""
     b = BUDGETS[budget]
-    entries = {n: e for n, e in available(algos, log).items() if e.on_policy}
+    entries = {n: e for n, e in available(algos, log).items() if e.on_policy or e.grad_steps}
     entries = {"ppo": ALGORITHMS["ppo"], **entries}
-    programs = {name: _speed_program(e.algo, dict(e.overrides), b["speed_steps"], b["speed_seeds"])
+    programs = {name: _speed_program(e.algo, dict(e.overrides), None if e.grad_steps else b["speed_steps"],
+                                     b["speed_seeds"], b["speed_updates"])
                 for name, e in entries.items()}  # fmt: skip
     rates: dict[str, list[float]] = {name: [] for name in programs}
+    grad_rates: dict[str, list[float]] = {name: [] for name, p in programs.items() if p[3] is not None}
     names = list(programs)
     for r in range(b["speed_rounds"]):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order if r % 2 == 0 else order[::-1]:
-            run, _, steps = programs[name]
+            run, _, steps, grad_steps = programs[name]
             start = time.perf_counter()
             out = run()
             jax.block_until_ready(out.eval_returns)
-            rates[name].append(steps / (time.perf_counter() - start))
+            seconds = time.perf_counter() - start
+            rates[name].append(steps / seconds)
+            if grad_steps is not None:
+                grad_rates[name].append(grad_steps / seconds)
         log(f"round {r + 1}: " + ", ".join(f"{n} {v[-1]:,.0f}" for n, v in rates.items()))
     ppo = np.asarray(rates["ppo"])
     return {"env": "CartPole-v1", "rollout": SPEED_ROLLOUT, "total_steps": b["speed_steps"],
             "seeds": b["speed_seeds"], "rounds": b["speed_rounds"], "env_steps_per_s": rates,
+            "grad_steps_per_s": grad_rates, "off_policy_updates": b["speed_updates"],
+            "off_policy_env_steps": {n: programs[n][2] // b["speed_seeds"] for n in grad_rates},
             "compile_s": {n: p[1] for n, p in programs.items()},
             "ratio_to_ppo": {n: ci(np.asarray(v) / ppo) if len(v) > 1 else {"median": float(v[0] / ppo[0])}
                              for n, v in rates.items()}}  # fmt: skip
+
+
+def _ratio(x: float) -> str:
+    """A ratio to PPO: two decimals, or two significant digits below 0.1 (MPO's 0.0014)."""
+    return f"{x:.2f}" if x >= 0.1 else f"{x:.2g}"
 
 
 def _fmt(stat: dict, spec: str) -> str:
@@ -327,14 +353,19 @@ def tables(results: dict) -> str:
     if sp:
         out += [f"Speed, CartPole-v1, {sp['rollout']['num_envs']} envs x {sp['rollout']['num_steps']} steps, "
                 f"{sp['total_steps']:,} env steps x {sp['seeds']} seeds, {sp['rounds']} rounds in turns:", "",
-                "| algo | env steps/s (median of rounds) | ratio to PPO (median of per-round ratios) | compile s |",
-                "|---|---|---|---|"]  # fmt: skip
+                "| algo | env steps/s (median of rounds) | ratio to PPO (median of per-round ratios) "
+                "| gradient steps/s (median of rounds) | compile s |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        grad_rates = sp.get("grad_steps_per_s", {})
         for name, rates in sp["env_steps_per_s"].items():
             ratio = sp["ratio_to_ppo"][name]
-            band = f" [{ratio['ci95'][0]:.2f}, {ratio['ci95'][1]:.2f}]" if "ci95" in ratio else ""
-            out.append(
-                f"| {name} | {np.median(rates):,.0f} | {ratio['median']:.2f}{band} | {sp['compile_s'][name]:.0f} |"
-            )
+            band = f" [{_ratio(ratio['ci95'][0])}, {_ratio(ratio['ci95'][1])}]" if "ci95" in ratio else ""
+            grads = f"{np.median(grad_rates[name]):,.0f}" if name in grad_rates else "-"
+            out.append(f"| {name} | {np.median(rates):,.0f} | {_ratio(ratio['median'])}{band} | {grads} "
+                       f"| {sp['compile_s'][name]:.0f} |")  # fmt: skip
+        if grad_rates:
+            out += ["", f"The off-policy agents ({', '.join(grad_rates)}) ran {sp['off_policy_updates']} updates "
+                        "each at their own defaults (rollout shape included), not PPO's."]  # fmt: skip
     return "\n".join(out)
 
 
@@ -365,8 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     budget = "quick" if args.quick else "full"
     parallel.use_cpu_devices()
     folder = runs_dir(budget)
-    path = folder / "results.json"
-    results = json.loads(path.read_text()) if path.exists() and budget == "full" else {}
+    # The full budget adds to the results there are: this folder's, else the committed ones (a
+    # fresh checkout has no runs/), so a study rerun alone keeps the other's rows.
+    results = {}
+    if budget == "full":
+        for saved in (folder / "results.json", RESULTS / "kl-family.json"):
+            if saved.exists():
+                results = json.loads(saved.read_text())
+                break
     for study in args.studies or ("frontier", "speed"):
         start = time.perf_counter()
         if study == "frontier":

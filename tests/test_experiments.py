@@ -153,3 +153,38 @@ def test_kl_family_writes_every_seed_to_csv_and_markdown(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert "| CartPole-v1 | trpo | max_kl=0.2 | 20.0, 21.0 |" in md
     assert "| CartPole-v1 | trpo | max_kl=0.1 | 10.5 [10.0, 11.0] | 10.5 | 400 (threshold 475) | 1/2 |" in md
+
+
+def test_kl_family_speed_reports_gradient_steps_of_the_off_policy_agents(monkeypatch):
+    kl_family = _module("kl_family")
+    from kl_rl.agents import ALGOS
+
+    asked = {}
+
+    def fake_program(algo, overrides, steps, seeds, updates=0):
+        asked[algo] = (steps, updates)
+        config = ALGOS[algo].config()
+
+        def run():
+            return types.SimpleNamespace(eval_returns=np.zeros(1))
+
+        if steps is None:  # off-policy: `updates` updates of its own rollout shape
+            rollout = config.num_envs * config.num_steps
+            return run, 1.0, seeds * updates * rollout, seeds * updates * config.grad_steps
+        return run, 1.0, seeds * steps, None
+
+    clock = iter(float(t) for t in range(1000))  # every timed run takes one second
+    monkeypatch.setattr(kl_family, "_speed_program", fake_program)
+    monkeypatch.setattr(kl_family.time, "perf_counter", lambda: next(clock))
+    result = kl_family.speed("quick", ["ppo", "awr", "mpo", "cem"], log=lambda line: None)
+    quick = kl_family.BUDGETS["quick"]
+    # CEM is neither on-policy nor counted in gradient steps; the off-policy agents run updates.
+    assert set(asked) == {"ppo", "awr", "mpo"} and asked["ppo"] == (quick["speed_steps"], quick["speed_updates"])
+    assert asked["awr"] == (None, quick["speed_updates"]) == asked["mpo"]
+    awr = ALGOS["awr"].config()
+    assert awr.grad_steps == awr.critic_steps + awr.actor_steps == 350
+    assert result["grad_steps_per_s"] == {"awr": [350.0], "mpo": [float(ALGOS["mpo"].config().grad_steps)]}
+    assert result["env_steps_per_s"]["awr"] == [float(awr.num_envs * awr.num_steps)]
+    rows = {line.split(" | ")[0][2:]: line for line in kl_family.tables({"speed": result}).splitlines()
+            if line.startswith("| ") and " | " in line}  # fmt: skip
+    assert rows["ppo"].split(" | ")[3] == "-" and rows["awr"].split(" | ")[3] == "350"

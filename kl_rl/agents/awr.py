@@ -105,6 +105,11 @@ class AWRConfig(OnPolicyConfig):
         return self.num_envs * self.num_steps
 
     @property
+    def grad_steps(self) -> int:
+        """Gradient steps per update: the critic's and then the policy's minibatch steps."""
+        return self.critic_steps + self.actor_steps
+
+    @property
     def num_updates(self) -> int:
         return self.total_steps // self.batch_size_per_update
 
