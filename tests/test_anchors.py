@@ -12,9 +12,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_checks import stop_midway
 
 import kl_rl
-from kl_rl import envs, kl, runfolder, runner, sources
+from kl_rl import envs, kl, runfolder, sources
 from kl_rl.agents import PPOConfig
 from kl_rl.agents.common import add_reference_loss
 from kl_rl.cli import main
@@ -223,22 +224,7 @@ def test_a_resumed_run_keeps_its_reference_even_when_the_folder_is_gone(teacher,
     args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*args, "--out", str(whole)]) == 0
-
-    class Stop(Exception):
-        pass
-
-    real_run = runner.run
-
-    def stopping_run(*a, **kw):
-        def progress(env_steps, total):
-            if env_steps >= 4 * 512 * 2:
-                raise Stop
-        return real_run(*a, **{**kw, "progress": progress})
-
-    monkeypatch.setattr(runner, "run", stopping_run)
-    with pytest.raises(Stop):
-        main([*args, "--out", str(cut)])
-    monkeypatch.setattr(runner, "run", real_run)
+    stop_midway(monkeypatch, [*args, "--out", str(cut)])
     # The reference folder is gone: the resumed run takes its reference from the checkpoint.
     shutil.rmtree(reference)
     assert main(["train", "--resume", str(cut), "--no-progress"]) == 0

@@ -13,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_checks import stop_midway
 
 import kl_rl
-from kl_rl import envs, kl, networks, runfolder, runner, sources, train
+from kl_rl import envs, kl, networks, runfolder, sources, train
 from kl_rl.agents.common import actor_critic
 from kl_rl.agents.ppo import PPOConfig
 from kl_rl.cli import main
@@ -122,23 +123,7 @@ def test_a_recurrent_run_on_a_recurrent_reference_resumes_bit_identically(gru_te
     args += [f"--{k.replace('_', '-')}={v}" for k, v in SMALL.items()]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert main([*args, "--out", str(whole)]) == 0
-
-    class Stop(Exception):
-        pass
-
-    real_run = runner.run
-
-    def stopping_run(*a, **kw):
-        def progress(env_steps, total):
-            if env_steps >= total // 2:
-                raise Stop
-
-        return real_run(*a, **{**kw, "progress": progress})
-
-    monkeypatch.setattr(runner, "run", stopping_run)
-    with pytest.raises(Stop):
-        main([*args, "--out", str(cut)])
-    monkeypatch.setattr(runner, "run", real_run)
+    stop_midway(monkeypatch, [*args, "--out", str(cut)])
     capsys.readouterr()
     assert main(["train", "--resume", str(cut), "--no-progress"]) == 0
     resumed_at = int(re.search(r"from update (\d+) of 8", capsys.readouterr().out).group(1))
