@@ -81,7 +81,7 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     # (chosen on 2-seed Pendulum runs at 30k steps against lr 3e-4 and looser bounds;
     # docs/benchmarks.md). The buffer keeps the whole run. The critic regresses on Retrace
     # targets (the paper's): 16 seeds, paired on the same seeds, median -154.3 against the
-    # uncorrected n-step target's, at about twice the wall time (docs/benchmarks.md, "Retrace").
+    # uncorrected n-step target's -194.4, at 3.2x its wall time per update (docs/benchmarks.md).
     ("mpo", "Pendulum-v1"): dict(MPO_SMALL, total_steps=50_000, buffer_size=50_000, critic_target="retrace"),
     # CartPole: the same nets with 256 windows, critic and policy at Adam 1e-3, targets every 100
     # steps and a tighter E-step bound (0.01), 70k steps (4-seed runs at 50k, 80k and 100k steps
