@@ -41,8 +41,9 @@ class Transition(NamedTuple):
       policy_state: a stateful policy's state as it acted on obs (after any reset where an
         episode starts); None for a stateless policy. An update unrolls the policy from the
         state at its data's first step (`kl_rl.networks.unroll`).
-      start: bool, obs is the first of an episode (where a stateful policy's state was reset);
-        None for a stateless policy.
+      start: bool, a stateful policy's state was reset before obs, where an episode starts
+        (except after an env's first episode in an episodic rollout, which keeps the state:
+        `kl_rl.rollout.collect`); None for a stateless policy.
       next_policy_state: a stateful policy's state after acting on obs, before any reset where
         the episode ends: the state next_obs is read with, which a critic of the policy's state
         bootstraps a truncated step from; None for a stateless policy.

@@ -382,7 +382,9 @@ class KVCache(NamedTuple):
     of the buffer's positions so far, and whether the row starts an episode.
 
     Attributes:
-      key, value: [B, layers, L, heads, head_dim]; positions not yet written hold zeros.
+      key, value: [B, layers, heads, L, head_dim] (heads before positions: a one-token step's
+        attention is then a batched product over contiguous rows, 3x faster on a CPU than the
+        [L, heads] order); positions not yet written hold zeros.
       fresh: [B] bool, the row has cached nothing (an episode starts): its next step prefills the
         prompt. The collector's reset (`reset_state`) sets it where an episode ends.
     """
@@ -396,43 +398,67 @@ def _sub(module: nn.Module, params: Any, x: jax.Array) -> jax.Array:
     return module.apply({"params": params}, x)
 
 
+def _attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """`flax.linen.dot_product_attention` (the query scaled by 1/sqrt(d), masked logits at the
+    float's minimum, softmax in float32) on keys and values laid out [B, heads, L, d]: queries
+    [B, n, heads, d], mask [B, 1, n, L]; returns [B, n, heads, d]."""
+    query = query / jnp.sqrt(query.shape[-1]).astype(query.dtype)
+    logits = jnp.einsum("bqhd,bhld->bhql", query, key)
+    weights = jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(logits.dtype).min), axis=-1)
+    return jnp.einsum("bhql,bhld->bqhd", weights, value)
+
+
+def _scatter(cache: jax.Array, new: jax.Array, write: jax.Array, written: jax.Array) -> jax.Array:
+    """The cache [B, heads, L, d] with new [B, n, heads, d] written at the one-hot positions
+    write [B, n, L] (written [B, 1, L, 1]: any of them); one token needs no product."""
+    if new.shape[1] == 1:
+        return jnp.where(written, jnp.swapaxes(new, 1, 2), cache)
+    return jnp.where(written, jnp.einsum("bnl,bnhd->bhld", write, new), cache)
+
+
 def _cached_pass(shape: dict, params: Any, tokens: jax.Array, position: jax.Array, key: jax.Array,
                  value: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:  # fmt: skip
     """`TokenTransformer`'s pass over n new tokens [B, n] at positions `position` [B, n], which
-    attend to themselves causally and to the cached keys and values [B, layers, L, heads, d] of
+    attend to themselves causally and to the cached keys and values [B, layers, heads, L, d] of
     the positions before them (writes past a row's positions are never read: the mask stops at
     each query's own position). The same parameters and flax modules as the one-pass
     `features`, so the outputs agree with it to float rounding.
 
+    Only the last new token's output is computed through the last block (the others' keys and
+    values are all the cache needs of them there): the next token's distribution is read there.
+
     Returns:
-      The last block's output [B, n, width] (before the final LayerNorm and the head), and the
-      cache with the new tokens' keys and values written.
+      The last block's output at the last new token [B, width] (before the final LayerNorm and
+      the head), and the cache with the new tokens' keys and values written.
     """
     p = params["params"]
     layers, width, heads = shape["layers"], shape["width"], shape["heads"]
-    length = key.shape[2]
+    length = key.shape[3]
     x = jnp.take(p["embed"]["embedding"], tokens, axis=0) + jnp.take(p["position"], position, axis=0)
-    # [B, n, L]: the query at position q sees cache slot k iff k <= q.
+    # [B, 1, n, L]: the query at position q sees cache slot k iff k <= q.
     mask = (jnp.arange(length)[None, None, :] <= position[..., None])[:, None]
     write = jax.nn.one_hot(position, length, dtype=x.dtype)  # [B, n, L]
-    written = jnp.max(write, axis=1)[:, :, None, None]  # [B, L, 1, 1]
+    written = jnp.max(write, axis=1)[:, None, :, None] > 0  # [B, 1, L, 1]
     qkv = nn.DenseGeneral((heads, width // heads), axis=-1)
     new_key, new_value = [], []
     for i in range(layers):
         b = p[f"blocks_{i}"]
         a = b["MultiHeadDotProductAttention_0"]
         h = _sub(nn.LayerNorm(), b["LayerNorm_0"], x)
-        q, k, v = (_sub(qkv, a[name], h) for name in ("query", "key", "value"))
-        # Scatter the new rows' keys and values into the cache (one-hot: positions differ per row).
-        k_all = key[:, i] * (1 - written) + jnp.einsum("bnl,bnhd->blhd", write, k)
-        v_all = value[:, i] * (1 - written) + jnp.einsum("bnl,bnhd->blhd", write, v)
+        k, v = (_sub(qkv, a[name], h) for name in ("key", "value"))
+        if i == layers - 1:
+            # Past the last block nothing reads the earlier new tokens: the last one goes on alone.
+            x, h, mask = x[:, -1:], h[:, -1:], mask[..., -1:, :]
+        q = _sub(qkv, a["query"], h)
+        # Scatter the new rows' keys and values into the cache (positions differ per row).
+        k_all, v_all = _scatter(key[:, i], k, write, written), _scatter(value[:, i], v, write, written)
         new_key.append(k_all)
         new_value.append(v_all)
-        attended = nn.dot_product_attention(q, k_all, v_all, mask=mask)
+        attended = _attention(q, k_all, v_all, mask)
         x = x + _sub(nn.DenseGeneral(width, axis=(-2, -1)), a["out"], attended)
         h = _sub(nn.LayerNorm(), b["LayerNorm_1"], x)
         x = x + _sub(nn.Dense(width), b["Dense_0"], nn.gelu(_sub(nn.Dense(4 * width), b["Dense_1"], h)))
-    return x, jnp.stack(new_key, 1), jnp.stack(new_value, 1)
+    return x[:, 0], jnp.stack(new_key, 1), jnp.stack(new_value, 1)
 
 
 def _head(shape: dict, params: Any, x: jax.Array) -> jax.Array:
@@ -484,37 +510,67 @@ def kv_sampler(observation_space: gym.Space, action_space: gym.Space, layers: in
     A step embeds only the buffer's last token, at its position (the non-PAD count - 1), and
     attends to the cached keys and values of the positions before it. A row whose cache is
     `fresh` (an episode starts; its buffer is the prompt alone) prefills instead: the prompt's P
-    tokens in one causal pass. Both run for every row and each row keeps its own, so a rollout's
-    rows may start episodes at different steps; the work per step is P + 1 tokens against the
-    uncached policy's P + H. The distribution is `apply`'s on the same buffer, to float rounding.
+    tokens in one causal pass. Which pass runs is chosen per step for the whole batch (a
+    `lax.switch`; under `jax.vmap`, where a per-row branch would become a select that runs
+    every branch, for the whole vmapped batch): no row fresh, the one-token pass; every row
+    fresh, the prefill alone; a mix, both, each row keeping its own. The uncached policy runs
+    P + H positions at every step. So the cache pays most where episodes start together: an
+    episodic rollout (the token agents'), which starts every env at its first step and keeps the
+    cache after an env's first episode (`kl_rl.rollout.collect`, first_episode_only), prefills
+    once and then runs the one-token pass. The distribution is `apply`'s on the same buffer, to
+    float rounding, for any mix of fresh and extending rows.
     """
     length, pad = int(observation_space.shape[0]), int(observation_space.pad)
     prompt = int(observation_space.prompt_length)
     shape = dict(layers=layers, width=width, heads=heads, out_dim=int(action_space.n))
     allowed = jnp.arange(int(action_space.n)) != pad
-    cache_shape = (layers, length, heads, width // heads)
+    cache_shape = (layers, heads, length, width // heads)
 
     def initial_state(batch: int) -> KVCache:
         zeros = jnp.zeros((batch, *cache_shape), jnp.float32)
         return KVCache(zeros, zeros, jnp.ones(batch, bool))
 
-    def step(params: Any, obs: jax.Array, cache: KVCache) -> tuple[Any, KVCache]:
-        tokens = jnp.asarray(obs).astype(jnp.int32)
-        batch = tokens.shape[0]
+    def extend(params: Any, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(features [B, width] at each row's last token, keys, values) with that token cached."""
         last = jnp.sum(tokens != pad, axis=-1) - 1
         token = jnp.take_along_axis(tokens, last[:, None], axis=-1)
-        x, key, value = _cached_pass(shape, params, token, last[:, None], cache.key, cache.value)
+        return _cached_pass(shape, params, token, last[:, None], cache.key, cache.value)
+
+    def prefill(params: Any, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The prompt's pass, for a batch whose every row is fresh."""
         # The prefill attends within the prompt: a cache of P positions, padded to L after.
+        batch = tokens.shape[0]
         positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
-        empty = jnp.zeros((batch, layers, prompt, *cache_shape[2:]), jnp.float32)
-        pre_x, pre_key, pre_value = _cached_pass(shape, params, tokens[:, :prompt], positions, empty, empty)
-        widen = ((0, 0), (0, 0), (0, length - prompt), (0, 0), (0, 0))
-        pre_key, pre_value = jnp.pad(pre_key, widen), jnp.pad(pre_value, widen)
-        fresh = cache.fresh
-        logits = _head(shape, params, jnp.where(fresh[:, None], pre_x[:, -1], x[:, 0]))
-        cache = KVCache(jnp.where(fresh[:, None, None, None, None], pre_key, key),
-                        jnp.where(fresh[:, None, None, None, None], pre_value, value),
-                        jnp.zeros_like(fresh))  # fmt: skip
-        return categorical(logits, allowed), cache
+        empty = jnp.zeros((batch, layers, heads, prompt, width // heads), jnp.float32)
+        x, key, value = _cached_pass(shape, params, tokens[:, :prompt], positions, empty, empty)
+        widen = ((0, 0), (0, 0), (0, 0), (0, length - prompt), (0, 0))
+        return x, jnp.pad(key, widen), jnp.pad(value, widen)
+
+    def mixed(params: Any, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """`extend` for extending rows, `prefill` for fresh ones, each row keeping its own."""
+        extended, prefilled = extend(params, tokens, cache), prefill(params, tokens, cache)
+        return jax.tree.map(lambda p, e: jnp.where(cache.fresh.reshape(-1, *(1,) * (p.ndim - 1)), p, e), prefilled,
+                            extended)  # fmt: skip
+
+    def branch(fresh: jax.Array) -> jax.Array:
+        """Which pass a step takes: 0 none fresh (extend), 1 some (both), 2 all (prefill)."""
+        return jnp.where(jnp.all(fresh), 2, jnp.where(jnp.any(fresh), 1, 0))
+
+    @jax.custom_batching.custom_vmap
+    def features(params: Any, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
+        return jax.lax.switch(branch(cache.fresh), (extend, mixed, prefill), params, tokens, cache)
+
+    @features.def_vmap
+    def _batched(axis_size: int, in_batched: list, params: Any, tokens: jax.Array, cache: KVCache):
+        # One pass for the whole batch, chosen by the rows of every batch element together.
+        args = jax.tree.map(lambda batched, x: x if batched else jnp.broadcast_to(x, (axis_size, *x.shape)),
+                            tuple(in_batched), (params, tokens, cache))  # fmt: skip
+        passes = tuple(jax.vmap(f) for f in (extend, mixed, prefill))
+        return jax.lax.switch(branch(args[2].fresh), passes, *args), (True, True, True)
+
+    def step(params: Any, obs: jax.Array, cache: KVCache) -> tuple[Any, KVCache]:
+        tokens = jnp.asarray(obs).astype(jnp.int32)
+        x, key, value = features(params, tokens, cache)
+        return categorical(_head(shape, params, x), allowed), KVCache(key, value, jnp.zeros_like(cache.fresh))
 
     return initial_state, step

@@ -168,6 +168,10 @@ def collect(
         reward before any scaling (a KL penalty in the reward, as in RLHF). Needs `reference`.
       first_episode_only: count only each env's first episode of the rollout in the episode
         statistics (an episodic agent's rollout starts from reset envs and learns from those).
+        A stateful policy's state is then not reset where an episode ends (as in `evaluate`):
+        the steps after an env's first episode act with a state carried over from it, and
+        their distributions and actions are filler that nothing reads. A KV cache so prefills
+        once per rollout instead of at every new prompt.
       initial_state: a stateful policy's initial state (leaves [N, ...]), which an env's state
         is reset to where its episode ends; needed when `state.policy` is not None.
       keep_state: store each step's policy state in the trajectory (static); False where the
@@ -224,7 +228,12 @@ def collect(
                 start=policy.start,
                 next_policy_state=policy_state if keep_state else None,
             )
-            policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
+            if first_episode_only:
+                # An episodic rollout keeps a policy's state where an env's first episode ends:
+                # the steps after it are not learned from or counted, as in `evaluate`.
+                policy = PolicyCarry(policy_state, jnp.zeros_like(done))
+            else:
+                policy = PolicyCarry(networks.reset_state(policy_state, initial_state, done), done)
         if ref_state is not None:
             ref_state = networks.reset_state(ref_state, reference_initial_state, done)
         carry = CollectorState(env_state, obs_norm, reward_norm, discounted_return, policy, ref_state)

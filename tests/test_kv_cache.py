@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kl_rl import envs, networks, normalize, resolve, rollout, train
+from kl_rl import buffer, envs, networks, normalize, resolve, rollout, train
 from kl_rl.agents import ALGOS
 from kl_rl.envs.tasks import EOS, PAD
 
@@ -32,9 +32,11 @@ def _random(params, seed, scale=0.5):
 
 
 @functools.cache
-def _rollout(kv_cache: bool = True, num_steps: int = 3 * H):
+def _rollout(episodic: bool, kv_cache: bool = True, num_steps: int = 3 * H):
     """A GRPO trainer's collector run for `num_steps` (three response lengths, so envs finish
-    episodes and start new prompts mid-rollout) with random policy parameters."""
+    episodes and start new prompts mid-rollout) with random policy parameters: episodic as the
+    trainer runs it (`train.collect`: each env's first episode is what counts, and the cache is
+    kept after it), or continuing (`rollout.collect` resetting the cache at every episode start)."""
     config = resolve.resolve_config("grpo", ENV, None, {**TINY, "total_steps": 16, "kv_cache": kv_cache})
     env = envs.make(ENV)
     vec_env = envs.vectorize(env, TINY["num_envs"], group_size=TINY["group_size"])
@@ -52,7 +54,14 @@ def _rollout(kv_cache: bool = True, num_steps: int = 3 * H):
     @jax.jit
     def collect(collector):
         collector = train.episodic_start(loop, config, agent, collector)
-        return train.collect(loop, jax.random.key(2), agent, agent_state, collector, num_steps, config)
+        if episodic:
+            return train.collect(loop, jax.random.key(2), agent, agent_state, collector, num_steps, config)
+
+        def act(key, obs, cache):
+            return agent.act(key, agent_state, obs, cache)
+
+        return rollout.collect(jax.random.key(2), act, vec_env, collector, num_steps, False,
+                               initial_state=agent.initial_state(TINY["num_envs"]), keep_state=False)  # fmt: skip
 
     _, traj, _ = collect(collector)
     return config, agent, agent_state, traj
@@ -89,7 +98,7 @@ def _one_pass_log_probs(agent_state, traj):
 
 
 def test_cached_sampling_and_one_pass_scoring_agree_on_every_token_across_episode_boundaries():
-    _, _, agent_state, traj = _rollout()
+    _, _, agent_state, traj = _rollout(episodic=False)
     start = np.asarray(traj.start)
     # Episodes of a random policy end at different steps: the rollout starts many mid-way.
     assert start[0].all() and start[1:].sum() >= 16 and start[1:].any(axis=1).sum() >= 5
@@ -106,7 +115,7 @@ def test_the_cache_is_the_policy_state_and_the_collector_resets_it_where_an_epis
     """Replaying the rollout's buffers through the sampler gives the recorded distributions when
     the cache is reset where `start` is set (`networks.reset_state`, as the collector does) and
     different ones when it is not: the reset is what the agreement above rests on."""
-    _, agent, agent_state, traj = _rollout()
+    _, agent, agent_state, traj = _rollout(episodic=False)
     initial = agent.initial_state(TINY["num_envs"])
 
     def replay(reset):
@@ -127,9 +136,33 @@ def test_the_cache_is_the_policy_state_and_the_collector_resets_it_where_an_epis
     assert restarted and np.abs(without[finite] - recorded[finite]).max() > 0.5
 
 
-def test_the_cached_step_is_the_uncached_policy_on_any_buffer():
+def test_an_episodic_rollout_keeps_the_cache_after_the_first_episode_and_agrees_on_every_token_it_learns_from():
+    """The trainer's rollout (first episodes only) prefills at its first step alone: the cache
+    is not reset where an env's first episode ends. Every token of each env's first episode (what
+    the update learns from, `buffer.in_first_episode`) is the one-pass score's, and the same token
+    with the same log-prob as in the continuing rollout from the same keys."""
+    _, _, agent_state, traj = _rollout(episodic=True)
+    _, _, _, continuing = _rollout(episodic=False)
+    first = np.asarray(buffer.in_first_episode(traj))
+    start = np.asarray(traj.start)
+    assert start[0].all() and not start[1:].any()
+    # Not vacuous: many envs run past their first episode within the rollout.
+    assert (~first).sum() >= 16 and (~first).any(axis=0).sum() >= 8
+    np.testing.assert_array_equal(np.asarray(buffer.in_first_episode(continuing)), first)
+    np.testing.assert_array_equal(np.asarray(traj.action)[first], np.asarray(continuing.action)[first])
+    sampled = np.asarray(traj.log_prob)[first]
+    np.testing.assert_allclose(sampled, np.asarray(continuing.log_prob)[first], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sampled, np.asarray(_one_pass_log_probs(agent_state, traj))[first], rtol=0, atol=2e-5)
+    assert np.std(sampled) > 0.3
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_the_cached_step_is_the_uncached_policy_on_any_buffer(vmapped):
     """One step from a cache filled token by token equals `apply` on the same buffer, at every
-    response length, for rows that prefill and rows that extend in the same batch."""
+    response length, for rows that prefill and rows that extend in the same batch, on steps
+    where no row is fresh (the prefill skipped) too. Vmapped over two seeds of three rows each
+    (as `--batching vmap` runs seeds), the restarting rows are all the first seed's: the
+    second seed's rows must extend while the first seed's prefill."""
     env = envs.make(ENV)
     policy, _ = networks.make_token_networks(env.observation_space, env.action_space, 2, 16, 2)
     initial_state, step = networks.kv_sampler(env.observation_space, env.action_space, 2, 16, 2)
@@ -137,7 +170,22 @@ def test_the_cached_step_is_the_uncached_policy_on_any_buffer():
     rng = np.random.default_rng(0)
     prompts = np.asarray(jax.vmap(env.problem_tokens)(jnp.asarray(rng.integers(0, 10**6, 6), jnp.int32)))
     responses = rng.choice([*range(10), 11, 12, 13], size=(6, H))
-    step, apply = jax.jit(step), jax.jit(policy.apply)
+    apply = jax.jit(policy.apply)
+    if vmapped:
+        seeds = jax.jit(jax.vmap(step, in_axes=(None, 0, 0)))
+
+        def cached(params, obs, cache):
+            dist, cache = seeds(
+                params, obs.reshape(2, 3, -1), jax.tree.map(lambda x: x.reshape(2, 3, *x.shape[1:]), cache)
+            )
+            return dist.logits.reshape(6, -1), jax.tree.map(lambda x: x.reshape(6, *x.shape[2:]), cache)
+    else:
+        jitted = jax.jit(step)
+
+        def cached(params, obs, cache):
+            dist, cache = jitted(params, obs, cache)
+            return dist.logits, cache
+
     cache = initial_state(6)
     for t in range(H):
         # Rows 0 and 1 start a new episode (the same prompt) at t = 2: their cache is reset and
@@ -147,8 +195,8 @@ def test_the_cached_step_is_the_uncached_policy_on_any_buffer():
             cache = networks.reset_state(cache, initial_state(6), jnp.arange(6) < 2)
         obs = np.where(np.arange(H) < written[:, None], responses, PAD)
         obs = jnp.asarray(np.concatenate([prompts, obs], 1), jnp.float32)
-        dist, cache = step(params, obs, cache)
-        np.testing.assert_allclose(np.asarray(dist.logits), np.asarray(apply(params, obs).logits), rtol=0, atol=2e-5)
+        logits, cache = cached(params, obs, cache)
+        np.testing.assert_allclose(np.asarray(logits), np.asarray(apply(params, obs).logits), rtol=0, atol=2e-5)
         assert not np.asarray(cache.fresh).any()
 
 
