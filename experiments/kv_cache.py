@@ -85,7 +85,7 @@ def main() -> int:
         same = float(np.mean(out[True][0][first] == out[False][0][first]))
         times = {True: [], False: []}
         for r in range(args.rounds):
-            for kv in ((True, False) if r % 2 == 0 else (False, True)):
+            for kv in (True, False) if r % 2 == 0 else (False, True):
                 fn, keys, _ = fns[kv]
                 start = time.perf_counter()
                 for i in range(args.rollouts):
