@@ -537,7 +537,7 @@ def kv_sampler(observation_space: gym.Space, action_space: gym.Space, layers: in
         return _cached_pass(shape, params, token, last[:, None], cache.key, cache.value)
 
     def prefill(params: Any, tokens: jax.Array, cache: KVCache) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """The prompt's pass, for a batch whose every row is fresh."""
+        """The prompt's pass for every row: a fresh row's step (the buffer is its prompt)."""
         # The prefill attends within the prompt: a cache of P positions, padded to L after.
         batch = tokens.shape[0]
         positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
