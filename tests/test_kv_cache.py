@@ -61,7 +61,7 @@ def _rollout(episodic: bool, kv_cache: bool = True, num_steps: int = 3 * H):
             return agent.act(key, agent_state, obs, cache)
 
         return rollout.collect(jax.random.key(2), act, vec_env, collector, num_steps, False,
-                               initial_state=agent.initial_state(TINY["num_envs"]), keep_state=False)  # fmt: skip
+                               initial_state=train.initial_state(loop, config, agent), keep_state=False)  # fmt: skip
 
     _, traj, _ = collect(collector)
     return config, agent, agent_state, traj
